@@ -1,0 +1,187 @@
+"""Jitted batched generation: prefill, then a device-side decode loop.
+
+The whole loop is one ``lax.while_loop`` inside one jit: no host round trip per token unless a
+streaming callback is given (then each step calls back to the host through ``io_callback``).
+Prompts of different lengths are right-padded; each sequence keeps its own length in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from loraswitch_jax.config import LlamaConfig
+from loraswitch_jax.kv_cache import init_cache
+from loraswitch_jax.llama import decode_step, prefill
+from loraswitch_jax.params import LlamaParams
+from loraswitch_jax.sampling import Sampler, sample
+
+__all__ = ["GenerateConfig", "Generation", "GenerationError", "generate", "prepare_prompts"]
+
+# Marks the positions after a sequence stopped in Generation.tokens.
+PAD = -1
+
+
+class GenerationError(ValueError):
+    """Bad generation input: empty prompts, ids outside the vocabulary, too long for the cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """What to generate. ``stop_tokens=None`` means the model's ``eos_token_id``; ``()`` never stops.
+
+    ``cache_len=None`` sizes the cache to the longest prompt plus ``max_new_tokens``.
+    """
+
+    max_new_tokens: int = 32
+    sampler: Sampler = Sampler()
+    stop_tokens: tuple[int, ...] | None = None
+    cache_len: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Generated tokens ``[B, max_new_tokens]`` (``PAD`` after a stop) and counts ``[B]``.
+
+    A stop token that ended a sequence is included in its tokens and its count.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def as_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Pad prompt lengths to powers of two (>= 8) so a few compiled shapes serve all prompts."""
+    return min(max(8, 1 << (n - 1).bit_length()), cap)
+
+
+def prepare_prompts(
+    prompts: Sequence[Sequence[int]] | np.ndarray, cfg: LlamaConfig, max_new_tokens: int,
+    cache_len: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate and right-pad prompts. Returns ``(tokens [B, T], lengths [B], cache_len)``."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        prompts = [prompts]
+    rows = [np.asarray(p).reshape(-1) for p in prompts]
+    if not rows:
+        raise GenerationError("no prompts given")
+    for i, row in enumerate(rows):
+        if row.size == 0:
+            raise GenerationError(f"prompt {i} is empty; it needs at least one token")
+        if not np.issubdtype(row.dtype, np.integer):
+            raise GenerationError(f"prompt {i} holds {row.dtype} values, not integer token ids")
+        bad = row[(row < 0) | (row >= cfg.vocab_size)]
+        if bad.size:
+            raise GenerationError(
+                f"prompt {i} has token id {int(bad[0])} outside the vocabulary [0, {cfg.vocab_size})"
+            )
+    longest = max(r.size for r in rows)
+    needed = longest + max_new_tokens
+    limit = cache_len if cache_len is not None else cfg.max_position_embeddings
+    name = "the cache length" if cache_len is not None else "max_position_embeddings"
+    if needed > limit:
+        raise GenerationError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
+            f"{needed} tokens, more than {name} ({limit})"
+        )
+    if cache_len is None:
+        cache_len = min(-(-needed // 64) * 64, cfg.max_position_embeddings)
+    width = _bucket(longest, cache_len)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : row.size] = row
+    return tokens, np.array([r.size for r in rows], np.int32), cache_len
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen", "cache_len", "stream"))
+def _generate(params, tokens, lengths, key, *, cfg, gen, cache_len, stream):
+    B = tokens.shape[0]
+    n_new = gen.max_new_tokens
+    stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
+    stop = jnp.asarray(stop_tokens if stop_tokens else [-1], jnp.int32)
+
+    cache = init_cache(cfg, B, cache_len, params.dtype)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg)
+
+    def emit(step, token, done, out):
+        token = jnp.where(done, PAD, token)
+        if stream is not None:
+            io_callback(stream, None, step, token, ordered=True)
+        return out.at[:, step].set(token), done | jnp.isin(token, stop)
+
+    out = jnp.full((B, n_new), PAD, jnp.int32)
+    first = sample(logits, jax.random.fold_in(key, 0), gen.sampler)
+    out, done = emit(0, first, jnp.zeros((B,), bool), out)
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < n_new) & ~jnp.all(done)
+
+    def body(state):
+        step, token, cache, out, done = state
+        # Finished rows keep decoding a harmless token (fixed shapes); their output stays PAD.
+        logits, cache = decode_step(params, cache, jnp.where(token == PAD, 0, token), cfg)
+        token = sample(logits, jax.random.fold_in(key, step), gen.sampler)
+        out, done = emit(step, token, done, out)
+        return step + 1, jnp.where(done, PAD, token), cache, out, done
+
+    state = (jnp.int32(1), jnp.where(done, PAD, first), cache, out, done)
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
+    return out
+
+
+def generate(
+    params: LlamaParams,
+    cfg: LlamaConfig,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    gen: GenerateConfig = GenerateConfig(),
+    *,
+    seed: int = 0,
+    stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> Generation:
+    """Generate up to ``gen.max_new_tokens`` tokens for each prompt (a batch of token-id lists).
+
+    Args:
+      params: model weights (their dtype is the compute dtype).
+      cfg: the model config.
+      prompts: token ids, one sequence per prompt; lengths may differ.
+      gen: sampler, stop tokens, length limits.
+      seed: sampling seed (ignored by greedy decoding).
+      stream: called on the host as ``stream(step, tokens [B])`` after each step, in order.
+
+    Raises:
+      GenerationError: empty prompts, ids outside the vocabulary, or a prompt plus
+        ``max_new_tokens`` longer than the cache.
+    """
+    tokens, lengths, cache_len = prepare_prompts(prompts, cfg, gen.max_new_tokens, gen.cache_len)
+    out = _generate(
+        params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+        cfg=cfg, gen=gen, cache_len=cache_len, stream=stream,
+    )
+    out = np.asarray(out)
+    stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
+    counts = np.array([_count(row, stop_tokens) for row in out], np.int32)
+    return Generation(tokens=out, lengths=counts)
+
+
+def _count(row: np.ndarray, stop_tokens: Sequence[int]) -> int:
+    """Tokens up to and including the first stop token (or all non-PAD)."""
+    for i, token in enumerate(row):
+        if token == PAD:
+            return i
+        if token in stop_tokens:
+            return i + 1
+    return len(row)
