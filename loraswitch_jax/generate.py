@@ -37,12 +37,14 @@ class GenerateConfig:
     """What to generate. ``stop_tokens=None`` means the model's ``eos_token_id``; ``()`` never stops.
 
     ``cache_len=None`` sizes the cache to the longest prompt plus ``max_new_tokens``.
+    ``impl`` is the decode step's kernel choice (see ``loraswitch_jax.ops``).
     """
 
     max_new_tokens: int = 32
     sampler: Sampler = Sampler()
     stop_tokens: tuple[int, ...] | None = None
     cache_len: int | None = None
+    impl: str = "auto"
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -90,6 +92,11 @@ def prepare_prompts(
             )
     longest = max(r.size for r in rows)
     needed = longest + max_new_tokens
+    if cache_len is not None and cache_len > cfg.max_position_embeddings:
+        raise GenerationError(
+            f"cache_len {cache_len} is more than max_position_embeddings "
+            f"({cfg.max_position_embeddings}): positions past it were never trained"
+        )
     limit = cache_len if cache_len is not None else cfg.max_position_embeddings
     name = "the cache length" if cache_len is not None else "max_position_embeddings"
     if needed > limit:
@@ -133,7 +140,9 @@ def _generate(params, tokens, lengths, key, *, cfg, gen, cache_len, stream):
     def body(state):
         step, token, cache, out, done = state
         # Finished rows keep decoding a harmless token (fixed shapes); their output stays PAD.
-        logits, cache = decode_step(params, cache, jnp.where(token == PAD, 0, token), cfg)
+        logits, cache = decode_step(
+            params, cache, jnp.where(token == PAD, 0, token), cfg, impl=gen.impl
+        )
         token = sample(logits, jax.random.fold_in(key, step), gen.sampler)
         out, done = emit(step, token, done, out)
         return step + 1, jnp.where(done, PAD, token), cache, out, done

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from loraswitch_jax import ops
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_inv_freq
@@ -26,29 +27,32 @@ from loraswitch_jax.params import LayerParams, LlamaParams
 __all__ = ["forward", "prefill", "decode_step", "extend"]
 
 
-def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    y = jnp.einsum("btd,de->bte", x, w.astype(x.dtype))
-    return y if b is None else y + b.astype(y.dtype)
-
-
 def _layer(
     cfg: LlamaConfig,
-    lp: LayerParams,
+    layers: LayerParams,
     layer: int | jax.Array,
     h: jax.Array,
     positions: jax.Array,
     mask: jax.Array,
     cache: KVCache | None,
+    impl: str,
 ) -> tuple[jax.Array, KVCache | None]:
-    """One decoder layer on ``h [B, T, d]``; writes this layer's keys/values into ``cache``."""
+    """Decoder layer ``layer`` of the stacked ``layers`` on ``h [B, T, d]``.
+
+    Writes this layer's keys/values into ``cache``. Weights are read as ``w[layer]`` through
+    ``ops``, so a kernel can read them in place.
+    """
     B, T, _ = h.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     inv_freq = rope_inv_freq(cfg)
 
-    x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
-    q = apply_rope(_linear(x, lp.wq, lp.bq).reshape(B, T, H, hd), positions, inv_freq)
-    k = apply_rope(_linear(x, lp.wk, lp.bk).reshape(B, T, KV, hd), positions, inv_freq)
-    v = _linear(x, lp.wv, lp.bv).reshape(B, T, KV, hd)
+    def linear(x, proj):
+        return ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl)
+
+    x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
+    q = apply_rope(linear(x, "q").reshape(B, T, H, hd), positions, inv_freq)
+    k = apply_rope(linear(x, "k").reshape(B, T, KV, hd), positions, inv_freq)
+    v = linear(x, "v").reshape(B, T, KV, hd)
     if cache is None:
         keys, values = k, v
     else:
@@ -60,13 +64,12 @@ def _layer(
             lengths=cache.lengths,
         )
         keys, values = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-    h = h + _linear(attention(q, keys, values, mask), lp.wo, lp.bo)
+    h = h + linear(attention(q, keys, values, mask), "o")
 
-    x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
-    gate = _linear(x, lp.w_gate, lp.b_gate)
-    up = _linear(x, lp.w_up, lp.b_up)
+    x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
+    gate, up = linear(x, "gate"), linear(x, "up")
     act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
-    h = h + _linear(act, lp.w_down, lp.b_down)
+    h = h + linear(act, "down")
     return h, cache
 
 
@@ -78,21 +81,18 @@ def _layers(
     mask: jax.Array,
     cache: KVCache | None,
     scan_layers: bool,
+    impl: str,
 ) -> tuple[jax.Array, KVCache | None]:
     if scan_layers:
 
-        def body(carry, xs):
-            lp, layer = xs
+        def body(carry, layer):
             h, cache = carry
-            return _layer(cfg, lp, layer, h, positions, mask, cache), None
+            return _layer(cfg, layers, layer, h, positions, mask, cache, impl), None
 
-        (h, cache), _ = jax.lax.scan(
-            body, (h, cache), (layers, jnp.arange(cfg.num_hidden_layers))
-        )
+        (h, cache), _ = jax.lax.scan(body, (h, cache), jnp.arange(cfg.num_hidden_layers))
         return h, cache
     for layer in range(cfg.num_hidden_layers):
-        lp = jax.tree.map(lambda a: a[layer], layers)
-        h, cache = _layer(cfg, lp, layer, h, positions, mask, cache)
+        h, cache = _layer(cfg, layers, layer, h, positions, mask, cache, impl)
     return h, cache
 
 
@@ -110,6 +110,7 @@ def forward(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     scan_layers: bool = True,
+    impl: str = "xla",
 ) -> jax.Array:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
 
@@ -123,7 +124,7 @@ def forward(
     idx = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = attention_mask(idx, idx, segment_ids, segment_ids)
     h = params.embed[tokens]
-    h, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers)
+    h, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers, ops.resolve_impl(impl))
     return _logits(params, cfg, h)
 
 
@@ -135,6 +136,7 @@ def extend(
     cfg: LlamaConfig,
     *,
     scan_layers: bool,
+    impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """Append ``tokens [B, T]`` (right-padded; ``lengths [B]`` real tokens each) to ``cache``.
 
@@ -146,22 +148,38 @@ def extend(
     slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (B, cache.max_len))
     mask = attention_mask(positions, slots)
     h = params.embed[tokens]
-    h, cache = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers)
+    h, cache = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers, ops.resolve_impl(impl))
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]  # [B, d]
     logits = _logits(params, cfg, last)
     return logits, KVCache(k=cache.k, v=cache.v, lengths=cache.lengths + lengths)
 
 
 def prefill(
-    params: LlamaParams, cache: KVCache, tokens: jax.Array, lengths: jax.Array, cfg: LlamaConfig
+    params: LlamaParams,
+    cache: KVCache,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work)."""
-    return extend(params, cache, tokens, lengths, cfg, scan_layers=True)
+    return extend(params, cache, tokens, lengths, cfg, scan_layers=True, impl=impl)
 
 
 def decode_step(
-    params: LlamaParams, cache: KVCache, tokens: jax.Array, cfg: LlamaConfig
+    params: LlamaParams,
+    cache: KVCache,
+    tokens: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    impl: str = "auto",
 ) -> tuple[jax.Array, KVCache]:
-    """Append one token per sequence (``tokens [B]``); layers unrolled so weights are read in place."""
+    """Append one token per sequence (``tokens [B]``).
+
+    Memory bound, so weights must be read in place, and the layers are unrolled: with
+    ``impl="xla"`` static slices are read in place in a jitted step but copied inside a
+    ``while_loop``; ``"pallas"`` kernels read ``w[layer]`` in place everywhere.
+    """
     ones = jnp.ones(tokens.shape, jnp.int32)
-    return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False)
+    return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, impl=impl)

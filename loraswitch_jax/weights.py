@@ -102,12 +102,19 @@ def _tensor_files(folder: str) -> dict[str, str]:
             )
         return {name: os.path.join(folder, fn) for name, fn in weight_map.items()}
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with _open(single) as f:
             return {name: single for name in f.keys()}
     hint = ""
     if any(os.path.isfile(os.path.join(folder, n)) for n in ("pytorch_model.bin", "model.bin")):
         hint = " (found PyTorch .bin weights: re-save them as safetensors)"
     raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder!r}{hint}")
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors' own error type names neither the file nor the fix
+        raise WeightsError(f"cannot read {path!r} (truncated or not safetensors?): {e}") from e
 
 
 class _Reader:
@@ -117,9 +124,17 @@ class _Reader:
         self._files = files
         self._handles = {}
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
     def _handle(self, path):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy")
+            self._handles[path] = _open(path).__enter__()
         return self._handles[path]
 
     def read(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -130,7 +145,11 @@ class _Reader:
             raise WeightsError(f"tensor {name!r} is listed but not found in {self._files[name]!r}") from e
         if got != shape:
             raise WeightsError(f"tensor {name!r} has shape {got}, but the config expects {shape}")
-        return handle.get_tensor(name).astype(dtype, copy=False)
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as e:
+            raise WeightsError(f"cannot read tensor {name!r} from {self._files[name]!r}: {e}") from e
+        return tensor.astype(dtype, copy=False)
 
 
 def load_params(
@@ -166,8 +185,12 @@ def load_params(
             f"unexpected tensors in {folder!r} for this config: {', '.join(sorted(unexpected)[:5])}"
         )
 
-    np_dtype = _np_dtype(dtype)
-    reader = _Reader(files)
+    with _Reader(files) as reader:
+        params = _read_params(reader, cfg, _np_dtype(dtype), put)
+    return params, cfg
+
+
+def _read_params(reader: _Reader, cfg: LlamaConfig, np_dtype: np.dtype, put) -> LlamaParams:
     L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     layer_fields = {}
     for field, suffix, shape, transpose in _layer_entries(cfg):
@@ -182,13 +205,12 @@ def load_params(
     lm_head = None
     if not cfg.tie_word_embeddings:
         lm_head = put(np.ascontiguousarray(reader.read("lm_head.weight", (V, d), np_dtype).T))
-    params = LlamaParams(
+    return LlamaParams(
         embed=embed,
         layers=LayerParams(**layer_fields),
         final_norm=put(reader.read("model.norm.weight", (d,), np_dtype)),
         lm_head=lm_head,
     )
-    return params, cfg
 
 
 def _hf_tensors(params: LlamaParams, cfg: LlamaConfig) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
@@ -212,6 +234,37 @@ def _hf_tensors(params: LlamaParams, cfg: LlamaConfig) -> Iterator[tuple[str, Ca
     yield "model.norm.weight", lambda: host(params.final_norm), params.final_norm.size * itemsize
     if params.lm_head is not None:
         yield "lm_head.weight", lambda: host(params.lm_head.T), params.lm_head.size * itemsize
+
+
+def _is_weight_file(fn: str) -> bool:
+    return fn in (SINGLE_FILE, INDEX_FILE) or (fn.startswith("model-") and fn.endswith(".safetensors"))
+
+
+def _swap_in(tmp: str, folder: str) -> None:
+    """Replace ``folder``'s weights and config by ``tmp``'s, so that no mix of old and new stays.
+
+    Old weight files (any layout) move aside first and come back if moving in fails; renames
+    within one folder are cheap, so the window of an incomplete folder is milliseconds.
+    """
+    aside = tempfile.mkdtemp(prefix=".replaced-", dir=folder)
+    moved_aside, moved_in = [], []
+    try:
+        for fn in os.listdir(folder):
+            if _is_weight_file(fn):
+                os.replace(os.path.join(folder, fn), os.path.join(aside, fn))
+                moved_aside.append(fn)
+        for fn in os.listdir(tmp):
+            os.replace(os.path.join(tmp, fn), os.path.join(folder, fn))
+            moved_in.append(fn)
+    except BaseException:
+        for fn in moved_in:
+            if _is_weight_file(fn):
+                os.remove(os.path.join(folder, fn))
+        for fn in moved_aside:
+            os.replace(os.path.join(aside, fn), os.path.join(folder, fn))
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_params(
@@ -255,12 +308,6 @@ def save_params(
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         cfg.save_pretrained(tmp)
-        # Stale files of another layout would confuse loaders: remove them before moving in.
-        for stale in (SINGLE_FILE, INDEX_FILE):
-            path = os.path.join(folder, stale)
-            if os.path.exists(path):
-                os.remove(path)
-        for fn in os.listdir(tmp):
-            os.replace(os.path.join(tmp, fn), os.path.join(folder, fn))
+        _swap_in(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,45 @@
+"""The one place where model code meets kernels: ``impl`` picks XLA or a Pallas kernel.
+
+Model code calls these functions with stacked weights and a layer index; it never imports
+``loraswitch_jax.pallas`` itself, so kernel backends can change without touching the model.
+
+Implementations:
+  * ``"xla"``: slices the layer (static index: read in place outside loops) and lets XLA fuse.
+  * ``"pallas"``: Triton kernels that read ``w[layer]`` in place, also inside ``while_loop``
+    and ``scan`` (where XLA copies each slice first; DESIGN.md §2).
+  * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
+  * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["IMPLS", "resolve_impl", "stacked_linear"]
+
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def stacked_linear(
+    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: str
+) -> jax.Array:
+    """``x [..., K] @ w[layer] (+ bias[layer])`` for a stacked ``w [L, K, N]``, in ``x.dtype``."""
+    from loraswitch_jax.pallas import stacked_matmul as kernel
+
+    if impl == "xla" or not kernel.supports(*w.shape[1:]):
+        # Shapes the kernel cannot tile (not multiples of 16) take the XLA path.
+        y = jnp.einsum("...k,kn->...n", x, w[layer].astype(x.dtype))
+    else:
+        flat = x.reshape(-1, x.shape[-1])
+        y = kernel.stacked_matmul(flat, w, layer, interpret=impl == "pallas_interpret")
+        y = y.reshape(*x.shape[:-1], w.shape[-1])
+    return y if bias is None else y + bias[layer].astype(y.dtype)
