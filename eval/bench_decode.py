@@ -401,18 +401,18 @@ def bench_generate(params: LlamaParams, cfg: LlamaConfig, batch: int, bc: BenchC
         )
         t0 = time.perf_counter()
         runs[n] = _generate.lower(
-            params, tokens, lengths, key, cfg=cfg, gen=gen, cache_len=bc.cache_len, stream=None
+            params, None, tokens, lengths, key, cfg=cfg, gen=gen, cache_len=bc.cache_len, stream=None
         ).compile()
         compile_s[n] = time.perf_counter() - t0
         log(f"  generate N={n}: compiled in {compile_s[n]:.1f}s")
     n1, n2 = bc.new_tokens
-    out = np.asarray(runs[n2](params, tokens, lengths, key))  # warm-up, and a check:
+    out = np.asarray(runs[n2](params, None, tokens, lengths, key))  # warm-up, and a check:
     if (out < 0).any():  # a PAD would mean the loop stopped early and ran fewer steps
         raise RuntimeError("generate stopped early; the step count would be wrong")
     times = {n: [] for n in bc.new_tokens}
     for _ in range(bc.reps):  # interleaved, so a drift in clocks hits both alike
         for n in bc.new_tokens:
-            times[n] += _time_calls(lambda: runs[n](params, tokens, lengths, key), 1, warmup=0)
+            times[n] += _time_calls(lambda: runs[n](params, None, tokens, lengths, key), 1, warmup=0)
     step_ms = (_median_ms(times[n2]) - _median_ms(times[n1])) / (n2 - n1)
     return {
         # The runs differ in the decode steps at cache lengths C+N1-1 .. C+N2-2 (+1 slot read).

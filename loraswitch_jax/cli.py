@@ -74,7 +74,7 @@ def _generate_command(args) -> int:
     )
     tokens, lengths, cache_len = prepare_prompts(ids, cfg, gen.max_new_tokens, gen.cache_len)
     stream = _TextStream(tokenizer) if len(prompts) == 1 and not args.no_stream else None
-    call_args = (params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(args.seed))
+    call_args = (params, None, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(args.seed))
     static = dict(cfg=cfg, gen=gen, cache_len=cache_len, stream=stream)
 
     t0 = time.perf_counter()

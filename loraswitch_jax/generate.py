@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from loraswitch_jax.adapters import Adapter, check_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import init_cache
 from loraswitch_jax.llama import decode_step, prefill
@@ -114,14 +115,14 @@ def prepare_prompts(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "cache_len", "stream"))
-def _generate(params, tokens, lengths, key, *, cfg, gen, cache_len, stream):
+def _generate(params, adapter, tokens, lengths, key, *, cfg, gen, cache_len, stream):
     B = tokens.shape[0]
     n_new = gen.max_new_tokens
     stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
     stop = jnp.asarray(stop_tokens if stop_tokens else [-1], jnp.int32)
 
     cache = init_cache(cfg, B, cache_len, params.dtype)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg, adapter=adapter)
 
     def emit(step, token, done, out):
         token = jnp.where(done, PAD, token)
@@ -141,7 +142,7 @@ def _generate(params, tokens, lengths, key, *, cfg, gen, cache_len, stream):
         step, token, cache, out, done = state
         # Finished rows keep decoding a harmless token (fixed shapes); their output stays PAD.
         logits, cache = decode_step(
-            params, cache, jnp.where(token == PAD, 0, token), cfg, impl=gen.impl
+            params, cache, jnp.where(token == PAD, 0, token), cfg, adapter=adapter, impl=gen.impl
         )
         token = sample(logits, jax.random.fold_in(key, step), gen.sampler)
         out, done = emit(step, token, done, out)
@@ -158,6 +159,7 @@ def generate(
     prompts: Sequence[Sequence[int]] | np.ndarray,
     gen: GenerateConfig = GenerateConfig(),
     *,
+    adapter: Adapter | None = None,
     seed: int = 0,
     stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> Generation:
@@ -168,6 +170,7 @@ def generate(
       cfg: the model config.
       prompts: token ids, one sequence per prompt; lengths may differ.
       gen: sampler, stop tokens, length limits.
+      adapter: LoRA or mixture adapters; each token routes itself (``None``: the backbone).
       seed: sampling seed (ignored by greedy decoding).
       stream: called on the host as ``stream(step, tokens [B])`` after each step, in order.
 
@@ -176,8 +179,10 @@ def generate(
         ``max_new_tokens`` longer than the cache.
     """
     tokens, lengths, cache_len = prepare_prompts(prompts, cfg, gen.max_new_tokens, gen.cache_len)
+    if adapter is not None:
+        check_adapter(adapter, cfg)
     out = _generate(
-        params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+        params, adapter, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, gen=gen, cache_len=cache_len, stream=stream,
     )
     out = np.asarray(out)

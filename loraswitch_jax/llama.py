@@ -15,14 +15,18 @@ bound, so it always unrolls: the scanned version measured 2.7x slower on an H100
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from loraswitch_jax import ops
+from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_inv_freq
-from loraswitch_jax.params import LayerParams, LlamaParams
+from loraswitch_jax.params import PROJECTIONS, LayerParams, LlamaParams
+from loraswitch_jax.router import Route, Routing, compute_route, constant_route
 
 __all__ = ["forward", "prefill", "decode_step", "extend"]
 
@@ -36,20 +40,43 @@ def _layer(
     mask: jax.Array,
     cache: KVCache | None,
     impl: str,
-) -> tuple[jax.Array, KVCache | None]:
+    adapter: Adapter | None = None,
+    route: Route | None = None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
     """Decoder layer ``layer`` of the stacked ``layers`` on ``h [B, T, d]``.
 
     Writes this layer's keys/values into ``cache``. Weights are read as ``w[layer]`` through
-    ``ops``, so a kernel can read them in place.
+    ``ops``, so a kernel can read them in place. With an ``adapter`` (this layer adapted), target
+    projections add the routed LoRA term for ``route`` (switch/lora) or for this layer's own
+    route (layerwise; returned as ``(probs, expert_ids)`` for the balance loss).
     """
     B, T, _ = h.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     inv_freq = rope_inv_freq(cfg)
+    x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
+
+    routing = None
+    if adapter is not None:
+        acfg = adapter.config
+        adapted = layer - acfg.first_layer
+        if acfg.mode == "layerwise":
+            route, probs = compute_route(x, adapter.router[adapted], acfg.top_k)
+            routing = (probs, route.expert_ids)
 
     def linear(x, proj):
-        return ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl)
+        y = ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl)
+        if adapter is None or proj not in adapter.config.targets:
+            return y
+        if dropout_key is not None and adapter.config.dropout > 0:
+            key = jax.random.fold_in(dropout_key, PROJECTIONS.index(proj))
+            keep = jax.random.bernoulli(key, 1.0 - adapter.config.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - adapter.config.dropout), 0).astype(x.dtype)
+        delta = ops.adapter_delta(
+            x, adapter.a[proj], adapter.b[proj], adapted, route, adapter.config.scale, impl
+        )
+        return y + delta
 
-    x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
     q = apply_rope(linear(x, "q").reshape(B, T, H, hd), positions, inv_freq)
     k = apply_rope(linear(x, "k").reshape(B, T, KV, hd), positions, inv_freq)
     v = linear(x, "v").reshape(B, T, KV, hd)
@@ -70,7 +97,48 @@ def _layer(
     gate, up = linear(x, "gate"), linear(x, "up")
     act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
     h = h + linear(act, "down")
-    return h, cache
+    return h, cache, routing
+
+
+def _layer_range(
+    cfg: LlamaConfig,
+    layers: LayerParams,
+    span: range,
+    h: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: KVCache | None,
+    scan_layers: bool,
+    impl: str,
+    adapter: Adapter | None = None,
+    route: Route | None = None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
+    """Layers ``span`` in order, scanned or unrolled; stacks the layerwise routing outputs."""
+    if not span:
+        return h, cache, None
+
+    def step(h, cache, layer):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
+        return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key)
+
+    if scan_layers:
+
+        def body(carry, layer):
+            h, cache, routing = step(*carry, layer)
+            return (h, cache), routing
+
+        (h, cache), routing = jax.lax.scan(
+            body, (h, cache), jnp.arange(span.start, span.stop, dtype=jnp.int32)
+        )
+        return h, cache, routing
+    outputs = []
+    for layer in span:
+        h, cache, routing = step(h, cache, layer)
+        outputs.append(routing)
+    if outputs[0] is None:
+        return h, cache, None
+    return h, cache, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
 
 def _layers(
@@ -82,18 +150,35 @@ def _layers(
     cache: KVCache | None,
     scan_layers: bool,
     impl: str,
-) -> tuple[jax.Array, KVCache | None]:
-    if scan_layers:
+    adapter: Adapter | None = None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None, Routing | None]:
+    """All decoder layers: plain backbone up to the adapter's first layer, adapted after it.
 
-        def body(carry, layer):
-            h, cache = carry
-            return _layer(cfg, layers, layer, h, positions, mask, cache, impl), None
-
-        (h, cache), _ = jax.lax.scan(body, (h, cache), jnp.arange(cfg.num_hidden_layers))
-        return h, cache
-    for layer in range(cfg.num_hidden_layers):
-        h, cache = _layer(cfg, layers, layer, h, positions, mask, cache, impl)
-    return h, cache
+    In switch mode the route is computed here, once per token, from the normalised input of the
+    first adapted layer, and handed to every adapted layer.
+    """
+    L = cfg.num_hidden_layers
+    run = functools.partial(_layer_range, cfg, layers, positions=positions, mask=mask,
+                            scan_layers=scan_layers, impl=impl)
+    if adapter is None:
+        h, cache, _ = run(range(L), h, cache=cache)
+        return h, cache, None
+    acfg = adapter.config
+    p = acfg.first_layer
+    h, cache, _ = run(range(p), h, cache=cache)
+    route, routing = None, None
+    if acfg.mode == "lora":
+        route = constant_route(h.shape[:2])
+    elif acfg.mode == "switch":
+        x = rms_norm(h, layers.attn_norm[p], cfg.rms_norm_eps)
+        route, probs = compute_route(x, adapter.router, acfg.top_k)
+        routing = Routing(probs=probs[None], expert_ids=route.expert_ids[None])
+    h, cache, per_layer = run(range(p, L), h, cache=cache, adapter=adapter, route=route,
+                              dropout_key=dropout_key)
+    if acfg.mode == "layerwise":
+        routing = Routing(probs=per_layer[0], expert_ids=per_layer[1])
+    return h, cache, routing
 
 
 def _logits(params: LlamaParams, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
@@ -102,21 +187,35 @@ def _logits(params: LlamaParams, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 
+def _check_adapter_fits(adapter: Adapter | None, cfg: LlamaConfig) -> None:
+    if adapter is not None:
+        adapter.config.validate_for(cfg)
+
+
 def forward(
     params: LlamaParams,
     tokens: jax.Array,
     cfg: LlamaConfig,
     *,
+    adapter: Adapter | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     scan_layers: bool = True,
     impl: str = "xla",
-) -> jax.Array:
+    dropout_key: jax.Array | None = None,
+    return_routing: bool = False,
+) -> jax.Array | tuple[jax.Array, Routing | None]:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
 
-    ``positions [B, T]`` default to ``0..T-1``; with ``segment_ids [B, T]`` tokens attend only
-    within their own segment (sequence packing).
+    Args:
+      adapter: LoRA / mixture adapters (``None``: the backbone alone).
+      positions: ``[B, T]``, default ``0..T-1``.
+      segment_ids: ``[B, T]``; tokens attend only within their own segment (sequence packing).
+      scan_layers: ``lax.scan`` over layers (compact; training) or unrolled.
+      dropout_key: enables the adapter's dropout (training).
+      return_routing: also return the routers' :class:`Routing` (``None`` without routers).
     """
+    _check_adapter_fits(adapter, cfg)
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -124,8 +223,10 @@ def forward(
     idx = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = attention_mask(idx, idx, segment_ids, segment_ids)
     h = params.embed[tokens]
-    h, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers, ops.resolve_impl(impl))
-    return _logits(params, cfg, h)
+    h, _, routing = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
+                            ops.resolve_impl(impl), adapter, dropout_key)
+    logits = _logits(params, cfg, h)
+    return (logits, routing) if return_routing else logits
 
 
 def extend(
@@ -136,6 +237,7 @@ def extend(
     cfg: LlamaConfig,
     *,
     scan_layers: bool,
+    adapter: Adapter | None = None,
     impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """Append ``tokens [B, T]`` (right-padded; ``lengths [B]`` real tokens each) to ``cache``.
@@ -143,12 +245,14 @@ def extend(
     Returns the float32 logits ``[B, V]`` of each sequence's last appended token and the cache
     with ``lengths`` advanced. The caller guarantees ``cache.lengths + T <= cache.max_len``.
     """
+    _check_adapter_fits(adapter, cfg)
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (B, cache.max_len))
     mask = attention_mask(positions, slots)
     h = params.embed[tokens]
-    h, cache = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers, ops.resolve_impl(impl))
+    h, cache, _ = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers,
+                          ops.resolve_impl(impl), adapter)
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]  # [B, d]
     logits = _logits(params, cfg, last)
     return logits, KVCache(k=cache.k, v=cache.v, lengths=cache.lengths + lengths)
@@ -161,10 +265,11 @@ def prefill(
     lengths: jax.Array,
     cfg: LlamaConfig,
     *,
+    adapter: Adapter | None = None,
     impl: str = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work)."""
-    return extend(params, cache, tokens, lengths, cfg, scan_layers=True, impl=impl)
+    return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter, impl=impl)
 
 
 def decode_step(
@@ -173,13 +278,15 @@ def decode_step(
     tokens: jax.Array,
     cfg: LlamaConfig,
     *,
+    adapter: Adapter | None = None,
     impl: str = "auto",
 ) -> tuple[jax.Array, KVCache]:
-    """Append one token per sequence (``tokens [B]``).
+    """Append one token per sequence (``tokens [B]``); each token routes itself.
 
     Memory bound, so weights must be read in place, and the layers are unrolled: with
     ``impl="xla"`` static slices are read in place in a jitted step but copied inside a
     ``while_loop``; ``"pallas"`` kernels read ``w[layer]`` in place everywhere.
     """
     ones = jnp.ones(tokens.shape, jnp.int32)
-    return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, impl=impl)
+    return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, adapter=adapter,
+                  impl=impl)

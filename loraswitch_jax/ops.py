@@ -16,7 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMPLS", "resolve_impl", "stacked_linear"]
+from loraswitch_jax.adapters import lora_delta
+from loraswitch_jax.router import Route
+
+__all__ = ["IMPLS", "adapter_delta", "resolve_impl", "stacked_linear"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -43,3 +46,18 @@ def stacked_linear(
         y = kernel.stacked_matmul(flat, w, layer, interpret=impl == "pallas_interpret")
         y = y.reshape(*x.shape[:-1], w.shape[-1])
     return y if bias is None else y + bias[layer].astype(y.dtype)
+
+
+def adapter_delta(
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    adapted_layer: int | jax.Array,
+    route: Route,
+    scale: float,
+    impl: str,
+) -> jax.Array:
+    """The routed LoRA term for ``x [B, T, d_in]`` with stacked experts ``a [La, E, d_in, r]``,
+    ``b [La, E, r, d_out]`` at ``adapted_layer``; every token has its own route ``[B, T, k]``."""
+    del impl  # one jnp path for now; kernels plug in here
+    return lora_delta(x, a[adapted_layer], b[adapted_layer], route, scale)
