@@ -4,6 +4,14 @@ The public API in one namespace; kernels, training and evaluation live in
 ``loraswitch_jax.pallas``, ``loraswitch_jax.train`` and ``loraswitch_jax.eval``.
 """
 
+from loraswitch_jax.adapter_io import (
+    export_merged,
+    export_peft,
+    import_peft,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 from loraswitch_jax.adapters import Adapter, AdapterConfig, AdapterError, init_adapter
 from loraswitch_jax.config import PRESETS, ConfigError, LlamaConfig, RopeScaling
 from loraswitch_jax.generate import GenerateConfig, Generation, GenerationError, generate
@@ -23,6 +31,12 @@ __all__ = [
     "balance_loss",
     "expert_usage",
     "init_adapter",
+    "export_merged",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "merge_lora",
+    "save_adapter",
     "PRESETS",
     "PROJECTIONS",
     "ConfigError",

@@ -86,6 +86,15 @@ class AdapterConfig:
             raise AdapterError("targets is empty: name at least one projection to adapt")
         if len(set(targets)) != len(targets):
             raise AdapterError(f"targets has duplicates: {targets}")
+        # One canonical order, so that equal configs compare (and compile) equal.
+        object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
+        for name in ("rank", "num_experts", "top_k", "router_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise AdapterError(f"{name} must be an integer, got {value!r}")
+        for name in ("alpha", "dropout"):
+            if not isinstance(getattr(self, name), (int, float)):
+                raise AdapterError(f"{name} must be a number, got {getattr(self, name)!r}")
         if self.rank < 1:
             raise AdapterError(f"rank must be >= 1, got {self.rank=}")
         if self.num_experts < 1:

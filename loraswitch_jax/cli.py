@@ -1,13 +1,15 @@
 """The ``loraswitch`` command line.
 
 ``loraswitch generate`` runs a Hugging Face Llama folder (``--model DIR``) or, without one, a small
-random-weight demo model that needs no download. ``loraswitch init`` writes a random model folder
+random-weight demo model that needs no download. ``loraswitch train`` trains adapters from a JSON config (default: a demo run on bundled data).
+``loraswitch init`` writes a random model folder
 of any preset (config.json, safetensors, tokenizer.json) for trying the rest offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -111,6 +113,23 @@ def _init_command(args) -> int:
     return 0
 
 
+def _train_command(args) -> int:
+    from loraswitch_jax.train.config import load_train_config, to_dict
+    from loraswitch_jax.train.loop import train
+
+    tc = load_train_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(to_dict(tc), indent=2))
+        return 0
+    print(f"training a {tc.adapter.mode} adapter on {tc.model} with {tc.data.path} -> {tc.out_dir}")
+    summary = train(tc)
+    last = summary["last"]
+    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; last loss {last.get('loss', float('nan')):.4f}"
+          + (f", held-out loss {last['eval_loss']:.4f}" if last.get("eval_loss") is not None else "")
+          + f"; adapter in {tc.out_dir}/adapter")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswitch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
     g.add_argument("--no-stream", action="store_true", help="print at the end (pure device loop)")
     g.set_defaults(func=_generate_command)
+
+    t = sub.add_parser("train", help="train adapters (resumes from the output folder's checkpoints)")
+    t.add_argument("--config", help="JSON training config; default: the demo run on bundled data")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. optim.lr=1e-3 adapter.num_experts=8 out_dir=runs/x")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train_command)
 
     i = sub.add_parser("init", help="write a random-weight model folder of a preset")
     i.add_argument("--preset", choices=sorted(PRESETS), default="demo")

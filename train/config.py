@@ -1,0 +1,186 @@
+"""The training run's config: one frozen dataclass of nested frozen dataclasses, from JSON.
+
+A config file is JSON with the sections ``adapter`` (:class:`AdapterConfig`), ``data``
+(:class:`DataConfig`), ``optim`` (:class:`OptimConfig`) and the run's own fields. Command-line
+overrides use dotted keys: ``optim.lr=1e-3 adapter.num_experts=16 steps=500``; values are parsed as
+JSON when they can be (numbers, booleans, lists), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+
+from loraswitch_jax.adapters import AdapterConfig
+from loraswitch_jax.train.data import DataConfig
+from loraswitch_jax.train.step import OptimConfig
+
+__all__ = ["ConfigFileError", "TrainConfig", "demo_config_dict", "load_train_config", "to_dict"]
+
+
+class ConfigFileError(ValueError):
+    """A training config file or override that cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run needs.
+
+    Attributes:
+      model: a preset name (``demo``, ``llama-1b``, ...: random weights) or a Hugging Face folder.
+      dtype: the backbone's compute dtype, ``bfloat16`` or ``float32``; adapters stay float32.
+      out_dir: checkpoints, ``metrics.jsonl``, the exported adapter and the report go here.
+      init_seed: seed of fresh adapter weights (and of random preset backbones).
+      eval_every / eval_batches: held-out loss every N steps on at most M batches (0: all).
+      save_every / keep: checkpoint every N steps, keep the last K.
+      log_every: metrics line (and progress-bar update) every N steps.
+      data_parallel: devices on the mesh's ``data`` axis (0: all); ``fsdp`` also shards the
+        frozen backbone's weights over that axis.
+    """
+
+    model: str = "demo"
+    dtype: str = "float32"
+    out_dir: str = "runs/default"
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig | None = None
+    optim: OptimConfig = OptimConfig()
+    init_seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 50
+    keep: int = 3
+    log_every: int = 10
+    data_parallel: int = 0
+    fsdp: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ConfigFileError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        for name in ("eval_every", "save_every", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigFileError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data is None:
+            raise ConfigFileError("the config has no 'data' section (path, seq_len, batch_size, ...)")
+
+    def identity(self) -> dict:
+        """What a checkpoint must share with this config to be resumed."""
+        d = to_dict(self)
+        return {k: d[k] for k in ("model", "dtype", "adapter", "data", "optim", "init_seed")}
+
+
+def to_dict(obj) -> dict:
+    """Nested dataclasses as JSON-ready dicts (init fields only)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def _nested_type(cls, name: str):
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next((a for a in typing.get_args(t) if a is not type(None)), t)
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build dataclass ``cls`` from ``d``, recursing into nested dataclass fields."""
+    if not isinstance(d, dict):
+        raise ConfigFileError(f"{where or 'config'} must be a JSON object, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigFileError(
+            f"unknown keys {unknown} in {where or 'the config'}; expected some of {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        nested = _nested_type(cls, name)
+        if nested is not None and isinstance(value, dict):
+            value = from_dict(nested, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigFileError(f"{where or 'config'}: {e}") from e
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """``["optim.lr=1e-3", ...]`` applied to a nested dict (a copy)."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigFileError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        key, value = item.split("=", 1)
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigFileError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = _parse_value(value)
+    return d
+
+
+def demo_config_dict() -> dict:
+    """The default run: a LoRA-Switch adapter (4 experts, top-2) on the random demo model, trained
+    on the bundled Python standard-library sample; a few minutes on a CPU."""
+    from loraswitch_jax.samples import sample_path
+
+    return {
+        "model": "demo",
+        "dtype": "float32",
+        "out_dir": "runs/demo",
+        "adapter": {"mode": "switch", "rank": 8, "alpha": 16.0, "num_experts": 4, "top_k": 2},
+        "data": {
+            "path": sample_path("python_stdlib.jsonl"), "format": "jsonl", "seq_len": 128,
+            "batch_size": 16, "validation_fraction": 0.1,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 10, "steps": 150, "aux_loss_weight": 0.01},
+        "eval_every": 25, "eval_batches": 0, "save_every": 25, "log_every": 5,
+    }
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a JSON config file (the demo config when ``path`` is None) and apply overrides.
+
+    Relative data paths are resolved against the config file's folder.
+    """
+    d: dict = demo_config_dict() if path is None else {}
+    base = os.getcwd()
+    if path is not None:
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigFileError(f"no config file {os.fspath(path)!r}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigFileError(f"{os.fspath(path)!r} is not valid JSON: {e}") from e
+        base = os.path.dirname(os.path.abspath(path))
+    d = apply_overrides(d, list(overrides))
+    data = d.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and not os.path.isabs(data["path"]):
+        candidate = os.path.join(base, data["path"])
+        if os.path.exists(candidate) or not os.path.exists(data["path"]):
+            data["path"] = candidate
+    return from_dict(TrainConfig, d)
