@@ -596,7 +596,11 @@ def main(bc: BenchConfig) -> dict:
         )
     key = jax.random.key(bc.seed)
     gib = bc.copy_gib if bc.copy_gib is not None else (1 / 16 if env["platform"] == "cpu" else 2.0)
-    bw = measure_bandwidth(gib, bc.copy_reps, jax.random.fold_in(key, 0))
+    # The best of three (each a median): a GPU that is still clocking up reads low at first, and a
+    # low bandwidth would flatter every fraction of the floor.
+    trials = [measure_bandwidth(gib, bc.copy_reps, jax.random.fold_in(key, i)) for i in range(3)]
+    bw = max(trials, key=lambda t: t["copy_gbps"])
+    bw["copy_gbps_trials"] = [t["copy_gbps"] for t in trials]
     log(f"copy {bw['copy_gbps']:.0f} GB/s, read {bw['read_gbps']:.0f} GB/s ({gib:g} GiB array)")
     gc.collect()
 

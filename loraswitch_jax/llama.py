@@ -64,22 +64,33 @@ def _layer(
             route, probs = compute_route(x, adapter.router[adapted], acfg.top_k)
             routing = (probs, route.expert_ids)
 
-    def linear(x, proj):
-        y = ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl)
+    def delta(x, proj):
+        """The adapter's term for ``proj`` (None when ``proj`` is not adapted)."""
         if adapter is None or proj not in adapter.config.targets:
-            return y
+            return None
         if dropout_key is not None and adapter.config.dropout > 0:
             key = jax.random.fold_in(dropout_key, PROJECTIONS.index(proj))
             keep = jax.random.bernoulli(key, 1.0 - adapter.config.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - adapter.config.dropout), 0).astype(x.dtype)
-        delta = ops.adapter_delta(
+        return ops.adapter_delta(
             x, adapter.a[proj], adapter.b[proj], adapted, route, adapter.config.scale, impl
         )
-        return y + delta
 
-    q = apply_rope(linear(x, "q").reshape(B, T, H, hd), positions, inv_freq)
-    k = apply_rope(linear(x, "k").reshape(B, T, KV, hd), positions, inv_freq)
-    v = linear(x, "v").reshape(B, T, KV, hd)
+    def plus(y, d):
+        return y if d is None else y + d
+
+    def linear(x, proj):
+        y = ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl)
+        return plus(y, delta(x, proj))
+
+    # q, k and v share their input: one fused launch on the GPU, adapter terms added after.
+    qkv = ops.qkv_linear(
+        x, tuple(layers.weight(p) for p in "qkv"), layer, tuple(layers.bias(p) for p in "qkv"), impl
+    )
+    q, k, v = (plus(y, delta(x, p)) for y, p in zip(qkv, "qkv"))
+    q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
+    v = v.reshape(B, T, KV, hd)
     if cache is None:
         keys, values = k, v
     else:
@@ -94,8 +105,12 @@ def _layer(
     h = h + linear(attention(q, keys, values, mask), "o")
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
-    gate, up = linear(x, "gate"), linear(x, "up")
-    act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+    if adapter is None or not {"gate", "up"} & set(adapter.config.targets):
+        # SiLU(gate) * up in one fused launch on the GPU.
+        act = ops.swiglu(x, layers.w_gate, layers.w_up, layer, layers.b_gate, layers.b_up, impl)
+    else:
+        gate, up = linear(x, "gate"), linear(x, "up")
+        act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
     h = h + linear(act, "down")
     return h, cache, routing
 

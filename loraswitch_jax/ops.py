@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.router import Route
 
-__all__ = ["IMPLS", "adapter_delta", "resolve_impl", "stacked_linear"]
+__all__ = ["IMPLS", "adapter_delta", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -61,3 +61,37 @@ def adapter_delta(
     ``b [La, E, r, d_out]`` at ``adapted_layer``; every token has its own route ``[B, T, k]``."""
     del impl  # one jnp path for now; kernels plug in here
     return lora_delta(x, a[adapted_layer], b[adapted_layer], route, scale)
+
+
+def qkv_linear(
+    x: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], layer: int | jax.Array,
+    b: tuple[jax.Array | None, ...], impl: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``q, k, v`` projections of ``x [..., d]``; one fused kernel launch under Pallas."""
+    from loraswitch_jax.pallas import fused_projections as kernel
+
+    wq, wk, wv = w
+    if impl == "xla" or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
+        return tuple(stacked_linear(x, wi, layer, bi, impl) for wi, bi in zip(w, b))
+    flat = x.reshape(-1, x.shape[-1])
+    bias = [None if bi is None else bi for bi in b]
+    q, k, v = kernel.qkv_matmul(flat, wq, wk, wv, layer, *bias, interpret=impl == "pallas_interpret")
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in (q, k, v))
+
+
+def swiglu(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: int | jax.Array,
+    b_gate: jax.Array | None, b_up: jax.Array | None, impl: str,
+) -> jax.Array:
+    """``silu(x W_gate + b) * (x W_up + b)`` in float32, returned in ``x.dtype``; one fused
+    kernel launch under Pallas (both weights streamed by the same programs)."""
+    from loraswitch_jax.pallas import fused_projections as kernel
+
+    if impl == "xla" or not kernel.supports(w_gate.shape[1], w_gate.shape[2]):
+        gate = stacked_linear(x, w_gate, layer, b_gate, impl)
+        up = stacked_linear(x, w_up, layer, b_up, impl)
+        return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    act = kernel.gate_up_matmul(flat, w_gate, w_up, layer, b_gate, b_up,
+                                interpret=impl == "pallas_interpret")
+    return act.reshape(*x.shape[:-1], act.shape[-1])

@@ -137,7 +137,7 @@ def test_supports():
 
 
 def test_rejects_bad_operands():
-    x, (wq, wk, wv), (bq, bk, bv) = qkv_operands(2, jnp.float32, seed=7, bias=True)
+    x, (wq, wk, wv), (bq, _, bv) = qkv_operands(2, jnp.float32, seed=7, bias=True)
     with pytest.raises(ValueError, match="expected x"):
         qkv_matmul(x[0], wq, wk, wv, 0, interpret=True)
     with pytest.raises(ValueError, match=r"expected w_k \[L, K=48"):
