@@ -180,3 +180,20 @@ def test_cli_train_with_a_config_file(tmp_path, capsys):
     assert "done: 4 steps" in out and "router 1:" in out  # layerwise: one router per layer
     assert cli_main(["train", "--config", str(config), "optim.nope=1"]) == 2
     assert "unknown keys ['nope']" in capsys.readouterr().err
+
+
+def test_bf16_backbone_keeps_float32_adapter_master_weights():
+    cfg = lj.PRESETS["demo"]
+    params = lj.init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    adapter = lj.init_adapter(cfg, lj.AdapterConfig(rank=4, num_experts=4), jax.random.key(1))
+    oc = OptimConfig(lr=1e-2, warmup_steps=0, steps=4)
+    tokens = np.random.RandomState(0).randint(0, 256, (1, 2, 17)).astype(np.int32)
+    batch = dict(tokens=tokens[..., :-1], targets=tokens[..., 1:], loss_mask=np.ones((1, 2, 16), np.float32),
+                 segment_ids=np.ones((1, 2, 16), np.int32),
+                 positions=np.tile(np.arange(16, dtype=np.int32), (1, 2, 1)))
+    state = init_state(adapter, oc, 0)
+    state, metrics = train_step(state, params, jax.tree.map(jnp.asarray, batch), cfg=cfg, oc=oc)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.adapter))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    # B moved off zero in float32 (a bf16 master would round small updates away).
+    assert float(jnp.abs(state.adapter.b["q"]).max()) > 0

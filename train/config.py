@@ -42,7 +42,7 @@ class TrainConfig:
     """
 
     model: str = "demo"
-    dtype: str = "float32"
+    dtype: str = "bfloat16"
     out_dir: str = "runs/default"
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig | None = None
