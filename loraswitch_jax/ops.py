@@ -74,8 +74,7 @@ def qkv_linear(
     if impl == "xla" or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
         return tuple(stacked_linear(x, wi, layer, bi, impl) for wi, bi in zip(w, b))
     flat = x.reshape(-1, x.shape[-1])
-    bias = [None if bi is None else bi for bi in b]
-    q, k, v = kernel.qkv_matmul(flat, wq, wk, wv, layer, *bias, interpret=impl == "pallas_interpret")
+    q, k, v = kernel.qkv_matmul(flat, wq, wk, wv, layer, *b, interpret=impl == "pallas_interpret")
     return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in (q, k, v))
 
 
