@@ -40,6 +40,8 @@ __all__ = [
     "check_adapter",
     "init_adapter",
     "lora_delta",
+    "lora_method",
+    "LORA_METHODS",
 ]
 
 MODES = ("lora", "layerwise", "switch")
@@ -231,8 +233,27 @@ def check_adapter(adapter: Adapter, cfg: LlamaConfig) -> None:
         raise AdapterError(f"adapter.router has shape {got_router}, expected {want_router}")
 
 
+LORA_METHODS = ("auto", "gather", "dense", "grouped")
+
+
+def lora_method(tokens: int, top_k: int, num_experts: int) -> str:
+    """The product ``auto`` picks for ``tokens`` rows routed to ``top_k`` of ``num_experts``.
+
+    From the cost model (DESIGN.md §2; not yet timed against each other on a GPU):
+    * ``gather``: fewer (token, slot) pairs than experts (decode): copy only the chosen experts.
+    * ``dense``: every token through all ``E`` experts, combined with weights that are zero off
+      the route. Its adapter FLOPs are ``E / k`` times the routed ones; at ``E <= 16`` that is
+      still a few percent of the base projection's, and it is one plain batched matmul.
+    * ``grouped``: tokens sorted by expert and multiplied per group (``jax.lax.ragged_dot``):
+      exactly the routed FLOPs plus a sort, for many experts.
+    """
+    if tokens * top_k < num_experts:
+        return "gather"
+    return "dense" if num_experts <= 16 else "grouped"
+
+
 def lora_delta(
-    x: jax.Array, a: jax.Array, b: jax.Array, route: Route, scale: float
+    x: jax.Array, a: jax.Array, b: jax.Array, route: Route, scale: float, method: str = "auto"
 ) -> jax.Array:
     """The routed LoRA term ``scale * sum_j g_j (x A[e_j]) B[e_j]`` per token (pure jnp).
 
@@ -240,24 +261,45 @@ def lora_delta(
       x: ``[B, T, d_in]`` inputs (the compute dtype).
       a: ``[E, d_in, r]`` and b: ``[E, r, d_out]``: one layer's experts.
       route: ``expert_ids, gates: [B, T, k]``.
+      method: ``"gather"``, ``"dense"``, ``"grouped"`` (all equal up to rounding) or ``"auto"``
+        (:func:`lora_method`).
     Returns:
       ``[B, T, d_out]`` in ``x.dtype`` (float32 accumulation).
-
-    With few tokens (decode) the selected experts are gathered; otherwise every token is run
-    through all ``E`` experts and combined with a ``[B, T, E]`` weight that is zero off the route,
-    which for small ``E`` beats a gather of per-token expert copies.
     """
+    if method not in LORA_METHODS:
+        raise ValueError(f"unknown LoRA product method {method!r}; expected one of {LORA_METHODS}")
     E = a.shape[0]
+    Bsz, T, _ = x.shape
+    k = route.expert_ids.shape[-1]
+    if method == "auto":
+        method = lora_method(Bsz * T, k, E)
     a, b = a.astype(x.dtype), b.astype(x.dtype)
-    tokens = x.shape[0] * x.shape[1]
     gates = route.gates * scale
-    if tokens * route.expert_ids.shape[-1] < E:
+    if method == "gather":
         xa = jnp.einsum("btd,btkdr->btkr", x, a[route.expert_ids], preferred_element_type=jnp.float32)
         xa = (xa * gates[..., None]).astype(x.dtype)
         y = jnp.einsum("btkr,btkro->bto", xa, b[route.expert_ids], preferred_element_type=jnp.float32)
-    else:
+    elif method == "dense":
         combine = jnp.einsum("btke,btk->bte", jax.nn.one_hot(route.expert_ids, E, dtype=jnp.float32), gates)
         xa = jnp.einsum("btd,edr->bter", x, a, preferred_element_type=jnp.float32)
         xa = (xa * combine[..., None]).astype(x.dtype)
         y = jnp.einsum("bter,ero->bto", xa, b, preferred_element_type=jnp.float32)
+    else:
+        y = _grouped_delta(x.reshape(Bsz * T, -1), a, b, route.expert_ids.reshape(-1, k),
+                           gates.reshape(-1, k)).reshape(Bsz, T, -1)
     return y.astype(x.dtype)
+
+
+def _grouped_delta(x, a, b, expert_ids, gates):
+    """``[N, d_in] -> [N, d_out]``: the (token, slot) pairs sorted by expert, one ragged matmul
+    per factor, then summed back per token."""
+    n, k = expert_ids.shape
+    E = a.shape[0]
+    flat_ids = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    tokens = order // k  # the token of each sorted pair
+    group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
+    xa = jax.lax.ragged_dot(x[tokens], a, group_sizes, preferred_element_type=jnp.float32)
+    xa = (xa * gates.reshape(-1)[order][:, None]).astype(x.dtype)
+    y = jax.lax.ragged_dot(xa, b, group_sizes, preferred_element_type=jnp.float32)
+    return jnp.zeros((n, b.shape[-1]), jnp.float32).at[tokens].add(y)

@@ -19,9 +19,10 @@ from jax.experimental import io_callback
 from loraswitch_jax.adapters import Adapter, check_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import init_cache
-from loraswitch_jax.llama import decode_step, prefill
+from loraswitch_jax.llama import decode_step, decode_step_merged, prefill
 from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.sampling import Sampler, sample
+from loraswitch_jax.switch import STRATEGIES, init_merged, resolve_strategy
 
 __all__ = ["GenerateConfig", "Generation", "GenerationError", "generate", "prepare_prompts"]
 
@@ -38,7 +39,9 @@ class GenerateConfig:
     """What to generate. ``stop_tokens=None`` means the model's ``eos_token_id``; ``()`` never stops.
 
     ``cache_len=None`` sizes the cache to the longest prompt plus ``max_new_tokens``.
-    ``impl`` is the decode step's kernel choice (see ``loraswitch_jax.ops``).
+    ``impl`` is the decode step's kernel choice (see ``loraswitch_jax.ops``);
+    ``switch_strategy`` how a ``switch`` adapter decodes: ``"fused"``, ``"merge"`` (batch 1) or
+    ``"auto"`` (per batch size; see ``loraswitch_jax.switch``).
     """
 
     max_new_tokens: int = 32
@@ -46,10 +49,15 @@ class GenerateConfig:
     stop_tokens: tuple[int, ...] | None = None
     cache_len: int | None = None
     impl: str = "auto"
+    switch_strategy: str = "auto"
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.switch_strategy not in STRATEGIES:
+            raise GenerationError(
+                f"unknown switch_strategy {self.switch_strategy!r}; expected one of {STRATEGIES}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,22 +142,29 @@ def _generate(params, adapter, tokens, lengths, key, *, cfg, gen, cache_len, str
     first = sample(logits, jax.random.fold_in(key, 0), gen.sampler)
     out, done = emit(0, first, jnp.zeros((B,), bool), out)
 
+    merge = adapter is not None and adapter.config.mode == "switch" and (
+        resolve_strategy(gen.switch_strategy, B) == "merge")
+
     def cond(state):
-        step, _, _, _, done = state
-        return (step < n_new) & ~jnp.all(done)
+        return (state[0] < n_new) & ~jnp.all(state[4])
 
     def body(state):
-        step, token, cache, out, done = state
+        step, token, cache, out, done, merged = state
         # Finished rows keep decoding a harmless token (fixed shapes); their output stays PAD.
-        logits, cache = decode_step(
-            params, cache, jnp.where(token == PAD, 0, token), cfg, adapter=adapter, impl=gen.impl
-        )
+        token = jnp.where(token == PAD, 0, token)
+        if merge:
+            logits, cache, merged = decode_step_merged(
+                params, cache, merged, token, cfg, adapter=adapter, impl=gen.impl
+            )
+        else:
+            logits, cache = decode_step(params, cache, token, cfg, adapter=adapter, impl=gen.impl)
         token = sample(logits, jax.random.fold_in(key, step), gen.sampler)
         out, done = emit(step, token, done, out)
-        return step + 1, jnp.where(done, PAD, token), cache, out, done
+        return step + 1, jnp.where(done, PAD, token), cache, out, done, merged
 
-    state = (jnp.int32(1), jnp.where(done, PAD, first), cache, out, done)
-    _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
+    merged = init_merged(params.layers, adapter) if merge else None
+    state = (jnp.int32(1), jnp.where(done, PAD, first), cache, out, done, merged)
+    out = jax.lax.while_loop(cond, body, state)[3]
     return out
 
 
@@ -181,6 +196,7 @@ def generate(
     tokens, lengths, cache_len = prepare_prompts(prompts, cfg, gen.max_new_tokens, gen.cache_len)
     if adapter is not None:
         check_adapter(adapter, cfg)
+        _check_strategy(gen.switch_strategy, adapter, len(tokens))
     out = _generate(
         params, adapter, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, gen=gen, cache_len=cache_len, stream=stream,
@@ -189,6 +205,19 @@ def generate(
     stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
     counts = np.array([_count(row, stop_tokens) for row in out], np.int32)
     return Generation(tokens=out, lengths=counts)
+
+
+def _check_strategy(strategy: str, adapter: Adapter, batch_size: int) -> None:
+    if strategy == "merge" and adapter.config.mode != "switch":
+        raise GenerationError(
+            f"switch_strategy 'merge' applies to switch adapters, not {adapter.config.mode!r}; "
+            "merge a single LoRA once with loraswitch_jax.merge_lora instead"
+        )
+    if adapter.config.mode == "switch":
+        try:
+            resolve_strategy(strategy, batch_size)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
 
 
 def _count(row: np.ndarray, stop_tokens: Sequence[int]) -> int:

@@ -25,10 +25,11 @@ from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_inv_freq
-from loraswitch_jax.params import PROJECTIONS, LayerParams, LlamaParams
+from loraswitch_jax.params import LayerParams, LlamaParams
 from loraswitch_jax.router import Route, Routing, compute_route, constant_route
+from loraswitch_jax.switch import MergedWeights, merge_route, merged_layers
 
-__all__ = ["forward", "prefill", "decode_step", "extend"]
+__all__ = ["forward", "prefill", "decode_step", "decode_step_merged", "extend"]
 
 
 def _layer(
@@ -56,38 +57,24 @@ def _layer(
     inv_freq = rope_inv_freq(cfg)
     x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
 
-    routing = None
+    routing, lora = None, None
     if adapter is not None:
         acfg = adapter.config
         adapted = layer - acfg.first_layer
         if acfg.mode == "layerwise":
             route, probs = compute_route(x, adapter.router[adapted], acfg.top_k)
             routing = (probs, route.expert_ids)
-
-    def delta(x, proj):
-        """The adapter's term for ``proj`` (None when ``proj`` is not adapted)."""
-        if adapter is None or proj not in adapter.config.targets:
-            return None
-        if dropout_key is not None and adapter.config.dropout > 0:
-            key = jax.random.fold_in(dropout_key, PROJECTIONS.index(proj))
-            keep = jax.random.bernoulli(key, 1.0 - adapter.config.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - adapter.config.dropout), 0).astype(x.dtype)
-        return ops.adapter_delta(
-            x, adapter.a[proj], adapter.b[proj], adapted, route, adapter.config.scale, impl
-        )
-
-    def plus(y, d):
-        return y if d is None else y + d
+        lora = ops.LoraTerm(a=adapter.a, b=adapter.b, layer=adapted, route=route,
+                            scale=acfg.scale, dropout=acfg.dropout, dropout_key=dropout_key)
 
     def linear(x, proj):
-        y = ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl)
-        return plus(y, delta(x, proj))
+        return ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl, lora, proj)
 
-    # q, k and v share their input: one fused launch on the GPU, adapter terms added after.
-    qkv = ops.qkv_linear(
-        x, tuple(layers.weight(p) for p in "qkv"), layer, tuple(layers.bias(p) for p in "qkv"), impl
+    # q, k and v share their input: one fused launch on the GPU, adapter terms included.
+    q, k, v = ops.qkv_linear(
+        x, tuple(layers.weight(p) for p in "qkv"), layer, tuple(layers.bias(p) for p in "qkv"),
+        impl, lora,
     )
-    q, k, v = (plus(y, delta(x, p)) for y, p in zip(qkv, "qkv"))
     q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
     v = v.reshape(B, T, KV, hd)
@@ -105,12 +92,8 @@ def _layer(
     h = h + linear(attention(q, keys, values, mask), "o")
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
-    if adapter is None or not {"gate", "up"} & set(adapter.config.targets):
-        # SiLU(gate) * up in one fused launch on the GPU.
-        act = ops.swiglu(x, layers.w_gate, layers.w_up, layer, layers.b_gate, layers.b_up, impl)
-    else:
-        gate, up = linear(x, "gate"), linear(x, "up")
-        act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+    # SiLU(gate) * up in one fused launch on the GPU.
+    act = ops.swiglu(x, layers.w_gate, layers.w_up, layer, layers.b_gate, layers.b_up, impl, lora)
     h = h + linear(act, "down")
     return h, cache, routing
 
@@ -167,21 +150,24 @@ def _layers(
     impl: str,
     adapter: Adapter | None = None,
     dropout_key: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache | None, Routing | None]:
+    merged: MergedWeights | None = None,
+) -> tuple[jax.Array, KVCache | None, Routing | None, MergedWeights | None]:
     """All decoder layers: plain backbone up to the adapter's first layer, adapted after it.
 
     In switch mode the route is computed here, once per token, from the normalised input of the
-    first adapted layer, and handed to every adapted layer.
+    first adapted layer, and handed to every adapted layer. With ``merged`` (switch mode, one
+    token) the route is merged into the working copy instead (``loraswitch_jax.switch``) and
+    the adapted layers run as the plain backbone over it.
     """
     L = cfg.num_hidden_layers
-    run = functools.partial(_layer_range, cfg, layers, positions=positions, mask=mask,
+    run = functools.partial(_layer_range, cfg, positions=positions, mask=mask,
                             scan_layers=scan_layers, impl=impl)
     if adapter is None:
-        h, cache, _ = run(range(L), h, cache=cache)
-        return h, cache, None
+        h, cache, _ = run(layers, range(L), h, cache=cache)
+        return h, cache, None, None
     acfg = adapter.config
     p = acfg.first_layer
-    h, cache, _ = run(range(p), h, cache=cache)
+    h, cache, _ = run(layers, range(p), h, cache=cache)
     route, routing = None, None
     if acfg.mode == "lora":
         route = constant_route(h.shape[:2])
@@ -189,11 +175,18 @@ def _layers(
         x = rms_norm(h, layers.attn_norm[p], cfg.rms_norm_eps)
         route, probs = compute_route(x, adapter.router, acfg.top_k)
         routing = Routing(probs=probs[None], expert_ids=route.expert_ids[None])
-    h, cache, per_layer = run(range(p, L), h, cache=cache, adapter=adapter, route=route,
+    if merged is not None:
+        if acfg.mode != "switch" or h.shape[:2] != (1, 1):
+            raise ValueError("merged weights serve a switch adapter, one token at a time")
+        merged = merge_route(merged, layers, adapter, route.expert_ids[0, 0], route.gates[0, 0],
+                             impl)
+        h, cache, _ = run(merged_layers(layers, merged), range(p, L), h, cache=cache)
+        return h, cache, routing, merged
+    h, cache, per_layer = run(layers, range(p, L), h, cache=cache, adapter=adapter, route=route,
                               dropout_key=dropout_key)
     if acfg.mode == "layerwise":
         routing = Routing(probs=per_layer[0], expert_ids=per_layer[1])
-    return h, cache, routing
+    return h, cache, routing, None
 
 
 def _logits(params: LlamaParams, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
@@ -238,8 +231,8 @@ def forward(
     idx = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = attention_mask(idx, idx, segment_ids, segment_ids)
     h = params.embed[tokens]
-    h, _, routing = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
-                            ops.resolve_impl(impl), adapter, dropout_key)
+    h, _, routing, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
+                               ops.resolve_impl(impl), adapter, dropout_key)
     logits = _logits(params, cfg, h)
     return (logits, routing) if return_routing else logits
 
@@ -260,17 +253,22 @@ def extend(
     Returns the float32 logits ``[B, V]`` of each sequence's last appended token and the cache
     with ``lengths`` advanced. The caller guarantees ``cache.lengths + T <= cache.max_len``.
     """
+    logits, cache, _ = _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl)
+    return logits, cache
+
+
+def _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl, merged=None):
     _check_adapter_fits(adapter, cfg)
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (B, cache.max_len))
     mask = attention_mask(positions, slots)
     h = params.embed[tokens]
-    h, cache, _ = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers,
-                          ops.resolve_impl(impl), adapter)
+    h, cache, _, merged = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers,
+                                  ops.resolve_impl(impl), adapter, merged=merged)
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]  # [B, d]
     logits = _logits(params, cfg, last)
-    return logits, KVCache(k=cache.k, v=cache.v, lengths=cache.lengths + lengths)
+    return logits, KVCache(k=cache.k, v=cache.v, lengths=cache.lengths + lengths), merged
 
 
 def prefill(
@@ -305,3 +303,22 @@ def decode_step(
     ones = jnp.ones(tokens.shape, jnp.int32)
     return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, adapter=adapter,
                   impl=impl)
+
+
+def decode_step_merged(
+    params: LlamaParams,
+    cache: KVCache,
+    merged: MergedWeights,
+    tokens: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    adapter: Adapter,
+    impl: str = "auto",
+) -> tuple[jax.Array, KVCache, MergedWeights]:
+    """:func:`decode_step` with the ``merge`` strategy (batch 1, switch adapter): the token's
+    route is merged into ``merged`` (skipped when it repeats), then the adapted layers run as
+    the plain backbone over the merged weights. Returns the updated ``merged`` too."""
+    if tokens.shape != (1,):
+        raise ValueError(f"the merge strategy decodes one sequence at a time, got {tokens.shape=}")
+    ones = jnp.ones(tokens.shape, jnp.int32)
+    return _extend(params, cache, tokens[:, None], ones, cfg, False, adapter, impl, merged)

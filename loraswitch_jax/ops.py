@@ -4,22 +4,28 @@ Model code calls these functions with stacked weights and a layer index; it neve
 ``loraswitch_jax.pallas`` itself, so kernel backends can change without touching the model.
 
 Implementations:
-  * ``"xla"``: slices the layer (static index: read in place outside loops) and lets XLA fuse.
+  * ``"xla"``: slices the layer (static index: read in place outside loops) and lets XLA fuse;
+    an adapter's term is the jnp product ``adapters.lora_delta`` added after the projection.
   * ``"pallas"``: Triton kernels that read ``w[layer]`` in place, also inside ``while_loop``
-    and ``scan`` (where XLA copies each slice first; DESIGN.md §2).
+    and ``scan`` (where XLA copies each slice first; DESIGN.md §2). With an adapter the routed
+    kernels add ``(x A) B`` inside the projection's own launch: the small ``x A`` ("shrink") is
+    one jnp op per projection, the ``B`` product ("expand") rides along with ``W``.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from loraswitch_jax.adapters import lora_delta
+from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["IMPLS", "adapter_delta", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
+__all__ = ["IMPLS", "LoraTerm", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -32,65 +38,160 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraTerm:
+    """One adapted layer's routed LoRA branch, as its projections see it.
+
+    ``a[proj] [La, E, d_in, r]`` and ``b[proj] [La, E, r, d_out]`` are whole expert stacks read
+    at ``layer`` (the adapted-layer index, may be traced); ``route`` has ``[B, T, k]`` fields.
+    ``dropout_key`` turns on dropout of the branch's input (training), one mask per projection.
+    Projections missing from ``a`` are not adapted.
+    """
+
+    a: dict[str, jax.Array]
+    b: dict[str, jax.Array]
+    layer: int | jax.Array
+    route: Route
+    scale: float
+    dropout: float = 0.0
+    dropout_key: jax.Array | None = None
+
+    def adapts(self, proj: str) -> bool:
+        return proj in self.a
+
+    def input(self, x: jax.Array, proj: str) -> jax.Array:
+        """``x`` as the branch of ``proj`` reads it (dropped out while training)."""
+        if self.dropout_key is None or self.dropout <= 0:
+            return x
+        key = jax.random.fold_in(self.dropout_key, PROJECTIONS.index(proj))
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+    def delta(self, x: jax.Array, proj: str) -> jax.Array:
+        """The jnp term ``scale * sum_j g_j (x A[e_j]) B[e_j]`` of ``proj`` for ``x [B, T, d_in]``."""
+        return lora_delta(self.input(x, proj), self.a[proj][self.layer], self.b[proj][self.layer],
+                          self.route, self.scale)
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unflat(y: jax.Array, like: jax.Array) -> jax.Array:
+    return y.reshape(*like.shape[:-1], y.shape[-1])
+
+
+def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: str):
+    """What the routed kernels need for ``projs`` sharing input ``x``: ``(slot_experts,
+    shrinks)`` with ``shrinks[i] = x A`` of ``projs[i]`` (None where not adapted), or None when
+    the routed kernels cannot serve (no adapter on these projections, XLA, untileable rank)."""
+    if impl == "xla" or lora is None or not any(lora.adapts(p) for p in projs):
+        return None
+    from loraswitch_jax.pallas import routed_projections as kernel
+
+    for p in projs:
+        if lora.adapts(p) and not kernel.supports_rank(lora.a[p].shape[-1]):
+            return None
+    ids, gates = lora.route.expert_ids, lora.route.gates
+    k = ids.shape[-1]
+    num_experts = next(iter(lora.a.values())).shape[1]
+    slot_experts, slot_weights = kernel.route_slots(
+        ids.reshape(-1, k), gates.reshape(-1, k), num_experts, lora.scale
+    )
+    shrinks = tuple(
+        kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer, slot_experts,
+                           slot_weights) if lora.adapts(p) else None
+        for p in projs
+    )
+    return slot_experts, shrinks
+
+
+def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
+    return y if lora is None or not lora.adapts(proj) else y + lora.delta(x, proj)
+
+
 def stacked_linear(
-    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: str
+    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: str,
+    lora: LoraTerm | None = None, proj: str | None = None,
 ) -> jax.Array:
-    """``x [..., K] @ w[layer] (+ bias[layer])`` for a stacked ``w [L, K, N]``, in ``x.dtype``."""
+    """``x [..., K] @ w[layer] (+ bias[layer])`` for a stacked ``w [L, K, N]``, in ``x.dtype``,
+    plus ``lora``'s term for ``proj`` when it adapts it."""
     from loraswitch_jax.pallas import stacked_matmul as kernel
 
-    if impl == "xla" or not kernel.supports(*w.shape[1:]):
+    k, n = w.shape[1:]
+    if impl == "xla" or not kernel.supports(k, n):
         # Shapes the kernel cannot tile (not multiples of 16) take the XLA path.
         y = jnp.einsum("...k,kn->...n", x, w[layer].astype(x.dtype))
-    else:
-        flat = x.reshape(-1, x.shape[-1])
-        y = kernel.stacked_matmul(flat, w, layer, interpret=impl == "pallas_interpret")
-        y = y.reshape(*x.shape[:-1], w.shape[-1])
-    return y if bias is None else y + bias[layer].astype(y.dtype)
+        y = y if bias is None else y + bias[layer].astype(y.dtype)
+        return _plus_delta(y, x, lora, proj)
+    interpret = impl == "pallas_interpret"
+    routed = _routed(lora, (proj,), x, impl)
+    if routed is not None:
+        from loraswitch_jax.pallas.routed_projections import routed_matmul
 
-
-def adapter_delta(
-    x: jax.Array,
-    a: jax.Array,
-    b: jax.Array,
-    adapted_layer: int | jax.Array,
-    route: Route,
-    scale: float,
-    impl: str,
-) -> jax.Array:
-    """The routed LoRA term for ``x [B, T, d_in]`` with stacked experts ``a [La, E, d_in, r]``,
-    ``b [La, E, r, d_out]`` at ``adapted_layer``; every token has its own route ``[B, T, k]``."""
-    del impl  # one jnp path for now; kernels plug in here
-    return lora_delta(x, a[adapted_layer], b[adapted_layer], route, scale)
+        slot_experts, (xa,) = routed
+        y = routed_matmul(_flat(x), w, layer, xa, lora.b[proj], lora.layer,
+                                        slot_experts, bias, interpret=interpret)
+        return _unflat(y, x)
+    y = _unflat(kernel.stacked_matmul(_flat(x), w, layer, interpret=interpret), x)
+    y = y if bias is None else y + bias[layer].astype(y.dtype)
+    return _plus_delta(y, x, lora, proj)
 
 
 def qkv_linear(
     x: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], layer: int | jax.Array,
-    b: tuple[jax.Array | None, ...], impl: str,
+    b: tuple[jax.Array | None, ...], impl: str, lora: LoraTerm | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``q, k, v`` projections of ``x [..., d]``; one fused kernel launch under Pallas."""
+    """``q, k, v`` projections of ``x [..., d]`` (plus ``lora``'s terms); one fused kernel launch
+    under Pallas."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
     wq, wk, wv = w
     if impl == "xla" or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
-        return tuple(stacked_linear(x, wi, layer, bi, impl) for wi, bi in zip(w, b))
-    flat = x.reshape(-1, x.shape[-1])
-    q, k, v = kernel.qkv_matmul(flat, wq, wk, wv, layer, *b, interpret=impl == "pallas_interpret")
-    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in (q, k, v))
+        return tuple(stacked_linear(x, wi, layer, bi, impl, lora, p)
+                     for wi, bi, p in zip(w, b, ("q", "k", "v")))
+    interpret = impl == "pallas_interpret"
+    routed = _routed(lora, ("q", "k", "v"), x, impl)
+    if routed is not None:
+        from loraswitch_jax.pallas.routed_projections import routed_qkv_matmul
+
+        slot_experts, shrinks = routed
+        stacks = tuple(lora.b[p] if lora.adapts(p) else None for p in ("q", "k", "v"))
+        out = routed_qkv_matmul(
+            _flat(x), wq, wk, wv, layer, shrinks, stacks, lora.layer, slot_experts, b,
+            interpret=interpret,
+        )
+        return tuple(_unflat(y, x) for y in out)
+    q, k, v = kernel.qkv_matmul(_flat(x), wq, wk, wv, layer, *b, interpret=interpret)
+    return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
 
 
 def swiglu(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: int | jax.Array,
-    b_gate: jax.Array | None, b_up: jax.Array | None, impl: str,
+    b_gate: jax.Array | None, b_up: jax.Array | None, impl: str, lora: LoraTerm | None = None,
 ) -> jax.Array:
-    """``silu(x W_gate + b) * (x W_up + b)`` in float32, returned in ``x.dtype``; one fused
-    kernel launch under Pallas (both weights streamed by the same programs)."""
+    """``silu(x W_gate + b) * (x W_up + b)`` in float32, returned in ``x.dtype``, with ``lora``'s
+    terms inside both projections; one fused kernel launch under Pallas (both weights streamed
+    by the same programs)."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
-    if impl == "xla" or not kernel.supports(w_gate.shape[1], w_gate.shape[2]):
-        gate = stacked_linear(x, w_gate, layer, b_gate, impl)
-        up = stacked_linear(x, w_up, layer, b_up, impl)
-        return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
-    flat = x.reshape(-1, x.shape[-1])
-    act = kernel.gate_up_matmul(flat, w_gate, w_up, layer, b_gate, b_up,
-                                interpret=impl == "pallas_interpret")
-    return act.reshape(*x.shape[:-1], act.shape[-1])
+    interpret = impl == "pallas_interpret"
+    routed = _routed(lora, ("gate", "up"), x, impl)
+    adapted = lora is not None and (lora.adapts("gate") or lora.adapts("up"))
+    fusable = impl != "xla" and kernel.supports(w_gate.shape[1], w_gate.shape[2])
+    if fusable and routed is not None:
+        from loraswitch_jax.pallas.routed_projections import routed_gate_up_matmul
+
+        slot_experts, shrinks = routed
+        stacks = tuple(lora.b[p] if lora.adapts(p) else None for p in ("gate", "up"))
+        act = routed_gate_up_matmul(
+            _flat(x), w_gate, w_up, layer, shrinks, stacks, lora.layer, slot_experts,
+            b_gate, b_up, interpret=interpret,
+        )
+        return _unflat(act, x)
+    if fusable and not adapted:
+        return _unflat(kernel.gate_up_matmul(_flat(x), w_gate, w_up, layer, b_gate, b_up,
+                                             interpret=interpret), x)
+    gate = stacked_linear(x, w_gate, layer, b_gate, impl, lora, "gate")
+    up = stacked_linear(x, w_up, layer, b_up, impl, lora, "up")
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)

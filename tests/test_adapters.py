@@ -235,19 +235,49 @@ def test_generate_checks_the_adapter(model, prompts):
 # ------------------------------------------------------------------------------ pieces
 
 
-@pytest.mark.parametrize("num_experts, tokens_", [(8, 2), (128, 3), (4, 40)])
-def test_lora_delta_paths_agree(num_experts, tokens_):
-    """The gathered (few tokens) and dense-combine (many tokens) paths compute the same thing."""
-    rng = np.random.RandomState(0)
+def _delta_operands(num_experts, tokens_, seed=0):
+    rng = np.random.RandomState(seed)
     d, r, o, k = 16, 4, 24, 2
-    x = jnp.asarray(rng.standard_normal((1, tokens_, d)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, tokens_, d)), jnp.float32)
     a = jnp.asarray(rng.standard_normal((num_experts, d, r)), jnp.float32)
     b = jnp.asarray(rng.standard_normal((num_experts, r, o)), jnp.float32)
-    ids = jnp.asarray(rng.choice(num_experts, (1, tokens_, k)), jnp.int32).at[0, 0, 0].set(num_experts - 1)
-    gates = jax.nn.softmax(jnp.asarray(rng.standard_normal((1, tokens_, k)), jnp.float32))
-    got = lora_delta(x, a, b, Route(ids, gates), 2.0)
-    want = 2.0 * np.einsum("btk,btkr,btkro->bto", gates, np.einsum("btd,btkdr->btkr", x, a[ids]), b[ids])
+    ids = rng.choice(num_experts, (2, tokens_, k))
+    ids[0, 0, 0] = num_experts - 1  # the largest expert index
+    gates = jax.nn.softmax(jnp.asarray(rng.standard_normal((2, tokens_, k)), jnp.float32))
+    return x, a, b, Route(jnp.asarray(ids, jnp.int32), gates)
+
+
+@pytest.mark.parametrize("method", ["auto", "gather", "dense", "grouped"])
+@pytest.mark.parametrize("num_experts, tokens_", [(8, 1), (128, 3), (4, 40), (32, 17)])
+def test_lora_delta_methods_agree(num_experts, tokens_, method):
+    """Gathered, dense-combine and grouped (ragged_dot) products compute the same thing."""
+    x, a, b, route = _delta_operands(num_experts, tokens_)
+    got = lora_delta(x, a, b, route, 2.0, method)
+    ids, gates = np.asarray(route.expert_ids), np.asarray(route.gates)
+    a_, b_ = np.asarray(a)[ids], np.asarray(b)[ids]
+    want = 2.0 * np.einsum("btk,btkr,btkro->bto", gates, np.einsum("btd,btkdr->btkr", x, a_), b_)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["gather", "grouped"])
+def test_lora_delta_gradients_agree(method):
+    """Training differentiates the product: every method gives the dense path's gradients."""
+    x, a, b, route = _delta_operands(8, 6, seed=1)
+    w = jax.random.normal(jax.random.key(0), (2, 6, 24))
+
+    def loss(x, a, b, method):
+        return jnp.sum(lora_delta(x, a, b, route, 2.0, method) * w)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, method)
+    want = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, "dense")
+    for g, h in zip(got, want):
+        assert rel_err(g, h) < 1e-5
+
+
+def test_lora_delta_rejects_unknown_method():
+    x, a, b, route = _delta_operands(4, 2)
+    with pytest.raises(ValueError, match="unknown LoRA product method"):
+        lora_delta(x, a, b, route, 1.0, "sorted")
 
 
 def test_balance_loss_limits():

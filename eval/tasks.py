@@ -1,0 +1,416 @@
+"""Four-option multiple-choice tasks built from the corpus's held-out units only.
+
+``python -m loraswitch_jax.eval.tasks --corpus DIR --out DIR/tasks`` writes one ``{task}.jsonl``
+per task and ``manifest.json`` (item counts, sha256, trivial baselines). An item is
+``{"task", "id", "source", "context", "options": [4 strings], "answer": int}``; a scorer joins
+context and option with one space (``context + " " + option``).
+
+* ``definition`` (WordNet): context ``"apparition (n.):"``, answer its definition (the gloss
+  without its quoted examples), distractors: definitions of other held-out synsets of the same
+  part of speech that do not share the headword.
+* ``definition_hard``: the same with distractors from the synset's lexicographer file
+  (``noun.artifact``, ...) and none that contains the headword's stem.
+* ``next_sentence`` (Austen): context = the earlier sentences of a paragraph (the last 600
+  characters' worth, at least one sentence), answer = the next sentence, distractors =
+  held-out sentences of the same book, from other paragraphs, 0.6-1.6x the answer's length.
+* ``qa``: FAQ questions (perlfaq, Python FAQ, Debian FAQ; answer = its first sentences, at least
+  40 characters) pooled with "what does ``module.func(sig)`` do?" from held-out documentation files
+  (answer = the first sentence of its description); distractors from the same source.
+
+Every task draws distractors 0.6-1.6x the answer's length where the pool allows (only
+``next_sentence`` requires it and drops items otherwise; the others widen the window), which
+keeps the longest/shortest-option baselines near chance. Answer positions are balanced: a
+seeded shuffle of ``[0, 1, 2, 3, 0, 1, ...]``. Always report :func:`baselines` beside a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+
+from loraswitch_jax.eval.corpus import (CorpusError, clean_rst, read_units, split_gloss,
+                                        split_sentences)
+
+__all__ = ["TASKS", "TaskError", "baselines", "build_tasks", "definition_items", "doc_questions",
+           "load_items", "main", "next_sentence_items", "qa_items", "write_tasks"]
+
+TASKS = ("definition", "definition_hard", "next_sentence", "qa")
+NUM_OPTIONS = 4
+LENGTH_WINDOW = (0.6, 1.6)  # distractor length / answer length, in characters
+MAX_CONTEXT_CHARS = 600  # next_sentence: earlier sentences kept, newest first
+
+
+class TaskError(ValueError):
+    """A task file or item is malformed."""
+
+
+# ---- distractors and placement --------------------------------------------------------------
+
+class _Pool:
+    """Candidate option texts sorted by length, for draws within a length window."""
+
+    def __init__(self, entries: Iterable[tuple[str, object]]):
+        # entries: (text, group); a draw excludes the target's group (same synset, paragraph ...)
+        self.entries = sorted(set(entries), key=lambda e: (len(e[0]), e[0], str(e[1])))
+        self.lengths = [len(text) for text, _ in self.entries]
+
+    def draw(self, rng: random.Random, answer: str, *, exclude=lambda text, group: False,
+             strict: bool) -> list[str] | None:
+        """Three distinct texts in the length window; ``None`` if there are not enough.
+
+        Not ``strict``: the window widens (x1.5 per step) until three are found.
+        """
+        low, high = LENGTH_WINDOW
+        for _ in range(1 if strict else 8):
+            start = bisect.bisect_left(self.lengths, low * len(answer))
+            stop = bisect.bisect_right(self.lengths, high * len(answer))
+            order = list(range(start, stop))
+            rng.shuffle(order)
+            chosen: list[str] = []
+            for i in order:
+                text, group = self.entries[i]
+                if text != answer and text not in chosen and not exclude(text, group):
+                    chosen.append(text)
+                    if len(chosen) == NUM_OPTIONS - 1:
+                        return chosen
+            low, high = low / 1.5, high * 1.5
+        return None
+
+
+def _place(task: str, drafts: list[dict], seed: int, max_items: int | None) -> list[dict]:
+    """Items from drafts (``answer_text``, ``distractors``): sampled, answer positions balanced."""
+    rng = random.Random(f"{seed}:{task}:place")
+    drafts = sorted(drafts, key=lambda d: d["id"])
+    if max_items is not None and len(drafts) > max_items:
+        drafts = sorted(rng.sample(drafts, max_items), key=lambda d: d["id"])
+    positions = [i % NUM_OPTIONS for i in range(len(drafts))]
+    rng.shuffle(positions)
+    items = []
+    for draft, position in zip(drafts, positions):
+        options = list(draft["distractors"])
+        rng.shuffle(options)
+        options.insert(position, draft["answer_text"])
+        items.append({"task": task, "id": draft["id"], "source": draft["source"],
+                      "context": draft["context"], "options": options, "answer": position})
+    return items
+
+
+# ---- definition -----------------------------------------------------------------------------
+
+_DICTIONARY_UNIT = re.compile(r"(.+?) \((n|v|adj|adv)\.\): (.*)", re.S)
+_SUFFIXES = ("ation", "ition", "ness", "ment", "ing", "ity", "ion", "ive", "ous", "al", "ed",
+             "er", "es", "ic", "ly", "s", "y", "e")
+
+
+def _stem(headword: str) -> str:
+    word = max(headword.lower().split(), key=len)
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[:-len(suffix)]
+    return word
+
+
+def definition_items(rows: Sequence[Mapping], *, hard: bool = False, seed: int = 0,
+                     max_items: int | None = None) -> list[dict]:
+    """Definition items from held-out dictionary rows (``key`` ``lexname:offset``, ``text``)."""
+    task = "definition_hard" if hard else "definition"
+    synsets = []
+    for row in rows:
+        m = _DICTIONARY_UNIT.fullmatch(row["text"])
+        if m is None:
+            raise TaskError(f"dictionary unit {row['key']!r} is not 'lemmas (pos.): gloss'")
+        definition, _ = split_gloss(m.group(3))
+        synsets.append((row["key"], m.group(1).split(", "), m.group(2), definition))
+    pools = collections.defaultdict(list)
+    for key, lemmas, pos, definition in synsets:
+        pools[pos].append((definition, tuple(lemmas)))
+        pools[key.split(":")[0]].append((definition, tuple(lemmas)))
+    pools = {name: _Pool(entries) for name, entries in pools.items()}
+    rng = random.Random(f"{seed}:{task}:draw")
+    drafts = []
+    for key, lemmas, pos, definition in synsets:
+        headword, stem = lemmas[0], _stem(lemmas[0])
+        def exclude(text, group, headword=headword, stem=stem):
+            return headword in group or (hard and stem in text.lower())
+        distractors = None
+        if hard:
+            distractors = pools[key.split(":")[0]].draw(rng, definition, exclude=exclude,
+                                                         strict=False)
+        distractors = distractors or pools[pos].draw(rng, definition, exclude=exclude,
+                                                     strict=False)
+        if distractors:
+            drafts.append({"id": f"{task}/{key}", "source": f"wordnet:{key.split(':')[0]}",
+                           "context": f"{headword} ({pos}.):", "answer_text": definition,
+                           "distractors": distractors})
+    return _place(task, drafts, seed, max_items)
+
+
+# ---- next sentence --------------------------------------------------------------------------
+
+def next_sentence_items(rows: Sequence[Mapping], *, seed: int = 0, min_words: int = 4,
+                        max_items: int | None = None) -> list[dict]:
+    """Next-sentence items from held-out literature rows (``key`` ``book:block``, paragraphs
+    separated by blank lines). Sentences of fewer than ``min_words`` words are not answers."""
+    paragraphs = []  # (book, paragraph id, sentences)
+    for row in rows:
+        book = row["key"].split(":")[0]
+        for p, paragraph in enumerate(row["text"].split("\n\n")):
+            paragraphs.append((book, f"{row['key']}/{p}", split_sentences(paragraph)))
+    pools = collections.defaultdict(list)
+    for book, pid, sentences in paragraphs:
+        pools[book].extend((s, pid) for s in sentences if len(s.split()) >= min_words)
+    pools = {book: _Pool(entries) for book, entries in pools.items()}
+    rng = random.Random(f"{seed}:next_sentence:draw")
+    drafts = []
+    for book, pid, sentences in paragraphs:
+        for i in range(1, len(sentences)):
+            if len(sentences[i].split()) < min_words:
+                continue
+            first = i - 1  # the nearest earlier sentences, up to MAX_CONTEXT_CHARS
+            while first > 0 and len(" ".join(sentences[first - 1:i])) <= MAX_CONTEXT_CHARS:
+                first -= 1
+            distractors = pools[book].draw(
+                rng, sentences[i], strict=True,
+                exclude=lambda text, group, pid=pid: group == pid)
+            if distractors:
+                drafts.append({"id": f"next_sentence/{pid}/{i}", "source": f"austen:{book}",
+                               "context": " ".join(sentences[first:i]),
+                               "answer_text": sentences[i], "distractors": distractors})
+    return _place("next_sentence", drafts, seed, max_items)
+
+
+# ---- question answering ---------------------------------------------------------------------
+
+_QA_UNIT = re.compile(r"Q: (.*?)\nA: (.*)", re.S)
+_DIRECTIVE = re.compile(r"( *)\.\. (function|method|classmethod|staticmethod|class|exception|"
+                        r"decorator|coroutinefunction|coroutinemethod|module|currentmodule)::"
+                        r"\s*(.*)")
+MAX_SIGNATURE_CHARS = 120
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")  # keeps the next line's indentation
+
+
+def _snippet(text: str, min_chars: int = 40, max_chars: int = 300) -> str | None:
+    """The first sentences of the prose paragraphs of ``text``: at least ``min_chars``."""
+    words = []
+    for paragraph in re.split(_BLANK_LINES, text):
+        if paragraph[:1].isspace() or re.match(r"(\* |- |\.\. )", paragraph):
+            continue  # code, lists, directives
+        paragraph = re.sub(r"^\((?:answer )?contributed by [^)]*\)\s*", "", paragraph)
+        paragraph = re.sub(r"::$", ":", paragraph.rstrip())  # reST's "introduces a code block"
+        for sentence in split_sentences(paragraph):
+            if len(" ".join([*words, sentence])) > max_chars:
+                return None
+            words.append(sentence)
+            if len(" ".join(words)) >= min_chars:
+                return " ".join(words)
+    return None
+
+
+def doc_questions(key: str, rst: str) -> list[tuple[str, str, str]]:
+    """(id, question, answer) per Python object documented in a reST file.
+
+    The question names ``module.Class.func(signature)``; the answer is the first sentence of the
+    first prose paragraph of its description.
+    """
+    lines = rst.splitlines()
+    module, classes, found = "", [], []
+    for i, line in enumerate(lines):
+        m = _DIRECTIVE.fullmatch(line)
+        if m is None:
+            continue
+        indent, kind, signature = len(m.group(1)), m.group(2), m.group(3)
+        if kind in ("module", "currentmodule"):
+            module = "" if signature.strip() == "None" else signature.strip()
+            continue
+        j = i
+        while signature.endswith("\\") and j + 1 < len(lines):  # continued signature
+            j += 1
+            signature = signature[:-1].rstrip() + " " + lines[j].strip()
+        classes = [(n, name) for n, name in classes if n < indent]
+        name = signature.split("(", 1)[0].strip()
+        if kind in ("class", "exception"):
+            classes.append((indent, name))
+        body, j = [], j + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip())
+                                  > indent):
+            body.append(lines[j][indent:])
+            j += 1
+        answer = _first_sentence(_dedent_block("\n".join(body)))
+        if "(" not in signature or answer is None:
+            continue
+        if classes and kind not in ("class", "exception") and "." not in name:
+            signature = f"{classes[-1][1]}.{signature}"
+        if module and not signature.startswith(module + "."):
+            signature = f"{module}.{signature}"
+        if len(signature) > MAX_SIGNATURE_CHARS:
+            signature = signature.split("(", 1)[0] + "(...)"
+        found.append((f"{key}#{signature.split('(', 1)[0]}", f"What does `{signature}` do?",
+                      answer))
+    return found
+
+
+def _dedent_block(text: str) -> str:
+    lines = text.splitlines()
+    indent = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
+    return "\n".join(l[indent:] for l in lines)
+
+
+def _first_sentence(description: str) -> str | None:
+    for paragraph in re.split(_BLANK_LINES, description.lstrip("\n")):
+        if not paragraph.strip() or paragraph.startswith((" ", ":", "..")):
+            continue  # option lines, nested directives, literal blocks
+        if paragraph.startswith(("*", "-", ">>>")):
+            return None
+        sentences = split_sentences(clean_rst(paragraph))
+        if sentences and 20 <= len(sentences[0]) <= 300 and sentences[0].endswith("."):
+            return sentences[0]
+        return None
+    return None
+
+
+def qa_items(faq_rows: Sequence[Mapping], doc_rows: Sequence[Mapping], *, seed: int = 0,
+             max_items: int | None = None) -> list[dict]:
+    """QA items from held-out ``qa`` rows (``Q: ...\\nA: ...``) and held-out ``docs`` rows."""
+    questions = []  # (id, source, pool names (nearest first), question, answer)
+    for row in faq_rows:
+        m = _QA_UNIT.fullmatch(row["text"])
+        if m is None:
+            raise TaskError(f"qa unit {row['key']!r} is not 'Q: ...\\nA: ...'")
+        answer = _snippet(m.group(2))
+        source = row["key"].split(":")[0]
+        if answer:  # one pool per FAQ (perlfaq1-9 together): each FAQ has its own voice
+            questions.append((f"qa/{row['key']}", source, (re.sub(r"[/\d].*", "", source),),
+                              m.group(1), answer))
+    for row in doc_rows:
+        for item_id, question, answer in doc_questions(row["key"], row["text"]):
+            # Same file first: its distractors share the module's words, as the answer does.
+            questions.append((f"qa/{item_id}", "python-docs", (row["key"], "python-docs"),
+                              question, answer))
+    pools = collections.defaultdict(list)
+    for item_id, _, names, _, answer in questions:
+        for name in names:
+            pools[name].append((answer, item_id))
+    pools = {name: _Pool(entries) for name, entries in pools.items()}
+    rng = random.Random(f"{seed}:qa:draw")
+    drafts, seen = [], set()
+    for item_id, source, names, question, answer in questions:
+        if item_id in seen:  # a name documented twice in one file: keep the first
+            continue
+        seen.add(item_id)
+        for n, name in enumerate(names):  # the last pool may widen the length window
+            distractors = pools[name].draw(rng, answer, strict=n < len(names) - 1)
+            if distractors:
+                drafts.append({"id": item_id, "source": source,
+                               "context": f"Q: {question}\nA:", "answer_text": answer,
+                               "distractors": distractors})
+                break
+    return _place("qa", drafts, seed, max_items)
+
+
+# ---- files, baselines, command line ---------------------------------------------------------
+
+def build_tasks(corpus: str, *, max_items: int | None = None, seed: int = 0) -> dict[str, list]:
+    """All tasks' items from the held-out files of a built corpus folder."""
+    def heldout(domain: str) -> list[dict]:
+        return read_units(os.path.join(corpus, f"{domain}.heldout.jsonl"))
+    dictionary = heldout("dictionary")
+    return {
+        "definition": definition_items(dictionary, seed=seed, max_items=max_items),
+        "definition_hard": definition_items(dictionary, hard=True, seed=seed, max_items=max_items),
+        "next_sentence": next_sentence_items(heldout("literature"), seed=seed,
+                                             max_items=max_items),
+        "qa": qa_items(heldout("qa"), heldout("docs"), seed=seed, max_items=max_items),
+    }
+
+
+def write_tasks(items_by_task: Mapping[str, list[dict]], out: str) -> dict:
+    """Writes ``out/{task}.jsonl`` and ``out/manifest.json``; returns the manifest."""
+    os.makedirs(out, exist_ok=True)
+    manifest = {}
+    for task, items in items_by_task.items():
+        path = os.path.join(out, f"{task}.jsonl")
+        data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode()
+        with open(path, "wb") as f:
+            f.write(data)
+        manifest[task] = {"items": len(items), "sha256": hashlib.sha256(data).hexdigest(),
+                          "baselines": baselines(items)}
+    with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def load_items(path: str) -> list[dict]:
+    """The items of a task file, checked: 4 distinct options and an answer index."""
+    items = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                options, answer = item.get("options"), item.get("answer")
+                if (not isinstance(item.get("context"), str) or not isinstance(options, list)
+                        or len(options) != NUM_OPTIONS or len(set(options)) != NUM_OPTIONS
+                        or not isinstance(answer, int) or not 0 <= answer < NUM_OPTIONS):
+                    raise TaskError(f"{path}:{n}: an item needs a context, {NUM_OPTIONS} "
+                                    "distinct options and an answer index")
+                items.append(item)
+    except (OSError, ValueError) as e:
+        if isinstance(e, TaskError):
+            raise
+        raise TaskError(f"cannot read task file {path}: {e}") from e
+    return items
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def baselines(items: Sequence[Mapping]) -> dict[str, float]:
+    """Accuracy of choosing the longest option, the shortest, or the one sharing most words
+    (distinct, lowercase) with the context. A tie among k options counts 1/k if the answer is
+    among them: the expected accuracy of breaking ties at random."""
+    rules = {"longest": lambda item, o: len(o), "shortest": lambda item, o: -len(o),
+             "overlap": lambda item, o: len(_words(o) & _words(item["context"]))}
+    result = {"items": len(items), "chance": 1 / NUM_OPTIONS}
+    for name, score in rules.items():
+        credit = 0.0
+        for item in items:
+            scores = [score(item, option) for option in item["options"]]
+            best = [i for i, s in enumerate(scores) if s == max(scores)]
+            credit += (item["answer"] in best) / len(best)
+        result[name] = credit / len(items) if items else float("nan")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: build the task files from a corpus folder and print the baselines."""
+    parser = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.tasks",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="folder built by eval.corpus")
+    parser.add_argument("--out", help="task folder (default CORPUS/tasks)")
+    parser.add_argument("--max-items", type=int, help="items per task at most")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        items = build_tasks(args.corpus, max_items=args.max_items, seed=args.seed)
+        manifest = write_tasks(items, args.out or os.path.join(args.corpus, "tasks"))
+    except (CorpusError, TaskError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{'task':16s} {'items':>6s} {'longest':>8s} {'shortest':>9s} {'overlap':>8s}")
+    for task, info in manifest.items():
+        b = info["baselines"]
+        print(f"{task:16s} {info['items']:6d} {b['longest']:8.3f} {b['shortest']:9.3f} "
+              f"{b['overlap']:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Corpus extraction, held-out split, task items and baselines: no network, no apt, no dpkg."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import hashlib
+import json
+import os
+import random
+import struct
+import zlib
+
+import pytest
+
+from loraswitch_jax.eval import corpus, tasks
+from loraswitch_jax.samples import sample_path
+
+# ---- split ---------------------------------------------------------------------------------
+
+
+def test_heldout_split_is_deterministic_and_hits_its_fraction():
+    keys = [f"library/module_{i}.rst" for i in range(20000)]
+    first = [corpus.is_heldout("docs", k) for k in keys]
+    assert first == [corpus.is_heldout("docs", k) for k in keys]
+    assert 0.14 < sum(first) / len(keys) < 0.16  # docs: 15 %
+    tenth = [corpus.is_heldout("docs", k, 0.1) for k in keys]
+    assert 0.09 < sum(tenth) / len(keys) < 0.11
+    # A smaller fraction holds out a subset: growing the share never moves a unit back.
+    assert all(f for f, t in zip(first, tenth) if t)
+    other = [corpus.is_heldout("code", k, 0.15) for k in keys]  # the domain is hashed too
+    assert 0.14 < sum(other) / len(keys) < 0.16 and other != first
+
+
+# ---- WordNet -------------------------------------------------------------------------------
+
+HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+NOUN = ('00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 ~ 00002137 n 0000 ~ 04431553 n 0000 '
+        '| that which is perceived or known or inferred to have its own distinct existence '
+        '(living or nonliving)  \n')
+ADJ = ('00022437 00 s 02 dead-on(a) 0 caf\u00e9_au_lait 0 002 & 00021766 a 0000 ;u 07075172 n '
+       '0000 | accurate and to the point; "a dead-on feel for characterization"; "she avoids '
+       'big scenes"  \n')
+
+
+def test_wordnet_line_parser():
+    assert corpus.parse_wordnet_line(HEADER) is None
+    noun = corpus.parse_wordnet_line(NOUN)
+    assert (noun.key, noun.pos, noun.lemmas) == ("noun.Tops:00001740", "n", ("entity",))
+    assert noun.text.startswith("entity (n.): that which is perceived")
+    adj = corpus.parse_wordnet_line(ADJ)
+    assert adj.lemmas == ("dead-on", "caf\u00e9 au lait") and adj.lexname == "adj.all"
+    definition, examples = corpus.split_gloss(adj.gloss)
+    assert definition == "accurate and to the point"
+    assert examples == ["a dead-on feel for characterization", "she avoids big scenes"]
+    with pytest.raises(ValueError, match="not a WordNet data line"):
+        corpus.parse_wordnet_line("00001740 03 n 01 entity 0 000\n")
+
+
+def test_dictionary_units_read_latin1_and_skip_headers(tmp_path):
+    folder = tmp_path / "usr" / "share" / "wordnet"
+    folder.mkdir(parents=True)
+    for name in ("noun", "verb", "adj", "adv"):
+        lines = HEADER * 3 + {"noun": NOUN, "adj": ADJ}.get(name, "")
+        (folder / f"data.{name}").write_bytes(lines.encode("latin-1"))
+    units = corpus.dictionary_units(str(tmp_path))
+    assert [u.key for u in units] == ["noun.Tops:00001740", "adj.all:00022437"]
+    assert units[1].text.startswith("dead-on, caf\u00e9 au lait (adj.): accurate")
+
+
+# ---- R lazy-load database ------------------------------------------------------------------
+
+class _RWriter:
+    """R's XDR serialization (version 3) of the few types an R data database holds."""
+
+    def __init__(self):
+        self.symbols: list[str] = []
+
+    def char(self, value: str | None) -> bytes:
+        if value is None:
+            return struct.pack(">ii", 9, -1)  # NA_character_
+        raw = value.encode("utf-8")
+        return struct.pack(">ii", 9 | (8 << 12), len(raw)) + raw  # UTF-8 flag in the levels
+
+    def vector(self, kind: int, body: bytes, n: int, names: list[str] | None = None) -> bytes:
+        out = struct.pack(">ii", kind | (1 << 9 if names else 0), n) + body
+        if names:  # attributes: a pairlist cell tagged with the symbol "names"
+            out += struct.pack(">i", 2 | (1 << 10)) + self.symbol("names")
+            out += self.strings(names) + struct.pack(">i", 254)
+        return out
+
+    def symbol(self, name: str) -> bytes:
+        if name in self.symbols:  # later uses are references into the symbol table
+            return struct.pack(">i", ((self.symbols.index(name) + 1) << 8) | 255)
+        self.symbols.append(name)
+        return struct.pack(">i", 1) + self.char(name)
+
+    def strings(self, values, names=None) -> bytes:
+        return self.vector(16, b"".join(map(self.char, values)), len(values), names)
+
+    def ints(self, values, kind: int = 13) -> bytes:
+        return self.vector(kind, struct.pack(f">{len(values)}i", *values), len(values))
+
+    def list(self, items: list[bytes], names=None) -> bytes:
+        return self.vector(19, b"".join(items), len(items), names)
+
+    @staticmethod
+    def header() -> bytes:
+        return b"X\n" + struct.pack(">iiii", 3, 0x040201, 0x030500, 5) + b"UTF-8"
+
+
+def _write_rdata(stem: str, variables: dict[str, list]) -> None:
+    blobs, offsets = b"", []
+    for lines in variables.values():
+        raw = _RWriter.header() + _RWriter().strings(lines)
+        blob = struct.pack(">I", len(raw)) + zlib.compress(raw)
+        offsets.append([len(blobs), len(blob)])
+        blobs += blob
+    w = _RWriter()
+    index = _RWriter.header() + w.list(
+        [w.list([w.ints(o) for o in offsets], names=list(variables)), w.list([]),
+         w.ints([1], kind=10)], names=["variables", "references", "compressed"])
+    with open(f"{stem}.rdx", "wb") as f:
+        f.write(gzip.compress(index))
+    with open(f"{stem}.rdb", "wb") as f:
+        f.write(blobs)
+
+
+def test_read_rdata_on_a_constructed_database(tmp_path):
+    stem = str(tmp_path / "Rdata")
+    _write_rdata(stem, {"emma": ["EMMA", "", "By Jane Austen", None, "caf\u00e9"],
+                        "persuasion": ["PERSUASION"]})
+    data = corpus.read_rdata(stem)
+    assert data == {"emma": ["EMMA", "", "By Jane Austen", None, "caf\u00e9"],
+                    "persuasion": ["PERSUASION"]}
+
+
+def test_read_rdata_reports_a_damaged_file(tmp_path):
+    stem = str(tmp_path / "Rdata")
+    (tmp_path / "Rdata.rdx").write_bytes(b"not gzip")
+    (tmp_path / "Rdata.rdb").write_bytes(b"")
+    with pytest.raises(corpus.CorpusError, match="cannot read the R database"):
+        corpus.read_rdata(stem)
+
+
+def test_literature_units_are_blocks_of_20_paragraphs(tmp_path):
+    folder = tmp_path / "usr/lib/R/site-library/janeaustenr/data"
+    folder.mkdir(parents=True)
+    lines = []
+    for p in range(45):
+        lines += [f"Paragraph {p} starts here and", "goes on a little.", ""]
+    _write_rdata(str(folder / "Rdata"), {"emma": lines})
+    units = corpus.literature_units(str(tmp_path))
+    assert [u.key for u in units] == ["emma:0000", "emma:0001", "emma:0002"]
+    paragraphs = units[1].text.split("\n\n")
+    assert len(paragraphs) == 20
+    assert paragraphs[0] == "Paragraph 20 starts here and goes on a little."
+
+
+# ---- text helpers --------------------------------------------------------------------------
+
+def test_split_sentences_keeps_abbreviations_and_quotes():
+    text = ('Mr. Knightley, a sensible man, was a visitor. "Oh!" cried Emma, "it is so." '
+            'She said no more.\nThey walked on.')
+    assert corpus.split_sentences(text) == [
+        "Mr. Knightley, a sensible man, was a visitor.", '"Oh!" cried Emma, "it is so."',
+        "She said no more.", "They walked on."]
+
+
+def test_markup_cleaners():
+    assert corpus.clean_rst("Use :func:`len` or :meth:`~dict.get`, see `docs <https://x>`_, "
+                            "``x + 1`` and *text*.") == \
+        "Use len or dict.get, see docs, x + 1 and text."
+    assert corpus.clean_pod("Use C<< $a <=> $b >> or C<sort>, see L<perlfunc/sort> and "
+                            "L<the FAQ|perlfaq4>, C<$x E<lt> 3>.") == \
+        "Use $a <=> $b or sort, see perlfunc/sort and the FAQ, $x < 3."
+
+
+def test_fetch_debs_names_the_missing_packages(tmp_path):
+    (tmp_path / "wordnet-base_1%3a3.0-37_all.deb").write_bytes(b"")
+    with pytest.raises(corpus.CorpusError, match="no .deb for perl-doc, debian-faq"):
+        corpus.fetch_debs(["wordnet-base", "perl-doc", "debian-faq"], str(tmp_path / "cache"),
+                          from_debs=str(tmp_path))
+
+
+# ---- task builders -------------------------------------------------------------------------
+
+WORDS = ("the of a to in that with for by from as which or its an on at be "
+         "house letter morning walk friend sister garden river window carriage dinner").split()
+
+
+def _phrase(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _check_items(items, task):
+    assert items, f"no {task} items"
+    for item in items:
+        assert item["task"] == task and len(item["options"]) == 4
+        assert len(set(item["options"])) == 4 and 0 <= item["answer"] < 4
+    counts = collections.Counter(item["answer"] for item in items)
+    assert max(counts[p] for p in range(4)) - min(counts[p] for p in range(4)) <= 1
+
+
+def _dictionary_rows(rng):
+    rows = []
+    for i in range(60):
+        pos, lexname = ("n", "noun.artifact") if i % 3 else ("v", "verb.motion")
+        marker = "move" if pos == "v" else "thing"
+        gloss = f"{marker} {_phrase(rng, rng.randint(3, 12))}; \"an example\""
+        rows.append({"key": f"{lexname}:{i:08d}", "text": f"word{i}, alias{i} ({pos}.): {gloss}"})
+    return rows
+
+
+def test_definition_items():
+    rows = _dictionary_rows(random.Random(0))
+    items = tasks.definition_items(rows, seed=0)
+    _check_items(items, "definition")
+    by_key = {r["key"]: r for r in rows}
+    for item in items:
+        key = item["id"].split("/", 1)[1]
+        headword, pos = by_key[key]["text"].split(",")[0], key[0]
+        assert item["context"] == f"{headword} ({pos}.):"
+        answer = item["options"][item["answer"]]
+        assert by_key[key]["text"].split("): ", 1)[1].startswith(answer) and '"' not in answer
+        marker = "move" if pos == "v" else "thing"  # same part of speech only
+        assert all(o.startswith(marker) for o in item["options"])
+    assert tasks.definition_items(rows, seed=0) == items
+    assert tasks.definition_items(rows, seed=1) != items
+    assert len(tasks.definition_items(rows, seed=0, max_items=10)) == 10
+
+
+def test_hard_definitions_drop_the_headword_stem():
+    rng = random.Random(1)
+    rows = _dictionary_rows(rng)
+    # Half the artifact glosses mention "garden": the headword's stem for gardening (n.).
+    rows.append({"key": "noun.artifact:99999999",
+                 "text": "gardening (n.): thing the work of tending a plot of land"})
+    items = tasks.definition_items(rows, hard=True, seed=0)
+    _check_items(items, "definition_hard")
+    item = next(i for i in items if i["context"] == "gardening (n.):")
+    distractors = [o for k, o in enumerate(item["options"]) if k != item["answer"]]
+    assert not any("garden" in o for o in distractors)
+
+
+def _literature_rows(rng):
+    rows = []
+    for book in ("emma", "persuasion"):
+        for block in range(3):
+            paragraphs = []
+            for _ in range(6):
+                sentences = [(_phrase(rng, rng.randint(4, 14)) + ".").capitalize()
+                             for _ in range(rng.randint(1, 5))]
+                paragraphs.append(" ".join(sentences))
+            rows.append({"key": f"{book}:{block:04d}", "text": "\n\n".join(paragraphs)})
+    return rows
+
+
+def test_next_sentence_items_follow_the_length_rule():
+    rows = _literature_rows(random.Random(2))
+    items = tasks.next_sentence_items(rows, seed=0)
+    _check_items(items, "next_sentence")
+    texts = {r["key"]: r["text"] for r in rows}
+    for item in items:
+        row_key, paragraph, index = item["id"].split("/")[1:]
+        sentences = corpus.split_sentences(texts[row_key].split("\n\n")[int(paragraph)])
+        answer = item["options"][item["answer"]]
+        assert answer == sentences[int(index)]
+        assert item["context"].endswith(sentences[int(index) - 1])
+        book_text = " ".join(t for k, t in texts.items() if k.startswith(row_key.split(":")[0]))
+        for k, option in enumerate(item["options"]):
+            if k != item["answer"]:
+                assert 0.6 * len(answer) <= len(option) <= 1.6 * len(answer)
+                assert option in book_text and option not in sentences
+
+
+DOC_RST = """\
+:mod:`textwrap` --- Text wrapping
+=================================
+
+.. module:: textwrap
+
+.. function:: wrap(text, width=70, *, initial_indent="", \\
+                   max_lines=None)
+
+   Wraps the single paragraph in *text* so every line is at most *width* long.  Returns a list.
+
+.. class:: TextWrapper(**kwargs)
+
+   The :class:`TextWrapper` constructor accepts a number of optional arguments.
+
+   .. method:: fill(text)
+
+      Wraps the single paragraph in *text*, and returns a single string.
+
+.. function:: dedent(text)
+
+   .. versionadded:: 3.1
+
+   Remove any common leading whitespace from every line in *text*.
+"""
+
+
+def test_doc_questions_from_rst():
+    found = tasks.doc_questions("library/textwrap.rst", DOC_RST)
+    assert found == [
+        ("library/textwrap.rst#textwrap.wrap",
+         'What does `textwrap.wrap(text, width=70, *, initial_indent="", max_lines=None)` do?',
+         "Wraps the single paragraph in text so every line is at most width long."),
+        ("library/textwrap.rst#textwrap.TextWrapper",
+         "What does `textwrap.TextWrapper(**kwargs)` do?",
+         "The TextWrapper constructor accepts a number of optional arguments."),
+        ("library/textwrap.rst#textwrap.TextWrapper.fill",
+         "What does `textwrap.TextWrapper.fill(text)` do?",
+         "Wraps the single paragraph in text, and returns a single string."),
+        ("library/textwrap.rst#textwrap.dedent", "What does `textwrap.dedent(text)` do?",
+         "Remove any common leading whitespace from every line in text."),
+    ]
+
+
+def test_qa_items_pool_faq_and_docs():
+    rng = random.Random(3)
+    faq = [{"key": f"perlfaq{1 + i % 9}:How do I {_phrase(rng, 4)} {i}?",
+            "text": f"Q: How do I do thing {i}?\nA: (contributed by someone)\n\n"
+                    f"{_phrase(rng, rng.randint(8, 20)).capitalize()}.\n\n    code();\n"}
+           for i in range(12)]
+    items = tasks.qa_items(faq, [{"key": "library/textwrap.rst", "text": DOC_RST}], seed=0)
+    _check_items(items, "qa")
+    assert collections.Counter(i["source"] == "python-docs" for i in items) == {False: 12,
+                                                                                True: 4}
+    for item in items:
+        assert item["context"].startswith("Q: ") and item["context"].endswith("\nA:")
+        assert not any("contributed" in o or "code()" in o for o in item["options"])
+        docs = [o.startswith(("Wraps", "The Text", "Remove")) for o in item["options"]]
+        assert all(docs) or not any(docs)  # distractors come from the same source
+
+
+# ---- baselines, files, bundled sample -------------------------------------------------------
+
+def test_baselines_on_hand_made_items():
+    items = [
+        {"context": "the red fox", "options": ["a", "red fox runs", "bb", "ccc"], "answer": 1},
+        {"context": "blue sky", "options": ["blue", "sky", "longest of all", "z"], "answer": 3},
+    ]
+    result = tasks.baselines(items)
+    assert result["longest"] == 0.5  # right on the first, wrong on the second
+    assert result["shortest"] == 0.5  # "a": wrong on the first; "z": right on the second
+    # Item 1: "red fox runs" shares 2 words: right. Item 2: "blue" and "sky" tie, answer not there.
+    assert result["overlap"] == 0.5
+    tie = [{"context": "x", "options": ["aa", "bb", "cc", "d"], "answer": 0}]
+    assert tasks.baselines(tie)["longest"] == pytest.approx(1 / 3)
+
+
+def test_write_and_load_items_round_trip(tmp_path):
+    items = tasks.definition_items(_dictionary_rows(random.Random(4)), seed=0)
+    manifest = tasks.write_tasks({"definition": items}, str(tmp_path))
+    assert tasks.load_items(str(tmp_path / "definition.jsonl")) == items
+    assert manifest["definition"]["items"] == len(items)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "x", "options": ["a", "a", "b", "c"], "answer": 0}))
+    with pytest.raises(tasks.TaskError, match="bad.jsonl:1"):
+        tasks.load_items(str(bad))
+
+
+def test_bundled_sample_loads():
+    folder = sample_path("mixture")
+    with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    for name, digest in manifest["files"].items():
+        with open(os.path.join(folder, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
+    for domain in corpus.DOMAINS:
+        for split in ("train", "heldout"):
+            rows = corpus.read_units(os.path.join(folder, f"{domain}.{split}.jsonl"))
+            assert rows and all(set(r) == {"domain", "key", "text"} for r in rows)
+            assert all(corpus.is_heldout(domain, r["key"]) == (split == "heldout") for r in rows)
+        for notice in manifest["domains"][domain]["notices"]:
+            assert os.path.getsize(os.path.join(folder, notice)) > 500
+    for task in tasks.TASKS:
+        items = tasks.load_items(os.path.join(folder, "tasks", f"{task}.jsonl"))
+        assert 100 <= len(items) <= 200
