@@ -89,9 +89,10 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: s
         return None
     from loraswitch_jax.pallas import routed_projections as kernel
 
-    for p in projs:
-        if lora.adapts(p) and not kernel.supports_rank(lora.a[p].shape[-1]):
-            return None
+    adapted = [p for p in projs if lora.adapts(p)]
+    widths = [lora.b[p].shape[-1] for p in adapted]
+    if not kernel.supports(x.shape[-1], *widths, rank=lora.a[adapted[0]].shape[-1]):
+        return None
     ids, gates = lora.route.expert_ids, lora.route.gates
     k = ids.shape[-1]
     num_experts = next(iter(lora.a.values())).shape[1]

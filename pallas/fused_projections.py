@@ -189,7 +189,8 @@ def _blocks_name(bs: BlockSizes) -> str:
 
 
 def _padded_rows(m: int) -> int:
-    return max(16, -(-m // 16) * 16)
+    """Rows padded to a power of two >= 16: Triton blocks must be powers of two (48 fails)."""
+    return max(16, 1 << (m - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def qkv_matmul(
     """``q, k, v = x @ wq[layer], x @ wk[layer], x @ wv[layer]`` (+ biases) in one launch.
 
     Args:
-      x: ``[M, K]`` activations; rows are padded to 16 for the tensor-core dot.
+      x: ``[M, K]`` activations; rows are padded to a power of two >= 16 for the tensor-core dot.
       wq: ``[L, K, Nq]`` stacked weights; ``wk``, ``wv``: ``[L, K, Nkv]`` (``Nkv <= Nq`` for GQA).
       layer: the layer to read, may be traced (a loop index).
       b_q, b_k, b_v: optional ``[L, N]`` biases (all or none).
@@ -374,7 +375,7 @@ def gate_up_matmul(
     """``silu(x @ w_gate[layer] + b_gate[layer]) * (x @ w_up[layer] + b_up[layer])`` in one launch.
 
     Args:
-      x: ``[M, K]`` activations; rows are padded to 16.
+      x: ``[M, K]`` activations; rows are padded to a power of two >= 16.
       w_gate, w_up: ``[L, K, F]`` stacked weights.
       layer: the layer to read, may be traced.
       b_gate, b_up: optional ``[L, F]`` biases (both or none).

@@ -113,7 +113,8 @@ def stacked_matmul(
 ) -> jax.Array:
     """``x [M, K] @ w[layer]`` for a stacked ``w [L, K, N]``; float32 accumulation, ``x.dtype`` out.
 
-    ``layer`` may be traced (a loop index). Rows are padded to 16 for the tensor-core dot.
+    ``layer`` may be traced (a loop index). Rows are padded to a power of two >= 16 for the
+    tensor-core dot.
     """
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x [M, K] and w [L, K, N], got {x.shape=} and {w.shape=}")
@@ -122,7 +123,7 @@ def stacked_matmul(
     bs = block_sizes or default_block_sizes(m, k, n)
     if n % bs.block_n or k % (bs.block_k * bs.split_k):
         raise ValueError(f"{bs} does not tile K={k}, N={n}")
-    mp = max(16, -(-m // 16) * 16)
+    mp = max(16, 1 << (m - 1).bit_length())  # Triton blocks are powers of two (48 fails)
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     layer = jnp.asarray(layer, jnp.int32)
     k_per_split = k // bs.split_k

@@ -22,6 +22,7 @@ from loraswitch_jax.pallas.fused_projections import (
     qkv_matmul_reference,
     supports,
 )
+from loraswitch_jax.pallas.stacked_matmul import stacked_matmul
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 LAYERS = 3
@@ -174,3 +175,20 @@ def test_rejects_bad_operands():
     with pytest.raises(ValueError, match="does not tile F"):
         gate_up_matmul(x, wg, wu, 0, block_sizes=BlockSizes(block_n=64, block_k=16),
                        interpret=True)
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_decode_kernels_lower_to_triton(m):
+    """stacked_matmul, qkv_matmul and gate_up_matmul lower to Triton IR for a GPU (on this CPU),
+    also with a row count that must be padded to a power of two (40 -> 64; 48 rows fail)."""
+    dt = jnp.bfloat16
+    x = jnp.zeros((m, 256), dt)
+    w = jnp.zeros((2, 256, 128), dt)
+
+    def step(x, layer):
+        q, k, v = qkv_matmul(x, w, w, w, layer)
+        act = gate_up_matmul(x, w, w, layer)
+        return q + k + v + act + stacked_matmul(x, w, layer)
+
+    hlo = jax.jit(step).trace(x, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") == 3
