@@ -166,7 +166,9 @@ def count_launches(hlo: str, computation: str | None = None) -> dict[str, int]:
     """Kernel launches of one run of ``computation`` (default: the entry) of compiled HLO text.
 
     Returns ``{"launches", "in_command_buffers", "loops"}``; ``loops`` counts ``while`` /
-    ``conditional`` instructions (each counted as one launch; their bodies are not expanded).
+    ``conditional`` instructions. A ``while`` counts as one launch (its body is not expanded); a
+    ``conditional`` as one plus its largest branch (e.g. the merge kernels run when a route
+    changes).
     """
     comps, entry = _computations(hlo)
     counts = {"launches": 0, "in_command_buffers": 0, "loops": 0}
@@ -182,9 +184,22 @@ def count_launches(hlo: str, computation: str | None = None) -> dict[str, int]:
             counts["loops"] += op in ("while", "conditional")
             counts["launches"] += 1
             counts["in_command_buffers"] += in_buffer
+            if op == "conditional":
+                branches = [count_launches(hlo, b) for b in _branches(line)]
+                largest = max(branches, key=lambda c: c["launches"], default=None)
+                for key in counts if largest else ():
+                    counts[key] += largest[key]
 
     walk(computation or entry, False)
     return counts
+
+
+def _branches(line: str) -> list[str]:
+    """The branch computations named by a ``conditional`` instruction."""
+    listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+    if listed:
+        return [b.strip().lstrip("%") for b in listed.group(1).split(",") if b.strip()]
+    return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
 
 
 def count_loop_launches(hlo: str) -> dict[str, int]:
