@@ -149,6 +149,26 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       lambda f_=gu_args: routed.routed_gate_up_matmul_reference(*f_()),
                       one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")))
 
+        # The two other placements of x A: one launch per input group, and inline (gather only).
+        sg = jax.jit(functools.partial(routed.lora_shrink_group, interpret=interpret))
+        group = (a["q"], a["k"], a["v"])
+        cases.append((f"lora_shrink_group q,k,v M={m} E={E}",
+                      lambda xm=xm, slots=slots, weights=weights: sg(xm, group, layer, slots, weights),
+                      lambda xm=xm, slots=slots, weights=weights: routed.lora_shrink_group_reference(
+                          xm, group, layer, slots, weights),
+                      touched * 3 * a["q"][0, 0].size * 2))
+        if m * s.top_k < E:
+            ri = jax.jit(functools.partial(routed.routed_qkv_matmul_inline_shrink,
+                                           interpret=interpret))
+            inline_args = lambda xm=xm, slots=slots, weights=weights: (  # noqa: E731
+                xm, w["q"], w["k"], w["v"], layer, (a["q"], a["k"], a["v"]),
+                (b["q"], b["k"], b["v"]), layer, slots, weights)
+            cases.append((f"routed_qkv_matmul_inline_shrink M={m} E={E}",
+                          lambda f_=inline_args: ri(*f_()),
+                          lambda f_=inline_args: routed.routed_qkv_matmul_inline_shrink_reference(
+                              *f_()),
+                          one_layer(w["q"], w["k"], w["v"]) + 2 * lora_bytes("q", "k", "v")))
+
     ids, gates = _route(next(keys), 1, s)
     ids, gates = ids[0], 2.0 * gates[0]
     work = {p: jnp.zeros_like(v) for p, v in w.items()}

@@ -20,6 +20,7 @@ from loraswitch_jax.adapters import Adapter, check_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import init_cache
 from loraswitch_jax.llama import decode_step, decode_step_merged, prefill
+from loraswitch_jax.ops import Impl
 from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.sampling import Sampler, sample
 from loraswitch_jax.switch import STRATEGIES, init_merged, resolve_strategy
@@ -39,7 +40,8 @@ class GenerateConfig:
     """What to generate. ``stop_tokens=None`` means the model's ``eos_token_id``; ``()`` never stops.
 
     ``cache_len=None`` sizes the cache to the longest prompt plus ``max_new_tokens``.
-    ``impl`` is the decode step's kernel choice (see ``loraswitch_jax.ops``);
+    ``impl`` is the decode step's kernel choice: a name or an ``ops.Impl`` (see
+    ``loraswitch_jax.ops``);
     ``switch_strategy`` how a ``switch`` adapter decodes: ``"fused"``, ``"merge"`` (batch 1) or
     ``"auto"`` (per batch size; see ``loraswitch_jax.switch``).
     """
@@ -48,7 +50,7 @@ class GenerateConfig:
     sampler: Sampler = Sampler()
     stop_tokens: tuple[int, ...] | None = None
     cache_len: int | None = None
-    impl: str = "auto"
+    impl: str | Impl = "auto"
     switch_strategy: str = "auto"
 
     def __post_init__(self):

@@ -40,7 +40,7 @@ def _layer(
     positions: jax.Array,
     mask: jax.Array,
     cache: KVCache | None,
-    impl: str,
+    impl: ops.Impl,
     adapter: Adapter | None = None,
     route: Route | None = None,
     dropout_key: jax.Array | None = None,
@@ -107,7 +107,7 @@ def _layer_range(
     mask: jax.Array,
     cache: KVCache | None,
     scan_layers: bool,
-    impl: str,
+    impl: ops.Impl,
     adapter: Adapter | None = None,
     route: Route | None = None,
     dropout_key: jax.Array | None = None,
@@ -147,7 +147,7 @@ def _layers(
     mask: jax.Array,
     cache: KVCache | None,
     scan_layers: bool,
-    impl: str,
+    impl: ops.Impl,
     adapter: Adapter | None = None,
     dropout_key: jax.Array | None = None,
     merged: MergedWeights | None = None,
@@ -209,7 +209,7 @@ def forward(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     scan_layers: bool = True,
-    impl: str = "xla",
+    impl: str | ops.Impl = "xla",
     dropout_key: jax.Array | None = None,
     return_routing: bool = False,
 ) -> jax.Array | tuple[jax.Array, Routing | None]:
@@ -246,7 +246,7 @@ def extend(
     *,
     scan_layers: bool,
     adapter: Adapter | None = None,
-    impl: str = "xla",
+    impl: str | ops.Impl = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """Append ``tokens [B, T]`` (right-padded; ``lengths [B]`` real tokens each) to ``cache``.
 
@@ -279,7 +279,7 @@ def prefill(
     cfg: LlamaConfig,
     *,
     adapter: Adapter | None = None,
-    impl: str = "xla",
+    impl: str | ops.Impl = "xla",
 ) -> tuple[jax.Array, KVCache]:
     """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work)."""
     return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter, impl=impl)
@@ -292,7 +292,7 @@ def decode_step(
     cfg: LlamaConfig,
     *,
     adapter: Adapter | None = None,
-    impl: str = "auto",
+    impl: str | ops.Impl = "auto",
 ) -> tuple[jax.Array, KVCache]:
     """Append one token per sequence (``tokens [B]``); each token routes itself.
 
@@ -313,7 +313,7 @@ def decode_step_merged(
     cfg: LlamaConfig,
     *,
     adapter: Adapter,
-    impl: str = "auto",
+    impl: str | ops.Impl = "auto",
 ) -> tuple[jax.Array, KVCache, MergedWeights]:
     """:func:`decode_step` with the ``merge`` strategy (batch 1, switch adapter): the token's
     route is merged into ``merged`` (skipped when it repeats), then the adapted layers run as

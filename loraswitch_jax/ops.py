@@ -3,13 +3,13 @@
 Model code calls these functions with stacked weights and a layer index; it never imports
 ``loraswitch_jax.pallas`` itself, so kernel backends can change without touching the model.
 
-Implementations:
+``impl`` is a name or an :class:`Impl`:
   * ``"xla"``: slices the layer (static index: read in place outside loops) and lets XLA fuse;
     an adapter's term is the jnp product ``adapters.lora_delta`` added after the projection.
   * ``"pallas"``: Triton kernels that read ``w[layer]`` in place, also inside ``while_loop``
     and ``scan`` (where XLA copies each slice first; DESIGN.md §2). With an adapter the routed
-    kernels add ``(x A) B`` inside the projection's own launch: the small ``x A`` ("shrink") is
-    one jnp op per projection, the ``B`` product ("expand") rides along with ``W``.
+    kernels add ``(x A) B`` inside the projection's own launch: the expand (``B``) rides along
+    with ``W``; the small shrink (``x A``) runs where ``Impl.lora_shrink`` says.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
@@ -25,17 +25,57 @@ from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["IMPLS", "LoraTerm", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
+__all__ = ["IMPLS", "SHRINKS", "Impl", "LoraTerm", "qkv_linear", "resolve_impl", "stacked_linear",
+           "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+SHRINKS = ("auto", "xla", "pallas", "inline")
+
+# Where the routed kernels compute x A when Impl.lora_shrink is "auto".
+# Source: DESIGN.md §2 (H100, JAX 0.11.2): x A recomputed inside every program of a Pallas GEMV
+# ran at 0.38-0.49 of copy bandwidth, a separate small op cost +12-18 % per projection, and at
+# batch 1 launches cost more than bytes; so one Pallas launch per group of projections sharing
+# an input ("pallas": 4 per layer instead of 7 XLA ops). Not yet timed against "xla" and
+# "inline" with these kernels: eval/bench_adapters.py does, on a GPU.
+_DEFAULT_SHRINK = "pallas"
 
 
-def resolve_impl(impl: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
+    kernels in interpret mode; ``lora_shrink`` places the routed LoRA's ``x A``: ``"xla"`` (one
+    XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
+    input), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
+    reads) or ``"auto"``. Hashable: a static argument of ``jax.jit``."""
+
+    backend: str = "pallas"
+    interpret: bool = False
+    lora_shrink: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in ("xla", "pallas"):
+            raise ValueError(f"unknown backend {self.backend!r}; expected 'xla' or 'pallas'")
+        if self.lora_shrink not in SHRINKS:
+            raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
+
+    @property
+    def xla(self) -> bool:
+        return self.backend == "xla"
+
+    @property
+    def shrink(self) -> str:
+        return _DEFAULT_SHRINK if self.lora_shrink == "auto" else self.lora_shrink
+
+
+def resolve_impl(impl: str | Impl) -> Impl:
+    """An :class:`Impl` from a name in ``IMPLS`` (``"auto"``: Pallas on a GPU, else XLA)."""
+    if isinstance(impl, Impl):
+        return impl
     if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS} or an ops.Impl")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    return Impl(backend="xla" if impl == "xla" else "pallas", interpret=impl == "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +121,23 @@ def _unflat(y: jax.Array, like: jax.Array) -> jax.Array:
     return y.reshape(*like.shape[:-1], y.shape[-1])
 
 
-def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: str):
-    """What the routed kernels need for ``projs`` sharing input ``x``: ``(slot_experts,
-    shrinks)`` with ``shrinks[i] = x A`` of ``projs[i]`` (None where not adapted), or None when
-    the routed kernels cannot serve (no adapter on these projections, XLA, untileable rank)."""
-    if impl == "xla" or lora is None or not any(lora.adapts(p) for p in projs):
+@dataclasses.dataclass(frozen=True)
+class _Routed:
+    """What the routed kernels take for a group of projections sharing one input: expert slots,
+    and per projection ``B`` plus either the shrink ``x A`` (``xas``) or, for ``inline``, ``A``."""
+
+    slot_experts: jax.Array
+    slot_weights: jax.Array
+    inline: bool
+    xas: tuple[jax.Array | None, ...]
+    a: tuple[jax.Array | None, ...]
+    b: tuple[jax.Array | None, ...]
+
+
+def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: Impl):
+    """The routed-kernel operands for ``projs`` sharing input ``x``, or None when the routed
+    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank)."""
+    if impl.xla or lora is None or not any(lora.adapts(p) for p in projs):
         return None
     from loraswitch_jax.pallas import routed_projections as kernel
 
@@ -95,16 +147,32 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: s
         return None
     ids, gates = lora.route.expert_ids, lora.route.gates
     k = ids.shape[-1]
-    num_experts = next(iter(lora.a.values())).shape[1]
+    num_experts = lora.a[adapted[0]].shape[1]
     slot_experts, slot_weights = kernel.route_slots(
         ids.reshape(-1, k), gates.reshape(-1, k), num_experts, lora.scale
     )
-    shrinks = tuple(
-        kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer, slot_experts,
-                           slot_weights) if lora.adapts(p) else None
-        for p in projs
-    )
-    return slot_experts, shrinks
+    a = tuple(lora.a[p] if lora.adapts(p) else None for p in projs)
+    b = tuple(lora.b[p] if lora.adapts(p) else None for p in projs)
+    shrink = impl.shrink
+    if lora.dropout_key is not None and lora.dropout > 0:
+        shrink = "xla"  # each projection drops out its own copy of x
+    if shrink == "inline" and ids.size >= num_experts:
+        shrink = "pallas"  # dense slots (one per expert): inline would hold E accumulators
+    if shrink == "inline":
+        return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
+    flat = _flat(x)
+    if shrink == "pallas":
+        group = iter(kernel.lora_shrink_group(
+            flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
+            interpret=impl.interpret))
+        xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
+    else:
+        xas = tuple(
+            kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer, slot_experts,
+                               slot_weights) if lora.adapts(p) else None
+            for p in projs
+        )
+    return _Routed(slot_experts, slot_weights, False, xas, a, b)
 
 
 def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
@@ -112,7 +180,7 @@ def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
 
 
 def stacked_linear(
-    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: str,
+    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: Impl,
     lora: LoraTerm | None = None, proj: str | None = None,
 ) -> jax.Array:
     """``x [..., K] @ w[layer] (+ bias[layer])`` for a stacked ``w [L, K, N]``, in ``x.dtype``,
@@ -120,19 +188,24 @@ def stacked_linear(
     from loraswitch_jax.pallas import stacked_matmul as kernel
 
     k, n = w.shape[1:]
-    if impl == "xla" or not kernel.supports(k, n):
+    if impl.xla or not kernel.supports(k, n):
         # Shapes the kernel cannot tile (not multiples of 16) take the XLA path.
         y = jnp.einsum("...k,kn->...n", x, w[layer].astype(x.dtype))
         y = y if bias is None else y + bias[layer].astype(y.dtype)
         return _plus_delta(y, x, lora, proj)
-    interpret = impl == "pallas_interpret"
+    interpret = impl.interpret
     routed = _routed(lora, (proj,), x, impl)
     if routed is not None:
-        from loraswitch_jax.pallas.routed_projections import routed_matmul
+        from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-        slot_experts, (xa,) = routed
-        y = routed_matmul(_flat(x), w, layer, xa, lora.b[proj], lora.layer,
-                                        slot_experts, bias, interpret=interpret)
+        if routed.inline:
+            y = routed_kernel.routed_matmul_inline_shrink(
+                _flat(x), w, layer, routed.a[0], routed.b[0], lora.layer, routed.slot_experts,
+                routed.slot_weights, bias, interpret=interpret)
+        else:
+            y = routed_kernel.routed_matmul(_flat(x), w, layer, routed.xas[0], routed.b[0],
+                                            lora.layer, routed.slot_experts, bias,
+                                            interpret=interpret)
         return _unflat(y, x)
     y = _unflat(kernel.stacked_matmul(_flat(x), w, layer, interpret=interpret), x)
     y = y if bias is None else y + bias[layer].astype(y.dtype)
@@ -141,27 +214,29 @@ def stacked_linear(
 
 def qkv_linear(
     x: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], layer: int | jax.Array,
-    b: tuple[jax.Array | None, ...], impl: str, lora: LoraTerm | None = None,
+    b: tuple[jax.Array | None, ...], impl: Impl, lora: LoraTerm | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q, k, v`` projections of ``x [..., d]`` (plus ``lora``'s terms); one fused kernel launch
     under Pallas."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
     wq, wk, wv = w
-    if impl == "xla" or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
+    if impl.xla or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
         return tuple(stacked_linear(x, wi, layer, bi, impl, lora, p)
                      for wi, bi, p in zip(w, b, ("q", "k", "v")))
-    interpret = impl == "pallas_interpret"
+    interpret = impl.interpret
     routed = _routed(lora, ("q", "k", "v"), x, impl)
     if routed is not None:
-        from loraswitch_jax.pallas.routed_projections import routed_qkv_matmul
+        from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-        slot_experts, shrinks = routed
-        stacks = tuple(lora.b[p] if lora.adapts(p) else None for p in ("q", "k", "v"))
-        out = routed_qkv_matmul(
-            _flat(x), wq, wk, wv, layer, shrinks, stacks, lora.layer, slot_experts, b,
-            interpret=interpret,
-        )
+        if routed.inline:
+            out = routed_kernel.routed_qkv_matmul_inline_shrink(
+                _flat(x), wq, wk, wv, layer, routed.a, routed.b, lora.layer, routed.slot_experts,
+                routed.slot_weights, b, interpret=interpret)
+        else:
+            out = routed_kernel.routed_qkv_matmul(
+                _flat(x), wq, wk, wv, layer, routed.xas, routed.b, lora.layer,
+                routed.slot_experts, b, interpret=interpret)
         return tuple(_unflat(y, x) for y in out)
     q, k, v = kernel.qkv_matmul(_flat(x), wq, wk, wv, layer, *b, interpret=interpret)
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
@@ -169,26 +244,28 @@ def qkv_linear(
 
 def swiglu(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: int | jax.Array,
-    b_gate: jax.Array | None, b_up: jax.Array | None, impl: str, lora: LoraTerm | None = None,
+    b_gate: jax.Array | None, b_up: jax.Array | None, impl: Impl, lora: LoraTerm | None = None,
 ) -> jax.Array:
     """``silu(x W_gate + b) * (x W_up + b)`` in float32, returned in ``x.dtype``, with ``lora``'s
     terms inside both projections; one fused kernel launch under Pallas (both weights streamed
     by the same programs)."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
-    interpret = impl == "pallas_interpret"
+    interpret = impl.interpret
     routed = _routed(lora, ("gate", "up"), x, impl)
     adapted = lora is not None and (lora.adapts("gate") or lora.adapts("up"))
-    fusable = impl != "xla" and kernel.supports(w_gate.shape[1], w_gate.shape[2])
+    fusable = not impl.xla and kernel.supports(w_gate.shape[1], w_gate.shape[2])
     if fusable and routed is not None:
-        from loraswitch_jax.pallas.routed_projections import routed_gate_up_matmul
+        from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-        slot_experts, shrinks = routed
-        stacks = tuple(lora.b[p] if lora.adapts(p) else None for p in ("gate", "up"))
-        act = routed_gate_up_matmul(
-            _flat(x), w_gate, w_up, layer, shrinks, stacks, lora.layer, slot_experts,
-            b_gate, b_up, interpret=interpret,
-        )
+        if routed.inline:
+            act = routed_kernel.routed_gate_up_matmul_inline_shrink(
+                _flat(x), w_gate, w_up, layer, routed.a, routed.b, lora.layer,
+                routed.slot_experts, routed.slot_weights, b_gate, b_up, interpret=interpret)
+        else:
+            act = routed_kernel.routed_gate_up_matmul(
+                _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
+                routed.slot_experts, b_gate, b_up, interpret=interpret)
         return _unflat(act, x)
     if fusable and not adapted:
         return _unflat(kernel.gate_up_matmul(_flat(x), w_gate, w_up, layer, b_gate, b_up,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from loraswitch_jax.adapters import Adapter
+from loraswitch_jax.ops import Impl
 from loraswitch_jax.params import WEIGHT_FIELD, LayerParams
 
 __all__ = [
@@ -84,9 +85,9 @@ def init_merged(layers: LayerParams, adapter: Adapter) -> MergedWeights:
 def _merge_one(w_base, w_work, a, b, expert_ids, gates, first_layer, impl):
     from loraswitch_jax.pallas import switch_merge as kernel
 
-    if impl != "xla" and kernel.supports(w_base.shape[1], w_base.shape[2], a.shape[-1]):
+    if not impl.xla and kernel.supports(w_base.shape[1], w_base.shape[2], a.shape[-1]):
         return kernel.switch_merge(w_base, w_work, a, b, expert_ids, gates,
-                                   first_layer=first_layer, interpret=impl == "pallas_interpret")
+                                   first_layer=first_layer, interpret=impl.interpret)
     merged = kernel.switch_merge_reference(w_base, a, b, expert_ids, gates, first_layer=first_layer)
     return w_work.at[first_layer:].set(merged)
 
@@ -97,7 +98,7 @@ def merge_route(
     adapter: Adapter,
     expert_ids: jax.Array,
     gates: jax.Array,
-    impl: str,
+    impl: Impl,
 ) -> MergedWeights:
     """Merge the route ``expert_ids, gates [k]`` (one token's) into the working copy, from the
     pristine base in ``layers``; nothing is written when it equals the route merged in."""

@@ -7,6 +7,8 @@ random (not the zero init), so a missing, doubled or misplaced expansion shows.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +18,23 @@ from conftest import rel_err
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.pallas.routed_projections import (
     BlockSizes,
+    ShrinkBlockSizes,
+    default_shrink_block_sizes,
     lora_shrink,
+    lora_shrink_group,
+    lora_shrink_group_reference,
     route_slots,
     routed_gate_up_matmul,
+    routed_gate_up_matmul_inline_shrink,
+    routed_gate_up_matmul_inline_shrink_reference,
     routed_gate_up_matmul_reference,
     routed_matmul,
     routed_matmul_inline_shrink,
     routed_matmul_inline_shrink_reference,
     routed_matmul_reference,
     routed_qkv_matmul,
+    routed_qkv_matmul_inline_shrink,
+    routed_qkv_matmul_inline_shrink_reference,
     routed_qkv_matmul_reference,
     supports,
 )
@@ -35,6 +45,7 @@ LAYERS, ADAPTED = 3, 2  # adapters on the last two layers
 K, N, RANK = 48, 80, 16  # odd but supported: 3 K blocks and 5 column blocks of 16
 SCALE = 2.0
 BLOCKS16 = BlockSizes(block_n=16, block_k=16, split_k=1)
+INTERPRET16 = dict(block_sizes=BLOCKS16, interpret=True)
 
 
 def normal(rng, shape, dtype, std=1.0):
@@ -55,10 +66,10 @@ def stack(rng, n, dtype, k=K):
     return normal(rng, (LAYERS, k, n), dtype, std=k**-0.5)
 
 
-def lora_stacks(rng, e, n, dtype, k=K):
+def lora_stacks(rng, e, n, dtype, k=K, rank=RANK):
     """``a [La, E, K, r]`` and ``b [La, E, r, N]`` scaled so the LoRA term is as large as x @ W."""
-    return (normal(rng, (ADAPTED, e, k, RANK), dtype, std=k**-0.5),
-            normal(rng, (ADAPTED, e, RANK, n), dtype, std=RANK**-0.5))
+    return (normal(rng, (ADAPTED, e, k, rank), dtype, std=k**-0.5),
+            normal(rng, (ADAPTED, e, rank, n), dtype, std=rank**-0.5))
 
 
 def slots_and_x(rng, m, k, e, dtype):
@@ -102,105 +113,140 @@ def test_lora_shrink(m, k, e):
     assert rel_err(xa, want) < 1e-5
 
 
+# ranks: one A stack per projection of the group; 70 rows take two row blocks of 64.
+@pytest.mark.parametrize("m,e,k,dtype,ranks,blocks", [
+    (1, 8, 2, jnp.float32, (16, 32, 16), None),  # gather, default blocks
+    (5, 8, 2, jnp.bfloat16, (16, 16), ShrinkBlockSizes(block_k=16, split_k=3)),  # dense
+    (3, 128, 1, jnp.bfloat16, (16,), None),  # gather
+    (70, 8, 1, jnp.float32, (32,), ShrinkBlockSizes(block_k=16)),  # dense
+])
+def test_lora_shrink_group_matches_reference(m, e, k, dtype, ranks, blocks):
+    rng = np.random.default_rng(700 * m + e + len(ranks))
+    x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
+    a = tuple(lora_stacks(rng, e, N, dtype, rank=r)[0] for r in ranks)
+    got = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
+                            interpret=True)
+    ref = lora_shrink_group_reference(x, a, ADAPTED - 1, slot_experts, slot_weights)
+    assert len(got) == len(a)
+    for g, r, rank in zip(got, ref, ranks):
+        assert g.shape == (m, slot_experts.shape[0], rank) and g.dtype == dtype
+        assert rel_err(g, r) < TOL[dtype]
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels against references
 
 # (M, E, k): gather (M k < E) and dense (M k >= E) slots; 70 rows take two row blocks of 64.
+# inline: the shrink inside the kernel (a and slot weights in), else an xa from lora_shrink.
 MATMUL_CASES = [
-    (1, 8, 2, jnp.float32, True, None),  # default block sizes
-    (1, 128, 1, jnp.bfloat16, False, 1),
-    (5, 8, 2, jnp.bfloat16, True, 1),
-    (5, 8, 1, jnp.float32, False, 3),
-    (17, 128, 2, jnp.float32, True, 3),
-    (70, 8, 2, jnp.float32, True, 1),
+    (1, 8, 2, jnp.float32, True, None, False),  # default block sizes
+    (1, 128, 1, jnp.bfloat16, False, 1, False),
+    (5, 8, 2, jnp.bfloat16, True, 1, False),
+    (5, 8, 1, jnp.float32, False, 3, False),
+    (17, 128, 2, jnp.float32, True, 3, False),
+    (70, 8, 2, jnp.float32, True, 1, False),
+    (1, 128, 2, jnp.bfloat16, True, 1, True),
+    (5, 8, 1, jnp.float32, False, 3, True),  # gather, every split expands its own K chunk
+    (70, 8, 2, jnp.float32, False, 3, True),
 ]
 
 
-@pytest.mark.parametrize("m,e,k,dtype,bias,split_k", MATMUL_CASES)
-def test_routed_matmul_matches_reference(m, e, k, dtype, bias, split_k):
-    rng = np.random.default_rng(1000 * m + 10 * e + k + (split_k or 0))
+@pytest.mark.parametrize("m,e,k,dtype,bias,split_k,inline", MATMUL_CASES)
+def test_routed_matmul_matches_reference(m, e, k, dtype, bias, split_k, inline):
+    rng = np.random.default_rng(1000 * m + 10 * e + k + (split_k or 0) + 500 * inline)
     x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     w = stack(rng, N, dtype)
     a, b = lora_stacks(rng, e, N, dtype)
     biases = (normal(rng, (LAYERS, N), dtype),) if bias else ()
     blocks = None if split_k is None else BlockSizes(block_n=16, block_k=16, split_k=split_k)
     for layer, adapted in ((LAYERS - 1, ADAPTED - 1), (1, 0)):
-        xa = lora_shrink(x, a, adapted, slot_experts, slot_weights)
-        got = routed_matmul(x, w, layer, xa, b, adapted, slot_experts, *biases,
-                            block_sizes=blocks, interpret=True)
-        ref = routed_matmul_reference(x, w, layer, xa, b, adapted, slot_experts, *biases)
+        if inline:
+            got = routed_matmul_inline_shrink(x, w, layer, a, b, adapted, slot_experts,
+                                              slot_weights, *biases, block_sizes=blocks,
+                                              interpret=True)
+            ref = routed_matmul_inline_shrink_reference(x, w, layer, a, b, adapted, slot_experts,
+                                                        slot_weights, *biases)
+        else:
+            xa = lora_shrink(x, a, adapted, slot_experts, slot_weights)
+            got = routed_matmul(x, w, layer, xa, b, adapted, slot_experts, *biases,
+                                block_sizes=blocks, interpret=True)
+            ref = routed_matmul_reference(x, w, layer, xa, b, adapted, slot_experts, *biases)
         assert got.shape == (m, N) and got.dtype == dtype
         assert rel_err(got, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("m,e,dtype,bias,split_k", [
-    (1, 128, jnp.bfloat16, True, 1),
-    (70, 8, jnp.float32, False, 3),
-])
-def test_routed_matmul_inline_shrink_matches_reference(m, e, dtype, bias, split_k):
-    rng = np.random.default_rng(1500 * m + e)
-    x, slot_experts, slot_weights = slots_and_x(rng, m, 2, e, dtype)
-    w = stack(rng, N, dtype)
-    a, b = lora_stacks(rng, e, N, dtype)
-    biases = (normal(rng, (LAYERS, N), dtype),) if bias else ()
-    blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
-    got = routed_matmul_inline_shrink(x, w, 2, a, b, 1, slot_experts, slot_weights, *biases,
-                                      block_sizes=blocks, interpret=True)
-    ref = routed_matmul_inline_shrink_reference(x, w, 2, a, b, 1, slot_experts, slot_weights,
-                                                *biases)
-    assert got.shape == (m, N) and got.dtype == dtype
-    assert rel_err(got, ref) < TOL[dtype]
 
 
 NQ, NKV = 64, 32  # GQA
 
 
-# adapted: which of q, k, v carry a LoRA term.
-@pytest.mark.parametrize("m,e,adapted,dtype,bias,split_k", [
-    (1, 8, (True, True, True), jnp.bfloat16, True, 1),
-    (5, 8, (True, False, True), jnp.float32, True, 3),
-    (17, 128, (False, True, False), jnp.bfloat16, False, 1),
-    (5, 8, (False, False, False), jnp.float32, True, 1),
+def adapted_stacks(rng, e, ns, adapted, dtype):
+    """``(as_, bs)``: an ``A`` and a ``B`` stack for each output width in ``ns`` that is
+    ``adapted``, ``None`` for the others."""
+    stacks = [lora_stacks(rng, e, n, dtype) for n in ns]
+    return ([a if has else None for (a, _), has in zip(stacks, adapted)],
+            [b if has else None for (_, b), has in zip(stacks, adapted)])
+
+
+# adapted: which of q, k, v carry a LoRA term; k: experts per row; inline: as in MATMUL_CASES.
+@pytest.mark.parametrize("m,e,k,adapted,dtype,bias,split_k,inline", [
+    (1, 8, 2, (True, True, True), jnp.bfloat16, True, 1, False),
+    (5, 8, 2, (True, False, True), jnp.float32, True, 3, False),
+    (17, 128, 2, (False, True, False), jnp.bfloat16, False, 1, False),
+    (5, 8, 2, (False, False, False), jnp.float32, True, 1, False),
+    (1, 128, 2, (True, True, True), jnp.bfloat16, True, 1, True),  # gather
+    (5, 8, 1, (True, False, True), jnp.float32, True, 3, True),  # gather
+    (5, 8, 2, (False, True, False), jnp.float32, False, 1, True),  # dense
 ])
-def test_routed_qkv_matches_reference(m, e, adapted, dtype, bias, split_k):
-    rng = np.random.default_rng(2000 * m + e + split_k)
-    x, slot_experts, slot_weights = slots_and_x(rng, m, 2, e, dtype)
+def test_routed_qkv_matches_reference(m, e, k, adapted, dtype, bias, split_k, inline):
+    rng = np.random.default_rng(2000 * m + e + split_k + 10 * k + 500 * inline)
+    x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     ws = [stack(rng, n, dtype) for n in (NQ, NKV, NKV)]
     biases = tuple(normal(rng, (LAYERS, n), dtype) if bias else None for n in (NQ, NKV, NKV))
-    xas, bs = [], []
-    for n, has in zip((NQ, NKV, NKV), adapted):
-        a, b = lora_stacks(rng, e, n, dtype)
-        xas.append(lora_shrink(x, a, 1, slot_experts, slot_weights) if has else None)
-        bs.append(b if has else None)
+    as_, bs = adapted_stacks(rng, e, (NQ, NKV, NKV), adapted, dtype)
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
-    got = routed_qkv_matmul(x, *ws, 2, xas, bs, 1, slot_experts, biases, block_sizes=blocks,
-                            interpret=True)
-    ref = routed_qkv_matmul_reference(x, *ws, 2, xas, bs, 1, slot_experts, biases)
+    if inline:
+        got = routed_qkv_matmul_inline_shrink(x, *ws, 2, as_, bs, 1, slot_experts, slot_weights,
+                                              biases, block_sizes=blocks, interpret=True)
+        ref = routed_qkv_matmul_inline_shrink_reference(x, *ws, 2, as_, bs, 1, slot_experts,
+                                                        slot_weights, biases)
+    else:
+        xas = [None if a is None else lora_shrink(x, a, 1, slot_experts, slot_weights)
+               for a in as_]
+        got = routed_qkv_matmul(x, *ws, 2, xas, bs, 1, slot_experts, biases, block_sizes=blocks,
+                                interpret=True)
+        ref = routed_qkv_matmul_reference(x, *ws, 2, xas, bs, 1, slot_experts, biases)
     for g, r, n in zip(got, ref, (NQ, NKV, NKV)):
         assert g.shape == (m, n) and g.dtype == dtype
         assert rel_err(g, r) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m,e,adapted,dtype,bias,split_k", [
-    (1, 8, (True, True), jnp.float32, True, 1),
-    (5, 8, (True, False), jnp.bfloat16, False, 1),
-    (17, 128, (False, True), jnp.float32, True, 3),
+@pytest.mark.parametrize("m,e,k,adapted,dtype,bias,split_k,inline", [
+    (1, 8, 2, (True, True), jnp.float32, True, 1, False),
+    (5, 8, 2, (True, False), jnp.bfloat16, False, 1, False),
+    (17, 128, 2, (False, True), jnp.float32, True, 3, False),
+    (1, 8, 1, (True, True), jnp.float32, True, 1, True),  # gather
+    (17, 8, 2, (False, True), jnp.bfloat16, False, 3, True),  # dense
+    (3, 128, 2, (True, False), jnp.bfloat16, True, 1, True),  # gather
 ])
-def test_routed_gate_up_matches_reference(m, e, adapted, dtype, bias, split_k):
-    rng = np.random.default_rng(3000 * m + e + split_k)
-    x, slot_experts, slot_weights = slots_and_x(rng, m, 2, e, dtype)
+def test_routed_gate_up_matches_reference(m, e, k, adapted, dtype, bias, split_k, inline):
+    rng = np.random.default_rng(3000 * m + e + split_k + 10 * k + 500 * inline)
+    x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     ws = [stack(rng, N, dtype) for _ in range(2)]
     biases = tuple(normal(rng, (LAYERS, N), dtype) if bias else None for _ in range(2))
-    xas, bs = [], []
-    for has in adapted:
-        a, b = lora_stacks(rng, e, N, dtype)
-        xas.append(lora_shrink(x, a, 0, slot_experts, slot_weights) if has else None)
-        bs.append(b if has else None)
+    as_, bs = adapted_stacks(rng, e, (N, N), adapted, dtype)
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
-    got = routed_gate_up_matmul(x, *ws, 1, xas, bs, 0, slot_experts, *biases, block_sizes=blocks,
-                                interpret=True)
+    if inline:
+        got = routed_gate_up_matmul_inline_shrink(x, *ws, 1, as_, bs, 0, slot_experts,
+                                                  slot_weights, *biases, block_sizes=blocks,
+                                                  interpret=True)
+        ref = routed_gate_up_matmul_inline_shrink_reference(x, *ws, 1, as_, bs, 0, slot_experts,
+                                                            slot_weights, *biases)
+    else:
+        xas = [None if a is None else lora_shrink(x, a, 0, slot_experts, slot_weights)
+               for a in as_]
+        got = routed_gate_up_matmul(x, *ws, 1, xas, bs, 0, slot_experts, *biases,
+                                    block_sizes=blocks, interpret=True)
+        ref = routed_gate_up_matmul_reference(x, *ws, 1, xas, bs, 0, slot_experts, *biases)
     assert got.shape == (m, N) and got.dtype == dtype
-    ref = routed_gate_up_matmul_reference(x, *ws, 1, xas, bs, 0, slot_experts, *biases)
     assert rel_err(got, ref) < TOL[dtype]
 
 
@@ -223,9 +269,50 @@ def test_slots_shrink_expand_equal_lora_delta(m, k, e):
     assert rel_err(got - x @ w[2], delta) < 1e-5
 
 
-def test_traced_layers_and_routes_inside_a_loop():
+def shrink_xla(x, as_, *route):
+    """``lora_shrink`` of each stack in ``as_`` (``None`` stays ``None``)."""
+    return [None if a is None else lora_shrink(x, a, *route) for a in as_]
+
+
+def shrink_pallas(x, as_, *route):
+    """``lora_shrink_group`` of the stacks in ``as_`` (``None`` stays ``None``)."""
+    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, interpret=True))
+    return [None if a is None else next(xas) for a in as_]
+
+
+def via_xa(shrink):
+    """The inline-shrink kernels' signatures served by ``shrink`` and the kernels taking ``xa``."""
+
+    def qkv(x, wq, wk, wv, layer, as_, bs, adapted, slot_experts, slot_weights):
+        xas = shrink(x, as_, adapted, slot_experts, slot_weights)
+        return routed_qkv_matmul(x, wq, wk, wv, layer, xas, bs, adapted, slot_experts,
+                                 **INTERPRET16)
+
+    def gate_up(x, wg, wu, layer, as_, bs, adapted, slot_experts, slot_weights):
+        xas = shrink(x, as_, adapted, slot_experts, slot_weights)
+        return routed_gate_up_matmul(x, wg, wu, layer, xas, bs, adapted, slot_experts,
+                                     **INTERPRET16)
+
+    def matmul(x, w, layer, a, b, adapted, slot_experts, slot_weights):
+        (xa,) = shrink(x, (a,), adapted, slot_experts, slot_weights)
+        return routed_matmul(x, w, layer, xa, b, adapted, slot_experts, **INTERPRET16)
+
+    return qkv, gate_up, matmul
+
+
+SHRINK_PLACEMENTS = {
+    "xla": lambda: via_xa(shrink_xla),
+    "pallas": lambda: via_xa(shrink_pallas),
+    "inline": lambda: tuple(functools.partial(f, **INTERPRET16) for f in (
+        routed_qkv_matmul_inline_shrink, routed_gate_up_matmul_inline_shrink,
+        routed_matmul_inline_shrink)),
+}
+
+
+@pytest.mark.parametrize("shrink", SHRINK_PLACEMENTS)
+def test_traced_layers_and_routes_inside_a_loop(shrink):
     """Layer, adapted layer and slot experts are data: one kernel serves every layer of a
-    jitted fori_loop, with the route computed inside the jit."""
+    jitted fori_loop, with the route computed inside the jit, for each shrink placement."""
     rng = np.random.default_rng(5)
     m, e = 3, 8
     ids, gates = random_route(rng, m, 2, e)
@@ -234,33 +321,28 @@ def test_traced_layers_and_routes_inside_a_loop():
         stack(rng, K // 3, jnp.float32)
     wg, wu = stack(rng, N, jnp.float32), stack(rng, N, jnp.float32)
     wd = stack(rng, K, jnp.float32, k=N)
-    (aq, bq), (ag, bg), (ad, bd) = (lora_stacks(rng, e, n, jnp.float32, k=kk)
-                                    for n, kk in ((K, K), (N, K), (K, N)))
+    (aq, bq), (av, bv), (ag, bg), (ad, bd) = (lora_stacks(rng, e, n, jnp.float32, k=kk) for n, kk
+                                              in ((K, K), (K // 3, K), (N, K), (K, N)))
 
     def run(qkv, gate_up, matmul):
         def forward(h, ids, gates):
-            slot_experts, slot_weights = route_slots(ids, gates, e, SCALE)
+            route = route_slots(ids, gates, e, SCALE)
 
             def body(layer, h):
                 adapted = jnp.maximum(layer - (LAYERS - ADAPTED), 0)
-                xa = lora_shrink(h, aq, adapted, slot_experts, slot_weights)
-                q, k, v = qkv(h, wq, wk, wv, layer, (xa, None, None), (bq, None, None), adapted,
-                              slot_experts)
+                q, k, v = qkv(h, wq, wk, wv, layer, (aq, None, av), (bq, None, bv), adapted,
+                              *route)
                 h = jnp.tanh(q + jnp.concatenate([k, v, k], axis=1))
-                xg = lora_shrink(h, ag, adapted, slot_experts, slot_weights)
-                act = gate_up(h, wg, wu, layer, (xg, None), (bg, None), adapted, slot_experts)
-                xd = lora_shrink(act, ad, adapted, slot_experts, slot_weights)
-                return jnp.tanh(matmul(act, wd, layer, xd, bd, adapted, slot_experts))
+                act = gate_up(h, wg, wu, layer, (ag, None), (bg, None), adapted, *route)
+                return jnp.tanh(matmul(act, wd, layer, ad, bd, adapted, *route))
 
             return jax.lax.fori_loop(LAYERS - ADAPTED, LAYERS, body, h)
 
         return jax.jit(forward)(x, ids, gates)
 
-    got = run(lambda *a: routed_qkv_matmul(*a, block_sizes=BLOCKS16, interpret=True),
-              lambda *a: routed_gate_up_matmul(*a, block_sizes=BLOCKS16, interpret=True),
-              lambda *a: routed_matmul(*a, block_sizes=BLOCKS16, interpret=True))
-    ref = run(routed_qkv_matmul_reference, routed_gate_up_matmul_reference,
-              routed_matmul_reference)
+    got = run(*SHRINK_PLACEMENTS[shrink]())
+    ref = run(routed_qkv_matmul_inline_shrink_reference,
+              routed_gate_up_matmul_inline_shrink_reference, routed_matmul_inline_shrink_reference)
     assert rel_err(got, ref) < 1e-5
 
 
@@ -269,30 +351,46 @@ def test_traced_layers_and_routes_inside_a_loop():
 
 
 def test_lowers_to_triton():
-    """The kernels lower to Triton IR for a GPU, with rows that pad to a power of two (40 -> 64)
-    and dense slots, so block shapes Triton rejects (not powers of two) fail here on CPU."""
+    """The kernels lower to Triton IR for a GPU, with rows that pad to a power of two (40 -> 64),
+    dense slots (8) and a slot count that is no power of two (6), so block shapes Triton rejects
+    (not powers of two) fail here on CPU."""
     dt = jnp.bfloat16
     x = jnp.zeros((40, 256), dt)
     w = jnp.zeros((2, 256, 128), dt)
+    a = jnp.zeros((2, 8, 256, 32), dt)
     b = jnp.zeros((2, 8, 32, 128), dt)
     xa = jnp.zeros((40, 8, 32), dt)
-    slot_experts = jnp.arange(8, dtype=jnp.int32)
     split2 = BlockSizes(block_n=64, block_k=64, split_k=2)
 
-    a = jnp.zeros((2, 8, 256, 32), dt)
-    slot_weights = jnp.zeros((40, 8), jnp.float32)
-
-    def step(x, xa, slot_experts, slot_weights, layer):
+    def step(x, xa, slot_experts, slot_weights, six_experts, six_weights, layer):
         q, _, _ = routed_qkv_matmul(x, w, w, w, layer, (xa, None, xa), (b, None, b), layer,
                                     slot_experts, (w[:, 0], None, None))
         y = routed_matmul(x, w, layer, xa, b, layer, slot_experts, block_sizes=split2)
-        y2 = routed_matmul_inline_shrink(x, w, layer, a, b, layer, slot_experts, slot_weights)
         act = routed_gate_up_matmul(x, w, w, layer, (xa, xa), (b, b), layer, slot_experts)
-        return q + y + y2 + act
+        six = (layer, six_experts, six_weights)
+        y2 = routed_matmul_inline_shrink(x, w, layer, a, b, *six)
+        q2, _, _ = routed_qkv_matmul_inline_shrink(x, w, w, w, layer, (a, None, a), (b, None, b),
+                                                   *six, (w[:, 0], None, None))
+        act2 = routed_gate_up_matmul_inline_shrink(x, w, w, layer, (a, a), (b, b), *six,
+                                                   block_sizes=split2)
+        xa_q, xa_v = lora_shrink_group(x, (a, a), *six)
+        (xa_d,) = lora_shrink_group(x, (a,), *six, block_sizes=ShrinkBlockSizes(block_k=64,
+                                                                                split_k=2))
+        return q + y + act + y2 + q2 + act2, xa_q + xa_v + xa_d
 
-    hlo = jax.jit(step).trace(x, xa, slot_experts, slot_weights, jnp.int32(1)).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert hlo.count("__gpu$xla.gpu.triton") == 4
+    hlo = jax.jit(step).trace(
+        x, xa, jnp.arange(8, dtype=jnp.int32), jnp.zeros((40, 8), jnp.float32),
+        jnp.arange(6, dtype=jnp.int32), jnp.zeros((40, 6), jnp.float32), jnp.int32(1),
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") == 8
+
+
+def test_default_shrink_block_sizes():
+    """Deep K steps with A tiles of at most 8192 elements, tiling Llama-2-7B's K."""
+    assert default_shrink_block_sizes(4096, 16).block_k == 512
+    assert default_shrink_block_sizes(4096, 64).block_k == 128
+    assert default_shrink_block_sizes(11008, 16).block_k == 256  # 11008 = 43 * 256
+    assert default_shrink_block_sizes(48, 1024).block_k == 16
 
 
 def test_supports():
@@ -371,3 +469,36 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="one shape"):
         routed_gate_up_matmul(x, w, w[..., :64], 0, (None, None), (None, None), 0, slot_experts,
                               block_sizes=BLOCKS16, interpret=True)
+
+    with pytest.raises(ValueError, match="expected 3 as_"):
+        routed_qkv_matmul_inline_shrink(x, *ws, 0, (a,), (b,), 0, slot_experts, slot_weights)
+    with pytest.raises(ValueError, match="wq: pass both its a and its b stack"):
+        routed_qkv_matmul_inline_shrink(x, *ws, 0, (a, None, None), (None, None, None), 0,
+                                        slot_experts, slot_weights, **INTERPRET16)
+    with pytest.raises(ValueError, match=r"expected the a stack of w_up \[La, E, K=48, r\]"):
+        routed_gate_up_matmul_inline_shrink(x, w, w, 0, (None, a[:, :, :32]), (None, b), 0,
+                                            slot_experts, slot_weights, **INTERPRET16)
+    with pytest.raises(ValueError, match="adapted_layer 2 out of range"):
+        routed_gate_up_matmul_inline_shrink(x, w, w, 0, (a, None), (b, None), ADAPTED,
+                                            slot_experts, slot_weights, **INTERPRET16)
+
+    def group(a=(a, a), adapted_layer=1, slot_weights=slot_weights, **blocks):
+        return lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, interpret=True,
+                                 **blocks)
+
+    with pytest.raises(ValueError, match="at least one a stack"):
+        group(a=())
+    with pytest.raises(ValueError, match=r"expected a\[1\] \[La, E, K=48, r\]"):
+        group(a=(a, a[:, :, :32]))
+    with pytest.raises(ValueError, match="rank r=8 must be a power of two"):
+        group(a=(a[..., :8],))
+    with pytest.raises(ValueError, match="different"):
+        group(a=(a, a[:, :4]))
+    with pytest.raises(ValueError, match="expected slot_weights"):
+        group(slot_weights=slot_weights[:1])
+    with pytest.raises(ValueError, match="adapted_layer 2 out of range"):
+        group(adapted_layer=ADAPTED)
+    with pytest.raises(ValueError, match="does not tile K=48"):
+        group(block_sizes=ShrinkBlockSizes(block_k=32))
+    with pytest.raises(ValueError, match="K=40 must be a multiple of 16"):
+        lora_shrink_group(x[:, :40], (a[:, :, :40],), 1, slot_experts, slot_weights)

@@ -11,6 +11,7 @@ import pytest
 
 import loraswitch_jax as lj
 from conftest import rel_err
+from loraswitch_jax.ops import Impl, resolve_impl
 from loraswitch_jax.switch import init_merged, merge_route, resolve_strategy
 
 # 3 layers, d 64: every projection tiles by 16, so "pallas_interpret" runs every kernel.
@@ -62,6 +63,14 @@ def test_fused_kernels_equal_the_jnp_path_on_a_batch(params, mode):
     assert greedy(params, ad, PROMPTS, "pallas_interpret") == greedy(params, ad, PROMPTS, "xla")
 
 
+@pytest.mark.parametrize("shrink", ["xla", "pallas", "inline"])
+def test_every_shrink_placement_equals_the_jnp_path(params, shrink):
+    """x A as XLA ops, one Pallas launch per input group, or inside the projection kernels."""
+    ad = adapter("switch", router_layer=0, targets=("q", "k", "o", "gate", "up", "down"))
+    impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
+    assert greedy(params, ad, PROMPTS[:2], impl) == greedy(params, ad, PROMPTS[:2], "xla")
+
+
 def test_partial_targets_through_the_kernels(params):
     """Only some projections adapted: the fused kernels mix adapted and plain outputs."""
     ad = adapter("switch", targets=("q", "v", "up", "down"), router_layer=0)
@@ -77,20 +86,23 @@ def test_decode_logits_match_across_impls(params):
     _, cache = lj.prefill(params, cache, tokens, lengths, CFG, adapter=ad)
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     want, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="xla")
-    got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="pallas_interpret")
-    assert rel_err(got, want) < 1e-5
+    for shrink in ("xla", "pallas", "inline"):
+        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
+        got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=impl)
+        assert rel_err(got, want) < 1e-5, shrink
 
 
 def test_merge_skips_a_repeated_route(params):
     """Merging the route already merged writes nothing: a poisoned copy stays poisoned."""
     ad = adapter("switch")
     ids, gates = jnp.array([7, 2], jnp.int32), jnp.array([0.75, 0.25], jnp.float32)
-    merged = merge_route(init_merged(params.layers, ad), params.layers, ad, ids, gates, "xla")
+    xla = resolve_impl("xla")
+    merged = merge_route(init_merged(params.layers, ad), params.layers, ad, ids, gates, xla)
     poisoned = dataclasses.replace(
         merged, weights={p: jnp.full_like(w, jnp.nan) for p, w in merged.weights.items()})
-    again = merge_route(poisoned, params.layers, ad, ids, gates, "xla")
+    again = merge_route(poisoned, params.layers, ad, ids, gates, xla)
     assert all(bool(jnp.isnan(w).all()) for w in again.weights.values())
-    other = merge_route(poisoned, params.layers, ad, jnp.array([7, 3], jnp.int32), gates, "xla")
+    other = merge_route(poisoned, params.layers, ad, jnp.array([7, 3], jnp.int32), gates, xla)
     first = ad.config.first_layer  # earlier layers are never merged into
     assert not any(bool(jnp.isnan(w[first:]).any()) for w in other.weights.values())
 
@@ -98,7 +110,7 @@ def test_merge_skips_a_repeated_route(params):
 def test_merged_weights_are_base_plus_the_route(params):
     ad = adapter("switch", router_layer=1)
     ids, gates = jnp.array([7, 0], jnp.int32), jnp.array([0.6, 0.4], jnp.float32)
-    for impl in ("xla", "pallas_interpret"):
+    for impl in map(resolve_impl, ("xla", "pallas_interpret")):
         merged = merge_route(init_merged(params.layers, ad), params.layers, ad, ids, gates, impl)
         for p in ad.config.targets:
             w, a, b = (np.asarray(x, np.float64) for x in (params.layers.weight(p), ad.a[p], ad.b[p]))
@@ -126,3 +138,13 @@ def test_bad_strategy_requests(params):
         lj.generate(params, CFG, PROMPTS, gen, adapter=adapter("switch"))
     with pytest.raises(lj.GenerationError, match="applies to switch adapters"):
         lj.generate(params, CFG, PROMPTS[:1], gen, adapter=adapter("lora"))
+
+
+def test_impl_values():
+    assert resolve_impl("pallas_interpret") == Impl(backend="pallas", interpret=True)
+    assert resolve_impl("xla").xla and resolve_impl("auto").xla  # no GPU here
+    assert Impl().shrink in ("xla", "pallas", "inline")
+    with pytest.raises(ValueError, match="unknown lora_shrink"):
+        Impl(lora_shrink="gpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        Impl(backend="triton")
