@@ -27,6 +27,7 @@ import numpy as np
 
 from loraswitch_jax.eval.bench_decode import _environment, _time_calls, log, measure_bandwidth
 from loraswitch_jax.pallas import fused_projections as fused
+from loraswitch_jax.pallas import lora_shrink as shrink
 from loraswitch_jax.pallas import routed_projections as routed
 from loraswitch_jax.pallas import stacked_matmul as stacked
 from loraswitch_jax.pallas import switch_merge as merge
@@ -119,10 +120,10 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
 
     for m in (1, 8, 64):
         ids, gates = _route(next(keys), m, s)
-        slots, weights = routed.route_slots(ids, gates, E, 2.0)
+        slots, weights = shrink.route_slots(ids, gates, E, 2.0)
         xm = _normal(next(keys), (m, d), 1.0)
         xfm = _normal(next(keys), (m, f), 1.0)
-        xa = {p: routed.lora_shrink(xm if p != "down" else xfm, a[p], layer, slots, weights)
+        xa = {p: shrink.lora_shrink(xm if p != "down" else xfm, a[p], layer, slots, weights)
               for p in w}
         touched = np.unique(np.asarray(slots)).size
         lora_bytes = lambda *ps: sum(  # noqa: E731 - the slots' B blocks of one layer
@@ -150,11 +151,11 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")))
 
         # The two other placements of x A: one launch per input group, and inline (gather only).
-        sg = jax.jit(functools.partial(routed.lora_shrink_group, interpret=interpret))
+        sg = jax.jit(functools.partial(shrink.lora_shrink_group, interpret=interpret))
         group = (a["q"], a["k"], a["v"])
         cases.append((f"lora_shrink_group q,k,v M={m} E={E}",
                       lambda xm=xm, slots=slots, weights=weights: sg(xm, group, layer, slots, weights),
-                      lambda xm=xm, slots=slots, weights=weights: routed.lora_shrink_group_reference(
+                      lambda xm=xm, slots=slots, weights=weights: shrink.lora_shrink_group_reference(
                           xm, group, layer, slots, weights),
                       touched * 3 * a["q"][0, 0].size * 2))
         if m * s.top_k < E:

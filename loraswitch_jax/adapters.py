@@ -236,20 +236,22 @@ def check_adapter(adapter: Adapter, cfg: LlamaConfig) -> None:
 LORA_METHODS = ("auto", "gather", "dense", "grouped")
 
 
-def lora_method(tokens: int, top_k: int, num_experts: int) -> str:
+def lora_method(tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
     """The product ``auto`` picks for ``tokens`` rows routed to ``top_k`` of ``num_experts``.
 
-    From the cost model (DESIGN.md §2; not yet timed against each other on a GPU):
     * ``gather``: fewer (token, slot) pairs than experts (decode): copy only the chosen experts.
     * ``dense``: every token through all ``E`` experts, combined with weights that are zero off
       the route. Its adapter FLOPs are ``E / k`` times the routed ones; at ``E <= 16`` that is
       still a few percent of the base projection's, and it is one plain batched matmul.
     * ``grouped``: tokens sorted by expert and multiplied per group (``jax.lax.ragged_dot``):
-      exactly the routed FLOPs plus a sort, for many experts.
+      the routed FLOPs plus a sort, for many experts on a GPU. On a CPU ``ragged_dot`` measured
+      8x slower than ``dense`` in training at E = 32 (2-core CPU, JAX 0.10.2, the accuracy
+      experiment), so CPUs stay dense. GPU timings of the three are pending.
     """
     if tokens * top_k < num_experts:
         return "gather"
-    return "dense" if num_experts <= 16 else "grouped"
+    backend = backend or jax.default_backend()
+    return "grouped" if num_experts > 16 and backend == "gpu" else "dense"
 
 
 def lora_delta(

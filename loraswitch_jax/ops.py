@@ -139,6 +139,7 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank)."""
     if impl.xla or lora is None or not any(lora.adapts(p) for p in projs):
         return None
+    from loraswitch_jax.pallas import lora_shrink as shrink_kernel
     from loraswitch_jax.pallas import routed_projections as kernel
 
     adapted = [p for p in projs if lora.adapts(p)]
@@ -148,7 +149,7 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     ids, gates = lora.route.expert_ids, lora.route.gates
     k = ids.shape[-1]
     num_experts = lora.a[adapted[0]].shape[1]
-    slot_experts, slot_weights = kernel.route_slots(
+    slot_experts, slot_weights = shrink_kernel.route_slots(
         ids.reshape(-1, k), gates.reshape(-1, k), num_experts, lora.scale
     )
     a = tuple(lora.a[p] if lora.adapts(p) else None for p in projs)
@@ -162,14 +163,14 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
         return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
     if shrink == "pallas":
-        group = iter(kernel.lora_shrink_group(
+        group = iter(shrink_kernel.lora_shrink_group(
             flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
             interpret=impl.interpret))
         xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
     else:
         xas = tuple(
-            kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer, slot_experts,
-                               slot_weights) if lora.adapts(p) else None
+            shrink_kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer,
+                                      slot_experts, slot_weights) if lora.adapts(p) else None
             for p in projs
         )
     return _Routed(slot_experts, slot_weights, False, xas, a, b)

@@ -27,10 +27,22 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from ._tiles import (
+    SCALAR,
+    bias_row,
+    blocks_name,
+    check_block_sizes,
+    check_layer,
+    compiler_params,
+    largest_divisor,
+    out_shape,
+    pad_rows,
+    padded_rows,
+    stream_columns,
+    whole,
+)
 from .stacked_matmul import BlockSizes
 
 __all__ = [
@@ -110,18 +122,11 @@ def supports(k: int, *ns: int) -> bool:
     return all(d % 16 == 0 for d in (k, *ns))
 
 
-def _largest_divisor(n: int, candidates) -> int:
-    for c in candidates:
-        if n % c == 0:
-            return c
-    raise ValueError(f"no block size in {tuple(candidates)} divides {n}")
-
-
 def _heuristic(k: int, ns: tuple[int, ...]) -> BlockSizes:
     """Blocks like the measured winners: wide columns, 128-deep K steps, split K only when the
     column blocks alone are fewer than ~96 programs (7B qkv: 96 programs of 128 columns won)."""
-    block_n = _largest_divisor(functools.reduce(_gcd, ns), (128, 64, 32, 16))
-    block_k = _largest_divisor(k, (128, 64, 32, 16))
+    block_n = largest_divisor(functools.reduce(_gcd, ns), (128, 64, 32, 16))
+    block_k = largest_divisor(k, (128, 64, 32, 16))
     programs = sum(ns) // block_n
     split_k = 1
     while programs * split_k < 96 and split_k < 4 and (k // block_k) % (2 * split_k) == 0:
@@ -150,20 +155,6 @@ def default_gate_up_block_sizes(m: int, k: int, f: int) -> BlockSizes:
     return dataclasses.replace(_heuristic(k, (f,)), split_k=1)
 
 
-def _is_block(b: int) -> bool:
-    return b >= 16 and b & (b - 1) == 0
-
-
-def _check_block_sizes(bs: BlockSizes, k: int, ns: dict[str, int]) -> None:
-    if not (_is_block(bs.block_n) and _is_block(bs.block_k)) or bs.split_k < 1:
-        raise ValueError(f"{bs}: block_n and block_k must be powers of two >= 16, split_k >= 1")
-    for name, n in ns.items():
-        if n % bs.block_n:
-            raise ValueError(f"{bs} does not tile {name}={n} (block_n must divide it)")
-    if k % (bs.block_k * bs.split_k):
-        raise ValueError(f"{bs} does not tile K={k} (block_k * split_k must divide it)")
-
-
 def _check_operands(x, weights: dict[str, jax.Array], biases: dict[str, jax.Array | None]):
     if x.ndim != 2:
         raise ValueError(f"expected x [M, K], got {x.shape=}")
@@ -184,41 +175,8 @@ def _check_operands(x, weights: dict[str, jax.Array], biases: dict[str, jax.Arra
             raise ValueError(f"expected {name} [L, N] = {(w.shape[0], w.shape[2])}, got {b.shape}")
 
 
-def _blocks_name(bs: BlockSizes) -> str:
-    return f"n{bs.block_n}_k{bs.block_k}_s{bs.split_k}_w{bs.num_warps}_st{bs.num_stages}"
-
-
-def _padded_rows(m: int) -> int:
-    """Rows padded to a power of two >= 16: Triton blocks must be powers of two (48 fails)."""
-    return max(16, 1 << (m - 1).bit_length())
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels
-
-
-def _accumulate(x_ref, w_refs, layer, col_block, split, *, block_k, block_n, k_per_split):
-    """``x[:, K-chunk] @ w[layer][K-chunk, cols]`` for each ``w``: float32 ``[Mp, block_n]`` each.
-
-    All weights of one program share the loop, so ``x`` is loaded once per K step.
-    """
-    cols = pl.ds(col_block * block_n, block_n)
-
-    def body(i, accs):
-        rows = pl.ds(split * k_per_split + i * block_k, block_k)
-        x = x_ref[:, rows]  # [Mp, block_k]
-        return tuple(
-            acc + jnp.dot(x, w_ref[layer, rows, cols].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
-            for acc, w_ref in zip(accs, w_refs)
-        )
-
-    zeros = jnp.zeros((x_ref.shape[0], block_n), jnp.float32)
-    return jax.lax.fori_loop(0, k_per_split // block_k, body, (zeros,) * len(w_refs))
-
-
-def _bias(b_ref, layer, col_block, block_n):
-    return b_ref[layer, pl.ds(col_block * block_n, block_n)].astype(jnp.float32)[None, :]
 
 
 def _qkv_kernel(layer_ref, x_ref, wq_ref, wk_ref, wv_ref, *refs, blocks, has_bias, **kw):
@@ -233,8 +191,8 @@ def _qkv_kernel(layer_ref, x_ref, wq_ref, wk_ref, wv_ref, *refs, blocks, has_bia
 
     def projection(w_ref, b_ref, first):
         def compute():
-            (acc,) = _accumulate(x_ref, (w_ref,), layer, n - first, s, **kw)
-            return acc if b_ref is None else acc + _bias(b_ref, layer, n - first, kw["block_n"])
+            (acc,) = stream_columns(x_ref, (w_ref,), layer, n - first, s, **kw)
+            return acc if b_ref is None else acc + bias_row(b_ref, layer, n - first, kw["block_n"])
 
         return compute
 
@@ -249,7 +207,7 @@ def _gate_up_kernel(layer_ref, x_ref, wg_ref, wu_ref, *refs, has_bias, fused, **
     # else og_ref, ou_ref [Mp, block_n]: float32 partial sums of split s.
     n, s = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[()]
-    gate, up = _accumulate(x_ref, (wg_ref, wu_ref), layer, n, s, **kw)
+    gate, up = stream_columns(x_ref, (wg_ref, wu_ref), layer, n, s, **kw)
     if not fused:
         og_ref, ou_ref = refs
         og_ref[...] = gate
@@ -257,15 +215,11 @@ def _gate_up_kernel(layer_ref, x_ref, wg_ref, wu_ref, *refs, has_bias, fused, **
         return
     if has_bias:
         bg_ref, bu_ref, o_ref = refs
-        gate = gate + _bias(bg_ref, layer, n, kw["block_n"])
-        up = up + _bias(bu_ref, layer, n, kw["block_n"])
+        gate = gate + bias_row(bg_ref, layer, n, kw["block_n"])
+        up = up + bias_row(bu_ref, layer, n, kw["block_n"])
     else:
         (o_ref,) = refs
     o_ref[...] = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
-
-
-def _whole(shape):
-    return pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
 
 
 def _column_out(mp, block_n, split_k):
@@ -274,20 +228,8 @@ def _column_out(mp, block_n, split_k):
     return pl.BlockSpec((None, mp, block_n), lambda i, j: (j, 0, i))
 
 
-def _out_shape(mp, n, split_k, dtype):
-    if split_k == 1:
-        return jax.ShapeDtypeStruct((mp, n), dtype)
-    return jax.ShapeDtypeStruct((split_k, mp, n), jnp.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Public ops
-
-
-def _check_layer(layer, num_layers: int) -> None:
-    # Only a concrete index can be checked; a traced one must be in range (it is not clamped).
-    if isinstance(layer, (int, np.integer)) and not 0 <= layer < num_layers:
-        raise ValueError(f"layer {layer} out of range for {num_layers} stacked layers")
 
 
 def qkv_matmul(
@@ -316,7 +258,7 @@ def qkv_matmul(
     Returns:
       ``q [M, Nq]``, ``k [M, Nkv]``, ``v [M, Nkv]`` in ``x.dtype`` (float32 accumulation).
     """
-    _check_layer(layer, wq.shape[0])
+    check_layer(layer, wq.shape[0])
     return _qkv_matmul(x, wq, wk, wv, layer, b_q, b_k, b_v, block_sizes=block_sizes,
                        interpret=interpret)
 
@@ -333,9 +275,9 @@ def _qkv_matmul(x, wq, wk, wv, layer, b_q, b_k, b_v, *, block_sizes, interpret):
     m, k = x.shape
     nq, nkv = wq.shape[2], wk.shape[2]
     bs = block_sizes or default_qkv_block_sizes(m, k, nq, nkv)
-    _check_block_sizes(bs, k, {"Nq": nq, "Nkv": nkv})
-    mp = _padded_rows(m)
-    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    check_block_sizes(bs, k, {"Nq": nq, "Nkv": nkv})
+    mp = padded_rows(m)
+    xp = pad_rows(x, mp)
     layer = jnp.asarray(layer, jnp.int32)
     blocks = (nq // bs.block_n, nkv // bs.block_n, nkv // bs.block_n)
     in_bias = has_bias and bs.split_k == 1  # with split_k > 1, XLA adds them after the sum
@@ -343,14 +285,14 @@ def _qkv_matmul(x, wq, wk, wv, layer, b_q, b_k, b_v, *, block_sizes, interpret):
         functools.partial(_qkv_kernel, blocks=blocks, has_bias=in_bias, block_k=bs.block_k,
                           block_n=bs.block_n, k_per_split=k // bs.split_k),
         grid=(sum(blocks), bs.split_k),
-        in_specs=[pl.BlockSpec((), lambda i, j: ()), _whole((mp, k)), _whole(wq.shape),
-                  _whole(wk.shape), _whole(wv.shape)]
-        + ([_whole(b.shape) for b in (b_q, b_k, b_v)] if in_bias else []),
+        in_specs=[SCALAR, whole((mp, k)), whole(wq.shape),
+                  whole(wk.shape), whole(wv.shape)]
+        + ([whole(b.shape) for b in (b_q, b_k, b_v)] if in_bias else []),
         out_specs=_column_out(mp, bs.block_n, bs.split_k),
-        out_shape=_out_shape(mp, nq + 2 * nkv, bs.split_k, x.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        out_shape=out_shape(mp, nq + 2 * nkv, bs.split_k, x.dtype),
+        compiler_params=compiler_params(bs),
         interpret=interpret,
-        name=f"qkv_matmul_{_blocks_name(bs)}",
+        name=f"qkv_matmul_{blocks_name(bs)}",
     )(layer, xp, wq, wk, wv, *((b_q, b_k, b_v) if in_bias else ()))
     if bs.split_k > 1:
         out = out.sum(axis=0)
@@ -387,7 +329,7 @@ def gate_up_matmul(
     Returns:
       ``[M, F]`` in ``x.dtype``, computed in float32.
     """
-    _check_layer(layer, w_gate.shape[0])
+    check_layer(layer, w_gate.shape[0])
     return _gate_up_matmul(x, w_gate, w_up, layer, b_gate, b_up, block_sizes=block_sizes,
                            interpret=interpret)
 
@@ -404,9 +346,9 @@ def _gate_up_matmul(x, w_gate, w_up, layer, b_gate, b_up, *, block_sizes, interp
     m, k = x.shape
     f = w_gate.shape[2]
     bs = block_sizes or default_gate_up_block_sizes(m, k, f)
-    _check_block_sizes(bs, k, {"F": f})
-    mp = _padded_rows(m)
-    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    check_block_sizes(bs, k, {"F": f})
+    mp = padded_rows(m)
+    xp = pad_rows(x, mp)
     layer = jnp.asarray(layer, jnp.int32)
     fused = bs.split_k == 1
     in_bias = has_bias and fused
@@ -414,16 +356,16 @@ def _gate_up_matmul(x, w_gate, w_up, layer, b_gate, b_up, *, block_sizes, interp
         functools.partial(_gate_up_kernel, has_bias=in_bias, fused=fused, block_k=bs.block_k,
                           block_n=bs.block_n, k_per_split=k // bs.split_k),
         grid=(f // bs.block_n, bs.split_k),
-        in_specs=[pl.BlockSpec((), lambda i, j: ()), _whole((mp, k)), _whole(w_gate.shape),
-                  _whole(w_up.shape)]
-        + ([_whole(b_gate.shape), _whole(b_up.shape)] if in_bias else []),
+        in_specs=[SCALAR, whole((mp, k)), whole(w_gate.shape),
+                  whole(w_up.shape)]
+        + ([whole(b_gate.shape), whole(b_up.shape)] if in_bias else []),
         out_specs=_column_out(mp, bs.block_n, 1) if fused
         else [_column_out(mp, bs.block_n, bs.split_k)] * 2,
-        out_shape=_out_shape(mp, f, 1, x.dtype) if fused
-        else [_out_shape(mp, f, bs.split_k, x.dtype)] * 2,
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        out_shape=out_shape(mp, f, 1, x.dtype) if fused
+        else [out_shape(mp, f, bs.split_k, x.dtype)] * 2,
+        compiler_params=compiler_params(bs),
         interpret=interpret,
-        name=f"gate_up_matmul_{_blocks_name(bs)}",
+        name=f"gate_up_matmul_{blocks_name(bs)}",
     )(layer, xp, w_gate, w_up, *((b_gate, b_up) if in_bias else ()))
     if fused:
         return out[:m]

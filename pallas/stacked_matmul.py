@@ -19,7 +19,16 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from ._tiles import (
+    SCALAR,
+    compiler_params,
+    largest_divisor,
+    pad_rows,
+    padded_rows,
+    stream_columns,
+    whole,
+)
 
 __all__ = ["BlockSizes", "supports", "stacked_matmul", "stacked_matmul_reference"]
 
@@ -36,13 +45,6 @@ class BlockSizes:
 def stacked_matmul_reference(x: jax.Array, w: jax.Array, layer: jax.Array | int) -> jax.Array:
     """``x [M, K] @ w[layer] [K, N]`` with float32 accumulation, in ``x.dtype``."""
     return jnp.dot(x, w[layer], preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def _largest_divisor(n: int, candidates) -> int:
-    for c in candidates:
-        if n % c == 0:
-            return c
-    raise ValueError(f"no block size in {tuple(candidates)} divides {n}")
 
 
 def supports(k: int, n: int) -> bool:
@@ -73,32 +75,22 @@ def default_block_sizes(m: int, k: int, n: int) -> BlockSizes:
     del m  # one table serves M <= 16 (rows are padded to 16)
     if (k, n) in _TUNED:
         return _TUNED[(k, n)]
-    block_n = _largest_divisor(n, (64, 32, 16))
+    block_n = largest_divisor(n, (64, 32, 16))
     programs = n // block_n
     split_k = 1
     while programs * split_k < 256 and split_k < 8 and k // (2 * split_k) >= 256:
         split_k *= 2
     while split_k > 1 and k % (16 * split_k):
         split_k //= 2
-    block_k = _largest_divisor(k // split_k, (256, 128, 64, 32, 16))
+    block_k = largest_divisor(k // split_k, (256, 128, 64, 32, 16))
     return BlockSizes(block_n=block_n, block_k=block_k, split_k=split_k)
 
 
 def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, k_per_split: int):
     # x_ref [Mp, K]; w_ref [L, K, N] (whole arrays in HBM); o_ref [Mp, block_n] of split s.
     n, s = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[()]
-    cols = pl.ds(n * block_n, block_n)
-
-    def body(i, acc):
-        rows = pl.ds(s * k_per_split + i * block_k, block_k)
-        x = x_ref[:, rows]
-        w = w_ref[layer, rows, cols]
-        return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(
-        0, k_per_split // block_k, body, jnp.zeros((x_ref.shape[0], block_n), jnp.float32)
-    )
+    (acc,) = stream_columns(x_ref, (w_ref,), layer_ref[()], n, s, block_k=block_k,
+                            block_n=block_n, k_per_split=k_per_split)
     o_ref[...] = acc
 
 
@@ -123,21 +115,17 @@ def stacked_matmul(
     bs = block_sizes or default_block_sizes(m, k, n)
     if n % bs.block_n or k % (bs.block_k * bs.split_k):
         raise ValueError(f"{bs} does not tile K={k}, N={n}")
-    mp = max(16, 1 << (m - 1).bit_length())  # Triton blocks are powers of two (48 fails)
-    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    mp = padded_rows(m)
+    xp = pad_rows(x, mp)
     layer = jnp.asarray(layer, jnp.int32)
     k_per_split = k // bs.split_k
     partial = pl.pallas_call(
         functools.partial(_kernel, block_k=bs.block_k, block_n=bs.block_n, k_per_split=k_per_split),
         grid=(n // bs.block_n, bs.split_k),
-        in_specs=[
-            pl.BlockSpec((), lambda i, j: ()),
-            pl.BlockSpec((mp, k), lambda i, j: (0, 0)),
-            pl.BlockSpec(w.shape, lambda i, j: (0, 0, 0)),
-        ],
+        in_specs=[SCALAR, whole((mp, k)), whole(w.shape)],
         out_specs=pl.BlockSpec((None, mp, bs.block_n), lambda i, j: (j, 0, i)),
         out_shape=jax.ShapeDtypeStruct((bs.split_k, mp, n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        compiler_params=compiler_params(bs),
         interpret=interpret,
         name=f"stacked_matmul_n{bs.block_n}_k{bs.block_k}_s{bs.split_k}",
     )(layer, xp, w)

@@ -1,0 +1,398 @@
+"""The machinery behind ``routed_projections`` (private to ``pallas``): operand checks, the kernels
+and the one ``pallas_call`` that every routed projection launches, for both placements of the
+shrink (``xa`` given, or computed inline).
+
+Each program computes one column block of one or more projections of ``x``: the K loop streams
+``W[layer][:, cols]`` (and, inline, ``A[adapted, slot_experts[s]]`` of every slot, sharing the
+``x`` loads), then the epilogue adds ``sum_s xa[:, s] @ B[adapted, slot_experts[s]][:, cols]``
+and the bias (``split_k == 1``; with ``split_k > 1`` XLA adds the bias after its reduction).
+Grid: (column blocks, split_k, row blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from ._tiles import (
+    SCALAR,
+    bias_row,
+    blocks_name,
+    check_adapted,
+    check_block_sizes,
+    check_layer,
+    check_rank,
+    check_slots,
+    compiler_params,
+    expert_tile,
+    out_shape,
+    pad_rows,
+    row_blocks,
+    stream_k,
+    weight_tile,
+    whole,
+)
+from .fused_projections import default_gate_up_block_sizes, default_qkv_block_sizes
+from .stacked_matmul import default_block_sizes
+
+__all__ = [
+    "GATE_UP",
+    "QKV",
+    "check_arity",
+    "check_indices",
+    "check_inline",
+    "check_operands",
+    "gate_up_projections",
+    "given_loras",
+    "inline_loras",
+    "qkv_projections",
+    "single_projection",
+]
+
+QKV = ("wq", "wk", "wv")  # projection names in error messages
+GATE_UP = ("w_gate", "w_up")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_arity(count: int, **groups) -> None:
+    """Each of ``groups`` (tuples named by their keyword) holds one entry per projection."""
+    if any(len(group) != count for group in groups.values()):
+        raise ValueError(f"expected {count} {', '.join(groups)}, got lengths "
+                         f"{[len(group) for group in groups.values()]}")
+
+
+def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_experts) -> None:
+    """Shapes of ``x [M, K]``, ``w [L, K, N]``, ``bias [L, N]``, ``xa [M, S, r]`` and
+    ``b [La, E, r, N]`` (all keyed by projection name), with one ``L`` and one ``(La, E)``."""
+    if x.ndim != 2:
+        raise ValueError(f"expected x [M, K], got {x.shape=}")
+    m, k = x.shape
+    check_slots(slot_experts)
+    num_slots = slot_experts.shape[0]
+    layers, experts = {}, {}
+    for name, w in weights.items():
+        if w.ndim != 3 or w.shape[1] != k:
+            raise ValueError(f"expected {name} [L, K={k}, N], got {name}.shape={w.shape}")
+        n = w.shape[2]
+        if k % 16 or n % 16:
+            raise ValueError(f"{name}: K={k} and N={n} must be multiples of 16")
+        layers[name] = w.shape[0]
+        bias = biases[name]
+        if bias is not None and bias.shape != (w.shape[0], n):
+            raise ValueError(f"expected the bias of {name} [L, N] = {(w.shape[0], n)}, "
+                             f"got {bias.shape}")
+        xa, b = xas[name], bs[name]
+        if (xa is None) != (b is None):
+            raise ValueError(f"{name}: pass both its xa and its b stack, or neither")
+        if xa is None:
+            continue
+        if xa.ndim != 3 or xa.shape[:2] != (m, num_slots):
+            raise ValueError(f"expected the xa of {name} [M={m}, S={num_slots}, r], got {xa.shape}")
+        if xa.dtype != x.dtype:
+            raise ValueError(f"the xa of {name} is {xa.dtype}, expected x's dtype {x.dtype}")
+        r = xa.shape[2]
+        check_rank(r)
+        if b.ndim != 4 or b.shape[2:] != (r, n):
+            raise ValueError(f"expected the b stack of {name} [La, E, r={r}, N={n}], got {b.shape}")
+        experts[name] = b.shape[:2]
+    if len(set(layers.values())) > 1:
+        raise ValueError(f"weights stack different layer counts: {layers}")
+    if len(set(experts.values())) > 1:
+        raise ValueError(f"b stacks have different (La, E): {experts}")
+
+
+def check_indices(layer, num_layers, adapted_layer, bs, slot_experts) -> None:
+    """Range checks of the indices that are concrete (traced ones must be in range: no clamp)."""
+    check_layer(layer, num_layers)
+    b = next((b for b in bs if b is not None), None)
+    if b is not None:
+        check_adapted(adapted_layer, slot_experts, b.shape[:2])
+
+
+def check_inline(x, as_: dict, bs: dict, slot_experts, slot_weights) -> dict:
+    """Shapes of the inline shrink's ``a [La, E, K, r]`` stacks (keyed by projection name, beside
+    their ``b``) and ``slot_weights [M, S]``. Returns the ``xa`` each projection computes in the
+    kernel, as ``lora_shrink`` would return it (``None`` where ``a`` is), so that
+    :func:`check_operands` checks the rest as for a given ``xa``."""
+    if x.ndim != 2:
+        raise ValueError(f"expected x [M, K], got {x.shape=}")
+    m, k = x.shape
+    check_slots(slot_experts, slot_weights, m)
+    xas = {}
+    for name, a in as_.items():
+        b = bs[name]
+        if (a is None) != (b is None):
+            raise ValueError(f"{name}: pass both its a and its b stack, or neither")
+        if a is not None:
+            if a.ndim != 4 or a.shape[2] != k:
+                raise ValueError(f"expected the a stack of {name} [La, E, K={k}, r], got {a.shape}")
+            if a.shape[:2] != b.shape[:2]:
+                raise ValueError(f"{name}: a and b must stack the same (La, E), got {a.shape=} "
+                                 f"and {b.shape=}")
+        xas[name] = None if a is None else jax.ShapeDtypeStruct(
+            (m, slot_experts.shape[0], a.shape[3]), x.dtype)
+    return xas
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _expand_slot(xa, b_ref, adapted, expert, cols):
+    """``xa [block_m, r] @ b[adapted, expert][:, cols]`` in float32."""
+    b = b_ref[adapted, expert, :, cols]  # [r, block_n]
+    return jnp.dot(xa, b.astype(xa.dtype), preferred_element_type=jnp.float32)
+
+
+def _is_inline(lora_refs) -> bool:
+    return lora_refs is not None and len(lora_refs) == 3
+
+
+def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k):
+    """``acc + sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]`` for a given ``xa [S, block_m,
+    r]``, in split 0 only (so that it counts once)."""
+    xa_ref, b_ref = lora_refs
+
+    def body(s, acc):
+        return acc + _expand_slot(xa_ref[s], b_ref, adapted, slots_ref[s], cols)
+
+    def expand(acc):
+        return jax.lax.fori_loop(0, slots_ref.shape[0], body, acc)
+
+    if split_k == 1:
+        return expand(acc)
+    return jax.lax.cond(split == 0, expand, lambda acc: acc, acc)
+
+
+def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_per_split,
+             split_k):
+    """Column block ``col_block`` of each projection, from split ``split``'s K chunk: float32
+    ``[block_m, block_n]`` each, ``x @ w[layer]`` plus its LoRA term and bias.
+
+    ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None``,
+    ``(xa_ref, b_ref)`` (shrink done outside, ``xa [S, block_m, r]``) or ``(a_ref, sw_ref,
+    b_ref)`` (inline: ``x @ a[adapted, slot_experts[s]]`` of every slot rides along with ``W`` in
+    the one K loop, then is scaled by the slot weights ``sw [S, block_m]`` and rounded to
+    ``x.dtype`` as in ``lora_shrink``). All projections share the K loop.
+    """
+    layer, adapted, slots_ref = ids
+    cols = pl.ds(col_block * block_n, block_n)
+    inline = any(_is_inline(lora_refs) for _, lora_refs, _ in projections)
+    experts = [slots_ref[s] for s in range(slots_ref.shape[0])] if inline else []
+    tiles = []
+    for w_ref, lora_refs, _ in projections:
+        tiles.append(weight_tile(w_ref, layer, cols, block_n))
+        if _is_inline(lora_refs):
+            tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
+    accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
+                         block_k=block_k))
+    outs = []
+    for _, lora_refs, bias_ref in projections:
+        acc = next(accs)
+        if _is_inline(lora_refs):
+            _, sw_ref, b_ref = lora_refs
+            for s, expert in enumerate(experts):
+                xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
+                acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
+        elif lora_refs is not None:
+            acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k)
+        if bias_ref is not None:
+            acc = acc + bias_row(bias_ref, layer, col_block, block_n)
+        outs.append(acc)
+    return outs
+
+
+def _unpack(refs, lora: tuple[int, ...], bias: tuple[bool, ...]):
+    """Split the kernel's refs: weights, then ``lora[p]`` LoRA refs of each projection (0, or
+    see :func:`_columns`), then biases (only those added in the kernel), then outputs."""
+    it = iter(refs)
+    w_refs = [next(it) for _ in lora]
+    lora_refs = [tuple(next(it) for _ in range(count)) or None for count in lora]
+    bias_refs = [next(it) if has else None for has in bias]
+    return w_refs, lora_refs, bias_refs, list(it)
+
+
+def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks, lora, bias,
+                        **blocking):
+    # x_ref [block_m, K]; whole (in HBM): w refs [L, K, N_p], b refs [La, E, r, N_p] (a refs
+    # [La, E, K, r]), bias refs [L, N_p]; xa refs [S, block_m, r] (or slot weights [S, block_m]);
+    # o_ref [block_m, block_n]: column block n of the concatenated outputs (of split s when
+    # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p.
+    w_refs, lora_refs, bias_refs, (o_ref,) = _unpack(refs, lora, bias)
+    n, s = pl.program_id(0), pl.program_id(1)
+    ids = (layer_ref[()], adapted_ref[()], slots_ref)
+    firsts = np.cumsum((0,) + blocks[:-1]).tolist()
+
+    def projection(p):
+        def compute():
+            (acc,) = _columns(x_ref, [(w_refs[p], lora_refs[p], bias_refs[p])], ids,
+                              n - firsts[p], s, **blocking)
+            return acc
+
+        return compute
+
+    if len(blocks) == 1:
+        acc = projection(0)()
+    else:
+        which = sum((n >= f).astype(jnp.int32) for f in firsts[1:])
+        acc = jax.lax.switch(which, [projection(p) for p in range(len(blocks))])
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, **blocking):
+    # Both weights' column block n in one program (x loaded once per K step). split_k == 1:
+    # o_ref [block_m, block_n] = silu(gate) * up in x.dtype; else og_ref, ou_ref: float32
+    # partial sums of split s.
+    w_refs, lora_refs, bias_refs, out_refs = _unpack(refs, lora, bias)
+    n, s = pl.program_id(0), pl.program_id(1)
+    ids = (layer_ref[()], adapted_ref[()], slots_ref)
+    gate, up = _columns(x_ref, list(zip(w_refs, lora_refs, bias_refs)), ids, n, s, **blocking)
+    if blocking["split_k"] == 1:
+        (o_ref,) = out_refs
+        o_ref[...] = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
+    else:
+        og_ref, ou_ref = out_refs
+        og_ref[...] = gate
+        ou_ref[...] = up
+
+
+# ---------------------------------------------------------------------------------------------
+# The launch, and the drivers per output layout
+
+
+def _out_spec(block_m, block_n, split_k):
+    if split_k == 1:
+        return pl.BlockSpec((block_m, block_n), lambda n, s, m: (m, n))
+    return pl.BlockSpec((None, block_m, block_n), lambda n, s, m: (s, m, n))
+
+
+def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
+            block_sizes, *, col_blocks, width, outputs, interpret):
+    """The shared ``pallas_call``: operands, specs and grid for ``ws`` (one or more projections),
+    their LoRA operands (``None``, ``(xa, b)`` or ``(a, slot_weights, b)`` each) and biases.
+    Returns the raw output(s), ``[(split_k,) Mp, width]``."""
+    num_rows, k = x.shape
+    block_m, mp = row_blocks(num_rows)
+    split_k = block_sizes.split_k
+    in_bias = tuple(b is not None and split_k == 1 for b in biases)
+    operands = [jnp.asarray(layer, jnp.int32), jnp.asarray(adapted_layer, jnp.int32),
+                slot_experts.astype(jnp.int32), pad_rows(x, mp), *ws]
+    specs = [SCALAR, SCALAR, whole(slot_experts.shape),
+             pl.BlockSpec((block_m, k), lambda n, s, m: (m, 0)), *(whole(w.shape) for w in ws)]
+    num_slots = slot_experts.shape[0]
+    for lora in loras:
+        if lora is None:
+            continue
+        if len(lora) == 2:
+            # xa as [S, Mp, r]: each slot's rows contiguous, loaded as one [block_m, r] block.
+            xa, b = lora
+            operands += [pad_rows(xa, mp).transpose(1, 0, 2), b]
+            specs += [pl.BlockSpec((num_slots, block_m, xa.shape[2]), lambda n, s, m: (0, m, 0)),
+                      whole(b.shape)]
+        else:
+            a, slot_weights, b = lora  # slot weights as [S, Mp]
+            operands += [a, pad_rows(slot_weights.astype(jnp.float32), mp).T, b]
+            specs += [whole(a.shape), pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m)),
+                      whole(b.shape)]
+    operands += [b for b, has in zip(biases, in_bias) if has]
+    specs += [whole(b.shape) for b, has in zip(biases, in_bias) if has]
+    shape = out_shape(mp, width, split_k, x.dtype)
+    spec = _out_spec(block_m, block_sizes.block_n, split_k)
+    return pl.pallas_call(
+        functools.partial(kernel, lora=tuple(0 if lr is None else len(lr) for lr in loras),
+                          bias=in_bias, split_k=split_k,
+                          block_k=block_sizes.block_k, block_n=block_sizes.block_n,
+                          k_per_split=k // split_k),
+        grid=(col_blocks, split_k, mp // block_m),
+        in_specs=specs,
+        out_specs=spec if outputs == 1 else [spec] * outputs,
+        out_shape=shape if outputs == 1 else [shape] * outputs,
+        compiler_params=compiler_params(block_sizes),
+        interpret=interpret,
+        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}",
+    )(*operands)
+
+
+def given_loras(xas, bs):
+    """The LoRA operands of projections whose ``xa`` is given: ``(xa, b)`` each, or ``None``."""
+    return tuple(None if xa is None else (xa, b) for xa, b in zip(xas, bs))
+
+
+def inline_loras(as_, slot_weights, bs):
+    """The LoRA operands of projections that shrink inline: ``(a, slot_weights, b)`` each, or
+    ``None``."""
+    return tuple(None if a is None else (a, slot_weights, b) for a, b in zip(as_, bs))
+
+
+def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
+                      interpret):
+    """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras` or
+    :func:`inline_loras`); default blocks from ``stacked_matmul``."""
+    m, k = x.shape
+    n = w.shape[2]
+    bs_ = block_sizes or default_block_sizes(m, k, n)
+    check_block_sizes(bs_, k, {"N": n})
+    out = _launch(functools.partial(_projections_kernel, blocks=(n // bs_.block_n,)), name, x,
+                  (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
+                  col_blocks=n // bs_.block_n, width=n, outputs=1, interpret=interpret)
+    if bs_.split_k > 1:  # the kernel adds the bias only when it writes the final sums
+        out = out.sum(axis=0)
+        if bias is not None:
+            out = out + bias[layer].astype(jnp.float32)
+    return out[:m].astype(x.dtype)
+
+
+def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases, block_sizes,
+                    interpret):
+    """``q, k, v`` of ``ws = (wq, wk, wv)`` in one launch, in ``x.dtype``; default blocks from
+    ``fused_projections``."""
+    wq, wk, wv = ws
+    if wk.shape != wv.shape:
+        raise ValueError(f"wk and wv must have one shape, got {wk.shape=} and {wv.shape=}")
+    m, k = x.shape
+    nq, nkv = wq.shape[2], wk.shape[2]
+    bs_ = block_sizes or default_qkv_block_sizes(m, k, nq, nkv)
+    check_block_sizes(bs_, k, {"Nq": nq, "Nkv": nkv})
+    blocks = (nq // bs_.block_n, nkv // bs_.block_n, nkv // bs_.block_n)
+    out = _launch(functools.partial(_projections_kernel, blocks=blocks), name, x, ws, layer,
+                  loras, adapted_layer, slot_experts, biases, bs_, col_blocks=sum(blocks),
+                  width=nq + 2 * nkv, outputs=1, interpret=interpret)
+    if bs_.split_k > 1:
+        out = out.sum(axis=0)
+    out = out[:m]
+    ys = (out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:])
+    if bs_.split_k > 1:  # the kernel adds biases only when it writes the final sums
+        ys = tuple(y if bias is None else y + bias[layer].astype(y.dtype)
+                   for y, bias in zip(ys, biases))
+    return tuple(y.astype(x.dtype) for y in ys)
+
+
+def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
+                        block_sizes, interpret):
+    """``silu(gate) * up`` of ``ws = (w_gate, w_up)`` in one launch (plus XLA's reduction when
+    ``split_k > 1``), in ``x.dtype``; default blocks from ``fused_projections``."""
+    w_gate, w_up = ws
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w_gate and w_up must have one shape, got {w_gate.shape=} and "
+                         f"{w_up.shape=}")
+    m, k = x.shape
+    f = w_gate.shape[2]
+    bs_ = block_sizes or default_gate_up_block_sizes(m, k, f)
+    check_block_sizes(bs_, k, {"F": f})
+    fused = bs_.split_k == 1
+    out = _launch(_gate_up_kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
+                  bs_, col_blocks=f // bs_.block_n, width=f, outputs=1 if fused else 2,
+                  interpret=interpret)
+    if fused:
+        return out[:m]
+    gate, up = (p.sum(axis=0)[:m] for p in out)
+    gate, up = (y if bias is None else y + bias[layer].astype(jnp.float32)
+                for y, bias in zip((gate, up), biases))
+    return (jax.nn.silu(gate) * up).astype(x.dtype)
