@@ -1,5 +1,8 @@
 """The ``loraswitch`` command line.
 
+``loraswitch demo`` runs the whole pipeline offline on a bundled real-text sample: a tiny Llama
+pretrained briefly, a single LoRA, a per-layer MoE-LoRA and a LoRA-Switch adapter fine-tuned with
+equal parameter budgets, scored (held-out loss, multiple-choice accuracy), a report with plots.
 ``loraswitch generate`` runs a Hugging Face Llama folder (``--model DIR``) or, without one, a small
 random-weight demo model that needs no download. ``loraswitch train`` trains adapters from a JSON config (default: a demo run on bundled data).
 ``loraswitch init`` writes a random model folder
@@ -130,9 +133,22 @@ def _train_command(args) -> int:
     return 0
 
 
+def _demo_command(args) -> int:
+    from loraswitch_jax.eval.accuracy import demo
+
+    demo(args.out, progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswitch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the bundled sample (a few minutes on "
+                       "a CPU): pretrain, fine-tune three adapter kinds, evaluate, report")
+    d.add_argument("--out", default="runs/demo-pipeline", help="report folder")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo_command)
 
     g = sub.add_parser("generate", help="generate text with a Llama model")
     g.add_argument("--model", help="Hugging Face Llama folder (config.json, safetensors, "

@@ -1,0 +1,245 @@
+"""The accuracy experiment: scoring vs a direct computation, intervals, budgets, a micro run."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import loraswitch_jax as lj
+from loraswitch_jax.eval import accuracy, scoring
+from loraswitch_jax.tokenizer import byte_tokenizer
+from loraswitch_jax.train.step import OptimConfig
+
+TINY = accuracy.byte_llama(32, 2, 2, 2, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Tiny byte-level params with large enough weights that options score differently, and a
+    switch adapter with nonzero B so that the routed path matters (numpy draws: no compiles)."""
+    rng = np.random.default_rng(0)
+    acfg = lj.AdapterConfig(mode="switch", num_experts=4, top_k=2, rank=2, router_layer=1)
+    params, adapter = jax.eval_shape(lambda: (
+        lj.init_params(TINY, jax.random.key(0), jnp.float32),
+        lj.init_adapter(TINY, acfg, jax.random.key(1))))
+    params, adapter = jax.tree.map(
+        lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32), (params, adapter))
+    return params, adapter
+
+
+@functools.cache
+def _forward():
+    return jax.jit(lj.forward, static_argnames=("cfg",))
+
+
+def _direct_logprob(params, adapter, tokens, first_target):
+    """log p(tokens[first_target:] | tokens[:first_target]) from one unpadded forward."""
+    logits = _forward()(params, jnp.asarray(tokens)[None], TINY, adapter=adapter)[0]
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    return float(sum(logp[t - 1, tokens[t]] for t in range(first_target, len(tokens))))
+
+
+@pytest.mark.parametrize("use_adapter", [False, True])
+def test_option_logprob_matches_forward(model, use_adapter):
+    params, adapter = model
+    adapter = adapter if use_adapter else None
+    # Two sequence lengths (fewer compiles of the direct forward); batches of 3 mix them, so
+    # padding and regrouping must not change any score.
+    items = [{"context": "apparition (n.):", "options": ["a ghost", "a chair", "x", "a table"],
+              "answer": 0},
+             {"context": "Q: Why? A:",
+              "options": ["because", "nothing", "it is so good", "no idea"], "answer": 2}]
+    seqs, num_bytes, truncated = scoring.choice_sequences(items, accuracy.encode_bytes,
+                                                          accuracy.BOS, max_len=64)
+    scores = scoring.score_sequences(params, TINY, seqs, adapter=adapter, batch_size=3, max_len=64)
+    cs = scoring.choice_scores(scores, num_bytes, items, truncated)
+    for i, item in enumerate(items):
+        context = [accuracy.BOS, *item["context"].encode()]
+        for j, option in enumerate(item["options"]):
+            tokens = np.array(context + list((" " + option).encode()), np.int32)
+            want = _direct_logprob(params, adapter, tokens, len(context))
+            assert cs.logprob[i, j] == pytest.approx(want, rel=1e-5, abs=1e-4)
+            assert num_bytes[i, j] == len((" " + option).encode())
+    assert truncated == 0
+    norm = cs.logprob / cs.num_bytes
+    np.testing.assert_array_equal(cs.correct_norm, np.argmax(norm, 1) == cs.answer)
+    np.testing.assert_array_equal(cs.correct_sum, np.argmax(cs.logprob, 1) == cs.answer)
+
+
+def test_per_byte_normalisation_can_flip_the_choice():
+    # A long option with a higher total but a lower per-byte log-probability.
+    scores = scoring.Scores(logprob=np.array([-10.0, -3.0, -20.0, -30.0]), count=np.ones(4),
+                            usage=None)
+    num_bytes = np.array([[20.0, 2.0, 10.0, 10.0]])
+    cs = scoring.choice_scores(scores, num_bytes, [{"answer": 0}])
+    assert cs.correct_sum.tolist() == [0.0]  # option 1 has the highest sum
+    assert cs.correct_norm.tolist() == [1.0]  # option 0: -0.5 per byte beats -1.5
+
+
+def test_long_context_keeps_bos_newest_bytes_and_whole_option():
+    item = {"context": "abcdefghij" * 10, "options": ["xyz", "u", "vv", "w"], "answer": 0}
+    seqs, num_bytes, truncated = scoring.choice_sequences([item], accuracy.encode_bytes,
+                                                          accuracy.BOS, max_len=16)
+    assert truncated == 1
+    first = seqs[0]
+    assert first.tokens.size == 16 and first.tokens[0] == accuracy.BOS
+    assert bytes(first.tokens[-4:].tolist()) == b" xyz"
+    assert bytes(first.tokens[1:-4].tolist()) == item["context"].encode()[-11:]
+    assert first.targets.sum() == 4 and num_bytes[0, 0] == 4
+
+
+def test_heldout_windows_cover_every_byte_once(model):
+    params, _ = model
+    texts = [accuracy.encode_bytes("x" * n) for n in (1, 30, 31, 95)] + [np.zeros(0, np.int32)]
+    windows, owner = scoring.heldout_sequences(texts, accuracy.BOS, max_len=32)
+    assert all(w.tokens.size <= 32 for w in windows)
+    scores = scoring.score_sequences(params, TINY, windows, max_len=32)
+    size = np.bincount(owner, weights=scores.count, minlength=len(texts))
+    np.testing.assert_array_equal(size, [1, 30, 31, 95, 0])
+    # A text that fits one window scores like the direct computation.
+    tokens = np.concatenate([[accuracy.BOS], texts[1]]).astype(np.int32)
+    assert scores.logprob[owner == 1].sum() == pytest.approx(
+        _direct_logprob(params, None, tokens, 1), rel=1e-5)
+
+
+def test_spread_windows_cover_texts_before_repeating_one():
+    owner = np.array([0] * 10 + [1] * 2 + [2])  # a long text and two short ones
+    size = np.full(owner.size, 100)
+    keep = accuracy.spread_windows(owner, size, budget=300, seed=0, name="t")
+    assert sorted(owner[keep].tolist()) == [0, 1, 2]  # one window of each text first
+    keep = accuracy.spread_windows(owner, size, budget=550, seed=0, name="t")
+    assert sorted(owner[keep].tolist()) == [0, 0, 0, 1, 1, 2]  # second windows, then a third
+    assert len(set(keep.tolist())) == len(keep)
+
+
+def test_encode_bytes_is_the_byte_tokenizer():
+    text = "naïve café — def f(x):\n\treturn x"
+    assert accuracy.encode_bytes(text).tolist() == byte_tokenizer().encode(
+        text, add_special_tokens=False)
+
+
+def test_wilson_interval():
+    lo, hi = scoring.wilson_interval(50, 100)
+    assert lo < 0.5 < hi and hi - 0.5 == pytest.approx(0.5 - lo)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook value
+    assert scoring.wilson_interval(0, 20)[0] == 0.0 and scoring.wilson_interval(20, 20)[1] == 1.0
+    wide, narrow = scoring.wilson_interval(30, 100), scoring.wilson_interval(300, 1000)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_bootstrap_intervals():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, 400)
+    lo, hi = scoring.bootstrap(lambda a: a.mean(-1), x, resamples=2000)
+    assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.2)
+    # Paired: the same rows for both columns, so a constant shift has a zero-width interval.
+    assert scoring.bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), x + 0.3, x) == \
+        pytest.approx((0.3, 0.3))
+    # Strata keep their rows in place: a per-stratum statistic sees only its stratum's values.
+    strata = np.repeat([0, 1], 200)
+    y = np.where(strata == 0, 5.0, -5.0)
+    lo, hi = scoring.bootstrap(lambda a: a[..., strata == 0].mean(-1), y, strata=strata)
+    assert lo == hi == 5.0
+
+
+def _budget_preset(**kw):
+    one_step = OptimConfig(steps=1, warmup_steps=0)
+    base = dict(name="t", model=TINY, seq_len=64, batch_size=4, pretrain=one_step,
+                finetune=one_step, num_experts=8, expert_rank=4)
+    return accuracy.Preset(**{**base, **kw})
+
+
+def test_equal_budgets():
+    preset = _budget_preset()
+    V = accuracy.Variant
+    counts = {}
+    for v in (V(name="lora", mode="lora"), V(name="layerwise", mode="layerwise"),
+              V(name="switch", mode="switch"), V(name="e32", mode="switch", num_experts=32),
+              V(name="k1", mode="switch", top_k=1),
+              V(name="half", mode="switch", router_layer=1)):
+        acfg, exact = accuracy.adapter_config(preset, v)
+        counts[v.name] = (acfg, exact, accuracy.count_params(TINY, acfg))
+    lora, layerwise, switch = (counts[k][0] for k in ("lora", "layerwise", "switch"))
+    assert (lora.rank, layerwise.rank, switch.rank) == (32, 4, 4)
+    assert lora.scale == layerwise.scale == switch.scale == preset.lora_scale
+    experts = {k: c[2]["experts"] for k, c in counts.items()}
+    assert len(set(experts.values())) == 1, experts  # all equal: exact budgets
+    assert all(c[1] for c in counts.values())
+    assert counts["e32"][0].rank == 1 and counts["half"][0].rank == 8
+    d, L = TINY.hidden_size, TINY.num_hidden_layers
+    assert counts["switch"][2]["routers"] == d * 8
+    assert counts["layerwise"][2]["routers"] == L * d * 8
+    assert counts["lora"][2]["routers"] == 0
+    # Direct count from real arrays agrees.
+    real = lj.init_adapter(TINY, switch, jax.random.key(0))
+    assert real.num_params() == counts["switch"][2]["total"]
+    # A budget that cannot be split evenly rounds the rank up and says so.
+    acfg, exact = accuracy.adapter_config(preset, V(name="e128", mode="switch", num_experts=128))
+    assert acfg.rank == 1 and not exact
+
+
+DOMAIN_TEXT = {
+    "code": lambda i: f"def f{i}(x):\n    return x * {i} + len('{i}')\n",
+    "dictionary": lambda i: f"word{i} (n.): a thing numbered {i}; \"see word{i}\"",
+    "literature": lambda i: f"It was the {i}th day. Emma walked to the house. She was glad.",
+}
+
+
+def _tiny_corpus(root):
+    """A corpus folder in eval/corpus.py's layout with three tasks of eight items."""
+    os.makedirs(os.path.join(root, "tasks"))
+    for domain, make in DOMAIN_TEXT.items():
+        for split, ids in (("train", range(60)), ("heldout", range(100, 106))):
+            with open(os.path.join(root, f"{domain}.{split}.jsonl"), "w") as f:
+                for i in ids:
+                    f.write(json.dumps({"domain": domain, "key": str(i), "text": make(i)}) + "\n")
+    for task in ("definition", "next_sentence", "qa"):
+        with open(os.path.join(root, "tasks", f"{task}.jsonl"), "w") as f:
+            for i in range(8):
+                options = [f"a thing numbered {i}", f"a thing numbered {i + 1}", "ok",
+                           f"zzz {i}"]
+                f.write(json.dumps({"task": task, "id": f"{task}/{i}", "context": f"word{i} (n.):",
+                                    "options": options, "answer": i % 4}) + "\n")
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump({"created": "test", "builder": "test"}, f)
+
+
+def test_micro_experiment_writes_report(tmp_path):
+    corpus = tmp_path / "corpus"
+    _tiny_corpus(str(corpus))
+    preset = accuracy.Preset(
+        name="micro", model=TINY, seq_len=32, batch_size=4,
+        pretrain=OptimConfig(lr=3e-3, warmup_steps=1, steps=4),
+        finetune=OptimConfig(lr=3e-3, warmup_steps=1, steps=3), num_experts=4, expert_rank=2,
+        heldout_bytes=300, items_per_task=6, eval_batch_size=8, generate_tokens=2,
+        bootstrap_resamples=50,
+        ablations=(accuracy.Variant(name="switch router_layer=1", mode="switch", router_layer=1),))
+    out = tmp_path / "out"
+    report = accuracy.run(str(corpus), preset, str(out), seed=0, progress=False)
+    for name in ("report.json", "report.md", "scores.npz", "heldout.png", "tasks.png",
+                 "curves.png", "routing.png", "ablations.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["statement"] == report["statement"] and "claim" in saved["statement"]
+    assert set(saved["methods"]) == {"backbone", "lora", "layerwise", "switch",
+                                     "switch router_layer=1"}
+    assert list(saved["data"]["domains"]) == ["code", "dictionary", "literature"]
+    for method in saved["methods"].values():
+        h = method["heldout_nats_per_byte"]
+        assert 0 < h["mean"] < 8 and set(h) == {"code", "dictionary", "literature", "mean"}
+        for task in ("definition", "next_sentence", "qa"):
+            r = method["tasks"][task]
+            assert r["items"] == 6 and r["ci_norm"][0] <= r["acc_norm"] <= r["ci_norm"][1]
+    assert saved["data"]["tasks"]["qa"]["baselines"]["items"] == 6
+    assert len(saved["data"]["files"]) == 9  # 6 text files + 3 task files, hashed
+    assert saved["data"]["heldout_scored"]["code"]["texts"] == 6
+    assert saved["methods"]["switch"]["params"]["experts"] == \
+        saved["methods"]["lora"]["params"]["experts"]
+    assert "switch vs layerwise" in saved["comparisons"]
+    assert "| switch |" in (out / "report.md").read_text()
