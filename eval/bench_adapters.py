@@ -50,7 +50,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import math
 import os
 import statistics
@@ -75,6 +74,7 @@ from loraswitch_jax.eval.bench_decode import (
     decode_bytes,
     log,
     measure_bandwidth,
+    write_report,
 )
 from loraswitch_jax.generate import GenerateConfig, _generate
 from loraswitch_jax.layers import rms_norm
@@ -606,19 +606,8 @@ def write_outputs(report: dict, folder: str) -> str:
     """Ratios and checks brought up to date, then JSON, Markdown and PNG; returns the Markdown."""
     add_ratios(report["results"])
     report["acceptance"] = acceptance(report)
-    os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"bench_adapters_{report['args']['grid']}")
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(stem + ".json.tmp", stem + ".json")  # a kill mid-write keeps the last good file
-    table = markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    try:
-        plot(report, stem + ".png")
-    except Exception as e:  # noqa: BLE001 - a broken plot must not lose the measured numbers
-        log(f"plot failed: {e!r}")
-    return table
+    return write_report(report, stem, markdown, plot)
 
 
 # ------------------------------------------------------------------------------------- main

@@ -561,19 +561,29 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, folder: str) -> str:
-    """JSON, Markdown and PNG under ``folder``; returns the Markdown."""
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"bench_decode_{report['args']['preset']}_{report['args']['impl']}")
-    with open(stem + ".json", "w") as f:
+def write_report(report: dict, stem: str, markdown: Callable[[dict], str],
+                 plot: Callable[[dict, str], None]) -> str:
+    """``stem.json`` (replaced atomically: a kill mid-write keeps the last good file), ``stem.md``
+    and ``stem.png``; returns the Markdown. A failing plot is logged, never fatal: it must not
+    lose the measured numbers. Shared by the benchmark programs."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json.tmp", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(stem + ".json.tmp", stem + ".json")
     table = markdown(report)
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
     try:
         plot(report, stem + ".png")
-    except Exception as e:  # noqa: BLE001 - a broken plot must not lose the measured numbers
+    except Exception as e:  # noqa: BLE001 - see the docstring
         log(f"plot failed: {e!r}")
+    return table
+
+
+def write_outputs(report: dict, folder: str) -> str:
+    """JSON, Markdown and PNG under ``folder``; returns the Markdown."""
+    stem = os.path.join(folder, f"bench_decode_{report['args']['preset']}_{report['args']['impl']}")
+    table = write_report(report, stem, markdown, plot)
     log(f"wrote {stem}.json, .md, .png")
     return table
 

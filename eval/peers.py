@@ -43,6 +43,7 @@ import time
 import traceback
 
 from loraswitch_jax.config import PRESETS, LlamaConfig
+from loraswitch_jax.eval.bench_decode import write_report  # imports jax; touches no device
 
 __all__ = ["PEERS", "PeersConfig", "download_wheels", "main", "ours_rows", "parse_args",
            "skip_reason"]
@@ -333,18 +334,8 @@ def plot(report: dict, path: str) -> None:
 
 def write_outputs(report: dict, folder: str) -> str:
     """JSON, Markdown and PNG under ``folder``; returns the Markdown."""
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"peers_{report['args']['preset']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    try:
-        plot(report, stem + ".png")
-    except Exception as e:  # noqa: BLE001 - a broken plot must not lose the measured numbers
-        log(f"plot failed: {e!r}")
-    return table
+    return write_report(report, os.path.join(folder, f"peers_{report['args']['preset']}"),
+                        markdown, plot)
 
 
 # -------------------------------------------------------------------------------------- main
