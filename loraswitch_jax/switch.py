@@ -82,14 +82,14 @@ def init_merged(layers: LayerParams, adapter: Adapter) -> MergedWeights:
     )
 
 
-def _merge_one(w_base, w_work, a, b, expert_ids, gates, first_layer, impl):
+def _merge_one(w_base, w_work, a, b, expert_ids, gates, first_layer, write, impl):
     from loraswitch_jax.pallas import switch_merge as kernel
 
     if not impl.xla and kernel.supports(w_base.shape[1], w_base.shape[2], a.shape[-1]):
         return kernel.switch_merge(w_base, w_work, a, b, expert_ids, gates,
-                                   first_layer=first_layer, interpret=impl.interpret)
+                                   first_layer=first_layer, write=write, interpret=impl.interpret)
     merged = kernel.switch_merge_reference(w_base, a, b, expert_ids, gates, first_layer=first_layer)
-    return w_work.at[first_layer:].set(merged)
+    return w_work.at[first_layer:].set(jnp.where(write, merged, w_work[first_layer:]))
 
 
 def merge_route(
@@ -101,20 +101,20 @@ def merge_route(
     impl: Impl,
 ) -> MergedWeights:
     """Merge the route ``expert_ids, gates [k]`` (one token's) into the working copy, from the
-    pristine base in ``layers``; nothing is written when it equals the route merged in."""
+    pristine base in ``layers``; nothing is written when it equals the route merged in.
+
+    The skip is a flag inside the merge kernel, not a ``lax.cond`` around it: inside the decode
+    loop a ``cond`` makes XLA copy the whole working copy on every step (both branches must
+    produce a buffer it can alias), which costs what a merge costs."""
     acfg = adapter.config
     expert_ids = expert_ids.astype(jnp.int32)
     gates = gates.astype(jnp.float32)
-
-    def write(weights):
-        return {
-            p: _merge_one(layers.weight(p), weights[p], adapter.a[p], adapter.b[p], expert_ids,
-                          gates * acfg.scale, acfg.first_layer, impl)
-            for p in acfg.targets
-        }
-
-    same = jnp.all(expert_ids == merged.expert_ids) & jnp.all(gates == merged.gates)
-    weights = jax.lax.cond(same, lambda w: w, write, merged.weights)
+    changed = jnp.any(expert_ids != merged.expert_ids) | jnp.any(gates != merged.gates)
+    weights = {
+        p: _merge_one(layers.weight(p), merged.weights[p], adapter.a[p], adapter.b[p], expert_ids,
+                      gates * acfg.scale, acfg.first_layer, changed, impl)
+        for p in acfg.targets
+    }
     return MergedWeights(weights=weights, expert_ids=expert_ids, gates=gates)
 
 

@@ -28,6 +28,7 @@ from ._tiles import (
     check_rank,
     check_slots,
     compiler_params,
+    dot_f32,
     expert_tile,
     out_shape,
     pad_rows,
@@ -148,7 +149,7 @@ def check_inline(x, as_: dict, bs: dict, slot_experts, slot_weights) -> dict:
 def _expand_slot(xa, b_ref, adapted, expert, cols):
     """``xa [block_m, r] @ b[adapted, expert][:, cols]`` in float32."""
     b = b_ref[adapted, expert, :, cols]  # [r, block_n]
-    return jnp.dot(xa, b.astype(xa.dtype), preferred_element_type=jnp.float32)
+    return dot_f32(xa, b.astype(xa.dtype))
 
 
 def _is_inline(lora_refs) -> bool:

@@ -30,7 +30,9 @@ __all__ = [
     "check_rank",
     "check_slots",
     "compiler_params",
+    "dot_f32",
     "expert_tile",
+    "fit_shared_memory",
     "is_block",
     "is_concrete",
     "largest_divisor",
@@ -73,6 +75,32 @@ def check_block_sizes(bs, k: int, ns: dict[str, int]) -> None:
             raise ValueError(f"{bs} does not tile {name}={n} (block_n must divide it)")
     if k % (bs.block_k * bs.split_k):
         raise ValueError(f"{bs} does not tile K={k} (block_k * split_k must divide it)")
+
+
+# Shared memory a program may pipeline through: an H100's 227 KiB per block. Estimated as Triton
+# buffers K-loop tiles: (num_stages - 1) copies of each streamed tile. The measured 7B defaults
+# sit at or under it with 16 rows (qkv, n128 k128 st3: 3 branches x 2 x (16 + 128) x 128 x 2 B
+# = 221 KiB, compiled and ran on an H100); more rows need shallower K steps.
+SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def fit_shared_memory(bs, block_m: int, widths: tuple[int, ...], itemsize: int = 2):
+    """``bs`` with ``block_k`` halved (it still tiles ``K``) until one program's pipelined tiles
+    fit :data:`SHARED_MEMORY_BYTES`: per stage an ``x`` tile ``[block_m, block_k]`` and a
+    ``[block_k, w]`` tile for each ``w`` in ``widths``, per branch, where each branch (one per
+    entry of ``widths``: qkv's three projections are separate code paths) keeps its own buffers.
+
+    The defaults were measured with 16 rows; decode at batch 17-64 pads to 32 or 64 rows, where
+    the same blocks would not compile."""
+    import dataclasses
+
+    def estimate(block_k):
+        return sum((bs.num_stages - 1) * (block_m + w) * block_k * itemsize for w in widths)
+
+    block_k = bs.block_k
+    while block_k > 16 and estimate(block_k) > SHARED_MEMORY_BYTES:
+        block_k //= 2
+    return bs if block_k == bs.block_k else dataclasses.replace(bs, block_k=block_k)
 
 
 def check_rank(r: int) -> None:
@@ -130,6 +158,13 @@ def out_shape(mp: int, n: int, split_k: int, dtype) -> jax.ShapeDtypeStruct:
 # The K loop and its tiles (inside kernels)
 
 
+def dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` with float32 accumulation. Float32 operands get full float32 precision: Triton
+    would otherwise take TF32 (~1e-3), and float32 runs are the parity runs."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
 def stream_k(x_ref, tiles, first, steps, *, block_k):
     """``x[:, K-chunk] @ m[K-chunk]`` for each ``(tile, width)`` in ``tiles``, where
     ``tile(rows)`` loads ``m[rows]`` (``[block_k, width]``): float32 ``[block_m, width]`` each.
@@ -142,8 +177,7 @@ def stream_k(x_ref, tiles, first, steps, *, block_k):
     def body(i, accs):
         rows = pl.ds(first + i * block_k, block_k)
         x = x_ref[:, rows]  # [block_m, block_k]
-        return tuple(acc + jnp.dot(x, tile(rows).astype(x.dtype),
-                                   preferred_element_type=jnp.float32)
+        return tuple(acc + dot_f32(x, tile(rows).astype(x.dtype))
                      for acc, (tile, _) in zip(accs, tiles))
 
     zeros = tuple(jnp.zeros((x_ref.shape[0], width), jnp.float32) for _, width in tiles)

@@ -36,6 +36,7 @@ from ._tiles import (
     check_block_sizes,
     check_layer,
     compiler_params,
+    fit_shared_memory,
     largest_divisor,
     out_shape,
     pad_rows,
@@ -141,18 +142,18 @@ def _gcd(a: int, b: int) -> int:
 
 
 def default_qkv_block_sizes(m: int, k: int, nq: int, nkv: int) -> BlockSizes:
-    """Measured blocks for known shapes (``_TUNED_QKV``), else a heuristic that tiles the shape."""
-    del m  # one table serves M <= 16 (rows are padded to 16)
-    return _TUNED_QKV.get((k, nq, nkv)) or _heuristic(k, (nq, nkv, nkv))
+    """Measured blocks for known shapes (``_TUNED_QKV``, 16 rows), else a heuristic that tiles
+    the shape; K steps made shallower where more rows would overflow shared memory (each of the
+    three branches keeps its own buffers)."""
+    bs = _TUNED_QKV.get((k, nq, nkv)) or _heuristic(k, (nq, nkv, nkv))
+    return fit_shared_memory(bs, padded_rows(m), (bs.block_n,) * 3)
 
 
 def default_gate_up_block_sizes(m: int, k: int, f: int) -> BlockSizes:
     """Measured blocks for known shapes (``_TUNED_GATE_UP``), else the same heuristic on the
     ``F`` columns of each weight (SiLU in the kernel needs ``split_k = 1``, which also won)."""
-    del m
-    if (k, f) in _TUNED_GATE_UP:
-        return _TUNED_GATE_UP[(k, f)]
-    return dataclasses.replace(_heuristic(k, (f,)), split_k=1)
+    bs = _TUNED_GATE_UP.get((k, f)) or dataclasses.replace(_heuristic(k, (f,)), split_k=1)
+    return fit_shared_memory(bs, padded_rows(m), (bs.block_n,) * 2)
 
 
 def _check_operands(x, weights: dict[str, jax.Array], biases: dict[str, jax.Array | None]):

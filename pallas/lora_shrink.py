@@ -48,6 +48,7 @@ from ._tiles import (
     check_slots,
     compiler_params,
     expert_tile,
+    fit_shared_memory,
     is_block,
     is_concrete,
     largest_divisor,
@@ -78,13 +79,16 @@ class ShrinkBlockSizes:
     num_stages: int = 3
 
 
-def default_shrink_block_sizes(k: int, rank: int) -> ShrinkBlockSizes:
+def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16,
+                               projections: int = 1) -> ShrinkBlockSizes:
     """Blocks for :func:`lora_shrink_group` (a heuristic, not measured): the deepest K step, up
-    to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in bf16, so three stages
-    of ``x`` and ``A`` tiles fit shared memory). Deep steps keep many bytes in flight per
-    program, which matters because at batch 1 only ``len(a) * S`` programs stream."""
+    to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in bf16), made shallower
+    where ``block_m`` rows of ``x`` and one branch per projection would overflow shared memory.
+    Deep steps keep many bytes in flight per program, which matters because at batch 1 only
+    ``projections * S`` programs stream."""
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
-    return ShrinkBlockSizes(block_k=largest_divisor(k, depths))
+    bs = ShrinkBlockSizes(block_k=largest_divisor(k, depths))
+    return fit_shared_memory(bs, block_m, (rank,) * projections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +267,9 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
     _check_group(x, a, slot_experts, slot_weights)
     m, k = x.shape
     ranks = [a_p.shape[3] for a_p in a]
-    bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks))
-    _check_shrink_blocks(bs_, k)
     block_m, mp = row_blocks(m)
+    bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks), block_m, len(a))
+    _check_shrink_blocks(bs_, k)
     num_slots, split_k = slot_experts.shape[0], bs_.split_k
     # Grid: (projections, slots, split_k, row blocks).
     if split_k == 1:

@@ -191,9 +191,10 @@ def _check_concrete_ids(expert_ids, num_experts: int) -> None:
 # Kernel
 
 
-def _kernel(ids_ref, gates_ref, w_base_ref, a_ref, b_ref, w_work_ref, out_ref, *,
+def _kernel(write_ref, ids_ref, gates_ref, w_base_ref, a_ref, b_ref, w_work_ref, out_ref, *,
             block_k: int, block_n: int, rank_chunk: int, dot_dtype, precision):
-    # ids_ref, gates_ref [k]; a_ref [La, E, K, r], b_ref [La, E, r, N] whole (in HBM);
+    # write_ref: scalar, 0 = leave the working copy as it is; ids_ref, gates_ref [k];
+    # a_ref [La, E, K, r], b_ref [La, E, r, N] whole (in HBM);
     # w_base_ref (layer first_layer + l) and out_ref (layer l): [K / split_k, block_n].
     del w_work_ref  # the aliased input of out_ref: only written, never read
     n, s, layer = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -219,7 +220,9 @@ def _kernel(ids_ref, gates_ref, w_base_ref, a_ref, b_ref, w_work_ref, out_ref, *
         out_ref[tile, :] = acc.astype(out_ref.dtype)
         return carry
 
-    jax.lax.fori_loop(0, rows_per_split // block_k, step, 0)
+    @pl.when(write_ref[()] != 0)
+    def _():
+        jax.lax.fori_loop(0, rows_per_split // block_k, step, 0)
 
 
 def switch_merge(
@@ -231,6 +234,7 @@ def switch_merge(
     gates: jax.Array,
     *,
     first_layer: int,
+    write: jax.Array | bool = True,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -252,6 +256,10 @@ def switch_merge(
         be, and the kernel clamps them to ``[0, E-1]`` (no read outside ``a``, ``b``).
       gates: ``[k]`` float gates with the LoRA scale ``alpha / r`` folded in.
       first_layer: the first adapted layer (static).
+      write: a (traced) flag; when false every program returns at once and the working copy
+        keeps its contents. Skipping a repeated route this way, rather than with ``lax.cond``
+        around the call, keeps the aliased buffer in place: a ``cond`` inside a loop makes XLA
+        copy the whole working copy on every step.
       block_sizes: default per shape (``default_block_sizes``); ``block_n`` must divide ``N``
         and ``block_k * split_k`` must divide ``K``.
       interpret: run in Pallas interpret mode (CPU tests).
@@ -264,12 +272,13 @@ def switch_merge(
     if not supports(w_base.shape[1], w_base.shape[2], a.shape[3]):
         raise ValueError(f"K={w_base.shape[1]}, N={w_base.shape[2]} and rank={a.shape[3]} must "
                          "be multiples of 16 (use switch_merge_reference otherwise)")
-    return _switch_merge(w_base, w_work, a, b, expert_ids, gates, first_layer=int(first_layer),
-                         block_sizes=block_sizes, interpret=interpret)
+    return _switch_merge(w_base, w_work, a, b, expert_ids, gates, jnp.asarray(write, jnp.int32),
+                         first_layer=int(first_layer), block_sizes=block_sizes,
+                         interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("first_layer", "block_sizes", "interpret"))
-def _switch_merge(w_base, w_work, a, b, expert_ids, gates, *, first_layer, block_sizes,
+def _switch_merge(w_base, w_work, a, b, expert_ids, gates, write, *, first_layer, block_sizes,
                   interpret):
     _, k_dim, n_dim = w_work.shape
     la = w_base.shape[0] - first_layer
@@ -291,6 +300,7 @@ def _switch_merge(w_base, w_work, a, b, expert_ids, gates, *, first_layer, block
         kernel,
         grid=(n_dim // bs.block_n, bs.split_k, la),
         in_specs=[
+            pl.BlockSpec((), lambda n, s, l: ()),
             route_spec,
             route_spec,
             pl.BlockSpec(tile, lambda n, s, l: (l + first_layer, s, n)),
@@ -300,9 +310,9 @@ def _switch_merge(w_base, w_work, a, b, expert_ids, gates, *, first_layer, block
         ],
         out_specs=work_spec,
         out_shape=jax.ShapeDtypeStruct(w_work.shape, w_work.dtype),
-        input_output_aliases={5: 0},
+        input_output_aliases={6: 0},
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name=(f"switch_merge_n{bs.block_n}_k{bs.block_k}_s{bs.split_k}_w{bs.num_warps}"
               f"_st{bs.num_stages}"),
-    )(expert_ids, gates.astype(jnp.float32), w_base, a, b, w_work)
+    )(write, expert_ids, gates.astype(jnp.float32), w_base, a, b, w_work)
