@@ -178,13 +178,13 @@ PRESETS: dict[str, Preset] = {
     # H100, JAX 0.11.2: ~25M params (d 512, 8 layers, length 512), bf16 compute. Not measured
     # (no GPU in this session). From FLOPs (5.8 TFLOP per pretraining step at 30-40 % of bf16
     # peak, plus the unfused attention's traffic) a step takes 30-40 ms; DATA.md's guess of
-    # 0.3-0.6M tokens/s gives 55-110 ms. Pretraining 1,200 x 32k tokens (39M, ~0.9 passes over
-    # the corpus): 0.7-2.2 min; 8 fine-tunes of 250 steps: 0.1-0.5 min each plus ~20 s compiling;
+    # 0.3-0.6M tokens/s gives 55-110 ms. Pretraining 800 x 32k tokens (26M; with the 250
+    # fine-tuning batches within one pass of the full corpus's 1,088): 0.5-1.5 min; 8 fine-tunes of 250 steps: 0.1-0.5 min each plus ~20 s compiling;
     # 9 evaluations at one padded width (one compile each, ~10 s) on 5 x 400 kB and 4 x 1,000
     # items: 0.2-0.4 min each. In all about 5-9 minutes.
     "gpu": Preset(
         name="gpu", model=byte_llama(512, 8, 8, 8, 1376, 1024), seq_len=512, batch_size=64,
-        pretrain=OptimConfig(lr=1e-3, warmup_steps=100, steps=1200, weight_decay=0.1, b2=0.95),
+        pretrain=OptimConfig(lr=1e-3, warmup_steps=100, steps=800, weight_decay=0.1, b2=0.95),
         finetune=OptimConfig(lr=1e-3, warmup_steps=20, steps=250), num_experts=8,
         expert_rank=16, compute_dtype="bfloat16", heldout_bytes=400_000, items_per_task=1000,
         eval_batch_size=64, eval_min_width=512, ablations=_switch_ablations(8)),
@@ -615,6 +615,13 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
     dcfg = DataConfig(path=corpus_dir, format="jsonl", seq_len=p.seq_len,
                       batch_size=p.batch_size, seed=seed)
     batches = TrainBatches(examples, dcfg)
+    needed = p.pretrain.steps + p.finetune.steps
+    if needed > batches.batches_per_epoch:
+        raise ValueError(
+            f"preset {p.name!r}: {p.pretrain.steps} pretraining + {p.finetune.steps} fine-tuning "
+            f"steps need {needed} batches, but one pass over this corpus has "
+            f"{batches.batches_per_epoch}: fine-tuning would reuse text the backbone has seen"
+        )
     timings["load"] = time.perf_counter() - start
 
     cfg = p.model

@@ -14,7 +14,10 @@ import numpy as np
 __all__ = ["markdown", "plots", "statement", "summary"]
 
 MAIN = ("lora", "layerwise", "switch")
-EQUIVALENCE_MARGIN = 0.01  # |switch - layerwise| held-out loss within 1 % of layerwise's: "matches"
+# "switch matches layerwise": |switch - layerwise| held-out loss within 10 % of what layerwise
+# gains over the backbone (a margin tied to the adapter effect, not to the loss itself, which
+# would be about half of that effect at these scales).
+EQUIVALENCE_MARGIN = 0.10
 
 
 def _judge(ci: Sequence[float], margin: float | None = None) -> tuple[str, bool]:
@@ -30,7 +33,7 @@ def statement(report: dict) -> str:
     better than a single LoRA at equal parameters), judged on held-out loss."""
     m, c = report["methods"], report["comparisons"]
     loss = {k: m[k]["heldout_nats_per_byte"]["mean"] for k in (*MAIN, "backbone")}
-    margin = EQUIVALENCE_MARGIN * loss["layerwise"]
+    margin = EQUIVALENCE_MARGIN * abs(loss["backbone"] - loss["layerwise"])
     sl, sr, lr = (c[k]["heldout_mean"] for k in ("switch vs layerwise", "switch vs lora",
                                                   "layerwise vs lora"))
     d_sl, eq_sl = _judge(sl["ci"], margin)
@@ -42,8 +45,8 @@ def statement(report: dict) -> str:
 
     words = {"better": "lower (better)", "worse": "higher (worse)",
              "unresolved": "not resolved by the interval"}
-    sl_words = words[d_sl] + (f", and within the ±{margin:.4f} (1 %) equivalence margin"
-                              if eq_sl else "")
+    sl_words = words[d_sl] + (f", and within the ±{margin:.4f} equivalence margin (10 % of "
+                              f"layerwise's gain over the backbone)" if eq_sl else "")
     p = report["config"]
     rl = m["switch"]["adapter"]["router_layer"]
     token_only = ", i.e. routes on the token id alone" if rl == 0 else ""

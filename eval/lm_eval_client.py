@@ -366,9 +366,10 @@ class LoraSwitchLM(TemplateLM):
                 f"max_gen_toks={kwargs['max_gen_toks']} leaves no room for a prompt in "
                 f"max_length={self.max_length}"
             )
-        if kwargs["do_sample"] and kwargs["temperature"] > 0:
+        temperature = kwargs.get("temperature", 1.0)  # lm_eval omits it with do_sample alone
+        if kwargs["do_sample"] and temperature > 0:
             sampler = Sampler(
-                temperature=kwargs["temperature"],
+                temperature=temperature,
                 top_k=int(kwargs.get("top_k") or 0),
                 top_p=float(kwargs.get("top_p") or 1.0),
             )

@@ -211,7 +211,7 @@ def choice_sequences(items: Sequence[Mapping], encode: Callable[[str], Sequence[
         continuation longer than ``max_len - 2`` keeps its first ``max_len - 2`` tokens.
     Returns:
       ``(sequences, num_bytes [n, options], truncated)``: sequences item-major; ``num_bytes``
-      the scored continuation's length in bytes (tokens, with a byte tokenizer); ``truncated``
+      each option's length in bytes (the per-byte normaliser); ``truncated``
       the number of items whose context was shortened.
     """
     sequences, num_bytes, truncated = [], [], 0
@@ -227,7 +227,9 @@ def choice_sequences(items: Sequence[Mapping], encode: Callable[[str], Sequence[
             targets = np.zeros(tokens.size, bool)
             targets[tokens.size - cont.size:] = True
             sequences.append(TokenSequence(tokens, targets))
-            row.append(cont.size)
+            # Per-byte scores divide by the option's own bytes (as lm-eval's acc_norm), not the
+            # joining space, whose log-probability is the same for every option.
+            row.append(len(option.encode()))
         truncated += cut
         num_bytes.append(row)
     return sequences, np.asarray(num_bytes, np.float64), truncated

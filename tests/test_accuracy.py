@@ -65,7 +65,7 @@ def test_option_logprob_matches_forward(model, use_adapter):
             tokens = np.array(context + list((" " + option).encode()), np.int32)
             want = _direct_logprob(params, adapter, tokens, len(context))
             assert cs.logprob[i, j] == pytest.approx(want, rel=1e-5, abs=1e-4)
-            assert num_bytes[i, j] == len((" " + option).encode())
+            assert num_bytes[i, j] == len(option.encode())  # the option's bytes, not the space
     assert truncated == 0
     norm = cs.logprob / cs.num_bytes
     np.testing.assert_array_equal(cs.correct_norm, np.argmax(norm, 1) == cs.answer)
@@ -91,7 +91,7 @@ def test_long_context_keeps_bos_newest_bytes_and_whole_option():
     assert first.tokens.size == 16 and first.tokens[0] == accuracy.BOS
     assert bytes(first.tokens[-4:].tolist()) == b" xyz"
     assert bytes(first.tokens[1:-4].tolist()) == item["context"].encode()[-11:]
-    assert first.targets.sum() == 4 and num_bytes[0, 0] == 4
+    assert first.targets.sum() == 4 and num_bytes[0, 0] == 3  # " xyz" scored, "xyz" normalises
 
 
 def test_heldout_windows_cover_every_byte_once(model):

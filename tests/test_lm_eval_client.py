@@ -207,6 +207,12 @@ def test_generate_until_matches_generate(lm, params):
     assert short == lm.tok_decode([t for t in ref.as_lists()[0][:3] if t not in CFG.eos_token_id])
 
 
+def test_sampling_without_a_temperature(lm):
+    """lm_eval passes do_sample=True without a temperature: sample at temperature 1."""
+    (text,) = lm.generate_until([gen_request("ab", until=[], max_gen_toks=3, do_sample=True)])
+    assert isinstance(text, str)
+
+
 def test_generate_until_rejects_unsupported_arguments(lm):
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([gen_request("x", until=[], num_beams=4)])
