@@ -67,8 +67,7 @@ def test_dry_run_measures_every_mode(dry_run):
         assert 1 <= routes["distinct_routes_total"] <= math.comb(8, 2)
     assert report["environment"]["jax"] == jax.__version__
     assert "skipped" in report["sgmm"]["demo"]  # the SGMM kernel is timed on a GPU only
-    checks = [c["check"] for c in report["acceptance"]]
-    assert any(c.startswith("switch-fused / backbone, batch 1") for c in checks)
+    assert report["acceptance"] == []  # the targets are for Llama-2-7B at context 1024
 
 
 def test_dry_run_writes_markdown_and_plot(dry_run):
@@ -79,7 +78,6 @@ def test_dry_run_writes_markdown_and_plot(dry_run):
         assert f"| 1 | {mode} |" in table
     ratio = next(r for r in report["results"] if r["mode"] == "switch-fused")["ratio_to_backbone"]
     assert f"| {ratio:.3f} |" in table
-    assert "switch-fused / backbone" in table and ("PASS" in table or "FAIL" in table)
     assert (out / "bench_adapters_issue4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -243,7 +241,8 @@ def test_acceptance_and_outputs(tmp_path):
     assert checks[lw.format("pallas")]["value"] == pytest.approx(7.5 / 5.1)
     assert not checks[lw.format("xla")]["pass"]
     assert checks["SGMM merge bandwidth / copy bandwidth, llama2-7b"]["pass"]
-    assert len(checks) == 6  # the failed batch-64 row and the failed SGMM give no check
+    # The failed batch-64 row, the failed SGMM and the 1B setting (not the issue's) give none.
+    assert len(checks) == 5
     assert "| 1.020 |" in table and "FAIL" in table and "out of memory" in table
     assert "SGMM merge alone, llama-1b: ValueError: no" in table
     saved = json.loads((tmp_path / "bench_adapters_issue4.json").read_text())
