@@ -198,7 +198,7 @@ def generate(
     tokens, lengths, cache_len = prepare_prompts(prompts, cfg, gen.max_new_tokens, gen.cache_len)
     if adapter is not None:
         check_adapter(adapter, cfg)
-        _check_strategy(gen.switch_strategy, adapter, len(tokens))
+    _check_strategy(gen.switch_strategy, adapter, len(tokens))
     out = _generate(
         params, adapter, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, gen=gen, cache_len=cache_len, stream=stream,
@@ -209,13 +209,14 @@ def generate(
     return Generation(tokens=out, lengths=counts)
 
 
-def _check_strategy(strategy: str, adapter: Adapter, batch_size: int) -> None:
-    if strategy == "merge" and adapter.config.mode != "switch":
+def _check_strategy(strategy: str, adapter: Adapter | None, batch_size: int) -> None:
+    mode = None if adapter is None else adapter.config.mode
+    if strategy == "merge" and mode != "switch":
         raise GenerationError(
-            f"switch_strategy 'merge' applies to switch adapters, not {adapter.config.mode!r}; "
+            f"switch_strategy 'merge' applies to switch adapters, not {mode or 'no adapter'!r}; "
             "merge a single LoRA once with loraswitch_jax.merge_lora instead"
         )
-    if adapter.config.mode == "switch":
+    if mode == "switch":
         try:
             resolve_strategy(strategy, batch_size)
         except ValueError as e:

@@ -253,10 +253,10 @@ def swiglu(
     from loraswitch_jax.pallas import fused_projections as kernel
 
     interpret = impl.interpret
-    routed = _routed(lora, ("gate", "up"), x, impl)
     adapted = lora is not None and (lora.adapts("gate") or lora.adapts("up"))
     fusable = not impl.xla and kernel.supports(w_gate.shape[1], w_gate.shape[2])
-    if fusable and routed is not None:
+    routed = _routed(lora, ("gate", "up"), x, impl) if fusable else None
+    if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
         if routed.inline:

@@ -138,6 +138,8 @@ def test_bad_strategy_requests(params):
         lj.generate(params, CFG, PROMPTS, gen, adapter=adapter("switch"))
     with pytest.raises(lj.GenerationError, match="applies to switch adapters"):
         lj.generate(params, CFG, PROMPTS[:1], gen, adapter=adapter("lora"))
+    with pytest.raises(lj.GenerationError, match="not 'no adapter'"):
+        lj.generate(params, CFG, PROMPTS[:1], gen)
 
 
 def test_impl_values():
