@@ -129,8 +129,9 @@ MODES: dict[str, Mode] = {
     # The same with x A as one XLA op per projection, or inside the projection kernels:
     # which of the three is the default (ops._DEFAULT_SHRINK) is decided by these rows.
     "switch-fused-xla-shrink": Mode("switch", "pallas", "fused", shrink="xla"),
-    # Inline recomputes x A in every program: meant for few slots (small batches).
-    "switch-fused-inline": Mode("switch", "pallas", "fused", max_batch=8, shrink="inline"),
+    # Inline recomputes x A in every program, for gathered slots only (batch * k < E; ops falls
+    # back to the grouped shrink otherwise, which switch-fused already measures).
+    "switch-fused-inline": Mode("switch", "pallas", "fused", shrink="inline"),
     "switch-merge": Mode("switch", "pallas", "merge", max_batch=1),
     "switch-xla": Mode("switch", "xla", "fused"),
     "layerwise-xla": Mode("layerwise", "xla"),
@@ -170,8 +171,10 @@ class Case:
 
 
 def _fits(case: Case) -> bool:
-    limit = MODES[case.mode].max_batch
-    return limit is None or case.batch <= limit
+    mode = MODES[case.mode]
+    if mode.shrink == "inline" and case.batch * case.top_k >= case.experts:
+        return False
+    return mode.max_batch is None or case.batch <= mode.max_batch
 
 
 def issue4_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)) -> list[Case]:

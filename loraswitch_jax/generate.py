@@ -25,7 +25,14 @@ from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.sampling import Sampler, sample
 from loraswitch_jax.switch import STRATEGIES, init_merged, resolve_strategy
 
-__all__ = ["GenerateConfig", "Generation", "GenerationError", "generate", "prepare_prompts"]
+__all__ = [
+    "GenerateConfig",
+    "Generation",
+    "GenerationError",
+    "generate",
+    "prefill_chunk",
+    "prepare_prompts",
+]
 
 # Marks the positions after a sequence stopped in Generation.tokens.
 PAD = -1
@@ -43,7 +50,11 @@ class GenerateConfig:
     ``impl`` is the decode step's kernel choice: a name or an ``ops.Impl`` (see
     ``loraswitch_jax.ops``);
     ``switch_strategy`` how a ``switch`` adapter decodes: ``"fused"``, ``"merge"`` (batch 1) or
-    ``"auto"`` (per batch size; see ``loraswitch_jax.switch``).
+    ``"auto"`` (per batch size; see ``loraswitch_jax.switch``);
+    ``prefill_tokens`` the most prompt tokens (batch x length) one prefill pass takes: longer
+    batches are prefilled in chunks of the prompt (``llama.prefill``), a power of two of at
+    least 16 tokens per prompt; ``None``: one pass. The default keeps 64 prompts of 1024 tokens
+    of Llama-2-7B within an 80 GB GPU.
     """
 
     max_new_tokens: int = 32
@@ -52,10 +63,13 @@ class GenerateConfig:
     cache_len: int | None = None
     impl: str | Impl = "auto"
     switch_strategy: str = "auto"
+    prefill_tokens: int | None = 8192
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prefill_tokens is not None and self.prefill_tokens < 16:
+            raise GenerationError(f"prefill_tokens must be >= 16 or None, got {self.prefill_tokens}")
         if self.switch_strategy not in STRATEGIES:
             raise GenerationError(
                 f"unknown switch_strategy {self.switch_strategy!r}; expected one of {STRATEGIES}"
@@ -124,6 +138,14 @@ def prepare_prompts(
     return tokens, np.array([r.size for r in rows], np.int32), cache_len
 
 
+def prefill_chunk(prefill_tokens: int | None, batch: int) -> int | None:
+    """Tokens per prompt in one prefill pass: the largest power of two (>= 16) whose ``batch``
+    rows fit ``prefill_tokens``; ``None`` (one pass) when ``prefill_tokens`` is."""
+    if prefill_tokens is None:
+        return None
+    return max(16, 1 << (max(prefill_tokens // batch, 1).bit_length() - 1))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "cache_len", "stream"))
 def _generate(params, adapter, tokens, lengths, key, *, cfg, gen, cache_len, stream):
     B = tokens.shape[0]
@@ -132,7 +154,8 @@ def _generate(params, adapter, tokens, lengths, key, *, cfg, gen, cache_len, str
     stop = jnp.asarray(stop_tokens if stop_tokens else [-1], jnp.int32)
 
     cache = init_cache(cfg, B, cache_len, params.dtype)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg, adapter=adapter)
+    logits, cache = prefill(params, cache, tokens, lengths, cfg, adapter=adapter,
+                            chunk=prefill_chunk(gen.prefill_tokens, B))
 
     def emit(step, token, done, out):
         token = jnp.where(done, PAD, token)

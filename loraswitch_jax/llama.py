@@ -280,9 +280,37 @@ def prefill(
     *,
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "xla",
+    chunk: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work)."""
-    return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter, impl=impl)
+    """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work).
+
+    ``chunk``: append ``chunk`` tokens of every prompt at a time, a ``lax.scan`` over the chunks,
+    so that a large batch of long prompts fits: the attention scores of one pass are
+    ``[B, H, chunk, cache_len]`` float32 (64 prompts of 1024 tokens at once need ~10 GB a layer).
+    The logits and the cache equal those of one pass.
+    """
+    B, T = tokens.shape
+    if chunk is None or chunk >= T:
+        return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter,
+                      impl=impl)
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    n = -(-T // chunk)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))
+
+    def step(carry, c):
+        cache, logits = carry
+        piece = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
+        piece_lengths = jnp.clip(lengths - c * chunk, 0, chunk).astype(lengths.dtype)
+        # A prompt that ended in an earlier chunk appends nothing: its cache length stays, and
+        # what this pass writes past it is overwritten by decoding before any query can see it.
+        new, cache = extend(params, cache, piece, piece_lengths, cfg, scan_layers=True,
+                            adapter=adapter, impl=impl)
+        return (cache, jnp.where((piece_lengths > 0)[:, None], new, logits)), None
+
+    logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    (cache, logits), _ = jax.lax.scan(step, (cache, logits), jnp.arange(n))
+    return logits, cache
 
 
 def decode_step(

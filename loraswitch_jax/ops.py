@@ -163,9 +163,10 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
         return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
     if shrink == "pallas":
+        # Slot-major: the routed kernel reads the shrink's output as written, no copy between.
         group = iter(shrink_kernel.lora_shrink_group(
             flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
-            interpret=impl.interpret))
+            slot_major=True, interpret=impl.interpret))
         xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
     else:
         xas = tuple(

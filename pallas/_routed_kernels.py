@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 
 from ._tiles import (
     SCALAR,
+    SlotMajor,
     bias_row,
     blocks_name,
     check_adapted,
@@ -30,6 +31,7 @@ from ._tiles import (
     compiler_params,
     dot_f32,
     expert_tile,
+    fit_shared_memory,
     out_shape,
     pad_rows,
     row_blocks,
@@ -70,8 +72,9 @@ def check_arity(count: int, **groups) -> None:
 
 
 def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_experts) -> None:
-    """Shapes of ``x [M, K]``, ``w [L, K, N]``, ``bias [L, N]``, ``xa [M, S, r]`` and
-    ``b [La, E, r, N]`` (all keyed by projection name), with one ``L`` and one ``(La, E)``."""
+    """Shapes of ``x [M, K]``, ``w [L, K, N]``, ``bias [L, N]``, ``xa [M, S, r]`` (or a
+    :class:`SlotMajor` ``[S, Mp, r]``) and ``b [La, E, r, N]`` (all keyed by projection name),
+    with one ``L`` and one ``(La, E)``."""
     if x.ndim != 2:
         raise ValueError(f"expected x [M, K], got {x.shape=}")
     m, k = x.shape
@@ -94,7 +97,12 @@ def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_exp
             raise ValueError(f"{name}: pass both its xa and its b stack, or neither")
         if xa is None:
             continue
-        if xa.ndim != 3 or xa.shape[:2] != (m, num_slots):
+        if isinstance(xa, SlotMajor):
+            xa, mp = xa.xa, row_blocks(m)[1]
+            if xa.ndim != 3 or xa.shape[:2] != (num_slots, mp):
+                raise ValueError(f"expected the slot-major xa of {name} [S={num_slots}, Mp={mp}, "
+                                 f"r], got {xa.shape}")
+        elif xa.ndim != 3 or xa.shape[:2] != (m, num_slots):
             raise ValueError(f"expected the xa of {name} [M={m}, S={num_slots}, r], got {xa.shape}")
         if xa.dtype != x.dtype:
             raise ValueError(f"the xa of {name} is {xa.dtype}, expected x's dtype {x.dtype}")
@@ -294,7 +302,8 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         if len(lora) == 2:
             # xa as [S, Mp, r]: each slot's rows contiguous, loaded as one [block_m, r] block.
             xa, b = lora
-            operands += [pad_rows(xa, mp).transpose(1, 0, 2), b]
+            xa = xa.xa if isinstance(xa, SlotMajor) else pad_rows(xa, mp).transpose(1, 0, 2)
+            operands += [xa, b]
             specs += [pl.BlockSpec((num_slots, block_m, xa.shape[2]), lambda n, s, m: (0, m, 0)),
                       whole(b.shape)]
         else:
@@ -332,13 +341,28 @@ def inline_loras(as_, slot_weights, bs):
     return tuple(None if a is None else (a, slot_weights, b) for a, b in zip(as_, bs))
 
 
+def _fit_inline(bs, m, loras, *, one_branch):
+    """Default blocks made to fit shared memory beside the inline shrink's ``A`` tiles (``S``
+    slots of rank ``r`` per adapted projection, streamed with ``W``): ``one_branch`` when all
+    projections share one program (gate/up), else one branch each (q, k, v)."""
+    extra = [0 if lr is None or len(lr) != 3 else lr[0].shape[3] * lr[1].shape[1] for lr in loras]
+    if not any(extra):
+        return bs
+    block_m = row_blocks(m)[0]
+    if one_branch:
+        branches = ((bs.block_n,) * len(loras) + (sum(extra),),)
+    else:
+        branches = tuple((bs.block_n, e) for e in extra)
+    return fit_shared_memory(bs, block_m, branches)
+
+
 def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
                       interpret):
     """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras` or
     :func:`inline_loras`); default blocks from ``stacked_matmul``."""
     m, k = x.shape
     n = w.shape[2]
-    bs_ = block_sizes or default_block_sizes(m, k, n)
+    bs_ = block_sizes or _fit_inline(default_block_sizes(m, k, n), m, (lora,), one_branch=True)
     check_block_sizes(bs_, k, {"N": n})
     out = _launch(functools.partial(_projections_kernel, blocks=(n // bs_.block_n,)), name, x,
                   (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
@@ -359,7 +383,8 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         raise ValueError(f"wk and wv must have one shape, got {wk.shape=} and {wv.shape=}")
     m, k = x.shape
     nq, nkv = wq.shape[2], wk.shape[2]
-    bs_ = block_sizes or default_qkv_block_sizes(m, k, nq, nkv)
+    bs_ = block_sizes or _fit_inline(default_qkv_block_sizes(m, k, nq, nkv), m, loras,
+                                     one_branch=False)
     check_block_sizes(bs_, k, {"Nq": nq, "Nkv": nkv})
     blocks = (nq // bs_.block_n, nkv // bs_.block_n, nkv // bs_.block_n)
     out = _launch(functools.partial(_projections_kernel, blocks=blocks), name, x, ws, layer,
@@ -385,7 +410,8 @@ def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, 
                          f"{w_up.shape=}")
     m, k = x.shape
     f = w_gate.shape[2]
-    bs_ = block_sizes or default_gate_up_block_sizes(m, k, f)
+    bs_ = block_sizes or _fit_inline(default_gate_up_block_sizes(m, k, f), m, loras,
+                                     one_branch=True)
     check_block_sizes(bs_, k, {"F": f})
     fused = bs_.split_k == 1
     out = _launch(_gate_up_kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,

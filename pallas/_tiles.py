@@ -12,6 +12,8 @@ checks of block sizes and of indices.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,8 @@ from jax.experimental.pallas import triton as plgpu
 __all__ = [
     "MAX_BLOCK_M",
     "SCALAR",
+    "SHARED_MEMORY_BYTES",
+    "SlotMajor",
     "bias_row",
     "blocks_name",
     "check_adapted",
@@ -40,6 +44,7 @@ __all__ = [
     "pad_rows",
     "padded_rows",
     "row_blocks",
+    "shared_memory_bytes",
     "stream_columns",
     "stream_k",
     "weight_tile",
@@ -47,6 +52,18 @@ __all__ = [
 ]
 
 MAX_BLOCK_M = 64  # rows per program of the routed kernels; not measured (decode fits in one)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotMajor:
+    """A shrink ``x A`` already in the layout the routed kernels read: ``xa [S, Mp, r]``, each
+    slot's rows contiguous and padded to the row blocks (:func:`row_blocks`), as
+    ``lora_shrink_group(..., slot_major=True)`` writes it. Handing it on as is saves the slice,
+    pad and transpose (small XLA launches) between the two kernels of every projection group;
+    at decode such launches, not bytes, set the adapter's cost (DESIGN.md §2)."""
+
+    xa: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,28 +94,33 @@ def check_block_sizes(bs, k: int, ns: dict[str, int]) -> None:
         raise ValueError(f"{bs} does not tile K={k} (block_k * split_k must divide it)")
 
 
-# Shared memory a program may pipeline through: an H100's 227 KiB per block. Estimated as Triton
-# buffers K-loop tiles: (num_stages - 1) copies of each streamed tile. The measured 7B defaults
-# sit at or under it with 16 rows (qkv, n128 k128 st3: 3 branches x 2 x (16 + 128) x 128 x 2 B
-# = 221 KiB, compiled and ran on an H100); more rows need shallower K steps.
+# Shared memory a program may pipeline through: an H100's 227 KiB per block (232448 B).
 SHARED_MEMORY_BYTES = 227 * 1024
 
 
-def fit_shared_memory(bs, block_m: int, widths: tuple[int, ...], itemsize: int = 2):
-    """``bs`` with ``block_k`` halved (it still tiles ``K``) until one program's pipelined tiles
-    fit :data:`SHARED_MEMORY_BYTES`: per stage an ``x`` tile ``[block_m, block_k]`` and a
-    ``[block_k, w]`` tile for each ``w`` in ``widths``, per branch, where each branch (one per
-    entry of ``widths``: qkv's three projections are separate code paths) keeps its own buffers.
+def shared_memory_bytes(bs, block_m: int, branches: tuple[tuple[int, ...], ...],
+                        itemsize: int = 2) -> int:
+    """Estimated shared memory of one program's K-loop buffers: per branch (a code path of its
+    own, e.g. one of q, k, v; each keeps its own buffers) an ``x`` tile ``[block_m, block_k]``
+    plus a ``[block_k, w]`` tile for each width ``w`` it streams (``gate`` and ``up`` share one
+    branch), in ``num_stages`` copies for a single branch and ``num_stages - 1`` for several.
 
-    The defaults were measured with 16 rows; decode at batch 17-64 pads to 32 or 64 rows, where
+    An empirical fit to what Triton asked for on an H100 (JAX 0.11.2), not a derivation: exact
+    for gate/up at 64 rows, n128 k128 st3 (245760 B) and for q/k/v with the inline shrink at 16
+    rows, two rank-16 slots (270336 B); q/k/v at 16 rows (n128 k128 st3: 221184 B) and the q/k/v
+    shrink (k512, r16) compiled and ran; q/k/v n64 k256 (245760 B) did not."""
+    copies = bs.num_stages if len(branches) == 1 else bs.num_stages - 1
+    return copies * itemsize * bs.block_k * sum(block_m + sum(w) for w in branches)
+
+
+def fit_shared_memory(bs, block_m: int, branches: tuple[tuple[int, ...], ...], itemsize: int = 2):
+    """``bs`` with ``block_k`` halved (it still tiles ``K``) until :func:`shared_memory_bytes`
+    fits :data:`SHARED_MEMORY_BYTES`. The defaults were measured with 16 rows; decode at batch
+    17-64 pads to 32 or 64 rows, and the inline shrink streams ``A`` tiles beside ``W``, where
     the same blocks would not compile."""
-    import dataclasses
-
-    def estimate(block_k):
-        return sum((bs.num_stages - 1) * (block_m + w) * block_k * itemsize for w in widths)
-
     block_k = bs.block_k
-    while block_k > 16 and estimate(block_k) > SHARED_MEMORY_BYTES:
+    while block_k > 16 and shared_memory_bytes(dataclasses.replace(bs, block_k=block_k), block_m,
+                                               branches, itemsize) > SHARED_MEMORY_BYTES:
         block_k //= 2
     return bs if block_k == bs.block_k else dataclasses.replace(bs, block_k=block_k)
 

@@ -65,8 +65,8 @@ __all__ = [
 #     stacked_matmul calls; M = 8: 41.6 us. (XLA's three dots, unrolled with no loop: 43.2 us.)
 #   gate_up 4096 -> 2 x 11008: 68.7-70.6 us (0.91-0.93) vs 76.2 us for two stacked_matmul calls
 #     and SiLU; M = 8: 67.9 us. split_k = 2 (SiLU after an XLA reduction) lost: 75.6 us.
-# qkv's three branches each keep their own pipeline buffers, so it needs three times a single
-# GEMV's shared memory: n64/k256 and larger tiles do not fit at num_stages = 3.
+# qkv's three branches each keep their own pipeline buffers (_tiles.shared_memory_bytes):
+# n64/k256 and larger tiles do not fit at num_stages = 3.
 _TUNED_QKV: dict[tuple[int, int, int], BlockSizes] = {
     (4096, 4096, 4096): BlockSizes(block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3),
 }
@@ -143,17 +143,16 @@ def _gcd(a: int, b: int) -> int:
 
 def default_qkv_block_sizes(m: int, k: int, nq: int, nkv: int) -> BlockSizes:
     """Measured blocks for known shapes (``_TUNED_QKV``, 16 rows), else a heuristic that tiles
-    the shape; K steps made shallower where more rows would overflow shared memory (each of the
-    three branches keeps its own buffers)."""
+    the shape; K steps made shallower where more rows would overflow shared memory."""
     bs = _TUNED_QKV.get((k, nq, nkv)) or _heuristic(k, (nq, nkv, nkv))
-    return fit_shared_memory(bs, padded_rows(m), (bs.block_n,) * 3)
+    return fit_shared_memory(bs, padded_rows(m), ((bs.block_n,),) * 3)
 
 
 def default_gate_up_block_sizes(m: int, k: int, f: int) -> BlockSizes:
     """Measured blocks for known shapes (``_TUNED_GATE_UP``), else the same heuristic on the
     ``F`` columns of each weight (SiLU in the kernel needs ``split_k = 1``, which also won)."""
     bs = _TUNED_GATE_UP.get((k, f)) or dataclasses.replace(_heuristic(k, (f,)), split_k=1)
-    return fit_shared_memory(bs, padded_rows(m), (bs.block_n,) * 2)
+    return fit_shared_memory(bs, padded_rows(m), ((bs.block_n, bs.block_n),))
 
 
 def _check_operands(x, weights: dict[str, jax.Array], biases: dict[str, jax.Array | None]):

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 
 from ._tiles import (
     SCALAR,
+    SlotMajor,
     check_adapted,
     check_experts,
     check_rank,
@@ -60,6 +61,7 @@ from ._tiles import (
 
 __all__ = [
     "ShrinkBlockSizes",
+    "SlotMajor",
     "default_shrink_block_sizes",
     "lora_shrink",
     "lora_shrink_group",
@@ -88,7 +90,7 @@ def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16,
     ``projections * S`` programs stream."""
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
     bs = ShrinkBlockSizes(block_k=largest_divisor(k, depths))
-    return fit_shared_memory(bs, block_m, (rank,) * projections)
+    return fit_shared_memory(bs, block_m, ((rank,),) * projections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +229,9 @@ def lora_shrink_group(
     slot_weights: jax.Array,
     *,
     block_sizes: ShrinkBlockSizes | None = None,
+    slot_major: bool = False,
     interpret: bool = False,
-) -> tuple[jax.Array, ...]:
+) -> tuple[jax.Array | SlotMajor, ...]:
     """:func:`lora_shrink` of every projection that reads ``x`` (``q, k, v`` or ``gate, up``; or
     one), in one launch.
 
@@ -247,23 +250,25 @@ def lora_shrink_group(
       slot_weights: ``[M, S]`` float32, from :func:`route_slots`.
       block_sizes: ``block_k * split_k`` must divide ``K``; default
         :func:`default_shrink_block_sizes` (not measured).
+      slot_major: return each output as the kernel wrote it, a :class:`SlotMajor` ``[S, Mp, r_p]``
+        (rows padded), which the routed kernels take without a copy.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
-      One ``[M, S, r_p]`` per stack, in ``x.dtype`` (float32 accumulation), equal to
-      :func:`lora_shrink_group_reference`.
+      One ``[M, S, r_p]`` per stack (or :class:`SlotMajor`), in ``x.dtype`` (float32
+      accumulation), equal to :func:`lora_shrink_group_reference`.
     """
     a = tuple(a)
     if not a:
         raise ValueError("lora_shrink_group needs at least one a stack")
     check_adapted(adapted_layer, slot_experts, a[0].shape[:2])
     return _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights,
-                              block_sizes=block_sizes, interpret=interpret)
+                              block_sizes=block_sizes, slot_major=slot_major, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "slot_major", "interpret"))
 def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block_sizes,
-                       interpret):
+                       slot_major, interpret):
     _check_group(x, a, slot_experts, slot_weights)
     m, k = x.shape
     ranks = [a_p.shape[3] for a_p in a]
@@ -271,15 +276,16 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
     bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks), block_m, len(a))
     _check_shrink_blocks(bs_, k)
     num_slots, split_k = slot_experts.shape[0], bs_.split_k
-    # Grid: (projections, slots, split_k, row blocks).
+    # Grid: (projections, slots, split_k, row blocks). Outputs slot-major, [S, Mp, r] (one
+    # [block_m, r] block per program): the layout the routed kernels read.
     if split_k == 1:
-        out_shapes = [jax.ShapeDtypeStruct((mp, num_slots, r), x.dtype) for r in ranks]
-        out_specs = [pl.BlockSpec((block_m, None, r), lambda p, s, j, i: (i, s, 0))
+        out_shapes = [jax.ShapeDtypeStruct((num_slots, mp, r), x.dtype) for r in ranks]
+        out_specs = [pl.BlockSpec((None, block_m, r), lambda p, s, j, i: (s, i, 0))
                      for r in ranks]
     else:
-        out_shapes = [jax.ShapeDtypeStruct((split_k, mp, num_slots, r), jnp.float32)
+        out_shapes = [jax.ShapeDtypeStruct((split_k, num_slots, mp, r), jnp.float32)
                       for r in ranks]
-        out_specs = [pl.BlockSpec((None, block_m, None, r), lambda p, s, j, i: (j, i, s, 0))
+        out_specs = [pl.BlockSpec((None, None, block_m, r), lambda p, s, j, i: (j, s, i, 0))
                      for r in ranks]
     outs = pl.pallas_call(
         functools.partial(_shrink_group_kernel, block_k=bs_.block_k, k_per_split=k // split_k),
@@ -297,5 +303,7 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
     )(jnp.asarray(adapted_layer, jnp.int32), slot_experts.astype(jnp.int32), pad_rows(x, mp),
       pad_rows(slot_weights.astype(jnp.float32), mp).T, *a)
     if split_k > 1:
-        outs = [out.sum(axis=0) for out in outs]
-    return tuple(out[:m].astype(x.dtype) for out in outs)
+        outs = [out.sum(axis=0).astype(x.dtype) for out in outs]
+    if slot_major:
+        return tuple(SlotMajor(out) for out in outs)
+    return tuple(out[:, :m].transpose(1, 0, 2).astype(x.dtype) for out in outs)

@@ -244,7 +244,7 @@ def routed_matmul(
       w: ``[L, K, N]`` stacked weights.
       layer: the layer of ``w`` (and ``bias``) to read; may be traced.
       xa: ``[M, S, r]`` in ``x.dtype``, from :func:`lora_shrink` or
-        :func:`lora_shrink.lora_shrink_group`.
+        :func:`lora_shrink.lora_shrink_group`, or that one's ``slot_major`` output as is.
       b: ``[La, E, r, N]`` stacked LoRA ``B`` experts.
       adapted_layer: the layer of ``b`` to read; may be traced.
       slot_experts: ``[S]`` int32, from :func:`lora_shrink.route_slots`; may be traced.
@@ -339,8 +339,8 @@ def routed_qkv_matmul(
       x: ``[M, K]`` activations.
       wq: ``[L, K, Nq]``; ``wk``, ``wv``: ``[L, K, Nkv]``.
       layer: may be traced.
-      xas: ``(xa_q, xa_k, xa_v)``, each ``[M, S, r]`` from :func:`lora_shrink` (or
-        :func:`lora_shrink.lora_shrink_group`) or ``None`` (that projection is not adapted).
+      xas: ``(xa_q, xa_k, xa_v)``, each as ``xa`` in :func:`routed_matmul`, or ``None`` (that
+        projection is not adapted).
       bs: the matching ``[La, E, r, N]`` ``B`` stacks (``None`` where ``xa`` is).
       adapted_layer, slot_experts: as in :func:`routed_matmul`.
       biases: ``(b_q, b_k, b_v)``, each ``[L, N]`` or ``None``.
@@ -440,8 +440,7 @@ def routed_gate_up_matmul(
       x: ``[M, K]`` activations.
       w_gate, w_up: ``[L, K, F]`` stacked weights.
       layer: may be traced.
-      xas: ``(xa_gate, xa_up)``, each ``[M, S, r]`` from :func:`lora_shrink` (or
-        :func:`lora_shrink.lora_shrink_group`) or ``None``.
+      xas: ``(xa_gate, xa_up)``, each as ``xa`` in :func:`routed_matmul`, or ``None``.
       bs: the matching ``[La, E, r, F]`` ``B`` stacks (``None`` where ``xa`` is).
       adapted_layer, slot_experts: as in :func:`routed_matmul`.
       b_gate, b_up: optional ``[L, F]`` biases.

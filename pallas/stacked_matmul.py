@@ -74,7 +74,7 @@ def default_block_sizes(m: int, k: int, n: int) -> BlockSizes:
     (N/block_n * split_k) to fill ~132 SMs: K is cut into smaller blocks when that is what lets
     it split (11008 = 43 * 256 splits 4 ways only with block_k <= 64)."""
     if (k, n) in _TUNED:  # measured with 16 rows; more rows take shallower K steps
-        return fit_shared_memory(_TUNED[(k, n)], padded_rows(m), (_TUNED[(k, n)].block_n,))
+        return fit_shared_memory(_TUNED[(k, n)], padded_rows(m), ((_TUNED[(k, n)].block_n,),))
     block_n = largest_divisor(n, (64, 32, 16))
     programs = n // block_n
     split_k = 1
@@ -84,7 +84,7 @@ def default_block_sizes(m: int, k: int, n: int) -> BlockSizes:
         split_k //= 2
     block_k = largest_divisor(k // split_k, (256, 128, 64, 32, 16))
     bs = BlockSizes(block_n=block_n, block_k=block_k, split_k=split_k)
-    return fit_shared_memory(bs, padded_rows(m), (bs.block_n,))
+    return fit_shared_memory(bs, padded_rows(m), ((bs.block_n,),))
 
 
 def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, k_per_split: int):

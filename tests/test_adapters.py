@@ -212,6 +212,44 @@ def test_prefill_and_decode_match_forward(model, tokens, mode):
         assert rel_err(step_logits, full[:, t]) < 1e-5
 
 
+@pytest.mark.parametrize("mode", [None, "switch"])
+def test_chunked_prefill_equals_one_pass(model, tokens, mode):
+    """Ragged prompts (30 and 11 tokens) prefilled 8 tokens at a time: the last logits, the
+    lengths and every cached key/value a query can see equal one pass; generation with chunks
+    (``prefill_tokens``) gives one pass's tokens."""
+    params, cfg = model
+    adapter = None if mode is None else make(cfg, mode=mode, num_experts=8)
+    lengths = jnp.asarray([30, 11], jnp.int32)
+    prompt = jnp.asarray(tokens[:, :30])
+    run = jax.jit(lj.prefill, static_argnames=("cfg", "chunk"))
+    cache = lj.init_cache(cfg, 2, 64, params.dtype)
+    want, want_cache = run(params, cache, prompt, lengths, cfg, adapter=adapter)
+    got, got_cache = run(params, cache, prompt, lengths, cfg, adapter=adapter, chunk=8)
+    assert rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(got_cache.lengths, want_cache.lengths)
+    for b, n in enumerate((30, 11)):
+        for got_kv, want_kv in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+            assert rel_err(got_kv[:, b, :n], want_kv[:, b, :n]) < 1e-5
+
+    prompts = [tokens[0, :40], tokens[1, :23]]
+    one_pass = lj.GenerateConfig(max_new_tokens=6, stop_tokens=(), prefill_tokens=None)
+    chunked = dataclasses.replace(one_pass, prefill_tokens=32)  # 16 tokens per prompt, 4 passes
+    assert lj.prefill_chunk(32, 2) == 16
+    np.testing.assert_array_equal(
+        lj.generate(params, cfg, prompts, chunked, adapter=adapter).tokens,
+        lj.generate(params, cfg, prompts, one_pass, adapter=adapter).tokens)
+
+
+def test_prefill_chunk_sizes():
+    assert lj.prefill_chunk(None, 64) is None
+    assert lj.prefill_chunk(8192, 1) == 8192
+    assert lj.prefill_chunk(8192, 64) == 128
+    assert lj.prefill_chunk(8192, 48) == 128  # 170 rounded down to a power of two
+    assert lj.prefill_chunk(100, 64) == 16
+    with pytest.raises(lj.GenerationError, match="prefill_tokens must be >= 16"):
+        lj.GenerateConfig(prefill_tokens=8)
+
+
 def test_generate_with_adapter(model, prompts):
     """Greedy generation with a switch adapter: the batch equals each prompt alone."""
     params, cfg = model

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from loraswitch_jax.pallas._tiles import row_blocks
 from loraswitch_jax.pallas.lora_shrink import (
     ShrinkBlockSizes,
     default_shrink_block_sizes,
@@ -108,6 +109,12 @@ def test_lora_shrink_group_matches_reference(m, e, k, dtype, ranks, blocks):
     for g, r, rank in zip(got, ref, ranks):
         assert g.shape == (m, slot_experts.shape[0], rank) and g.dtype == dtype
         assert rel_err(g, r) < TOL[dtype]
+    # The kernels' own layout: slot-major, rows padded to the row block, the same values.
+    raw = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
+                            slot_major=True, interpret=True)
+    for g, r in zip(raw, got):
+        assert g.xa.shape == (slot_experts.shape[0], row_blocks(m)[1], r.shape[2])
+        np.testing.assert_array_equal(g.xa[:, :m].transpose(1, 0, 2), r)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,12 @@ import pytest
 
 from conftest import rel_err
 from loraswitch_jax.adapters import lora_delta
-from loraswitch_jax.pallas.lora_shrink import lora_shrink, lora_shrink_group, route_slots
+from loraswitch_jax.pallas.lora_shrink import (
+    SlotMajor,
+    lora_shrink,
+    lora_shrink_group,
+    route_slots,
+)
 from loraswitch_jax.pallas.routed_projections import (
     BlockSizes,
     routed_gate_up_matmul,
@@ -197,9 +202,10 @@ def shrink_xla(x, as_, *route):
     return [None if a is None else lora_shrink(x, a, *route) for a in as_]
 
 
-def shrink_pallas(x, as_, *route):
+def shrink_pallas(x, as_, *route, slot_major=False):
     """``lora_shrink_group`` of the stacks in ``as_`` (``None`` stays ``None``)."""
-    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, interpret=True))
+    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route,
+                                 slot_major=slot_major, interpret=True))
     return [None if a is None else next(xas) for a in as_]
 
 
@@ -226,6 +232,8 @@ def via_xa(shrink):
 SHRINK_PLACEMENTS = {
     "xla": lambda: via_xa(shrink_xla),
     "pallas": lambda: via_xa(shrink_pallas),
+    # The shrink's own padded [S, Mp, r] output handed on as is (what ops does).
+    "pallas-slot-major": lambda: via_xa(functools.partial(shrink_pallas, slot_major=True)),
     "inline": lambda: tuple(functools.partial(f, **INTERPRET16) for f in (
         routed_qkv_matmul_inline_shrink, routed_gate_up_matmul_inline_shrink,
         routed_matmul_inline_shrink)),
@@ -334,6 +342,8 @@ def test_rejects_bad_input():
         call(slot_experts=slot_experts.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"expected the xa of w \[M=2, S="):
         call(xa=xa[:1])
+    with pytest.raises(ValueError, match=r"expected the slot-major xa of w \[S=4, Mp=16, r\]"):
+        call(xa=SlotMajor(xa.transpose(1, 0, 2)))  # rows not padded to the row block
     with pytest.raises(ValueError, match="expected x's dtype"):
         call(xa=xa.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match="rank r=8 must be a power of two"):
