@@ -81,16 +81,31 @@ class ShrinkBlockSizes:
     num_stages: int = 3
 
 
+# K steps one program of the grouped shrink runs in a row, at most (split_k spreads the rest).
+_MAX_SHRINK_STEPS = 2
+
+
 def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16,
                                projections: int = 1) -> ShrinkBlockSizes:
-    """Blocks for :func:`lora_shrink_group` (a heuristic, not measured): the deepest K step, up
-    to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in bf16), made shallower
-    where ``block_m`` rows of ``x`` and one branch per projection would overflow shared memory.
-    Deep steps keep many bytes in flight per program, which matters because at batch 1 only
-    ``projections * S`` programs stream."""
+    """Blocks for :func:`lora_shrink_group` (a heuristic; the split is not yet timed): the
+    deepest K step, up to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in
+    bf16), made shallower where ``block_m`` rows of ``x`` and one branch per projection would
+    overflow shared memory; then K split over enough programs that each runs at most
+    ``_MAX_SHRINK_STEPS`` steps.
+
+    Why split: at decode only ``projections * S`` programs would stream (6 for q, k, v of one
+    row with top-2), each a chain of dependent K steps (43 for ``down``'s 11008 rows), so the
+    shrink is bound by latency, not bytes. On the H100 the adapter's extra time per layer
+    (~52 us at batch 1, eval/results/adapters/) did not shrink when 7 small XLA launches per
+    layer were removed (0.13 ms per step for 224 launches), which leaves the four shrinks'
+    serial K loops; a split adds one small XLA reduction per group."""
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
-    bs = ShrinkBlockSizes(block_k=largest_divisor(k, depths))
-    return fit_shared_memory(bs, block_m, ((rank,),) * projections)
+    bs = fit_shared_memory(ShrinkBlockSizes(block_k=largest_divisor(k, depths)), block_m,
+                           ((rank,),) * projections)
+    steps = k // bs.block_k
+    split_k = next(d for d in range(1, steps + 1)
+                   if steps % d == 0 and steps // d <= _MAX_SHRINK_STEPS)
+    return dataclasses.replace(bs, split_k=split_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +264,7 @@ def lora_shrink_group(
       slot_experts: ``[S]`` int32, from :func:`route_slots`; may be traced.
       slot_weights: ``[M, S]`` float32, from :func:`route_slots`.
       block_sizes: ``block_k * split_k`` must divide ``K``; default
-        :func:`default_shrink_block_sizes` (not measured).
+        :func:`default_shrink_block_sizes` (not timed yet).
       slot_major: return each output as the kernel wrote it, a :class:`SlotMajor` ``[S, Mp, r_p]``
         (rows padded), which the routed kernels take without a copy.
       interpret: run in Pallas interpret mode (CPU tests).

@@ -148,6 +148,69 @@ def test_bootstrap_intervals():
     assert lo == hi == 5.0
 
 
+def _loss_diff(nll_a, nll_b, size):  # a ratio of sums, as the held-out statistics are
+    return (nll_a.sum(-1) - nll_b.sum(-1)) / size.sum(-1)
+
+
+@pytest.mark.parametrize("two_strata", [False, True])
+def test_cluster_bootstrap_with_one_row_per_group_is_the_row_bootstrap(two_strata):
+    rng = np.random.default_rng(1)
+    nll_a, nll_b = rng.normal(2.0, 0.5, (2, 60))
+    size = rng.integers(50, 200, 60).astype(np.float64)
+    strata = np.repeat([0, 1], 30) if two_strata else None
+    rows = scoring.bootstrap(_loss_diff, nll_a, nll_b, size, resamples=500, strata=strata)
+    groups = scoring.bootstrap(_loss_diff, nll_a, nll_b, size, resamples=500, strata=strata,
+                               groups=np.arange(60))
+    assert groups == pytest.approx(rows, rel=1e-12)
+
+
+def test_cluster_bootstrap_widens_for_correlated_rows():
+    # 30 texts of 20 windows each; a window's loss is mostly its text's (shared) effect.
+    rng = np.random.default_rng(2)
+    text = np.repeat(np.arange(30), 20)
+    effect = rng.normal(0.0, 1.0, 30)[text] + rng.normal(0.0, 0.1, text.size)
+    ones = np.ones(text.size)
+
+    def mean(x, count):
+        return x.sum(-1) / count.sum(-1)
+
+    lo, hi = scoring.bootstrap(mean, effect, ones, resamples=1000)
+    glo, ghi = scoring.bootstrap(mean, effect, ones, resamples=1000, groups=text)
+    assert ghi - glo > 3 * (hi - lo)  # ~sqrt(20) = 4.5x wider: 30 independent texts, not 600
+    assert glo < effect.mean() < ghi
+    # Equal-sized texts: drawing texts is the row bootstrap of the 30 text means.
+    text_means = effect.reshape(30, 20).mean(1)
+    assert (glo, ghi) == pytest.approx(
+        scoring.bootstrap(mean, text_means, np.ones(30), resamples=1000), rel=1e-12)
+
+
+def test_cluster_bootstrap_checks_its_groups():
+    x = np.arange(6.0)
+    with pytest.raises(ValueError, match="groups must have one label per row"):
+        scoring.bootstrap(lambda a: a.sum(-1), x, groups=np.arange(5))
+    with pytest.raises(ValueError, match="span more than one stratum"):
+        scoring.bootstrap(lambda a: a.sum(-1), x, strata=[0, 0, 0, 1, 1, 1],
+                          groups=[0, 0, 1, 1, 2, 2])
+
+
+def test_compare_draws_heldout_texts():
+    # Two domains of 10 texts x 8 windows; A's advantage over B varies by text only.
+    rng = np.random.default_rng(3)
+    domain, text = np.repeat([0, 1], 80), np.repeat(np.arange(20), 8)
+    size = np.full(160, 100.0)
+    nll_b = rng.normal(200.0, 5.0, 160)
+    nll_a = nll_b + 100.0 * rng.normal(-0.02, 0.02, 20)[text]
+    a, b = {"nll": nll_a, "size": size, "tasks": {}}, {"nll": nll_b, "size": size, "tasks": {}}
+
+    def widths(window_text):
+        data = accuracy.EvalSet([], domain, window_text, [], {}, {}, {}, {})
+        out = accuracy.compare(a, b, data, ("x", "y"), resamples=500, seed=0)
+        cells = [out["heldout_mean"], *out["heldout_by_domain"].values()]
+        return np.array([c["ci"][1] - c["ci"][0] for c in cells])
+
+    assert np.all(widths(text) > 2 * widths(np.arange(160)))
+
+
 def _budget_preset(**kw):
     one_step = OptimConfig(steps=1, warmup_steps=0)
     base = dict(name="t", model=TINY, seq_len=64, batch_size=4, pretrain=one_step,
@@ -243,3 +306,13 @@ def test_micro_experiment_writes_report(tmp_path):
         saved["methods"]["lora"]["params"]["experts"]
     assert "switch vs layerwise" in saved["comparisons"]
     assert "| switch |" in (out / "report.md").read_text()
+    assert "resample whole held-out texts" in (out / "report.md").read_text()
+    assert "resampling held-out texts" in saved["statement"]
+    # Every window's domain and text are saved, so the intervals can be recomputed.
+    scores = np.load(out / "scores.npz")
+    domain, text = scores["heldout_domain"], scores["heldout_text"]
+    assert domain.shape == text.shape == scores["switch/heldout_nll"].shape
+    for i, name in enumerate(saved["data"]["domains"]):
+        texts = np.unique(text[domain == i])
+        assert texts.size == saved["data"]["heldout_scored"][name]["texts"]
+        assert not np.isin(texts, text[domain != i]).any()  # text numbers differ across domains

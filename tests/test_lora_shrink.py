@@ -143,11 +143,14 @@ def test_lowers_to_triton():
 
 
 def test_default_shrink_block_sizes():
-    """Deep K steps with A tiles of at most 8192 elements, tiling Llama-2-7B's K."""
-    assert default_shrink_block_sizes(4096, 16).block_k == 512
-    assert default_shrink_block_sizes(4096, 64).block_k == 128
-    assert default_shrink_block_sizes(11008, 16).block_k == 256  # 11008 = 43 * 256
-    assert default_shrink_block_sizes(48, 1024).block_k == 16
+    """Deep K steps with A tiles of at most 8192 elements, tiling Llama-2-7B's K, split so
+    that no program runs more than two steps in a row."""
+    assert default_shrink_block_sizes(4096, 16) == ShrinkBlockSizes(block_k=512, split_k=4)
+    assert default_shrink_block_sizes(4096, 64) == ShrinkBlockSizes(block_k=128, split_k=16)
+    # 11008 = 43 * 256: 43 steps, 43 programs of one step
+    assert default_shrink_block_sizes(11008, 16) == ShrinkBlockSizes(block_k=256, split_k=43)
+    assert default_shrink_block_sizes(48, 1024) == ShrinkBlockSizes(block_k=16, split_k=3)
+    assert default_shrink_block_sizes(32, 16) == ShrinkBlockSizes(block_k=32, split_k=1)
 
 
 def test_rejects_bad_input():
