@@ -13,16 +13,19 @@
 3. Every model (and the backbone alone) is scored on held-out text (nats/byte per domain) and on
    the multiple-choice tasks (accuracy on summed and on per-byte log-probability, Wilson 95 %
    intervals, trivial baselines beside them); method differences get paired bootstrap intervals
-   (stratified by domain / task for the macro averages).
+   (stratified by domain / task for the macro averages). Held-out intervals draw whole held-out
+   texts (all windows of a drawn text; windows of one text are correlated), task intervals
+   draw items.
 4. Ablations of the switch adapter: ``k``, ``E`` (rank
    scaled to keep ``E * r * La`` fixed, rounded up to 1 where it cannot) and ``router_layer``
    (``0``: the route depends on the token id alone; ``L/2``: on context; adapters sit on layers
    ``router_layer..L-1`` in every mode, so the rank doubles to keep the budget).
 
 Outputs in OUT: ``report.json`` (config, seeds, data hashes, timings, every number),
-``report.md`` (tables and a plain statement of the result), ``scores.npz`` (per-text and per-item
-scores), plots (PNG). Everything is deterministic given the seed (up to floating-point
-reduction order on the device).
+``report.md`` (tables and a plain statement of the result), ``scores.npz`` (per-window and
+per-item scores, with each window's domain and text: enough to recompute every interval), plots
+(PNG). Everything is deterministic given the seed (up to floating-point reduction order on the
+device).
 
 Primary metric: held-out loss, which resolves differences far below what a few hundred
 multiple-choice items can (their intervals are several points wide).
@@ -400,10 +403,12 @@ def spread_windows(owner: np.ndarray, size: np.ndarray, budget: int, seed: int, 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-    """Sequences to score, built once and shared by every model."""
+    """Sequences to score, built once and shared by every model. Held-out intervals resample
+    whole texts (``window_text``), not windows."""
 
-    heldout: list[scoring.TokenSequence]  # windows, the resampling unit of the intervals
+    heldout: list[scoring.TokenSequence]  # windows
     window_domain: np.ndarray  # window -> domain index
+    window_text: np.ndarray  # window -> held-out text (numbered across domains)
     choices: list[scoring.TokenSequence]
     choice_bytes: dict[str, np.ndarray]  # task -> [n, 4]
     choice_rows: dict[str, slice]  # task -> its rows of `choices` (item-major, 4 per item)
@@ -414,13 +419,16 @@ class EvalSet:
 def eval_set(corpus: Corpus, preset: Preset, seed: int) -> EvalSet:
     """Held-out windows of every domain (:func:`spread_windows`) and option sequences of every
     task."""
-    windows, window_domain, info = [], [], {}
+    windows, window_domain, window_text, info = [], [], [], {}
+    first_text = 0  # the domain's first text number
     for i, domain in enumerate(corpus.domains):
         seqs, owner = scoring.heldout_sequences(corpus.heldout[domain], BOS, preset.seq_len)
         size = np.array([s.targets.sum() for s in seqs])
         keep = spread_windows(owner, size, preset.heldout_bytes, seed, f"heldout:{domain}")
         windows += [seqs[j] for j in keep]
         window_domain += [i] * len(keep)
+        window_text += (first_text + owner[keep]).tolist()
+        first_text += len(corpus.heldout[domain])
         info[domain] = {"texts": len(np.unique(owner[keep])), "windows": len(keep),
                         "bytes": int(size[keep].sum())}
     choices, choice_bytes, rows, truncated = [], {}, {}, {}
@@ -429,8 +437,8 @@ def eval_set(corpus: Corpus, preset: Preset, seed: int) -> EvalSet:
         rows[task] = slice(len(choices), len(choices) + len(seqs))
         choices += seqs
         choice_bytes[task], truncated[task] = num_bytes, cut
-    return EvalSet(windows, np.asarray(window_domain, np.int64), choices, choice_bytes, rows,
-                   truncated, info)
+    return EvalSet(windows, np.asarray(window_domain, np.int64),
+                   np.asarray(window_text, np.int64), choices, choice_bytes, rows, truncated, info)
 
 
 def evaluate(params: LlamaParams, cfg: LlamaConfig, adapter: Adapter | None, data: EvalSet,
@@ -504,12 +512,16 @@ def summarise(result: dict, data: EvalSet, corpus: Corpus) -> dict:
 
 def compare(a: dict, b: dict, data: EvalSet, domains: Sequence[str], resamples: int, seed: int
             ) -> dict:
-    """``a - b``: held-out loss (macro and per domain) and task accuracies, paired bootstrap."""
-    dom = data.window_domain
+    """``a - b``: held-out loss (macro and per domain) and task accuracies, paired bootstrap.
 
-    def interval(statistic, *columns, strata=None):
+    Held-out intervals draw whole texts (:attr:`EvalSet.window_text`), the same for both
+    methods; task intervals draw items.
+    """
+    dom, text = data.window_domain, data.window_text
+
+    def interval(statistic, *columns, strata=None, groups=None):
         return _interval(scoring.bootstrap(statistic, *columns, resamples=resamples, seed=seed,
-                                           strata=strata))
+                                           strata=strata, groups=groups))
 
     def macro_diff(nll_a, nll_b, size):  # mean over domains of the nats/byte difference
         return (_macro_loss(nll_a, size, dom, len(domains))
@@ -523,12 +535,12 @@ def compare(a: dict, b: dict, data: EvalSet, domains: Sequence[str], resamples: 
 
     columns = (a["nll"], b["nll"], a["size"])
     out = {"heldout_mean": {"diff": float(macro_diff(*columns)),
-                            "ci": interval(macro_diff, *columns, strata=dom)},
+                            "ci": interval(macro_diff, *columns, strata=dom, groups=text)},
            "heldout_by_domain": {}}
     for i, name in enumerate(domains):
         part = [c[dom == i] for c in columns]
         out["heldout_by_domain"][name] = {"diff": float(ratio_diff(*part)),
-                                          "ci": interval(ratio_diff, *part)}
+                                          "ci": interval(ratio_diff, *part, groups=text[dom == i])}
     if not a["tasks"]:
         return out
     tasks = list(a["tasks"])
@@ -570,8 +582,9 @@ def _environment() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _save_scores(results: dict, path: str) -> None:
-    arrays = {}
+def _save_scores(results: dict, data: EvalSet, path: str) -> None:
+    # The windows' domain and text are shared by every model: the held-out intervals group by them.
+    arrays = {"heldout_domain": data.window_domain, "heldout_text": data.window_text}
     for name, r in results.items():
         arrays[f"{name}/heldout_nll"], arrays[f"{name}/heldout_bytes"] = r["nll"], r["size"]
         for task, cs in r["tasks"].items():
@@ -675,12 +688,13 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
             "final_loss": float(np.mean(pre.losses[-max(1, len(pre.losses) // 10):])),
             "losses": pre.losses}},
         "methods": methods, "comparisons": comparisons,
+        "bootstrap_units": {"heldout": "text", "tasks": "item"},  # what compare() resamples
         "ablations": [v.name for v in p.ablations], "generations": generations,
         "sampler": {"temperature": SAMPLER.temperature, "top_k": SAMPLER.top_k},
     }
     report["statement"] = statement(report)
     report["plots"] = plots(report, out_dir)
-    _save_scores(results, os.path.join(out_dir, "scores.npz"))
+    _save_scores(results, data, os.path.join(out_dir, "scores.npz"))
     timings["total"] = time.perf_counter() - start
     report["timings"] = timings
     report = _jsonable(report)

@@ -63,7 +63,8 @@ def statement(report: dict) -> str:
             f"loss over "
             f"{len(report['data']['domains'])} domains is switch {loss['switch']:.4f}, layerwise "
             f"{loss['layerwise']:.4f}, LoRA {loss['lora']:.4f} nats/byte (backbone "
-            f"{loss['backbone']:.4f}). Switch minus layerwise is {fmt(sl)} (95 % CI): "
+            f"{loss['backbone']:.4f}). Switch minus layerwise is {fmt(sl)} (95 % CI, "
+            "resampling held-out texts): "
             f"{sl_words}. Switch minus LoRA is {fmt(sr)}: {words[d_sr]}; layerwise minus "
             f"LoRA is {fmt(lr)}: {words[d_lr]}.")
     if "tasks_mean_acc_norm" in c["switch vs layerwise"]:
@@ -175,7 +176,10 @@ def markdown(report: dict) -> str:
             f"{t} {d['tasks'][t]['items']}" for t in tasks) + "."]
     lines += ["", "## Differences (paired bootstrap 95 % intervals)", "",
               "A vs B is A minus B. Held-out loss in nats/byte (negative: A is better); accuracy "
-              "as a fraction (positive: A is better); task means are macro averages.", "",
+              "as a fraction (positive: A is better); task means are macro averages. Held-out "
+              "intervals resample whole held-out texts within each domain (a drawn text brings "
+              "all its windows: windows cut from one text are correlated), the same texts for "
+              "both methods; task intervals resample items within each task.", "",
               "| comparison | held-out mean | per-byte task mean | summed task mean |",
               "| --- | --- | --- | --- |"]
     for name, x in report["comparisons"].items():

@@ -15,7 +15,8 @@ padding comes after the real tokens, so a causal model's scores do not depend on
   space), summed, and per byte of the continuation (length-normalised; lm-eval-harness's
   ``acc_norm``). A context too long for the window loses its oldest bytes.
 * Intervals: :func:`wilson_interval` for one accuracy; :func:`bootstrap` for anything else
-  (percentile bootstrap; pass several columns to resample them together, i.e. paired).
+  (percentile bootstrap; pass several columns to resample them together, i.e. paired; pass
+  ``groups`` to draw whole clusters of correlated rows, e.g. all windows of one held-out text).
 """
 
 from __future__ import annotations
@@ -258,33 +259,74 @@ def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[floa
 
 
 def bootstrap(statistic: Callable[..., np.ndarray], *columns: np.ndarray, resamples: int = 2000,
-              level: float = 0.95, seed: int = 0, strata: np.ndarray | None = None
-              ) -> tuple[float, float]:
+              level: float = 0.95, seed: int = 0, strata: np.ndarray | None = None,
+              groups: np.ndarray | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(*columns)``.
 
     Rows are resampled with replacement, the same rows for every column (a paired bootstrap
     when the columns are two methods' scores on the same items). ``statistic`` gets the
     resampled columns as ``[resamples, n]`` arrays and reduces the last axis, e.g.
     ``lambda a, b: a.mean(-1) - b.mean(-1)`` or ``lambda nll, size: nll.sum(-1) / size.sum(-1)``.
-    With ``strata [n]`` (group labels) rows are drawn within their group and stay in their
-    group's columns, so ``statistic`` may slice the columns by group (e.g. a macro average).
+    With ``strata [n]`` (stratum labels) rows are drawn within their stratum and stay in their
+    stratum's columns, so ``statistic`` may slice the columns by stratum (e.g. a macro average).
+
+    With ``groups [n]`` (cluster labels, e.g. the source text of each scoring window) whole
+    clusters are drawn instead of rows, the same clusters for every column: as many clusters
+    as there are, with replacement, within their stratum (a cluster must lie in one stratum).
+    Rows of one cluster are correlated (the windows of one long file), and drawing them
+    independently makes the interval too narrow. Rows stay in place and are weighted:
+    ``statistic`` gets each column times the number of times the row's cluster was drawn (all
+    ones reproduce the point estimate). That equals concatenating the drawn clusters' rows for
+    a statistic made of column sums, such as ``nll.sum(-1) / size.sum(-1)``; write a mean as a
+    ratio of sums (a column of ones counts the rows), not as ``.mean(-1)``.
     """
     n = len(columns[0])
     if any(len(c) != n for c in columns):
         raise ValueError(f"columns differ in length: {[len(c) for c in columns]}")
     if n == 0:
         return float("nan"), float("nan")
+    for name, labels in (("strata", strata), ("groups", groups)):
+        if labels is not None and np.shape(labels) != (n,):
+            raise ValueError(f"{name} must have one label per row ({n}), got shape "
+                             f"{np.shape(labels)}")
+    strata = None if strata is None else np.asarray(strata)
     rng = np.random.default_rng(seed)
-    if strata is None:
+    if groups is not None:
+        weights = _cluster_weights(rng, np.asarray(groups), strata, resamples)
+        resampled = (np.asarray(c, np.float64) * weights for c in columns)
+    elif strata is None:
         index = rng.integers(0, n, size=(resamples, n))
+        resampled = (np.asarray(c)[index] for c in columns)
     else:
-        strata = np.asarray(strata)
-        if strata.shape != (n,):
-            raise ValueError(f"strata must have one label per row ({n}), got {strata.shape}")
         index = np.empty((resamples, n), np.int64)
         for label in np.unique(strata):
             slots = np.flatnonzero(strata == label)
             index[:, slots] = slots[rng.integers(0, slots.size, size=(resamples, slots.size))]
-    values = np.asarray(statistic(*(np.asarray(c)[index] for c in columns)), np.float64)
+        resampled = (np.asarray(c)[index] for c in columns)
+    values = np.asarray(statistic(*resampled), np.float64)
     tail = (1 - level) / 2
     return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
+
+
+def _cluster_weights(rng: np.random.Generator, groups: np.ndarray, strata: np.ndarray | None,
+                     resamples: int) -> np.ndarray:
+    """``[resamples, n]``: how often each row's cluster is drawn in each resample (clusters drawn
+    with replacement within their stratum, as many as the stratum has, in label order)."""
+    labels, cluster = np.unique(groups, return_inverse=True)
+    if strata is None:
+        stratum_of = np.zeros(labels.size, np.int64)
+    else:
+        _, stratum = np.unique(strata, return_inverse=True)
+        pairs = np.unique(np.stack([cluster, stratum]), axis=1)  # sorted by cluster
+        if pairs.shape[1] != labels.size:
+            spread = labels[np.bincount(pairs[0]) > 1]
+            raise ValueError(f"groups {spread[:5].tolist()} span more than one stratum; each "
+                             "group must lie in one stratum")
+        stratum_of = pairs[1]
+    counts = np.zeros(resamples * labels.size, np.int64)
+    offsets = labels.size * np.arange(resamples)[:, None]
+    for s in np.unique(stratum_of):
+        members = np.flatnonzero(stratum_of == s)
+        draws = members[rng.integers(0, members.size, size=(resamples, members.size))]
+        counts += np.bincount((offsets + draws).ravel(), minlength=counts.size)
+    return counts.reshape(resamples, labels.size)[:, cluster].astype(np.float64)
