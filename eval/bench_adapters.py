@@ -388,27 +388,25 @@ def bench_case(case: Case, params: LlamaParams, bc: BenchConfig, bw: dict) -> di
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (case.batch, case.context), np.int32))
     lengths = jnp.full((case.batch,), case.context, jnp.int32)
     args = (params, adapter, tokens, lengths, key)
-    runs, compile_s = {}, {}
-    for n_new in (1, n):
-        # Sampled at temperature 1 (seeded): random weights decode greedily into repeats, whose
-        # routes rarely change; sampled tokens change the route on almost every step.
-        gen = GenerateConfig(max_new_tokens=n_new, sampler=Sampler(temperature=1.0),
-                             stop_tokens=(),
-                             cache_len=cache_len, impl=mode.kernels(impl),
-                             switch_strategy=mode.strategy)
-        t0 = time.perf_counter()
-        runs[n_new] = _generate.lower(*args, cfg=cfg, gen=gen, cache_len=cache_len,
-                                      stream=None).compile()
-        compile_s[n_new] = time.perf_counter() - t0
-    log(f"  compiled in {compile_s[1]:.1f}s + {compile_s[n]:.1f}s")
-    jax.block_until_ready(runs[1](*args))  # warm-up of both
-    generated = np.asarray(runs[n](*args))
+    # Sampled at temperature 1 (seeded): random weights decode greedily into repeats, whose
+    # routes rarely change; sampled tokens change the route on almost every step.
+    gen = GenerateConfig(max_new_tokens=n, sampler=Sampler(temperature=1.0), stop_tokens=(),
+                         cache_len=cache_len, impl=mode.kernels(impl),
+                         switch_strategy=mode.strategy)
+    t0 = time.perf_counter()
+    # One program for both lengths: it runs ``steps`` tokens (1 or N), traced.
+    run = _generate.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=cache_len,
+                          stream=None).compile()
+    compile_s = time.perf_counter() - t0
+    log(f"  compiled in {compile_s:.1f}s")
+    jax.block_until_ready(run(*args, jnp.int32(1)))  # warm-up
+    generated = np.asarray(run(*args, jnp.int32(n)))
     if (generated < 0).any():  # a PAD would mean the loop stopped early and ran fewer steps
         raise RuntimeError("generate stopped early; the step count would be wrong")
     times = {1: [], n: []}
     for _ in range(bc.reps):  # interleaved, so a drift in clocks hits both alike
         for m in (1, n):
-            times[m] += _time_calls(lambda m=m: runs[m](*args), 1, warmup=0)
+            times[m] += _time_calls(lambda m=m: run(*args, jnp.int32(m)), 1, warmup=0)
     step_ms = (_median_ms(times[n]) - _median_ms(times[1])) / (n - 1)
     prefill_ms = _median_ms(times[1])
     row.update(
@@ -418,7 +416,7 @@ def bench_case(case: Case, params: LlamaParams, bc: BenchConfig, bw: dict) -> di
         tokens_per_s=1e3 * case.batch / step_ms if step_ms > 0 else None,
         prefill_ms=prefill_ms,
         prefill_tokens_per_s=1e3 * case.batch * case.context / prefill_ms,
-        launches=count_loop_launches(runs[n].as_text()),
+        launches=count_loop_launches(run.as_text()),
     )
     # The N-token run adds decode steps reading context + 1 .. context + N - 1 slots.
     nbytes = decode_bytes(params, cfg, case.batch, case.context + n / 2)

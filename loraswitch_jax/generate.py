@@ -147,9 +147,12 @@ def prefill_chunk(prefill_tokens: int | None, batch: int) -> int | None:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "cache_len", "stream"))
-def _generate(params, adapter, tokens, lengths, key, *, cfg, gen, cache_len, stream):
+def _generate(params, adapter, tokens, lengths, key, steps=None, *, cfg, gen, cache_len, stream):
+    # ``steps`` (traced, optional): stop after that many tokens (the rest stay PAD), so one
+    # compiled program serves every shorter generation; benchmarks time 1 vs N tokens with it.
     B = tokens.shape[0]
     n_new = gen.max_new_tokens
+    limit = n_new if steps is None else jnp.minimum(steps, n_new)
     stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
     stop = jnp.asarray(stop_tokens if stop_tokens else [-1], jnp.int32)
 
@@ -171,7 +174,7 @@ def _generate(params, adapter, tokens, lengths, key, *, cfg, gen, cache_len, str
         resolve_strategy(gen.switch_strategy, B) == "merge")
 
     def cond(state):
-        return (state[0] < n_new) & ~jnp.all(state[4])
+        return (state[0] < limit) & ~jnp.all(state[4])
 
     def body(state):
         step, token, cache, out, done, merged = state

@@ -210,3 +210,21 @@ def test_no_stop_tokens_never_stop(model, prompts, greedy):
     result = lj.generate(params, eos_cfg, prompts, GREEDY)
     np.testing.assert_array_equal(result.tokens, greedy)
     assert result.lengths.tolist() == [MAX_NEW] * len(prompts)
+
+
+def test_traced_step_limit_serves_shorter_generations(model, prompts, greedy):
+    """``_generate(..., steps)``: one compiled program stops after ``steps`` tokens, which
+    equal the first ``steps`` of the full generation (the benchmarks time 1 vs N with it)."""
+    import jax
+
+    from loraswitch_jax.generate import _generate, prepare_prompts
+
+    params, cfg = model
+    tokens, lengths, cache_len = prepare_prompts(prompts, cfg, GREEDY.max_new_tokens, None)
+    run = _generate.lower(params, None, tokens, lengths, jax.random.key(0), jnp.int32(MAX_NEW),
+                          cfg=cfg, gen=GREEDY, cache_len=cache_len, stream=None).compile()
+    for steps in (1, 3, MAX_NEW, MAX_NEW + 5):
+        out = np.asarray(run(params, None, tokens, lengths, jax.random.key(0), jnp.int32(steps)))
+        n = min(steps, MAX_NEW)
+        np.testing.assert_array_equal(out[:, :n], greedy[:, :n])
+        assert (out[:, n:] == PAD).all()
