@@ -162,16 +162,39 @@ def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
     return comps, entry
 
 
-def count_launches(hlo: str, computation: str | None = None) -> dict[str, int]:
+_FUSION_KIND = re.compile(r"\bkind=(k\w+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_KERNEL_NAME = re.compile(r'\\?"name\\?":\s*\\?"([\w.\-]+?)(?:_m\d+_.*)?\\?"')
+
+
+def _kind(op: str, line: str) -> str:
+    """What a launching instruction runs, for the per-kind tally: ``fusion:kLoop``, a custom
+    call's target (a Pallas kernel by its name, block sizes dropped), or the opcode (``copy``,
+    ``scatter``, ...): enough to see where a step's launches go."""
+    if op == "fusion":
+        kind = _FUSION_KIND.search(line)
+        return f"fusion:{kind.group(1) if kind else '?'}"
+    if op == "custom-call":
+        target = _TARGET.search(line)
+        target = target.group(1) if target else "?"
+        if "triton" in target:
+            name = _KERNEL_NAME.search(line)
+            return f"pallas:{name.group(1)}" if name else "pallas"
+        return f"custom-call:{target}"
+    return op
+
+
+def count_launches(hlo: str, computation: str | None = None) -> dict:
     """Kernel launches of one run of ``computation`` (default: the entry) of compiled HLO text.
 
-    Returns ``{"launches", "in_command_buffers", "loops"}``; ``loops`` counts ``while`` /
-    ``conditional`` instructions. A ``while`` counts as one launch (its body is not expanded); a
-    ``conditional`` as one plus its largest branch (e.g. the merge kernels run when a route
-    changes).
+    Returns ``{"launches", "in_command_buffers", "loops", "kinds"}``; ``loops`` counts ``while`` /
+    ``conditional`` instructions; ``kinds`` tallies the launches by :func:`_kind`. A ``while``
+    counts as one launch (its body is not expanded); a ``conditional`` as one plus its largest
+    branch (e.g. the merge kernels run when a route changes).
     """
     comps, entry = _computations(hlo)
     counts = {"launches": 0, "in_command_buffers": 0, "loops": 0}
+    kinds: dict[str, int] = {}
 
     def walk(name: str, in_buffer: bool) -> None:
         for op, line in comps.get(name, []):
@@ -184,14 +207,18 @@ def count_launches(hlo: str, computation: str | None = None) -> dict[str, int]:
             counts["loops"] += op in ("while", "conditional")
             counts["launches"] += 1
             counts["in_command_buffers"] += in_buffer
+            kind = _kind(op, line)
+            kinds[kind] = kinds.get(kind, 0) + 1
             if op == "conditional":
                 branches = [count_launches(hlo, b) for b in _branches(line)]
                 largest = max(branches, key=lambda c: c["launches"], default=None)
                 for key in counts if largest else ():
                     counts[key] += largest[key]
+                for kind, n in (largest["kinds"] if largest else {}).items():
+                    kinds[kind] = kinds.get(kind, 0) + n
 
     walk(computation or entry, False)
-    return counts
+    return {**counts, "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
 
 
 def _branches(line: str) -> list[str]:
@@ -206,7 +233,7 @@ def count_loop_launches(hlo: str) -> dict[str, int]:
     """Launches per iteration of the largest ``while`` loop (the decode loop of ``_generate``:
     the prefill's layer scan is the other, smaller one); body plus condition."""
     comps, _ = _computations(hlo)
-    best = {"launches": 0, "in_command_buffers": 0, "loops": 0}
+    best = {"launches": 0, "in_command_buffers": 0, "loops": 0, "kinds": {}}
     for ops in comps.values():
         for op, line in ops:
             if op != "while":
@@ -216,7 +243,11 @@ def count_loop_launches(hlo: str) -> dict[str, int]:
                 continue
             body = count_launches(hlo, called.get("body"))
             cond = count_launches(hlo, called.get("condition"))
-            total = {k: body[k] + cond[k] for k in body}
+            total = {k: body[k] + cond[k] for k in body if k != "kinds"}
+            kinds = dict(body["kinds"])
+            for kind, n in cond["kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + n
+            total["kinds"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
             if total["launches"] > best["launches"]:
                 best = total
     return best

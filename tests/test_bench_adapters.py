@@ -194,6 +194,13 @@ def test_launch_counting():
     with_copy = HLO.replace("  ROOT %t = (s32[], f32[8]) tuple(%n, %g)",
                             "  %c = f32[8] copy(%g)\n  ROOT %t = (s32[], f32[8]) tuple(%n, %c)")
     assert count_loop_launches(with_copy)["launches"] == 5
+    # Tallied by kind: where a step's launches go.
+    assert count_loop_launches(with_copy)["kinds"] == {
+        "fusion:kLoop": 3, "custom-call:__cublas$gemm": 1, "copy": 1}
+    triton = ('  %k = f32[8] custom-call(%f), custom_call_target="__gpu$xla.gpu.triton", '
+              'backend_config={"name":"qkv_matmul_m16_n128_k128_s1_w4_st3","ir":"..."}\n')
+    with_kernel = HLO.replace("  %n = s32[]", triton + "  %n = s32[]")
+    assert count_loop_launches(with_kernel)["kinds"]["pallas:qkv_matmul"] == 1
 
 
 def test_conditional_counts_its_largest_branch():
