@@ -115,16 +115,20 @@ class Mode:
     strategy: str = "auto"
     max_batch: int | None = None
     shrink: str = "auto"
+    attention: str = "auto"
 
     def kernels(self, impl: str) -> str | Impl:
-        """``impl`` (the mode's or the command line's) with this mode's shrink placement."""
-        if impl == "xla" or self.shrink == "auto":
+        """``impl`` (the mode's or the command line's) with this mode's shrink placement and
+        attention."""
+        if impl == "xla" or (self.shrink, self.attention) == ("auto", "auto"):
             return impl
-        return Impl(backend="pallas", lora_shrink=self.shrink)
+        return Impl(backend="pallas", lora_shrink=self.shrink, attention=self.attention)
 
 
 MODES: dict[str, Mode] = {
     "backbone": Mode(None, "pallas"),
+    # The backbone with XLA's attention over cache[layer] instead of the decode-attention kernel.
+    "backbone-xla-attention": Mode(None, "pallas", attention="xla"),
     "switch-fused": Mode("switch", "pallas", "fused"),
     # The same with x A as one XLA op per projection, or inside the projection kernels:
     # which of the three is the default (ops._DEFAULT_SHRINK) is decided by these rows.
@@ -180,8 +184,8 @@ def _fits(case: Case) -> bool:
 def issue4_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)) -> list[Case]:
     """Every mode at E 8, k 2. The acceptance targets' modes at every batch come first."""
     first = ("backbone", "switch-fused", "switch-merge")
-    rest = ("switch-fused-inline", "switch-fused-xla-shrink", "lora", "layerwise-pallas",
-            "switch-xla", "layerwise-xla")
+    rest = ("backbone-xla-attention", "switch-fused-inline", "switch-fused-xla-shrink", "lora",
+            "layerwise-pallas", "switch-xla", "layerwise-xla")
     cases = []
     for modes in (first, rest):
         cases += [Case(p, m, b, c) for p in presets for c in contexts for b in batches

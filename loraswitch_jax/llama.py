@@ -79,7 +79,7 @@ def _layer(
     k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
     v = v.reshape(B, T, KV, hd)
     if cache is None:
-        keys, values = k, v
+        attended = attention(q, k, v, mask)
     else:
         # Scatter only the new tokens into the stacked cache; the rest stays in place.
         rows = jnp.arange(B)[:, None]
@@ -88,8 +88,8 @@ def _layer(
             v=cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)),
             lengths=cache.lengths,
         )
-        keys, values = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-    h = h + linear(attention(q, keys, values, mask), "o")
+        attended = ops.cached_attention(q, cache.k, cache.v, layer, positions, mask, impl)
+    h = h + linear(attended, "o")
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU.

@@ -22,14 +22,16 @@ import jax
 import jax.numpy as jnp
 
 from loraswitch_jax.adapters import lora_delta
+from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["IMPLS", "SHRINKS", "Impl", "LoraTerm", "qkv_linear", "resolve_impl", "stacked_linear",
-           "swiglu"]
+__all__ = ["ATTENTIONS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention", "qkv_linear",
+           "resolve_impl", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 SHRINKS = ("auto", "xla", "pallas", "inline")
+ATTENTIONS = ("auto", "xla", "pallas")
 
 # Where the routed kernels compute x A when Impl.lora_shrink is "auto".
 # Source: eval/results/adapters/bench_adapters_issue4{,_shrink}.md (H100 80GB HBM3, JAX 0.11.2,
@@ -47,17 +49,23 @@ class Impl:
     kernels in interpret mode; ``lora_shrink`` places the routed LoRA's ``x A``: ``"xla"`` (one
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
     input), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
-    reads) or ``"auto"``. Hashable: a static argument of ``jax.jit``."""
+    reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
+    (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only),
+    ``"xla"`` (``layers.attention`` over ``cache[layer]``) or ``"auto"`` (the backend's).
+    Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
     interpret: bool = False
     lora_shrink: str = "auto"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("xla", "pallas"):
             raise ValueError(f"unknown backend {self.backend!r}; expected 'xla' or 'pallas'")
         if self.lora_shrink not in SHRINKS:
             raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
 
     @property
     def xla(self) -> bool:
@@ -66,6 +74,11 @@ class Impl:
     @property
     def shrink(self) -> str:
         return _DEFAULT_SHRINK if self.lora_shrink == "auto" else self.lora_shrink
+
+    @property
+    def pallas_attention(self) -> bool:
+        """Whether decode attends with the Pallas kernel (``"auto"``: with the Pallas backend)."""
+        return not self.xla and self.attention != "xla"
 
 
 def resolve_impl(impl: str | Impl) -> Impl:
@@ -276,3 +289,22 @@ def swiglu(
     gate = stacked_linear(x, w_gate, layer, b_gate, impl, lora, "gate")
     up = stacked_linear(x, w_up, layer, b_up, impl, lora, "up")
     return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+
+
+def cached_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int | jax.Array,
+    positions: jax.Array, mask: jax.Array, impl: Impl,
+) -> jax.Array:
+    """Attention of ``q [B, T, H, hd]`` over the stacked caches ``[L, B, S, KV, hd]`` at ``layer``
+    (this step's keys already written): ``[B, T, H * hd]``. One token per sequence under Pallas
+    (decode) runs the decode-attention kernel over slots ``<= positions``; else ``mask [B, T, S]``
+    with ``layers.attention`` over ``cache[layer]``."""
+    from loraswitch_jax.pallas import decode_attention as kernel
+
+    B, T, H, hd = q.shape
+    if impl.pallas_attention and T == 1 and kernel.supports(k_cache.shape[2], hd):
+        out = kernel.decode_attention(q[:, 0], k_cache, v_cache, layer, positions[:, 0] + 1,
+                                      interpret=impl.interpret)
+        return out[:, None]
+    keys, values = k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype)
+    return attention(q, keys, values, mask)

@@ -50,3 +50,18 @@ def test_generation_lowers_for_gpu(mode, strategy, shrink, batch):
                               cfg=CFG, gen=gen, cache_len=64, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+    assert "decode_attention" in text  # the decode step attends with the kernel
+
+
+def test_xla_attention_on_request():
+    """``Impl(attention="xla")`` keeps XLA's attention in the decode step (the benchmarks'
+    comparison), with the Pallas projections."""
+    params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
+    gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(),
+                            impl=Impl(backend="pallas", attention="xla"))
+    tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+    lowered = _generate.trace(params, None, tokens, jax.ShapeDtypeStruct((1,), jnp.int32),
+                              jax.random.key(0), cfg=CFG, gen=gen, cache_len=64, stream=None)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "stacked_matmul" in text or "qkv_matmul" in text
+    assert "decode_attention" not in text

@@ -1,0 +1,98 @@
+"""The decode-attention kernel (interpret mode) against its jnp reference (``layers.attention``).
+
+Interpret mode starts the outputs as NaN, so a split no program writes fails the comparison.
+Caches are random in every slot, the slots past each length too, so reading one shows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from loraswitch_jax.pallas.decode_attention import (
+    AttentionBlocks,
+    decode_attention,
+    decode_attention_reference,
+    default_blocks,
+    supports,
+)
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def operands(rng, b, h, kv, s, hd, dtype, layers=3):
+    q = jnp.asarray(rng.standard_normal((b, h, hd)), dtype)
+    k = jnp.asarray(rng.standard_normal((layers, b, s, kv, hd)), dtype)
+    v = jnp.asarray(rng.standard_normal((layers, b, s, kv, hd)), dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("b,h,kv,s,hd,lengths,dtype,blocks", [
+    (1, 4, 4, 64, 16, (37,), jnp.float32, None),                      # MHA, one sequence
+    (3, 8, 2, 48, 32, (1, 48, 17), jnp.float32, None),                # GQA, ragged, full, one slot
+    (2, 6, 2, 64, 16, (64, 5), jnp.bfloat16, None),                   # G = 3 pads to 16 rows
+    (2, 4, 1, 128, 16, (100, 33), jnp.float32,
+     AttentionBlocks(block_s=16, num_splits=3)),                      # splits past a length
+    (1, 2, 2, 32, 16, (32,), jnp.float32, AttentionBlocks(block_s=32, num_splits=1)),
+])
+def test_matches_reference(b, h, kv, s, hd, lengths, dtype, blocks):
+    rng = np.random.default_rng(b * 100 + h + s)
+    q, k, v = operands(rng, b, h, kv, s, hd, dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    got = decode_attention(q, k, v, 2, lengths, blocks=blocks, interpret=True)
+    want = decode_attention_reference(q, k, v, 2, lengths)
+    assert got.shape == (b, h * hd) and got.dtype == dtype
+    assert rel_err(got, want) < TOL[dtype]
+
+
+def test_traced_layer_and_lengths_inside_a_loop():
+    """Layer and lengths are data: one compiled kernel serves every layer of a fori_loop."""
+    rng = np.random.default_rng(3)
+    q, k, v = operands(rng, 2, 4, 2, 32, 16, jnp.float32)
+
+    def run(attend):
+        def body(layer, acc):
+            lengths = jnp.asarray([5, 32], jnp.int32) - layer
+            return acc + attend(q, k, v, layer, lengths)
+        return jax.jit(lambda: jax.lax.fori_loop(0, 3, body, jnp.zeros((2, 64))))()
+
+    got = run(lambda *a: decode_attention(*a, interpret=True))
+    assert rel_err(got, run(decode_attention_reference)) < 1e-5
+
+
+def test_default_blocks():
+    # Llama-2-7B at batch 1, cache 1216: 19 steps of 64 slots spread over 9 splits
+    assert default_blocks(1, 32, 1216) == AttentionBlocks(block_s=64, num_splits=9)
+    assert default_blocks(64, 32, 1216).num_splits == 1  # 2048 programs already
+    assert default_blocks(1, 8, 48) == AttentionBlocks(block_s=16, num_splits=3)
+    assert supports(1216, 128) and not supports(1210, 128) and not supports(64, 96)
+
+
+def test_lowers_to_triton():
+    """The kernel lowers to Triton IR for a GPU at Llama-3-8B's shapes (GQA 32/8, hd 128), with
+    a traced layer and lengths (a loop with data-dependent bounds)."""
+    q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4, 2, 1216, 8, 128), jnp.bfloat16)
+    lowered = jax.jit(decode_attention).trace(
+        q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    q, k, v = operands(rng, 2, 4, 2, 32, 16, jnp.float32)
+    lengths = jnp.asarray([3, 4], jnp.int32)
+    with pytest.raises(ValueError, match="does not match"):
+        decode_attention(q[:, :3], k, v, 0, lengths, interpret=True)
+    with pytest.raises(ValueError, match=r"expected lengths \[B=2\]"):
+        decode_attention(q, k, v, 0, lengths[:1], interpret=True)
+    with pytest.raises(ValueError, match="layer 3 out of range"):
+        decode_attention(q, k, v, 3, lengths, interpret=True)
+    with pytest.raises(ValueError, match="S % 16"):
+        decode_attention(q, k[:, :, :30], v[:, :, :30], 0, lengths, interpret=True)
+    with pytest.raises(ValueError, match="block_s must be"):
+        decode_attention(q, k, v, 0, lengths, blocks=AttentionBlocks(block_s=24), interpret=True)
