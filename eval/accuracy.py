@@ -15,7 +15,8 @@
    intervals, trivial baselines beside them); method differences get paired bootstrap intervals
    (stratified by domain / task for the macro averages). Held-out intervals draw whole held-out
    texts (all windows of a drawn text; windows of one text are correlated), task intervals
-   draw items.
+   draw whole source units (all items of a drawn synset, Austen block, FAQ question or
+   documentation file: items cut from one unit share text).
 4. Ablations of the switch adapter: ``k``, ``E`` (rank
    scaled to keep ``E * r * La`` fixed, rounded up to 1 where it cannot) and ``router_layer``
    (``0``: the route depends on the token id alone; ``L/2``: on context; adapters sit on layers
@@ -23,7 +24,8 @@
 
 Outputs in OUT: ``report.json`` (config, seeds, data hashes, timings, every number),
 ``report.md`` (tables and a plain statement of the result), ``scores.npz`` (per-window and
-per-item scores, with each window's domain and text: enough to recompute every interval), plots
+per-item scores, with each window's domain and text and each item's source unit: enough to
+recompute every interval), plots
 (PNG). Everything is deterministic given the seed (up to floating-point reduction order on the
 device).
 
@@ -329,7 +331,8 @@ def load_corpus(root: str, preset: Preset, seed: int) -> Corpus:
             keep = np.sort(_seeded_order(len(items), seed, f"task:{task}")[:preset.items_per_task])
             items = [items[i] for i in keep]
         tasks[task] = items
-        info["tasks"][task] = {"items": len(items), "baselines": baselines(items)}
+        info["tasks"][task] = {"items": len(items), "units": len({i["unit"] for i in items}),
+                               "baselines": baselines(items)}
     return Corpus(root, domains, train, heldout, tasks, info)
 
 
@@ -404,7 +407,8 @@ def spread_windows(owner: np.ndarray, size: np.ndarray, budget: int, seed: int, 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
     """Sequences to score, built once and shared by every model. Held-out intervals resample
-    whole texts (``window_text``), not windows."""
+    whole texts (``window_text``), not windows; task intervals whole source units
+    (``item_unit``), not items."""
 
     heldout: list[scoring.TokenSequence]  # windows
     window_domain: np.ndarray  # window -> domain index
@@ -413,6 +417,7 @@ class EvalSet:
     choice_bytes: dict[str, np.ndarray]  # task -> [n, 4]
     choice_rows: dict[str, slice]  # task -> its rows of `choices` (item-major, 4 per item)
     truncated: dict[str, int]
+    item_unit: dict[str, np.ndarray]  # task -> [n] source unit of each item (str)
     info: dict  # per domain: texts, windows and bytes scored
 
 
@@ -431,14 +436,16 @@ def eval_set(corpus: Corpus, preset: Preset, seed: int) -> EvalSet:
         first_text += len(corpus.heldout[domain])
         info[domain] = {"texts": len(np.unique(owner[keep])), "windows": len(keep),
                         "bytes": int(size[keep].sum())}
-    choices, choice_bytes, rows, truncated = [], {}, {}, {}
+    choices, choice_bytes, rows, truncated, units = [], {}, {}, {}, {}
     for task, items in corpus.tasks.items():
         seqs, num_bytes, cut = scoring.choice_sequences(items, encode_bytes, BOS, preset.seq_len)
         rows[task] = slice(len(choices), len(choices) + len(seqs))
         choices += seqs
         choice_bytes[task], truncated[task] = num_bytes, cut
+        units[task] = np.array([item["unit"] for item in items], dtype=str)
     return EvalSet(windows, np.asarray(window_domain, np.int64),
-                   np.asarray(window_text, np.int64), choices, choice_bytes, rows, truncated, info)
+                   np.asarray(window_text, np.int64), choices, choice_bytes, rows, truncated,
+                   units, info)
 
 
 def evaluate(params: LlamaParams, cfg: LlamaConfig, adapter: Adapter | None, data: EvalSet,
@@ -510,12 +517,31 @@ def summarise(result: dict, data: EvalSet, corpus: Corpus) -> dict:
     return out
 
 
+def _task_strata(units: Sequence[np.ndarray]) -> np.ndarray:
+    """Per item (tasks concatenated), its task's stratum: the task's index, except that tasks
+    sharing a source unit (the two definition tasks share synsets) form one stratum, so that a
+    drawn unit brings its items in all of them."""
+    parent = list(range(len(units)))
+
+    def root(j):
+        while parent[j] != j:
+            j = parent[j]
+        return j
+
+    first = {}  # unit -> the first task holding it
+    for j, task_units in enumerate(units):
+        for unit in np.unique(task_units):
+            parent[root(j)] = root(first.setdefault(unit, j))
+    return np.concatenate([np.full(len(u), root(j)) for j, u in enumerate(units)])
+
+
 def compare(a: dict, b: dict, data: EvalSet, domains: Sequence[str], resamples: int, seed: int
             ) -> dict:
     """``a - b``: held-out loss (macro and per domain) and task accuracies, paired bootstrap.
 
-    Held-out intervals draw whole texts (:attr:`EvalSet.window_text`), the same for both
-    methods; task intervals draw items.
+    Held-out intervals draw whole texts (:attr:`EvalSet.window_text`), task intervals whole
+    source units (:attr:`EvalSet.item_unit`), the same for both methods; the macro averages
+    draw them within domains / tasks (:func:`_task_strata`).
     """
     dom, text = data.window_domain, data.window_text
 
@@ -530,9 +556,6 @@ def compare(a: dict, b: dict, data: EvalSet, domains: Sequence[str], resamples: 
     def ratio_diff(nll_a, nll_b, size):
         return (nll_a.sum(-1) - nll_b.sum(-1)) / size.sum(-1)
 
-    def mean_diff(x, y):
-        return x.mean(-1) - y.mean(-1)
-
     columns = (a["nll"], b["nll"], a["size"])
     out = {"heldout_mean": {"diff": float(macro_diff(*columns)),
                             "ci": interval(macro_diff, *columns, strata=dom, groups=text)},
@@ -545,19 +568,27 @@ def compare(a: dict, b: dict, data: EvalSet, domains: Sequence[str], resamples: 
         return out
     tasks = list(a["tasks"])
     labels = np.concatenate([np.full(len(a["tasks"][t].answer), j) for j, t in enumerate(tasks)])
+    units = np.concatenate([data.item_unit[t] for t in tasks])
+    strata = _task_strata([data.item_unit[t] for t in tasks])
 
-    def macro_acc_diff(x, y):  # mean over tasks of the accuracy difference
-        return np.mean([mean_diff(x[..., labels == j], y[..., labels == j])
-                        for j in range(len(tasks))], axis=0)
+    # Accuracy differences as ratios of sums (a column of ones counts the items): the unit
+    # bootstrap weights rows by how often their unit was drawn (scoring.bootstrap).
+    def macro_acc_diff(x, y, ones):  # mean over tasks of the accuracy difference
+        return np.mean([ratio_diff(x[..., labels == j], y[..., labels == j],
+                                   ones[..., labels == j]) for j in range(len(tasks))], axis=0)
 
     for kind in ("sum", "norm"):
         x = {t: getattr(a["tasks"][t], f"correct_{kind}") for t in tasks}
         y = {t: getattr(b["tasks"][t], f"correct_{kind}") for t in tasks}
-        out[f"acc_{kind}_by_task"] = {t: {"diff": float(mean_diff(x[t], y[t])),
-                                          "ci": interval(mean_diff, x[t], y[t])} for t in tasks}
+        out[f"acc_{kind}_by_task"] = {
+            t: {"diff": float(ratio_diff(x[t], y[t], np.ones(len(x[t])))),
+                "ci": interval(ratio_diff, x[t], y[t], np.ones(len(x[t])),
+                               groups=data.item_unit[t])} for t in tasks}
         xs, ys = np.concatenate(list(x.values())), np.concatenate(list(y.values()))
-        out[f"tasks_mean_acc_{kind}"] = {"diff": float(macro_acc_diff(xs, ys)),
-                                         "ci": interval(macro_acc_diff, xs, ys, strata=labels)}
+        ones = np.ones(len(xs))
+        out[f"tasks_mean_acc_{kind}"] = {
+            "diff": float(macro_acc_diff(xs, ys, ones)),
+            "ci": interval(macro_acc_diff, xs, ys, ones, strata=strata, groups=units)}
     return out
 
 
@@ -583,8 +614,10 @@ def _environment() -> dict:
 
 
 def _save_scores(results: dict, data: EvalSet, path: str) -> None:
-    # The windows' domain and text are shared by every model: the held-out intervals group by them.
-    arrays = {"heldout_domain": data.window_domain, "heldout_text": data.window_text}
+    # The windows' domain and text and the items' units are shared by every model: the intervals
+    # group by them.
+    arrays = {"heldout_domain": data.window_domain, "heldout_text": data.window_text,
+              **{f"task_unit/{task}": units for task, units in data.item_unit.items()}}
     for name, r in results.items():
         arrays[f"{name}/heldout_nll"], arrays[f"{name}/heldout_bytes"] = r["nll"], r["size"]
         for task, cs in r["tasks"].items():
@@ -688,7 +721,7 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
             "final_loss": float(np.mean(pre.losses[-max(1, len(pre.losses) // 10):])),
             "losses": pre.losses}},
         "methods": methods, "comparisons": comparisons,
-        "bootstrap_units": {"heldout": "text", "tasks": "item"},  # what compare() resamples
+        "bootstrap_units": {"heldout": "text", "tasks": "unit"},  # what compare() resamples
         "ablations": [v.name for v in p.ablations], "generations": generations,
         "sampler": {"temperature": SAMPLER.temperature, "top_k": SAMPLER.top_k},
     }

@@ -14,6 +14,8 @@ import numpy as np
 __all__ = ["markdown", "plots", "statement", "summary"]
 
 MAIN = ("lora", "layerwise", "switch")
+BASELINES = ("longest", "shortest", "overlap", "stem")  # eval/tasks.py baselines(); stem: None
+# for tasks without a headword
 # "switch matches layerwise": |switch - layerwise| held-out loss within 10 % of what layerwise
 # gains over the backbone (a margin tied to the adapter effect, not to the loss itself, which
 # would be about half of that effect at these scales).
@@ -74,8 +76,9 @@ def statement(report: dict) -> str:
         text += (f" On the multiple-choice tasks (per-byte scoring, mean over "
                  f"{len(report['data']['tasks'])} tasks) switch scores {acc['switch']:.3f}, "
                  f"layerwise {acc['layerwise']:.3f}, LoRA {acc['lora']:.3f}; switch minus "
-                 f"layerwise is {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], so "
-                 f"the tasks {separate}.")
+                 f"layerwise is {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] (95 % "
+                 "CI, resampling source units: synsets, text blocks, FAQ questions, "
+                 f"documentation files), so the tasks {separate}.")
     parts = [  # (holds, fails, what holding means, what failing means)
         (eq_sl or d_sl == "better", d_sl == "worse" and not eq_sl,
          "switch keeps layerwise's accuracy", "switch is worse than layerwise"),
@@ -169,17 +172,26 @@ def markdown(report: dict) -> str:
                           f"{r['acc_norm']:.3f} {_ci(r['ci_norm'], 2)}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "| baseline | " + " | ".join(tasks) + " |", "| --- " * (len(tasks) + 1) + "|"]
-        for rule in ("chance", "longest", "shortest", "overlap"):
+        for rule in ("chance", *BASELINES):
+            cells = (d["tasks"][t]["baselines"].get(rule) for t in tasks)
             lines.append(f"| {rule} | " + " | ".join(
-                f"{d['tasks'][t]['baselines'][rule]:.3f}" for t in tasks) + " |")
-        lines += ["", "Items per task: " + ", ".join(
-            f"{t} {d['tasks'][t]['items']}" for t in tasks) + "."]
+                "-" if x is None else f"{x:.3f}" for x in cells) + " |")
+        lines += ["", "stem: the option sharing most of the headword's stems (definition tasks "
+                  "only; definition_hard has no option sharing one, so it scores chance).", "",
+                  "Items per task: " + ", ".join(
+                      f"{t} {x['items']}" + (f" ({x['units']} source units)" if "units" in x
+                                             else "")
+                      for t, x in d["tasks"].items()) + "."]
     lines += ["", "## Differences (paired bootstrap 95 % intervals)", "",
               "A vs B is A minus B. Held-out loss in nats/byte (negative: A is better); accuracy "
               "as a fraction (positive: A is better); task means are macro averages. Held-out "
               "intervals resample whole held-out texts within each domain (a drawn text brings "
               "all its windows: windows cut from one text are correlated), the same texts for "
-              "both methods; task intervals resample items within each task.", "",
+              "both methods; task intervals resample whole source units within each task (a "
+              "synset, a block of 20 Austen paragraphs, an FAQ question or a documentation "
+              "file: a drawn unit brings all its items, which share text), the same units for "
+              "both methods, the two definition tasks (cut from the same synsets) drawing "
+              "theirs together.", "",
               "| comparison | held-out mean | per-byte task mean | summed task mean |",
               "| --- | --- | --- | --- |"]
     for name, x in report["comparisons"].items():
@@ -207,6 +219,10 @@ def markdown(report: dict) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
     lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _best_baseline(baselines: Mapping) -> float:
+    return max(baselines[k] for k in BASELINES if baselines.get(k) is not None)
 
 
 def plots(report: dict, out_dir: str) -> list[str]:
@@ -272,8 +288,7 @@ def plots(report: dict, out_dir: str) -> list[str]:
                 ax.errorbar(x, acc, yerr=[acc - ci[0], ci[1] - acc], fmt="none", ecolor="k",
                             lw=0.8)
             for t, task in enumerate(tasks):
-                b = report["data"]["tasks"][task]["baselines"]
-                best = max(b["longest"], b["shortest"], b["overlap"])
+                best = _best_baseline(report["data"]["tasks"][task]["baselines"])
                 ax.hlines(best, t - 0.45, t + 0.45, colors="r", linestyles="--", lw=1)
             ax.axhline(0.25, color="k", lw=0.6, ls=":")
             ax.set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
@@ -323,8 +338,7 @@ def summary(report: dict) -> str:
         lines.append(f"{name:12s} {x['heldout_nats_per_byte']['mean']:18.4f}" + "".join(
             f" {x['tasks'][t]['acc_norm']:14.3f}" for t in tasks))
     if tasks:
-        best = {t: max(report["data"]["tasks"][t]["baselines"][k]
-                       for k in ("longest", "shortest", "overlap")) for t in tasks}
+        best = {t: _best_baseline(report["data"]["tasks"][t]["baselines"]) for t in tasks}
         lines.append(f"{'best trivial':12s} {'':18s}" + "".join(f" {best[t]:14.3f}" for t in tasks))
         lines.append("(task columns: accuracy on per-byte log-probability)")
     return "\n".join(lines) + "\n\n" + report["statement"]

@@ -6,8 +6,9 @@
 * ``DIR/{domain}.train.jsonl``, ``DIR/{domain}.heldout.jsonl``: one ``{"domain", "key", "text"}``
   per unit, sorted by key; every file has these three fields only, so one loader reads them all;
 * ``DIR/LICENSES/``: the notices of the texts, copied from the packages;
+* ``DIR/tasks/``: the multiple-choice items, cut from the held-out units (``eval/tasks.py``);
 * ``DIR/manifest.json``: package versions and sha256, units and bytes per split, license per
-  domain, sha256 of every written file, build date.
+  domain, task item counts and baselines, sha256 of every written file, build date.
 
 Domains:
 
@@ -632,6 +633,9 @@ def build_corpus(out: str, *, from_debs: str | None = None, cache: str | None = 
                 "train": _write_jsonl(os.path.join(out, f"{domain}.train.jsonl"), domain, train),
                 "heldout": _write_jsonl(os.path.join(out, f"{domain}.heldout.jsonl"), domain,
                                         heldout)}
+    # Rebuilt with the held-out files, so the manifest's hashes never cover stale task items.
+    from loraswitch_jax.eval import tasks  # tasks imports this module
+    manifest["tasks"] = tasks.write_tasks(tasks.build_tasks(out), os.path.join(out, "tasks"))
     manifest["files"] = _files_sha256(out)
     with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
@@ -697,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{domain:11s} train {train['units']:7d} units "
                   f"{train['text_bytes'] / 1e6:6.2f} MB   held out {heldout['units']:6d} units "
                   f"{heldout['text_bytes'] / 1e6:6.2f} MB")
+        print("tasks: " + ", ".join(f"{task} {info['items']} items"
+                                    for task, info in manifest["tasks"].items()))
         if args.sample:
             write_sample(args.out, args.sample, seed=args.seed)
             print(f"sample written to {args.sample}")

@@ -1,15 +1,21 @@
 """Four-option multiple-choice tasks built from the corpus's held-out units only.
 
 ``python -m loraswitch_jax.eval.tasks --corpus DIR --out DIR/tasks`` writes one ``{task}.jsonl``
-per task and ``manifest.json`` (item counts, sha256, trivial baselines). An item is
-``{"task", "id", "source", "context", "options": [4 strings], "answer": int}``; a scorer joins
-context and option with one space (``context + " " + option``).
+per task and ``manifest.json`` (item counts, sha256, trivial baselines); building a corpus
+(``eval/corpus.py``) runs it too. An item is ``{"task", "id", "source", "unit", "context",
+"options": [4 strings], "answer": int}``; a scorer joins context and option with one space
+(``context + " " + option``). ``unit`` is the held-out corpus unit the item was cut from,
+``"{domain}:{key}"`` (a synset, a block of 20 Austen paragraphs, an FAQ question, a documentation
+file): items of one unit share text, so intervals over items should resample whole units.
 
 * ``definition`` (WordNet): context ``"apparition (n.):"``, answer its definition (the gloss
   without its quoted examples), distractors: definitions of other held-out synsets of the same
-  part of speech that do not share the headword.
-* ``definition_hard``: the same with distractors from the synset's lexicographer file
-  (``noun.artifact``, ...) and none that contains the headword's stem.
+  part of speech that do not share the headword. The easy variant: about a third of its answers
+  share the headword's stem (:func:`headword_stems`), a cue the ``stem`` baseline measures.
+* ``definition_hard``: distractors from the synset's lexicographer file (``noun.artifact``, ...),
+  and no option shares the headword's stem: items whose answer does are dropped, distractors that
+  do are not drawn (a distractor with the stem would be a decoy, a cue pointing away from the
+  answer). Its ``stem`` baseline is chance by construction.
 * ``next_sentence`` (Austen): context = the earlier sentences of a paragraph (the last 600
   characters' worth, at least one sentence), answer = the next sentence, distractors =
   held-out sentences of the same book, from other paragraphs, 0.6-1.6x the answer's length.
@@ -40,7 +46,8 @@ from loraswitch_jax.eval.corpus import (CorpusError, clean_rst, read_units, spli
                                         split_sentences)
 
 __all__ = ["TASKS", "TaskError", "baselines", "build_tasks", "definition_items", "doc_questions",
-           "load_items", "main", "next_sentence_items", "qa_items", "write_tasks"]
+           "headword_stems", "load_items", "main", "next_sentence_items", "qa_items",
+           "shared_stems", "write_tasks"]
 
 TASKS = ("definition", "definition_hard", "next_sentence", "qa")
 NUM_OPTIONS = 4
@@ -99,23 +106,56 @@ def _place(task: str, drafts: list[dict], seed: int, max_items: int | None) -> l
         rng.shuffle(options)
         options.insert(position, draft["answer_text"])
         items.append({"task": task, "id": draft["id"], "source": draft["source"],
-                      "context": draft["context"], "options": options, "answer": position})
+                      "unit": draft["unit"], "context": draft["context"], "options": options,
+                      "answer": position})
     return items
 
 
 # ---- definition -----------------------------------------------------------------------------
 
 _DICTIONARY_UNIT = re.compile(r"(.+?) \((n|v|adj|adv)\.\): (.*)", re.S)
-_SUFFIXES = ("ation", "ition", "ness", "ment", "ing", "ity", "ion", "ive", "ous", "al", "ed",
-             "er", "es", "ic", "ly", "s", "y", "e")
+_HEADWORD_CONTEXT = re.compile(r"(.+?) \((?:n|v|adj|adv)\.\):")  # a definition item's context
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits
+_SUFFIXES = tuple(sorted(set(
+    "ization isation ability ibility ically ical ations ation itions ition ments ment ness less "
+    "ings ing ities ity ions ion ives ive ously ous ists ist isms ism izes ized ize ises ised ise "
+    "ated ate ers er ors or ed es ies ic ial al ally ly able ible ance ence ant ent ful s y e"
+    .split()), key=len, reverse=True))
+_FUNCTION_WORDS = frozenset({"the", "and", "for", "with", "from", "into"})
+MIN_STEM = 4  # letters a suffix removal must leave
 
 
-def _stem(headword: str) -> str:
-    word = max(headword.lower().split(), key=len)
-    for suffix in _SUFFIXES:
-        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
-            return word[:-len(suffix)]
+def _stem(word: str) -> str:
+    for _ in range(2):  # at most two suffixes: constitutionally -> constitution -> constitut
+        suffix = next((x for x in _SUFFIXES if word.endswith(x)
+                       and len(word) - len(x) >= MIN_STEM), None)
+        if suffix is None:
+            break
+        word = word[:-len(suffix)]
+    if len(word) >= 4 and word[-1] == word[-2] and word[-1] not in "aeiouylsz":  # runn -> run
+        word = word[:-1]
     return word
+
+
+def headword_stems(headword: str) -> tuple[str, ...]:
+    """The stems of a headword's words, the cue :func:`shared_stems` looks for.
+
+    Words are the lowercase runs of letters and digits of at least 3 characters, except a few
+    function words (the, and, for, with, from, into). A word's stem: up to two rounds of removing
+    its longest common English suffix (``_SUFFIXES``) that leaves at least :data:`MIN_STEM`
+    letters, then a final doubled consonant other than l, s, z made single ("runner" -> "run",
+    "idealization" -> "ideal", "mandibular joint" -> "mandibular", "joint").
+    """
+    words = (w for w in _WORD.findall(headword.lower())
+             if len(w) >= 3 and w not in _FUNCTION_WORDS)
+    return tuple(dict.fromkeys(_stem(w) for w in words))
+
+
+def shared_stems(stems: Sequence[str], text: str) -> int:
+    """How many of ``stems`` begin a word of ``text`` (lowercase): "run" is shared by "runs",
+    "running" and "runner", not by "prune"."""
+    words = _WORD.findall(text.lower())
+    return sum(any(w.startswith(stem) for w in words) for stem in stems)
 
 
 def definition_items(rows: Sequence[Mapping], *, hard: bool = False, seed: int = 0,
@@ -137,9 +177,11 @@ def definition_items(rows: Sequence[Mapping], *, hard: bool = False, seed: int =
     rng = random.Random(f"{seed}:{task}:draw")
     drafts = []
     for key, lemmas, pos, definition in synsets:
-        headword, stem = lemmas[0], _stem(lemmas[0])
-        def exclude(text, group, headword=headword, stem=stem):
-            return headword in group or (hard and stem in text.lower())
+        headword, stems = lemmas[0], headword_stems(lemmas[0])
+        if hard and shared_stems(stems, definition):
+            continue  # the answer gives itself away
+        def exclude(text, group, headword=headword, stems=stems):
+            return headword in group or (hard and shared_stems(stems, text) > 0)
         distractors = None
         if hard:
             distractors = pools[key.split(":")[0]].draw(rng, definition, exclude=exclude,
@@ -148,8 +190,8 @@ def definition_items(rows: Sequence[Mapping], *, hard: bool = False, seed: int =
                                                      strict=False)
         if distractors:
             drafts.append({"id": f"{task}/{key}", "source": f"wordnet:{key.split(':')[0]}",
-                           "context": f"{headword} ({pos}.):", "answer_text": definition,
-                           "distractors": distractors})
+                           "unit": f"dictionary:{key}", "context": f"{headword} ({pos}.):",
+                           "answer_text": definition, "distractors": distractors})
     return _place(task, drafts, seed, max_items)
 
 
@@ -159,18 +201,18 @@ def next_sentence_items(rows: Sequence[Mapping], *, seed: int = 0, min_words: in
                         max_items: int | None = None) -> list[dict]:
     """Next-sentence items from held-out literature rows (``key`` ``book:block``, paragraphs
     separated by blank lines). Sentences of fewer than ``min_words`` words are not answers."""
-    paragraphs = []  # (book, paragraph id, sentences)
+    paragraphs = []  # (book, block key, paragraph id, sentences)
     for row in rows:
         book = row["key"].split(":")[0]
         for p, paragraph in enumerate(row["text"].split("\n\n")):
-            paragraphs.append((book, f"{row['key']}/{p}", split_sentences(paragraph)))
+            paragraphs.append((book, row["key"], f"{row['key']}/{p}", split_sentences(paragraph)))
     pools = collections.defaultdict(list)
-    for book, pid, sentences in paragraphs:
+    for book, _, pid, sentences in paragraphs:
         pools[book].extend((s, pid) for s in sentences if len(s.split()) >= min_words)
     pools = {book: _Pool(entries) for book, entries in pools.items()}
     rng = random.Random(f"{seed}:next_sentence:draw")
     drafts = []
-    for book, pid, sentences in paragraphs:
+    for book, block, pid, sentences in paragraphs:
         for i in range(1, len(sentences)):
             if len(sentences[i].split()) < min_words:
                 continue
@@ -182,6 +224,7 @@ def next_sentence_items(rows: Sequence[Mapping], *, seed: int = 0, min_words: in
                 exclude=lambda text, group, pid=pid: group == pid)
             if distractors:
                 drafts.append({"id": f"next_sentence/{pid}/{i}", "source": f"austen:{book}",
+                               "unit": f"literature:{block}",
                                "context": " ".join(sentences[first:i]),
                                "answer_text": sentences[i], "distractors": distractors})
     return _place("next_sentence", drafts, seed, max_items)
@@ -279,7 +322,7 @@ def _first_sentence(description: str) -> str | None:
 def qa_items(faq_rows: Sequence[Mapping], doc_rows: Sequence[Mapping], *, seed: int = 0,
              max_items: int | None = None) -> list[dict]:
     """QA items from held-out ``qa`` rows (``Q: ...\\nA: ...``) and held-out ``docs`` rows."""
-    questions = []  # (id, source, pool names (nearest first), question, answer)
+    questions = []  # (id, source, unit, pool names (nearest first), question, answer)
     for row in faq_rows:
         m = _QA_UNIT.fullmatch(row["text"])
         if m is None:
@@ -287,28 +330,28 @@ def qa_items(faq_rows: Sequence[Mapping], doc_rows: Sequence[Mapping], *, seed: 
         answer = _snippet(m.group(2))
         source = row["key"].split(":")[0]
         if answer:  # one pool per FAQ (perlfaq1-9 together): each FAQ has its own voice
-            questions.append((f"qa/{row['key']}", source, (re.sub(r"[/\d].*", "", source),),
-                              m.group(1), answer))
+            questions.append((f"qa/{row['key']}", source, f"qa:{row['key']}",
+                              (re.sub(r"[/\d].*", "", source),), m.group(1), answer))
     for row in doc_rows:
         for item_id, question, answer in doc_questions(row["key"], row["text"]):
             # Same file first: its distractors share the module's words, as the answer does.
-            questions.append((f"qa/{item_id}", "python-docs", (row["key"], "python-docs"),
-                              question, answer))
+            questions.append((f"qa/{item_id}", "python-docs", f"docs:{row['key']}",
+                              (row["key"], "python-docs"), question, answer))
     pools = collections.defaultdict(list)
-    for item_id, _, names, _, answer in questions:
+    for item_id, _, _, names, _, answer in questions:
         for name in names:
             pools[name].append((answer, item_id))
     pools = {name: _Pool(entries) for name, entries in pools.items()}
     rng = random.Random(f"{seed}:qa:draw")
     drafts, seen = [], set()
-    for item_id, source, names, question, answer in questions:
+    for item_id, source, unit, names, question, answer in questions:
         if item_id in seen:  # a name documented twice in one file: keep the first
             continue
         seen.add(item_id)
         for n, name in enumerate(names):  # the last pool may widen the length window
             distractors = pools[name].draw(rng, answer, strict=n < len(names) - 1)
             if distractors:
-                drafts.append({"id": item_id, "source": source,
+                drafts.append({"id": item_id, "source": source, "unit": unit,
                                "context": f"Q: {question}\nA:", "answer_text": answer,
                                "distractors": distractors})
                 break
@@ -340,7 +383,8 @@ def write_tasks(items_by_task: Mapping[str, list[dict]], out: str) -> dict:
         data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode()
         with open(path, "wb") as f:
             f.write(data)
-        manifest[task] = {"items": len(items), "sha256": hashlib.sha256(data).hexdigest(),
+        manifest[task] = {"items": len(items), "units": len({item["unit"] for item in items}),
+                          "sha256": hashlib.sha256(data).hexdigest(),
                           "baselines": baselines(items)}
     with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
@@ -348,7 +392,8 @@ def write_tasks(items_by_task: Mapping[str, list[dict]], out: str) -> dict:
 
 
 def load_items(path: str) -> list[dict]:
-    """The items of a task file, checked: 4 distinct options and an answer index."""
+    """The items of a task file, checked: a context, 4 distinct options, an answer index and a
+    source unit."""
     items = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -362,6 +407,10 @@ def load_items(path: str) -> list[dict]:
                         or not isinstance(answer, int) or not 0 <= answer < NUM_OPTIONS):
                     raise TaskError(f"{path}:{n}: an item needs a context, {NUM_OPTIONS} "
                                     "distinct options and an answer index")
+                if not isinstance(item.get("unit"), str) or not item["unit"]:
+                    raise TaskError(f"{path}:{n}: an item needs its source unit ('unit'); "
+                                    "task files written before it was added must be rebuilt "
+                                    "(python -m loraswitch_jax.eval.tasks)")
                 items.append(item)
     except (OSError, ValueError) as e:
         if isinstance(e, TaskError):
@@ -374,12 +423,19 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def baselines(items: Sequence[Mapping]) -> dict[str, float]:
-    """Accuracy of choosing the longest option, the shortest, or the one sharing most words
-    (distinct, lowercase) with the context. A tie among k options counts 1/k if the answer is
-    among them: the expected accuracy of breaking ties at random."""
+def baselines(items: Sequence[Mapping]) -> dict[str, float | None]:
+    """Accuracy of trivial rules: choose the longest option, the shortest, the one sharing most
+    words (distinct, lowercase) with the context, or the one sharing most of the headword's stems
+    (:func:`headword_stems`, :func:`shared_stems`; ``None`` for tasks whose contexts name no
+    headword, i.e. all but the definition tasks). A tie among k options counts 1/k if the answer
+    is among them: the expected accuracy of breaking ties at random (an item where no option
+    shares a stem counts 1/4)."""
+    def stems(item):
+        m = _HEADWORD_CONTEXT.fullmatch(item["context"])
+        return headword_stems(m.group(1)) if m else ()
     rules = {"longest": lambda item, o: len(o), "shortest": lambda item, o: -len(o),
-             "overlap": lambda item, o: len(_words(o) & _words(item["context"]))}
+             "overlap": lambda item, o: len(_words(o) & _words(item["context"])),
+             "stem": lambda item, o: shared_stems(stems(item), o)}
     result = {"items": len(items), "chance": 1 / NUM_OPTIONS}
     for name, score in rules.items():
         credit = 0.0
@@ -388,6 +444,8 @@ def baselines(items: Sequence[Mapping]) -> dict[str, float]:
             best = [i for i, s in enumerate(scores) if s == max(scores)]
             credit += (item["answer"] in best) / len(best)
         result[name] = credit / len(items) if items else float("nan")
+    if not any(_HEADWORD_CONTEXT.fullmatch(item["context"]) for item in items):
+        result["stem"] = None
     return result
 
 
@@ -405,11 +463,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         manifest = write_tasks(items, args.out or os.path.join(args.corpus, "tasks"))
     except (CorpusError, TaskError) as e:
         sys.exit(f"error: {e}")
-    print(f"{'task':16s} {'items':>6s} {'longest':>8s} {'shortest':>9s} {'overlap':>8s}")
+    print(f"{'task':16s} {'items':>6s} {'units':>6s} {'longest':>8s} {'shortest':>9s} "
+          f"{'overlap':>8s} {'stem':>6s}")
     for task, info in manifest.items():
         b = info["baselines"]
-        print(f"{task:16s} {info['items']:6d} {b['longest']:8.3f} {b['shortest']:9.3f} "
-              f"{b['overlap']:8.3f}")
+        stem = "-" if b["stem"] is None else f"{b['stem']:.3f}"
+        print(f"{task:16s} {info['items']:6d} {info['units']:6d} {b['longest']:8.3f} "
+              f"{b['shortest']:9.3f} {b['overlap']:8.3f} {stem:>6s}")
 
 
 if __name__ == "__main__":

@@ -203,12 +203,55 @@ def test_compare_draws_heldout_texts():
     a, b = {"nll": nll_a, "size": size, "tasks": {}}, {"nll": nll_b, "size": size, "tasks": {}}
 
     def widths(window_text):
-        data = accuracy.EvalSet([], domain, window_text, [], {}, {}, {}, {})
+        data = accuracy.EvalSet([], domain, window_text, [], {}, {}, {}, {}, {})
         out = accuracy.compare(a, b, data, ("x", "y"), resamples=500, seed=0)
         cells = [out["heldout_mean"], *out["heldout_by_domain"].values()]
         return np.array([c["ci"][1] - c["ci"][0] for c in cells])
 
     assert np.all(widths(text) > 2 * widths(np.arange(160)))
+
+
+def test_task_strata_join_tasks_that_share_units():
+    units = [np.array(["s1", "s2"]), np.array(["s3"]), np.array(["s2", "s4", "s4"]),
+             np.array(["f1"])]
+    # The first and third tasks share s2; each other task is its own stratum.
+    assert accuracy._task_strata(units).tolist() == [0, 0, 1, 0, 0, 0, 3]
+
+
+def _choices(right: np.ndarray) -> scoring.ChoiceScores:
+    """Four-option scores that pick the answer (option 0) where ``right``, option 1 elsewhere."""
+    logprob = np.zeros((right.size, 4))
+    logprob[np.arange(right.size), np.where(right, 0, 1)] = 1.0
+    return scoring.ChoiceScores(logprob, np.ones((right.size, 4)), np.zeros(right.size, int), 0)
+
+
+def test_compare_draws_task_units():
+    # Three tasks of 20 units x 6 items. A is right and B wrong on some units, the reverse on
+    # the others (with a little item-level noise), so the items of one unit agree. The first
+    # two tasks are cut from the same units, as definition and definition_hard are.
+    rng = np.random.default_rng(4)
+    unit = np.repeat(np.arange(20), 6)
+    a_wins = rng.random(20) < 0.5
+    names = ("definition", "definition_hard", "next_sentence")
+    a_right = {t: a_wins[unit] ^ (rng.random(unit.size) < 0.1) for t in names}
+    held = {"nll": np.ones(4), "size": np.ones(4)}
+    a = {**held, "tasks": {t: _choices(a_right[t]) for t in names}}
+    b = {**held, "tasks": {t: _choices(~a_right[t]) for t in names}}
+
+    def widths(item_unit):
+        data = accuracy.EvalSet([], np.zeros(4, int), np.arange(4), [], {}, {}, {}, item_unit,
+                                {})
+        out = accuracy.compare(a, b, data, ("x",), resamples=500, seed=0)
+        assert out["acc_norm_by_task"]["definition"]["diff"] == pytest.approx(
+            2 * a_right["definition"].mean() - 1)
+        cells = [out["tasks_mean_acc_norm"], *out["acc_norm_by_task"].values()]
+        return np.array([c["ci"][1] - c["ci"][0] for c in cells])
+
+    shared = np.array([f"dictionary:{u}" for u in unit])
+    by_unit = widths({"definition": shared, "definition_hard": shared,
+                      "next_sentence": np.array([f"literature:{u}" for u in unit])})
+    by_item = widths({t: np.array([f"{t}:{i}" for i in range(unit.size)]) for t in names})
+    assert np.all(by_unit > 1.5 * by_item)  # ~sqrt(6) wider: 20 units per task, not 120 items
 
 
 def _budget_preset(**kw):
@@ -267,8 +310,9 @@ def _tiny_corpus(root):
             for i in range(8):
                 options = [f"a thing numbered {i}", f"a thing numbered {i + 1}", "ok",
                            f"zzz {i}"]
-                f.write(json.dumps({"task": task, "id": f"{task}/{i}", "context": f"word{i} (n.):",
-                                    "options": options, "answer": i % 4}) + "\n")
+                f.write(json.dumps({"task": task, "id": f"{task}/{i}", "unit": f"u{i // 2}",
+                                    "context": f"word{i} (n.):", "options": options,
+                                    "answer": i % 4}) + "\n")
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump({"created": "test", "builder": "test"}, f)
 
@@ -308,8 +352,15 @@ def test_micro_experiment_writes_report(tmp_path):
     assert "| switch |" in (out / "report.md").read_text()
     assert "resample whole held-out texts" in (out / "report.md").read_text()
     assert "resampling held-out texts" in saved["statement"]
+    assert "resample whole source units" in (out / "report.md").read_text()
+    assert "resampling source units" in saved["statement"]
+    assert saved["bootstrap_units"] == {"heldout": "text", "tasks": "unit"}
+    assert saved["data"]["tasks"]["qa"]["baselines"]["stem"] is not None  # headword contexts
     # Every window's domain and text are saved, so the intervals can be recomputed.
     scores = np.load(out / "scores.npz")
+    units = scores["task_unit/qa"]  # each item's source unit, in item order
+    assert units.shape == (6,) and set(units) <= {f"u{i}" for i in range(4)}
+    assert saved["data"]["tasks"]["qa"]["units"] == len(set(units))
     domain, text = scores["heldout_domain"], scores["heldout_text"]
     assert domain.shape == text.shape == scores["switch/heldout_nll"].shape
     for i, name in enumerate(saved["data"]["domains"]):

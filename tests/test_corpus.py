@@ -198,6 +198,7 @@ def _check_items(items, task):
     for item in items:
         assert item["task"] == task and len(item["options"]) == 4
         assert len(set(item["options"])) == 4 and 0 <= item["answer"] < 4
+        assert item["unit"].split(":")[0] in corpus.DOMAINS
     counts = collections.Counter(item["answer"] for item in items)
     assert max(counts[p] for p in range(4)) - min(counts[p] for p in range(4)) <= 1
 
@@ -220,7 +221,7 @@ def test_definition_items():
     for item in items:
         key = item["id"].split("/", 1)[1]
         headword, pos = by_key[key]["text"].split(",")[0], key[0]
-        assert item["context"] == f"{headword} ({pos}.):"
+        assert item["context"] == f"{headword} ({pos}.):" and item["unit"] == f"dictionary:{key}"
         answer = item["options"][item["answer"]]
         assert by_key[key]["text"].split("): ", 1)[1].startswith(answer) and '"' not in answer
         marker = "move" if pos == "v" else "thing"  # same part of speech only
@@ -230,17 +231,42 @@ def test_definition_items():
     assert len(tasks.definition_items(rows, seed=0, max_items=10)) == 10
 
 
+def test_headword_stems():
+    assert tasks.headword_stems("runner") == ("run",)  # suffix, then the doubled consonant
+    assert tasks.headword_stems("idealization") == ("ideal",)
+    assert tasks.headword_stems("constitutionally") == ("constitut",)  # two suffixes at most
+    assert tasks.headword_stems("hisser") == ("hiss",)  # a final ss stays
+    assert tasks.headword_stems("Freedom of the Seas") == ("freedom", "seas")  # no "of", "the"
+    assert tasks.headword_stems("upside-down cake") == ("upsid", "down", "cake")
+    assert tasks.headword_stems("so") == ()  # words of 1-2 letters carry no stem
+    assert tasks.shared_stems(("run",), "someone who runs") == 1
+    assert tasks.shared_stems(("run",), "to prune a tree") == 0  # a word must start with it
+    assert tasks.shared_stems(("upsid", "down", "cake"), "a cake turned upside down") == 3
+
+
 def test_hard_definitions_drop_the_headword_stem():
     rng = random.Random(1)
     rows = _dictionary_rows(rng)
     # Half the artifact glosses mention "garden": the headword's stem for gardening (n.).
-    rows.append({"key": "noun.artifact:99999999",
-                 "text": "gardening (n.): thing the work of tending a plot of land"})
+    rows += [{"key": "noun.artifact:99999999",
+              "text": "gardening (n.): thing the work of tending a plot of land"},
+             {"key": "noun.artifact:99999998",  # the answer gives itself away: "run"
+              "text": "runner (n.): thing someone who runs from the house to the river"},
+             {"key": "noun.artifact:99999997",
+              "text": "walker (n.): thing a person who walks by the garden"}]
     items = tasks.definition_items(rows, hard=True, seed=0)
     _check_items(items, "definition_hard")
     item = next(i for i in items if i["context"] == "gardening (n.):")
     distractors = [o for k, o in enumerate(item["options"]) if k != item["answer"]]
     assert not any("garden" in o for o in distractors)
+    assert not {"runner (n.):", "walker (n.):"} & {i["context"] for i in items}
+    for item in items:  # no option shares a stem: the stem baseline is chance
+        stems = tasks.headword_stems(item["context"].rsplit(" (", 1)[0])
+        assert not any(tasks.shared_stems(stems, o) for o in item["options"])
+    assert tasks.baselines(items)["stem"] == 0.25
+    easy = tasks.definition_items(rows, seed=0)  # the easy variant keeps the cue ...
+    assert {"runner (n.):", "walker (n.):"} < {i["context"] for i in easy}
+    assert tasks.baselines(easy)["stem"] > 0.25  # ... and its stem baseline shows it
 
 
 def _literature_rows(rng):
@@ -263,6 +289,7 @@ def test_next_sentence_items_follow_the_length_rule():
     texts = {r["key"]: r["text"] for r in rows}
     for item in items:
         row_key, paragraph, index = item["id"].split("/")[1:]
+        assert item["unit"] == f"literature:{row_key}"  # the block, shared by its paragraphs
         sentences = corpus.split_sentences(texts[row_key].split("\n\n")[int(paragraph)])
         answer = item["options"][item["answer"]]
         assert answer == sentences[int(index)]
@@ -328,6 +355,11 @@ def test_qa_items_pool_faq_and_docs():
     _check_items(items, "qa")
     assert collections.Counter(i["source"] == "python-docs" for i in items) == {False: 12,
                                                                                 True: 4}
+    # One unit per FAQ question; the documentation file is one unit for its four items.
+    assert collections.Counter(i["unit"] for i in items if i["source"] == "python-docs") == \
+        {"docs:library/textwrap.rst": 4}
+    assert {i["unit"] for i in items if i["source"] != "python-docs"} == \
+        {f"qa:{row['key']}" for row in faq}
     for item in items:
         assert item["context"].startswith("Q: ") and item["context"].endswith("\nA:")
         assert not any("contributed" in o or "code()" in o for o in item["options"])
@@ -349,6 +381,14 @@ def test_baselines_on_hand_made_items():
     assert result["overlap"] == 0.5
     tie = [{"context": "x", "options": ["aa", "bb", "cc", "d"], "answer": 0}]
     assert tasks.baselines(tie)["longest"] == pytest.approx(1 / 3)
+    assert result["stem"] is None and tasks.baselines(tie)["stem"] is None  # no headword
+    definitions = [
+        {"context": "runner (n.):", "options": ["one who runs", "a b", "c d", "e f"], "answer": 0},
+        {"context": "runner (n.):", "options": ["a b", "c d", "one who runs", "x"], "answer": 1},
+        {"context": "walker (n.):", "options": ["a b", "c d", "e f", "g h"], "answer": 3},
+    ]
+    # Right on the first, wrong on the second; no option shares "walk": a four-way tie.
+    assert tasks.baselines(definitions)["stem"] == pytest.approx((1 + 0 + 1 / 4) / 3)
 
 
 def test_write_and_load_items_round_trip(tmp_path):
@@ -356,9 +396,14 @@ def test_write_and_load_items_round_trip(tmp_path):
     manifest = tasks.write_tasks({"definition": items}, str(tmp_path))
     assert tasks.load_items(str(tmp_path / "definition.jsonl")) == items
     assert manifest["definition"]["items"] == len(items)
+    assert manifest["definition"]["units"] == len(items)  # a synset per item
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"context": "x", "options": ["a", "a", "b", "c"], "answer": 0}))
+    bad.write_text(json.dumps({"context": "x", "options": ["a", "a", "b", "c"], "answer": 0,
+                               "unit": "u"}))
     with pytest.raises(tasks.TaskError, match="bad.jsonl:1"):
+        tasks.load_items(str(bad))
+    bad.write_text(json.dumps({"context": "x", "options": ["a", "b", "c", "d"], "answer": 0}))
+    with pytest.raises(tasks.TaskError, match="source unit"):
         tasks.load_items(str(bad))
 
 
@@ -379,3 +424,13 @@ def test_bundled_sample_loads():
     for task in tasks.TASKS:
         items = tasks.load_items(os.path.join(folder, "tasks", f"{task}.jsonl"))
         assert 100 <= len(items) <= 200
+        info = manifest["tasks"][task]
+        assert info["baselines"] == tasks.baselines(items)
+        assert info["units"] == len({item["unit"] for item in items})
+        assert (info["baselines"]["stem"] is None) == (not task.startswith("definition"))
+    hard = tasks.load_items(os.path.join(folder, "tasks", "definition_hard.jsonl"))
+    for item in hard:
+        stems = tasks.headword_stems(item["context"].rsplit(" (", 1)[0])
+        assert not any(tasks.shared_stems(stems, o) for o in item["options"]), item["id"]
+    assert manifest["tasks"]["definition_hard"]["baselines"]["stem"] == 0.25
+    assert manifest["tasks"]["definition"]["baselines"]["stem"] > 0.4
