@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraswitch_jax.eval.bench_decode import _environment, _time_calls, log, measure_bandwidth
+from loraswitch_jax.pallas import decode_attention as attention
 from loraswitch_jax.pallas import fused_projections as fused
 from loraswitch_jax.pallas import lora_shrink as shrink
 from loraswitch_jax.pallas import routed_projections as routed
@@ -46,9 +47,13 @@ class Shapes:
     num_experts: int = 8
     rank: int = 16
     top_k: int = 2
+    kv_heads: int = 32
+    head_dim: int = 128
+    cache_len: int = 1216
 
 
-SMALL = Shapes(layers=2, d=64, f=96, num_experts=8, rank=16, top_k=2)
+SMALL = Shapes(layers=2, d=64, f=96, num_experts=8, rank=16, top_k=2, kv_heads=2, head_dim=16,
+               cache_len=64)
 
 
 def _rel_err(got, want) -> float:
@@ -89,7 +94,8 @@ def check(name: str, run: Callable[[], object], reference: Callable[[], object],
 
 
 def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callable, int]]:
-    """(name, kernel call, reference call, bytes the kernel must move) for every kernel."""
+    """(name, kernel call, reference call, bytes the kernel must move) for every kernel, the
+    decode-attention kernel first (the newest)."""
     keys = iter(jax.random.split(key, 64))
     L, d, f, E, r = s.layers, s.d, s.f, s.num_experts, s.rank
     layer = jnp.int32(L - 1)  # data, as in decode; the last layer
@@ -99,7 +105,7 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
          "down": _normal(next(keys), (L, f, d), f**-0.5)}
     a = {p: _normal(next(keys), (L, E, v.shape[1], r), v.shape[1] ** -0.5) for p, v in w.items()}
     b = {p: _normal(next(keys), (L, E, r, v.shape[2]), 0.05) for p, v in w.items()}
-    cases = []
+    cases = _attention_cases(s, interpret, next(keys))
     x = _normal(next(keys), (1, d), 1.0)
     xf = _normal(next(keys), (1, f), 1.0)
     one_layer = lambda *ws: _nbytes(*(v[0] for v in ws))  # noqa: E731 - bytes of one layer each
@@ -190,6 +196,27 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
     return cases
 
 
+def _attention_cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callable, int]]:
+    """Decode attention over a stacked cache, at batch 1 (one long sequence) and 8 (ragged)."""
+    heads = s.d // s.head_dim
+    attend = jax.jit(functools.partial(attention.decode_attention, interpret=interpret))
+    cases = []
+    for batch in (1, 8):
+        keys = jax.random.split(jax.random.fold_in(key, batch), 3)
+        shape = (s.layers, batch, s.cache_len, s.kv_heads, s.head_dim)
+        kc, vc = _normal(keys[0], shape, 1.0), _normal(keys[1], shape, 1.0)
+        q = _normal(keys[2], (batch, heads, s.head_dim), 1.0)
+        lengths = jnp.asarray(np.linspace(s.cache_len - 16, 1, batch).round(), jnp.int32)
+        layer = jnp.int32(s.layers - 1)
+        read = 2 * int(lengths.sum()) * s.kv_heads * s.head_dim * 2  # valid keys and values
+        cases.append((f"decode_attention B={batch}",
+                      lambda q=q, kc=kc, vc=vc, lengths=lengths: attend(q, kc, vc, layer, lengths),
+                      lambda q=q, kc=kc, vc=vc, lengths=lengths: attention.decode_attention_reference(
+                          q, kc, vc, layer, lengths),
+                      read))
+    return cases
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     bandwidth = report["bandwidth"]
@@ -202,10 +229,26 @@ def markdown(report: dict) -> str:
     lines = [head, "", "| kernel | rel. error | ok | us | GB/s | of copy bw |",
              "|---|---:|:-:|---:|---:|---:|"]
     for row in report["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['kernel']} | - | NO | - | - | {row['error'][:80]} |")
+            continue
         frac = "" if row["of_copy_bw"] is None else f"{row['of_copy_bw']:.2f}"
         lines.append(f"| {row['kernel']} | {row['rel_err']:.1e} | {'yes' if row['ok'] else 'NO'} "
                      f"| {row['us']:.1f} | {row['gbps']:.0f} | {frac} |")
     return "\n".join(lines)
+
+
+def _write(report: dict, folder: str) -> str:
+    """``check_kernels.json`` and ``.md`` in ``folder`` (each replaced whole); returns the table."""
+    os.makedirs(folder, exist_ok=True)
+    table = markdown(report)
+    for name, text in (("check_kernels.json", json.dumps(report, indent=2)),
+                       ("check_kernels.md", table + "\n")):
+        path = os.path.join(folder, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -214,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                        help="check only the kernels whose name contains one of these")
     args = parser.parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     env = _environment()
@@ -221,16 +266,21 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"{env['device_kind']} ({env['platform']}), JAX {env['jax']}; {shapes}")
     bandwidth = None if env["platform"] == "cpu" else measure_bandwidth(2.0, 10, jax.random.key(1))
     copy_gbps = bandwidth["copy_gbps"] if bandwidth else None
-    rows = [check(*case, reps=args.reps, copy_gbps=copy_gbps)
-            for case in _cases(shapes, args.interpret, jax.random.key(0))]
     report = {"environment": env, "shapes": dataclasses.asdict(shapes), "bandwidth": bandwidth,
-              "interpret": args.interpret, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "check_kernels.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(os.path.join(args.out, "check_kernels.md"), "w") as f:
-        f.write(table + "\n")
+              "interpret": args.interpret, "rows": []}
+    for case in _cases(shapes, args.interpret, jax.random.key(0)):
+        if args.only and not any(text in case[0] for text in args.only):
+            continue
+        try:
+            row = check(*case, reps=args.reps, copy_gbps=copy_gbps)
+        except Exception as e:  # noqa: BLE001 - one kernel's failure must not hide the others
+            log(f"{case[0]}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            row = {"kernel": case[0], "error": f"{type(e).__name__}: {e}"[:500], "ok": False}
+        report["rows"].append(row)
+        table = _write(report, args.out)  # after every kernel: a run cut short keeps its rows
+    rows = report["rows"]
+    if not rows:
+        raise SystemExit(f"no kernel name contains any of {args.only}")
     print(table, flush=True)
     if not all(row["ok"] for row in rows):
         raise SystemExit("some kernels differ from their references (see the table)")
