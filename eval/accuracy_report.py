@@ -14,8 +14,8 @@ import numpy as np
 __all__ = ["markdown", "plots", "statement", "summary"]
 
 MAIN = ("lora", "layerwise", "switch")
-BASELINES = ("longest", "shortest", "overlap", "stem")  # eval/tasks.py baselines(); stem: None
-# for tasks without a headword
+# The trivial rules of eval/tasks.py's baselines(); "stem" is None for tasks without a headword.
+BASELINES = ("longest", "shortest", "overlap", "stem")
 # "switch matches layerwise": |switch - layerwise| held-out loss within 10 % of what layerwise
 # gains over the backbone (a margin tied to the adapter effect, not to the loss itself, which
 # would be about half of that effect at these scales).
