@@ -229,7 +229,7 @@ def _branches(line: str) -> list[str]:
     return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
 
 
-def count_loop_launches(hlo: str) -> dict[str, int]:
+def count_loop_launches(hlo: str) -> dict:
     """Launches per iteration of the largest ``while`` loop (the decode loop of ``_generate``:
     the prefill's layer scan is the other, smaller one); body plus condition."""
     comps, _ = _computations(hlo)

@@ -14,13 +14,7 @@ from loraswitch_jax.adapter_io import (
 )
 from loraswitch_jax.adapters import Adapter, AdapterConfig, AdapterError, init_adapter
 from loraswitch_jax.config import PRESETS, ConfigError, LlamaConfig, RopeScaling
-from loraswitch_jax.generate import (
-    GenerateConfig,
-    Generation,
-    GenerationError,
-    generate,
-    prefill_chunk,
-)
+from loraswitch_jax.generate import GenerateConfig, Generation, GenerationError, generate
 from loraswitch_jax.kv_cache import KVCache, init_cache
 from loraswitch_jax.llama import decode_step, forward, prefill
 from loraswitch_jax.params import PROJECTIONS, LayerParams, LlamaParams, init_params
@@ -63,6 +57,5 @@ __all__ = [
     "init_params",
     "load_params",
     "prefill",
-    "prefill_chunk",
     "save_params",
 ]

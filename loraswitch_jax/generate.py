@@ -68,7 +68,8 @@ class GenerateConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.prefill_tokens is not None and self.prefill_tokens < 16:
+        if self.prefill_tokens is not None and (
+                not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 16):
             raise GenerationError(f"prefill_tokens must be >= 16 or None, got {self.prefill_tokens}")
         if self.switch_strategy not in STRATEGIES:
             raise GenerationError(
@@ -148,8 +149,9 @@ def prefill_chunk(prefill_tokens: int | None, batch: int) -> int | None:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "cache_len", "stream"))
 def _generate(params, adapter, tokens, lengths, key, steps=None, *, cfg, gen, cache_len, stream):
-    # ``steps`` (traced, optional): stop after that many tokens (the rest stay PAD), so one
-    # compiled program serves every shorter generation; benchmarks time 1 vs N tokens with it.
+    # ``steps`` (traced, optional, >= 1): stop after that many tokens (the rest stay PAD), so
+    # one compiled program serves every shorter generation; benchmarks time 1 vs N tokens with
+    # it. The first token comes from the prefill, so fewer than 1 still gives one.
     B = tokens.shape[0]
     n_new = gen.max_new_tokens
     limit = n_new if steps is None else jnp.minimum(steps, n_new)

@@ -287,7 +287,8 @@ def prefill(
     ``chunk``: append ``chunk`` tokens of every prompt at a time, a ``lax.scan`` over the chunks,
     so that a large batch of long prompts fits: the attention scores of one pass are
     ``[B, H, chunk, cache_len]`` float32 (64 prompts of 1024 tokens at once need ~10 GB a layer).
-    The logits and the cache equal those of one pass.
+    The logits, the lengths and every cache slot a query can see equal those of one pass (the
+    padding slots past each length may differ; decoding overwrites them before they are seen).
     """
     B, T = tokens.shape
     if chunk is None or chunk >= T:

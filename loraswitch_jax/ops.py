@@ -42,6 +42,11 @@ ATTENTIONS = ("auto", "xla", "pallas")
 #   batch 64: "pallas" 1.118x, "xla" 1.121x.
 _DEFAULT_SHRINK = "pallas"
 
+# How decode attends when Impl.attention is "auto": XLA's attention over cache[layer] until
+# pallas/decode_attention.py is timed against it (eval/bench_adapters.py's
+# backbone-pallas-attention mode); a default changes only with a measurement behind it.
+_DEFAULT_ATTENTION = "xla"
+
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
@@ -50,8 +55,9 @@ class Impl:
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
     input), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
     reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
-    (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only),
-    ``"xla"`` (``layers.attention`` over ``cache[layer]``) or ``"auto"`` (the backend's).
+    (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only; its
+    cache length must be a multiple of 16, else XLA's runs), ``"xla"`` (``layers.attention``
+    over ``cache[layer]``) or ``"auto"``.
     Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
@@ -66,6 +72,9 @@ class Impl:
             raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
+        if self.backend == "xla" and self.attention == "pallas":
+            raise ValueError("attention='pallas' needs backend='pallas' (the XLA backend runs no "
+                             "Pallas kernel)")
 
     @property
     def xla(self) -> bool:
@@ -77,8 +86,9 @@ class Impl:
 
     @property
     def pallas_attention(self) -> bool:
-        """Whether decode attends with the Pallas kernel (``"auto"``: with the Pallas backend)."""
-        return not self.xla and self.attention != "xla"
+        """Whether decode attends with the Pallas kernel (``"auto"``: :data:`_DEFAULT_ATTENTION`)."""
+        choice = _DEFAULT_ATTENTION if self.attention == "auto" else self.attention
+        return not self.xla and choice == "pallas"
 
 
 def resolve_impl(impl: str | Impl) -> Impl:

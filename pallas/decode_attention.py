@@ -8,8 +8,8 @@ kernel takes the whole cache and the layer as data, reads only each sequence's v
 flash-decoding). The slots of a (sequence, kv head) are split over ``num_splits`` programs so that
 batch 1 still fills the GPU; XLA combines the splits' partial results (one small fusion).
 
-Not yet timed on a GPU: ``ops.Impl(attention=...)`` picks it or XLA's attention, and
-``eval/bench_adapters.py``'s ``backbone-xla-attention`` mode measures the difference.
+Not yet timed on a GPU, so off by default: ``ops.Impl(attention="pallas")`` picks it, and
+``eval/bench_adapters.py``'s ``backbone-pallas-attention`` mode measures it against XLA's.
 """
 
 from __future__ import annotations
@@ -20,13 +20,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from loraswitch_jax.layers import attention
 
-from ._tiles import SCALAR, check_layer, compiler_params, is_block, largest_divisor, whole
+from ._tiles import (
+    SCALAR,
+    check_layer,
+    compiler_params,
+    is_block,
+    is_concrete,
+    largest_divisor,
+    whole,
+)
 
-__all__ = ["AttentionBlocks", "decode_attention", "decode_attention_reference", "supports"]
+__all__ = ["AttentionBlocks", "decode_attention", "decode_attention_reference", "default_blocks",
+           "supports"]
 
 # Programs to aim for when splitting the slots: two waves of an H100's 132 SMs (not measured).
 _TARGET_PROGRAMS = 264
@@ -43,6 +53,14 @@ class AttentionBlocks:
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+
+    def __post_init__(self):
+        if not is_block(self.block_s):
+            raise ValueError(f"block_s must be a power of two >= 16, got {self.block_s}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1 or None, got {self.num_splits}")
+        if self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"num_warps and num_stages must be >= 1: {self}")
 
 
 def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -67,7 +85,8 @@ def _kernel(layer_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
     # [L, B, S, KV, hd] whole (in HBM); o_ref [Gp, hd], m_ref, l_ref [Gp]: this split's
     # unnormalised output, running max and softmax denominator (float32).
     b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, length = layer_ref[()], lengths_ref[b]
+    # A length past the cache attends to all of it, as the reference does (no read past S).
+    layer, length = layer_ref[()], jnp.minimum(lengths_ref[b], k_ref.shape[2])
     q = q_ref[...]
     first = split * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(length, block_s))
@@ -145,8 +164,11 @@ def decode_attention(
                          f"S={S}, hd={hd}")
     check_layer(layer, L)
     bs = blocks or default_blocks(B, KV, S)
-    if S % bs.block_s or not is_block(bs.block_s):
-        raise ValueError(f"{bs}: block_s must be a power of two >= 16 dividing S={S}")
+    if S % bs.block_s:
+        raise ValueError(f"{bs}: block_s must divide S={S}")
+    if is_concrete(lengths) and lengths.size and not (1 <= np.min(lengths)
+                                                      and np.max(lengths) <= S):
+        raise ValueError(f"lengths must be in [1, S={S}], got {np.asarray(lengths).tolist()}")
     return _decode_attention(q, k_cache, v_cache, jnp.asarray(layer, jnp.int32),
                              lengths.astype(jnp.int32), blocks=bs, interpret=interpret)
 
@@ -177,7 +199,7 @@ def _decode_attention(q, k_cache, v_cache, layer, lengths, *, blocks, interpret)
                    jax.ShapeDtypeStruct((B, KV, splits, gp), jnp.float32)],
         compiler_params=compiler_params(blocks),
         interpret=interpret,
-        name=f"decode_attention_s{blocks.block_s}_x{splits}",
+        name=f"decode_attention_m{gp}_s{blocks.block_s}_x{splits}",
     )(layer, lengths, qp, k_cache, v_cache)
     # Combine the splits: rescale each to the common max (splits past the length weigh 0).
     top = m.max(axis=2, keepdims=True)

@@ -81,31 +81,36 @@ class ShrinkBlockSizes:
     num_stages: int = 3
 
 
-# K steps one program of the grouped shrink runs in a row, at most (split_k spreads the rest).
+# K steps one program of the grouped shrink runs in a row, at most, when split_k spreads the rest
+# over programs; splitting stops at about two waves of an H100's 132 SMs (heuristics, not timed).
 _MAX_SHRINK_STEPS = 2
+_TARGET_PROGRAMS = 264
 
 
-def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16,
-                               projections: int = 1) -> ShrinkBlockSizes:
+def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections: int = 1,
+                               programs: int = 1) -> ShrinkBlockSizes:
     """Blocks for :func:`lora_shrink_group` (a heuristic; the split is not yet timed): the
     deepest K step, up to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in
     bf16), made shallower where ``block_m`` rows of ``x`` and one branch per projection would
-    overflow shared memory; then K split over enough programs that each runs at most
-    ``_MAX_SHRINK_STEPS`` steps.
+    overflow shared memory; then, while the ``programs`` already launched (projections x slots x
+    row blocks) are fewer than :data:`_TARGET_PROGRAMS`, K split over more programs, towards
+    ``_MAX_SHRINK_STEPS`` steps each.
 
     Why split: at decode only ``projections * S`` programs would stream (6 for q, k, v of one
     row with top-2), each a chain of dependent K steps (43 for ``down``'s 11008 rows), so the
     shrink is bound by latency, not bytes. On the H100 the adapter's extra time per layer
     (~52 us at batch 1, eval/results/adapters/) did not shrink when 7 small XLA launches per
     layer were removed (0.13 ms per step for 224 launches), which leaves the four shrinks'
-    serial K loops; a split adds one small XLA reduction per group."""
+    serial K loops; a split adds one small XLA reduction per group. With many rows the grid is
+    full already, and a split would only write and re-read float32 partial sums."""
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
     bs = fit_shared_memory(ShrinkBlockSizes(block_k=largest_divisor(k, depths)), block_m,
                            ((rank,),) * projections)
     steps = k // bs.block_k
-    split_k = next(d for d in range(1, steps + 1)
-                   if steps % d == 0 and steps // d <= _MAX_SHRINK_STEPS)
-    return dataclasses.replace(bs, split_k=split_k)
+    room = max(1, _TARGET_PROGRAMS // max(programs, 1))
+    splits = [d for d in range(1, min(steps, room) + 1) if steps % d == 0]
+    wanted = [d for d in splits if steps // d <= _MAX_SHRINK_STEPS]
+    return dataclasses.replace(bs, split_k=wanted[0] if wanted else splits[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +293,8 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
     m, k = x.shape
     ranks = [a_p.shape[3] for a_p in a]
     block_m, mp = row_blocks(m)
-    bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks), block_m, len(a))
+    bs_ = block_sizes or default_shrink_block_sizes(
+        k, max(ranks), block_m, len(a), programs=len(a) * slot_experts.shape[0] * (mp // block_m))
     _check_shrink_blocks(bs_, k)
     num_slots, split_k = slot_experts.shape[0], bs_.split_k
     # Grid: (projections, slots, split_k, row blocks). Outputs slot-major, [S, Mp, r] (one

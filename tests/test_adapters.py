@@ -14,6 +14,7 @@ import loraswitch_jax as lj
 from conftest import VOCAB, rel_err
 from loraswitch_jax import AdapterConfig, AdapterError
 from loraswitch_jax.adapters import check_adapter, lora_delta
+from loraswitch_jax.generate import prefill_chunk
 from loraswitch_jax.router import Route, Routing, balance_loss, expert_usage
 
 
@@ -231,23 +232,32 @@ def test_chunked_prefill_equals_one_pass(model, tokens, mode):
         for got_kv, want_kv in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
             assert rel_err(got_kv[:, b, :n], want_kv[:, b, :n]) < 1e-5
 
+    # A prompt that fills the cache: the last chunk's padding lies past the cache (dropped).
+    full = lj.init_cache(cfg, 2, 40, params.dtype)
+    lengths = jnp.asarray([40, 11], jnp.int32)
+    want, _ = run(params, full, jnp.asarray(tokens[:, :40]), lengths, cfg, adapter=adapter)
+    got, _ = run(params, full, jnp.asarray(tokens[:, :40]), lengths, cfg, adapter=adapter,
+                 chunk=16)
+    assert rel_err(got, want) < 1e-5
+
     prompts = [tokens[0, :40], tokens[1, :23]]
     one_pass = lj.GenerateConfig(max_new_tokens=6, stop_tokens=(), prefill_tokens=None)
     chunked = dataclasses.replace(one_pass, prefill_tokens=32)  # 16 tokens per prompt, 4 passes
-    assert lj.prefill_chunk(32, 2) == 16
+    assert prefill_chunk(32, 2) == 16
     np.testing.assert_array_equal(
         lj.generate(params, cfg, prompts, chunked, adapter=adapter).tokens,
         lj.generate(params, cfg, prompts, one_pass, adapter=adapter).tokens)
 
 
 def test_prefill_chunk_sizes():
-    assert lj.prefill_chunk(None, 64) is None
-    assert lj.prefill_chunk(8192, 1) == 8192
-    assert lj.prefill_chunk(8192, 64) == 128
-    assert lj.prefill_chunk(8192, 48) == 128  # 170 rounded down to a power of two
-    assert lj.prefill_chunk(100, 64) == 16
-    with pytest.raises(lj.GenerationError, match="prefill_tokens must be >= 16"):
-        lj.GenerateConfig(prefill_tokens=8)
+    assert prefill_chunk(None, 64) is None
+    assert prefill_chunk(8192, 1) == 8192
+    assert prefill_chunk(8192, 64) == 128
+    assert prefill_chunk(8192, 48) == 128  # 170 rounded down to a power of two
+    assert prefill_chunk(100, 64) == 16
+    for bad in (8, 100.0):
+        with pytest.raises(lj.GenerationError, match="prefill_tokens must be >= 16"):
+            lj.GenerateConfig(prefill_tokens=bad)
 
 
 def test_generate_with_adapter(model, prompts):

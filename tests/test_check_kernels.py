@@ -29,7 +29,7 @@ def test_only_and_a_failing_kernel_keeps_the_rest(tmp_path, monkeypatch):
 
     def check(name, *args, **kwargs):
         if name == "decode_attention B=1":
-            raise RuntimeError("Shared memory size limit exceeded")
+            raise RuntimeError("Shared memory size limit exceeded | requested 245760\nmore")
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(check_kernels, "check", check)
@@ -39,3 +39,5 @@ def test_only_and_a_failing_kernel_keeps_the_rest(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "check_kernels.json").read_text())["rows"]
     assert [r["kernel"] for r in rows] == ["decode_attention B=1", "decode_attention B=8"]
     assert "Shared memory" in rows[0]["error"] and rows[1]["ok"]
+    table = (tmp_path / "check_kernels.md").read_text()  # one line per kernel, | escaped
+    assert "exceeded \\| requested 245760 |" in table and "more" not in table

@@ -95,4 +95,20 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="S % 16"):
         decode_attention(q, k[:, :, :30], v[:, :, :30], 0, lengths, interpret=True)
     with pytest.raises(ValueError, match="block_s must be"):
-        decode_attention(q, k, v, 0, lengths, blocks=AttentionBlocks(block_s=24), interpret=True)
+        AttentionBlocks(block_s=24)
+    with pytest.raises(ValueError, match="num_splits must be"):
+        AttentionBlocks(num_splits=0)
+    with pytest.raises(ValueError, match="must divide S=32"):
+        decode_attention(q, k, v, 0, lengths, blocks=AttentionBlocks(block_s=64), interpret=True)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, S=32\]"):
+        decode_attention(q, k, v, 0, jnp.asarray([0, 4], jnp.int32), interpret=True)
+
+
+def test_traced_length_past_the_cache_reads_no_further():
+    """A traced length above S (a step on a full cache) attends to all S slots, as the
+    reference does, instead of reading past the sequence's slots."""
+    rng = np.random.default_rng(4)
+    q, k, v = operands(rng, 2, 4, 2, 32, 16, jnp.float32)
+    lengths = jnp.asarray([33, 40], jnp.int32)
+    got = jax.jit(lambda n: decode_attention(q, k, v, 1, n, interpret=True))(lengths)
+    assert rel_err(got, decode_attention_reference(q, k, v, 1, lengths)) < 1e-5

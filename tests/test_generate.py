@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import loraswitch_jax as lj
 from conftest import MAX_NEW, VOCAB, jit_forward
 from loraswitch_jax import GenerateConfig, GenerationError, Sampler
+from loraswitch_jax.generate import _generate, prepare_prompts
 
 PAD = -1
 GREEDY = GenerateConfig(max_new_tokens=MAX_NEW, stop_tokens=())
@@ -215,10 +217,6 @@ def test_no_stop_tokens_never_stop(model, prompts, greedy):
 def test_traced_step_limit_serves_shorter_generations(model, prompts, greedy):
     """``_generate(..., steps)``: one compiled program stops after ``steps`` tokens, which
     equal the first ``steps`` of the full generation (the benchmarks time 1 vs N with it)."""
-    import jax
-
-    from loraswitch_jax.generate import _generate, prepare_prompts
-
     params, cfg = model
     tokens, lengths, cache_len = prepare_prompts(prompts, cfg, GREEDY.max_new_tokens, None)
     run = _generate.lower(params, None, tokens, lengths, jax.random.key(0), jnp.int32(MAX_NEW),

@@ -151,6 +151,12 @@ def test_default_shrink_block_sizes():
     assert default_shrink_block_sizes(11008, 16) == ShrinkBlockSizes(block_k=256, split_k=43)
     assert default_shrink_block_sizes(48, 1024) == ShrinkBlockSizes(block_k=16, split_k=3)
     assert default_shrink_block_sizes(32, 16) == ShrinkBlockSizes(block_k=32, split_k=1)
+    # Decode (q, k, v of one row, top-2: 6 programs) splits; a full grid does not.
+    assert default_shrink_block_sizes(11008, 16, 16, 3, programs=6).split_k == 43
+    assert default_shrink_block_sizes(11008, 16, 64, 3, programs=3 * 8 * 128).split_k == 1
+    # Room for 264 // 100 = 2 splits: the best that divides 43 steps is no split.
+    assert default_shrink_block_sizes(11008, 16, 64, 1, programs=100).split_k == 1
+    assert default_shrink_block_sizes(4096, 16, 64, 1, programs=100).split_k == 2
 
 
 def test_rejects_bad_input():

@@ -7,6 +7,8 @@ A miss shows on the GPU only, as "Shared memory size limit exceeded" when the pr
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from loraswitch_jax.pallas import _routed_kernels, fused_projections, lora_shrink, stacked_matmul
@@ -54,9 +56,6 @@ def test_llama_7b_defaults_fit_at_every_batch(m):
 def test_inline_shrink_blocks_make_room_for_a_tiles():
     """The inline kernels' defaults (two rank-16 slots per adapted projection) fit, where the
     plain defaults would not (the 270336 B request above)."""
-    import jax
-    import jax.numpy as jnp
-
     a = jax.ShapeDtypeStruct((32, 8, 4096, 16), jnp.bfloat16)
     sw = jax.ShapeDtypeStruct((1, 2), jnp.float32)
     inline = (a, sw, None)
