@@ -134,6 +134,8 @@ MODES: dict[str, Mode] = {
     # The same with x A as one XLA op per projection, or inside the projection kernels:
     # which of the three is the default (ops._DEFAULT_SHRINK) is decided by these rows.
     "switch-fused-xla-shrink": Mode("switch", "pallas", "fused", shrink="xla"),
+    # The grouped shrink with K spread over more programs (decode has few otherwise).
+    "switch-fused-split-shrink": Mode("switch", "pallas", "fused", shrink="pallas-split"),
     # Inline recomputes x A in every program, for gathered slots only (batch * k < E; ops falls
     # back to the grouped shrink otherwise, which switch-fused already measures).
     "switch-fused-inline": Mode("switch", "pallas", "fused", shrink="inline"),
@@ -185,7 +187,7 @@ def _fits(case: Case) -> bool:
 def issue4_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)) -> list[Case]:
     """Every mode at E 8, k 2. The acceptance targets' modes at every batch come first."""
     first = ("backbone", "switch-fused", "switch-merge")
-    rest = ("backbone-pallas-attention", "switch-fused-inline", "switch-fused-xla-shrink", "lora",
+    rest = ("backbone-pallas-attention", "switch-fused-split-shrink", "switch-fused-inline", "switch-fused-xla-shrink", "lora",
             "layerwise-pallas", "switch-xla", "layerwise-xla")
     cases = []
     for modes in (first, rest):

@@ -30,7 +30,7 @@ __all__ = ["ATTENTIONS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attenti
            "resolve_impl", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
-SHRINKS = ("auto", "xla", "pallas", "inline")
+SHRINKS = ("auto", "xla", "pallas", "pallas-split", "inline")
 ATTENTIONS = ("auto", "xla", "pallas")
 
 # Where the routed kernels compute x A when Impl.lora_shrink is "auto".
@@ -53,7 +53,8 @@ class Impl:
     """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
     kernels in interpret mode; ``lora_shrink`` places the routed LoRA's ``x A``: ``"xla"`` (one
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
-    input), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
+    input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode; not yet
+    timed), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
     reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
     (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only; its
     cache length must be a multiple of 16, else XLA's runs), ``"xla"`` (``layers.attention``
@@ -186,11 +187,11 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     if shrink == "inline":
         return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
-    if shrink == "pallas":
+    if shrink in ("pallas", "pallas-split"):
         # Slot-major: the routed kernel reads the shrink's output as written, no copy between.
         group = iter(shrink_kernel.lora_shrink_group(
             flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
-            slot_major=True, interpret=impl.interpret))
+            split=shrink == "pallas-split", slot_major=True, interpret=impl.interpret))
         xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
     else:
         xas = tuple(

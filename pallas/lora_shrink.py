@@ -88,13 +88,14 @@ _TARGET_PROGRAMS = 264
 
 
 def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections: int = 1,
-                               programs: int = 1) -> ShrinkBlockSizes:
+                               programs: int | None = None) -> ShrinkBlockSizes:
     """Blocks for :func:`lora_shrink_group` (a heuristic; the split is not yet timed): the
     deepest K step, up to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in
     bf16), made shallower where ``block_m`` rows of ``x`` and one branch per projection would
-    overflow shared memory; then, while the ``programs`` already launched (projections x slots x
-    row blocks) are fewer than :data:`_TARGET_PROGRAMS`, K split over more programs, towards
-    ``_MAX_SHRINK_STEPS`` steps each.
+    overflow shared memory; then, given the ``programs`` launched without a split (projections x
+    slots x row blocks; ``None``: no split, as measured so far), while they are fewer than
+    :data:`_TARGET_PROGRAMS`, K split over more programs, towards ``_MAX_SHRINK_STEPS`` steps
+    each.
 
     Why split: at decode only ``projections * S`` programs would stream (6 for q, k, v of one
     row with top-2), each a chain of dependent K steps (43 for ``down``'s 11008 rows), so the
@@ -106,6 +107,8 @@ def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
     bs = fit_shared_memory(ShrinkBlockSizes(block_k=largest_divisor(k, depths)), block_m,
                            ((rank,),) * projections)
+    if programs is None:
+        return bs
     steps = k // bs.block_k
     room = max(1, _TARGET_PROGRAMS // max(programs, 1))
     splits = [d for d in range(1, min(steps, room) + 1) if steps % d == 0]
@@ -249,6 +252,7 @@ def lora_shrink_group(
     slot_weights: jax.Array,
     *,
     block_sizes: ShrinkBlockSizes | None = None,
+    split: bool = False,
     slot_major: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array | SlotMajor, ...]:
@@ -269,7 +273,8 @@ def lora_shrink_group(
       slot_experts: ``[S]`` int32, from :func:`route_slots`; may be traced.
       slot_weights: ``[M, S]`` float32, from :func:`route_slots`.
       block_sizes: ``block_k * split_k`` must divide ``K``; default
-        :func:`default_shrink_block_sizes` (not timed yet).
+        :func:`default_shrink_block_sizes`, which spreads ``K`` over more programs (``split_k``)
+        only with ``split`` (not yet timed on a GPU: ``ops.Impl(lora_shrink="pallas-split")``).
       slot_major: return each output as the kernel wrote it, a :class:`SlotMajor` ``[S, Mp, r_p]``
         (rows padded), which the routed kernels take without a copy.
       interpret: run in Pallas interpret mode (CPU tests).
@@ -283,18 +288,19 @@ def lora_shrink_group(
         raise ValueError("lora_shrink_group needs at least one a stack")
     check_adapted(adapted_layer, slot_experts, a[0].shape[:2])
     return _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights,
-                              block_sizes=block_sizes, slot_major=slot_major, interpret=interpret)
+                              block_sizes=block_sizes, split=split, slot_major=slot_major,
+                              interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "slot_major", "interpret"))
-def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block_sizes,
+@functools.partial(jax.jit, static_argnames=("block_sizes", "split", "slot_major", "interpret"))
+def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block_sizes, split,
                        slot_major, interpret):
     _check_group(x, a, slot_experts, slot_weights)
     m, k = x.shape
     ranks = [a_p.shape[3] for a_p in a]
     block_m, mp = row_blocks(m)
-    bs_ = block_sizes or default_shrink_block_sizes(
-        k, max(ranks), block_m, len(a), programs=len(a) * slot_experts.shape[0] * (mp // block_m))
+    programs = len(a) * slot_experts.shape[0] * (mp // block_m) if split else None
+    bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks), block_m, len(a), programs)
     _check_shrink_blocks(bs_, k)
     num_slots, split_k = slot_experts.shape[0], bs_.split_k
     # Grid: (projections, slots, split_k, row blocks). Outputs slot-major, [S, Mp, r] (one

@@ -33,6 +33,7 @@ def adapter_shapes(mode):
     (None, "auto", "auto", 1),
     (None, "auto", "auto", 40),  # rows padded to 64
     ("switch", "fused", "pallas", 1),
+    ("switch", "fused", "pallas-split", 1),
     ("switch", "fused", "inline", 1),
     ("switch", "fused", "xla", 8),
     ("switch", "fused", "pallas", 64),

@@ -109,6 +109,11 @@ def test_lora_shrink_group_matches_reference(m, e, k, dtype, ranks, blocks):
     for g, r, rank in zip(got, ref, ranks):
         assert g.shape == (m, slot_experts.shape[0], rank) and g.dtype == dtype
         assert rel_err(g, r) < TOL[dtype]
+    # Spread over more programs (split K): the same values up to float32 summation order.
+    split = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
+                              split=True, interpret=True)
+    for g, r in zip(split, ref):
+        assert rel_err(g, r) < TOL[dtype]
     # The kernels' own layout: slot-major, rows padded to the row block, the same values.
     raw = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
                             slot_major=True, interpret=True)
@@ -143,14 +148,19 @@ def test_lowers_to_triton():
 
 
 def test_default_shrink_block_sizes():
-    """Deep K steps with A tiles of at most 8192 elements, tiling Llama-2-7B's K, split so
-    that no program runs more than two steps in a row."""
-    assert default_shrink_block_sizes(4096, 16) == ShrinkBlockSizes(block_k=512, split_k=4)
-    assert default_shrink_block_sizes(4096, 64) == ShrinkBlockSizes(block_k=128, split_k=16)
+    """Deep K steps with A tiles of at most 8192 elements, tiling Llama-2-7B's K; no split
+    unless asked (``programs``), then split so that no program runs more than two steps."""
+    assert default_shrink_block_sizes(4096, 16) == ShrinkBlockSizes(block_k=512, split_k=1)
+    assert default_shrink_block_sizes(4096, 16, programs=1) == ShrinkBlockSizes(block_k=512,
+                                                                                 split_k=4)
+    assert default_shrink_block_sizes(4096, 64, programs=1) == ShrinkBlockSizes(block_k=128,
+                                                                                 split_k=16)
     # 11008 = 43 * 256: 43 steps, 43 programs of one step
-    assert default_shrink_block_sizes(11008, 16) == ShrinkBlockSizes(block_k=256, split_k=43)
-    assert default_shrink_block_sizes(48, 1024) == ShrinkBlockSizes(block_k=16, split_k=3)
-    assert default_shrink_block_sizes(32, 16) == ShrinkBlockSizes(block_k=32, split_k=1)
+    assert default_shrink_block_sizes(11008, 16, programs=1) == ShrinkBlockSizes(block_k=256,
+                                                                                  split_k=43)
+    assert default_shrink_block_sizes(48, 1024, programs=1) == ShrinkBlockSizes(block_k=16,
+                                                                                 split_k=3)
+    assert default_shrink_block_sizes(32, 16, programs=1) == ShrinkBlockSizes(block_k=32)
     # Decode (q, k, v of one row, top-2: 6 programs) splits; a full grid does not.
     assert default_shrink_block_sizes(11008, 16, 16, 3, programs=6).split_k == 43
     assert default_shrink_block_sizes(11008, 16, 64, 3, programs=3 * 8 * 128).split_k == 1

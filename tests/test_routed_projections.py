@@ -202,9 +202,9 @@ def shrink_xla(x, as_, *route):
     return [None if a is None else lora_shrink(x, a, *route) for a in as_]
 
 
-def shrink_pallas(x, as_, *route, slot_major=False):
+def shrink_pallas(x, as_, *route, slot_major=False, split=False):
     """``lora_shrink_group`` of the stacks in ``as_`` (``None`` stays ``None``)."""
-    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route,
+    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, split=split,
                                  slot_major=slot_major, interpret=True))
     return [None if a is None else next(xas) for a in as_]
 
@@ -234,6 +234,7 @@ SHRINK_PLACEMENTS = {
     "pallas": lambda: via_xa(shrink_pallas),
     # The shrink's own padded [S, Mp, r] output handed on as is (what ops does).
     "pallas-slot-major": lambda: via_xa(functools.partial(shrink_pallas, slot_major=True)),
+    "pallas-split": lambda: via_xa(functools.partial(shrink_pallas, slot_major=True, split=True)),
     "inline": lambda: tuple(functools.partial(f, **INTERPRET16) for f in (
         routed_qkv_matmul_inline_shrink, routed_gate_up_matmul_inline_shrink,
         routed_matmul_inline_shrink)),
