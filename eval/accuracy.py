@@ -167,7 +167,8 @@ PRESETS: dict[str, Preset] = {
     # README demo on the bundled sample: about a minute and a half on 2 CPU cores.
     "demo": Preset(
         name="demo", model=byte_llama(64, 2, 4, 2, 172, 256), seq_len=128, batch_size=16,
-        pretrain=OptimConfig(lr=3e-3, warmup_steps=15, steps=300, weight_decay=0.1, b2=0.95),
+        # 260 + 60 steps of 16 x 128 bytes: within one pass over the bundled sample (328 batches).
+        pretrain=OptimConfig(lr=3e-3, warmup_steps=15, steps=260, weight_decay=0.1, b2=0.95),
         finetune=OptimConfig(lr=2e-3, warmup_steps=5, steps=60), num_experts=4, expert_rank=4,
         heldout_bytes=6_000, items_per_task=24, eval_batch_size=32, generate_tokens=40,
         bootstrap_resamples=1000),
@@ -641,6 +642,17 @@ def _generations(params, cfg, adapters: Mapping[str, Adapter | None], n: int, se
 
 # ---- the experiment --------------------------------------------------------------------------
 
+def check_fresh_text(p: Preset, batches_per_epoch: int) -> None:
+    """Pretraining and fine-tuning together must fit one pass over the training text, so that
+    fine-tuning reads only text the backbone has not seen."""
+    needed = p.pretrain.steps + p.finetune.steps
+    if needed > batches_per_epoch:
+        raise ValueError(
+            f"preset {p.name!r}: {p.pretrain.steps} pretraining + {p.finetune.steps} fine-tuning "
+            f"steps need {needed} batches, but one pass over this corpus has "
+            f"{batches_per_epoch}: fine-tuning would reuse text the backbone has seen")
+
+
 def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
         progress: bool = True) -> dict:
     """Run the whole experiment (module docstring) and write its outputs to ``out_dir``.
@@ -661,13 +673,7 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
     dcfg = DataConfig(path=corpus_dir, format="jsonl", seq_len=p.seq_len,
                       batch_size=p.batch_size, seed=seed)
     batches = TrainBatches(examples, dcfg)
-    needed = p.pretrain.steps + p.finetune.steps
-    if needed > batches.batches_per_epoch:
-        raise ValueError(
-            f"preset {p.name!r}: {p.pretrain.steps} pretraining + {p.finetune.steps} fine-tuning "
-            f"steps need {needed} batches, but one pass over this corpus has "
-            f"{batches.batches_per_epoch}: fine-tuning would reuse text the backbone has seen"
-        )
+    check_fresh_text(p, batches.batches_per_epoch)
     timings["load"] = time.perf_counter() - start
 
     cfg = p.model

@@ -13,7 +13,9 @@ import pytest
 
 import loraswitch_jax as lj
 from loraswitch_jax.eval import accuracy, scoring
+from loraswitch_jax.samples import sample_path
 from loraswitch_jax.tokenizer import byte_tokenizer
+from loraswitch_jax.train.data import DataConfig, TrainBatches
 from loraswitch_jax.train.step import OptimConfig
 
 TINY = accuracy.byte_llama(32, 2, 2, 2, 64, 128)
@@ -367,3 +369,16 @@ def test_micro_experiment_writes_report(tmp_path):
         texts = np.unique(text[domain == i])
         assert texts.size == saved["data"]["heldout_scored"][name]["texts"]
         assert not np.isin(texts, text[domain != i]).any()  # text numbers differ across domains
+
+
+def test_demo_preset_fits_the_bundled_sample():
+    """``loraswitch demo`` (the README's main job) must not stop at the fresh-text check: its
+    pretraining plus fine-tuning steps fit one pass over the bundled sample."""
+    p = accuracy.PRESETS["demo"]
+    corpus = accuracy.load_corpus(sample_path("mixture"), p, 0)
+    dcfg = DataConfig(path=sample_path("mixture"), format="jsonl", seq_len=p.seq_len,
+                      batch_size=p.batch_size, seed=0)
+    batches = TrainBatches(accuracy.mixture_examples(corpus), dcfg).batches_per_epoch
+    accuracy.check_fresh_text(p, batches)
+    with pytest.raises(ValueError, match="fine-tuning would reuse text"):
+        accuracy.check_fresh_text(p, p.pretrain.steps + p.finetune.steps - 1)
