@@ -152,6 +152,14 @@ def markdown(report: dict) -> str:
                      f"| {a['router_layer']} | {n['experts']:,} | {n['routers']:,} | "
                      f"{100 * n['total'] / bb['params']:.1f} | "
                      f"{'yes' if x['budget_exact'] else 'no'} |")
+    rl = m["switch"]["adapter"]["router_layer"]
+    moved = [name for name, x in m.items()
+             if name != "backbone" and x["adapter"]["router_layer"] != rl]
+    if moved:
+        lines += ["", f"{', '.join(moved)}: adapters cover the layers from the router's on (a "
+                  "pre-gated route exists only from there), with the rank scaled to keep the "
+                  "budget, so the router's position and the adapters' coverage change together "
+                  "in this ablation."]
     lines += ["", "## Held-out loss (nats/byte, lower is better)", "",
               "| model | " + " | ".join(domains) + " | mean |",
               "| --- " * (len(domains) + 2) + "|"]

@@ -352,6 +352,8 @@ def test_micro_experiment_writes_report(tmp_path):
         saved["methods"]["lora"]["params"]["experts"]
     assert "switch vs layerwise" in saved["comparisons"]
     assert "| switch |" in (out / "report.md").read_text()
+    assert "switch router_layer=1: adapters cover the layers from the router's on" in \
+        (out / "report.md").read_text()  # the ablation's confound, said where it is shown
     assert "resample whole held-out texts" in (out / "report.md").read_text()
     assert "resampling held-out texts" in saved["statement"]
     assert "resample whole source units" in (out / "report.md").read_text()
