@@ -635,7 +635,8 @@ def build_corpus(out: str, *, from_debs: str | None = None, cache: str | None = 
                                         heldout)}
     # Rebuilt with the held-out files, so the manifest's hashes never cover stale task items.
     from loraswitch_jax.eval import tasks  # tasks imports this module
-    manifest["tasks"] = tasks.write_tasks(tasks.build_tasks(out), os.path.join(out, "tasks"))
+    items, filters = tasks.build_tasks(out)
+    manifest["tasks"] = tasks.write_tasks(items, os.path.join(out, "tasks"), filters)
     manifest["files"] = _files_sha256(out)
     with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
@@ -673,8 +674,8 @@ def write_sample(corpus: str, out: str, *, train_kb: float = 150, heldout_kb: fl
                 sorted(units, key=lambda u: u.key))
     shutil.copytree(os.path.join(corpus, "LICENSES"), os.path.join(out, "LICENSES"),
                     dirs_exist_ok=True)
-    items = tasks.build_tasks(corpus, max_items=items_per_task, seed=seed)
-    manifest["tasks"] = tasks.write_tasks(items, os.path.join(out, "tasks"))
+    items, filters = tasks.build_tasks(corpus, max_items=items_per_task, seed=seed)
+    manifest["tasks"] = tasks.write_tasks(items, os.path.join(out, "tasks"), filters)
     manifest["files"] = _files_sha256(out)
     with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)

@@ -367,6 +367,69 @@ def test_qa_items_pool_faq_and_docs():
         assert all(docs) or not any(docs)  # distractors come from the same source
 
 
+# ---- answers repeated in training text ------------------------------------------------------
+
+def test_training_text_leak_rule():
+    training = tasks.TrainingText([
+        'def median_high(data):\n    """Return the HIGH median\n    of data."""',
+        "Wraps the single paragraph in ``text`` so every line is at most width long, and more.",
+        "the first text ends with one two three four",
+        "five six seven eight and the second starts",
+    ])
+    texts = [
+        "Return the high median of data.",  # 6 words, all in one run: case, markup ignored
+        "the high median of",  # 4 words: a common phrase, never counted
+        "Return the low median of data.",  # 6 words, not one run of training text
+        "Wraps the single paragraph in *text* so every line is at most width long.",
+        "Wraps the single paragraph in text so every line fits in a short width.",  # 9 of 14
+        "Wraps the single paragraph in text so every one of these words differs from it now.",
+        "Wraps the single paragraph in text so every one of these words differs from it just now.",
+        # the first 8 words found: 8 of 16 words is half (leaked), 8 of 17 less
+        "ends with one two three four five six seven eight",  # would span two texts
+    ]  # a text of 8 words or more: leaked when at least half its words are in found shingles
+    assert training.leaked(texts) == [True, False, False, True, True, True, False, False]
+    assert tasks.TrainingText([]).leaked(texts) == [False] * len(texts)
+
+
+def _write_corpus(folder, heldout: dict, train: dict):
+    for split, rows_by_domain in (("heldout", heldout), ("train", train)):
+        for domain in corpus.DOMAINS:
+            rows = rows_by_domain.get(domain, [])
+            with open(folder / f"{domain}.{split}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"domain": domain, **row}) + "\n" for row in rows)
+
+
+def test_build_tasks_drops_answers_copied_into_training_text(tmp_path):
+    rng = random.Random(3)
+    faq = [{"key": f"perlfaq{1 + i % 9}:How do I {_phrase(rng, 4)} {i}?",
+            "text": f"Q: How do I do thing {i}?\nA: {_phrase(rng, rng.randint(8, 20))}.\n"}
+           for i in range(12)]
+    heldout = {"dictionary": _dictionary_rows(random.Random(4)),
+               "literature": _literature_rows(random.Random(2)), "qa": faq,
+               "docs": [{"key": "library/textwrap.rst", "text": DOC_RST}]}
+    filler = [{"key": "x.py", "text": "def nothing():\n    return 'none of these words'\n"}]
+    _write_corpus(tmp_path, heldout, {domain: filler for domain in corpus.DOMAINS})
+    clean, clean_filters = tasks.build_tasks(str(tmp_path))
+    assert all(f["leak_filter"]["dropped"] == 0 for f in clean_filters.values())
+    copied = next(i for i in clean["qa"] if i["id"].startswith("qa/perlfaq"))
+    answer = copied["options"][copied["answer"]]
+    # A stdlib docstring repeats the FAQ answer: other case, line breaks and indentation.
+    words = answer.upper().split()
+    docstring = "\n    ".join(" ".join(words[i:i + 5]) for i in range(0, len(words), 5))
+    _write_corpus(tmp_path, heldout, {**{d: filler for d in corpus.DOMAINS},
+                                      "code": [{"key": "copy.py", "text": f'"""{docstring}"""'}]})
+    items, filters = tasks.build_tasks(str(tmp_path))
+    assert filters["qa"] == {"leak_filter": {"checked": len(clean["qa"]), "dropped": 1}}
+    assert {i["id"] for i in items["qa"]} == {i["id"] for i in clean["qa"]} - {copied["id"]}
+    assert not any(answer in i["options"] for i in items["qa"])  # nor a distractor
+    alone = tasks.qa_items(faq, heldout["docs"], training=tasks.TrainingText([docstring]))
+    assert {i["id"] for i in alone} == {i["id"] for i in items["qa"]}
+    assert items["definition"] == clean["definition"]  # the other tasks are untouched
+    manifest = tasks.write_tasks(items, str(tmp_path / "tasks"), filters)
+    assert manifest["qa"]["leak_filter"] == {"checked": len(clean["qa"]), "dropped": 1}
+    assert manifest["qa"]["items"] == len(clean["qa"]) - 1
+
+
 # ---- baselines, files, bundled sample -------------------------------------------------------
 
 def test_baselines_on_hand_made_items():
@@ -434,3 +497,11 @@ def test_bundled_sample_loads():
         assert not any(tasks.shared_stems(stems, o) for o in item["options"]), item["id"]
     assert manifest["tasks"]["definition_hard"]["baselines"]["stem"] == 0.25
     assert manifest["tasks"]["definition"]["baselines"]["stem"] > 0.4
+    # Items come from the full corpus, whose training text holds the sample's: no answer is in it.
+    training = tasks.TrainingText(row["text"] for domain in corpus.DOMAINS for row in
+                                  corpus.read_units(os.path.join(folder, f"{domain}.train.jsonl")))
+    for task in tasks.TASKS:
+        items = tasks.load_items(os.path.join(folder, "tasks", f"{task}.jsonl"))
+        assert not any(training.leaked([item["options"][item["answer"]] for item in items]))
+        leak = manifest["tasks"][task]["leak_filter"]
+        assert 0 <= leak["dropped"] < leak["checked"]
