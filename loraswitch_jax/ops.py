@@ -34,18 +34,21 @@ SHRINKS = ("auto", "xla", "pallas", "pallas-split", "inline")
 ATTENTIONS = ("auto", "xla", "pallas")
 
 # Where the routed kernels compute x A when Impl.lora_shrink is "auto".
-# Source: eval/results/adapters/bench_adapters_issue4{,_shrink}.md (H100 80GB HBM3, JAX 0.11.2,
-# 2026-11-23; Llama-2-7B shapes, E 8, r 16, k 2, context 1024), decode time over the backbone's:
-#   batch 1: "pallas" (one launch per group of projections sharing an input) 1.27x,
-#            "xla" (an XLA op per projection) 1.70x, "inline" (x A recomputed in every program of
-#            the projection kernel) 17.7x;
-#   batch 64: "pallas" 1.118x, "xla" 1.121x.
-_DEFAULT_SHRINK = "pallas"
+# Source: eval/results/adapters/bench_adapters_issue4{,_shrink,_attention_split}.md (H100 80GB
+# HBM3, JAX 0.11.2, 2026-11-23; Llama-2-7B shapes, E 8, r 16, k 2, context 1024), decode time
+# over the backbone's in the same run:
+#   batch 1:  "pallas-split" (K spread over more programs) 1.142x against "pallas" 1.266x;
+#             "xla" (an XLA op per projection) 1.70x, "inline" (x A recomputed in every
+#             program of the projection kernel) 17.7x;
+#   batch 32: "pallas-split" 1.162x, "pallas" 1.176x;
+#   batch 64: "pallas" 1.118x, "xla" 1.121x ("pallas-split" leaves a full grid unsplit).
+_DEFAULT_SHRINK = "pallas-split"
 
-# How decode attends when Impl.attention is "auto": XLA's attention over cache[layer] until
-# pallas/decode_attention.py is timed against it (eval/bench_adapters.py's
-# backbone-pallas-attention mode); a default changes only with a measurement behind it.
-_DEFAULT_ATTENTION = "xla"
+# How decode attends when Impl.attention is "auto". Source: the backbone-pallas-attention rows of
+# eval/results/adapters/bench_adapters_issue4_attention_split.md (same GPU and shapes): the
+# kernel reads only the valid slots of cache[layer] in place, 5.585 against XLA's 6.108 ms/token
+# at batch 1 (0.914x), 12.01 against 13.86 at batch 32 (0.867x).
+_DEFAULT_ATTENTION = "pallas"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +56,8 @@ class Impl:
     """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
     kernels in interpret mode; ``lora_shrink`` places the routed LoRA's ``x A``: ``"xla"`` (one
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
-    input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode; not yet
-    timed), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
+    input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode),
+    ``"inline"`` (inside every program of the projection kernel; no launch, redundant
     reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
     (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only; its
     cache length must be a multiple of 16, else XLA's runs), ``"xla"`` (``layers.attention``

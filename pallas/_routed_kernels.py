@@ -98,15 +98,19 @@ def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_exp
         if xa is None:
             continue
         if isinstance(xa, SlotMajor):
-            xa, mp = xa.xa, row_blocks(m)[1]
-            if xa.ndim != 3 or xa.shape[:2] != (num_slots, mp):
+            partial, xa, mp = xa.partial, xa.xa, row_blocks(m)[1]
+            if xa.ndim not in (3, 4) or xa.shape[-3:-1] != (num_slots, mp):
                 raise ValueError(f"expected the slot-major xa of {name} [S={num_slots}, Mp={mp}, "
-                                 f"r], got {xa.shape}")
+                                 f"r] or its partial sums [split_k, S, Mp, r], got {xa.shape}")
         elif xa.ndim != 3 or xa.shape[:2] != (m, num_slots):
             raise ValueError(f"expected the xa of {name} [M={m}, S={num_slots}, r], got {xa.shape}")
-        if xa.dtype != x.dtype:
+        else:
+            partial = False
+        if partial and xa.dtype != jnp.float32:
+            raise ValueError(f"the partial sums of {name}'s xa are {xa.dtype}, expected float32")
+        if not partial and xa.dtype != x.dtype:
             raise ValueError(f"the xa of {name} is {xa.dtype}, expected x's dtype {x.dtype}")
-        r = xa.shape[2]
+        r = xa.shape[-1]
         check_rank(r)
         if b.ndim != 4 or b.shape[2:] != (r, n):
             raise ValueError(f"expected the b stack of {name} [La, E, r={r}, N={n}], got {b.shape}")
@@ -164,13 +168,39 @@ def _is_inline(lora_refs) -> bool:
     return lora_refs is not None and len(lora_refs) == 3
 
 
-def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k):
-    """``acc + sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]`` for a given ``xa [S, block_m,
-    r]``, in split 0 only (so that it counts once)."""
+def _given_xa(xa_ref, s, dtype):
+    """Slot ``s`` of a given ``xa [S, block_m, r]``, or the sum of a split shrink's float32
+    partials ``[split_k, S, block_m, r]`` rounded to ``dtype`` (as ``lora_shrink`` rounds)."""
+    if len(xa_ref.shape) == 3:
+        return xa_ref[s]
+    return xa_ref[:, s].sum(axis=0).astype(dtype)
+
+
+# Up to this many slots (decode's gather mode: batch * k < E), a program loads its given xa and
+# B tiles before the K loop and uses them after it, so that their latency hides behind the
+# stream of W instead of following it.
+_PRELOAD_SLOTS = 4
+
+
+def _preload_given(lora_refs, slots_ref, adapted, cols, split_k, dtype):
+    """The ``(xa_s, b_s)`` tiles of every slot of a given ``xa`` (``None`` when there are more
+    than :data:`_PRELOAD_SLOTS` slots, with ``split_k > 1``, or no given ``xa``)."""
+    if lora_refs is None or _is_inline(lora_refs) or split_k > 1:
+        return None
+    if slots_ref.shape[0] > _PRELOAD_SLOTS:
+        return None
+    xa_ref, b_ref = lora_refs
+    return [(_given_xa(xa_ref, s, dtype), b_ref[adapted, slots_ref[s], :, cols])
+            for s in range(slots_ref.shape[0])]
+
+
+def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
+    """``acc + sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]`` for a given ``xa`` (see
+    :func:`_given_xa`), in split 0 only (so that it counts once)."""
     xa_ref, b_ref = lora_refs
 
     def body(s, acc):
-        return acc + _expand_slot(xa_ref[s], b_ref, adapted, slots_ref[s], cols)
+        return acc + _expand_slot(_given_xa(xa_ref, s, dtype), b_ref, adapted, slots_ref[s], cols)
 
     def expand(acc):
         return jax.lax.fori_loop(0, slots_ref.shape[0], body, acc)
@@ -195,23 +225,29 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
     cols = pl.ds(col_block * block_n, block_n)
     inline = any(_is_inline(lora_refs) for _, lora_refs, _ in projections)
     experts = [slots_ref[s] for s in range(slots_ref.shape[0])] if inline else []
-    tiles = []
+    tiles, preloaded = [], []
     for w_ref, lora_refs, _ in projections:
         tiles.append(weight_tile(w_ref, layer, cols, block_n))
         if _is_inline(lora_refs):
             tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
+        preloaded.append(_preload_given(lora_refs, slots_ref, adapted, cols, split_k,
+                                        x_ref.dtype))
     accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
                          block_k=block_k))
     outs = []
-    for _, lora_refs, bias_ref in projections:
+    for (_, lora_refs, bias_ref), pairs in zip(projections, preloaded):
         acc = next(accs)
         if _is_inline(lora_refs):
             _, sw_ref, b_ref = lora_refs
             for s, expert in enumerate(experts):
                 xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
                 acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
+        elif pairs is not None:
+            for xa, b in pairs:
+                acc = acc + dot_f32(xa, b.astype(xa.dtype))
         elif lora_refs is not None:
-            acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k)
+            acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
+                                x_ref.dtype)
         if bias_ref is not None:
             acc = acc + bias_row(bias_ref, layer, col_block, block_n)
         outs.append(acc)
@@ -304,8 +340,12 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
             xa, b = lora
             xa = xa.xa if isinstance(xa, SlotMajor) else pad_rows(xa, mp).transpose(1, 0, 2)
             operands += [xa, b]
-            specs += [pl.BlockSpec((num_slots, block_m, xa.shape[2]), lambda n, s, m: (0, m, 0)),
-                      whole(b.shape)]
+            if xa.ndim == 3:
+                xa_spec = pl.BlockSpec((num_slots, block_m, xa.shape[2]), lambda n, s, m: (0, m, 0))
+            else:  # a split shrink's partial sums, added up in the kernel
+                xa_spec = pl.BlockSpec((xa.shape[0], num_slots, block_m, xa.shape[3]),
+                                       lambda n, s, m: (0, 0, m, 0))
+            specs += [xa_spec, whole(b.shape)]
         else:
             a, slot_weights, b = lora  # slot weights as [S, Mp]
             operands += [a, pad_rows(slot_weights.astype(jnp.float32), mp).T, b]

@@ -47,6 +47,7 @@ __all__ = [
     "shared_memory_bytes",
     "stream_columns",
     "stream_k",
+    "summable_partials",
     "weight_tile",
     "whole",
 ]
@@ -61,9 +62,27 @@ class SlotMajor:
     slot's rows contiguous and padded to the row blocks (:func:`row_blocks`), as
     ``lora_shrink_group(..., slot_major=True)`` writes it. Handing it on as is saves the slice,
     pad and transpose (small XLA launches) between the two kernels of every projection group;
-    at decode such launches, not bytes, set the adapter's cost (DESIGN.md §2)."""
+    at decode such launches, not bytes, set the adapter's cost (DESIGN.md §2).
+
+    A split shrink (``split_k > 1``) hands on its float32 partial sums, ``xa [split_k, S, Mp,
+    r]``, unreduced: the routed kernels add them up and round to ``x.dtype`` as the reduction
+    would, which saves the reduction's launch per projection."""
 
     xa: jax.Array
+
+    @property
+    def partial(self) -> bool:
+        """Whether ``xa`` holds a split shrink's float32 partial sums ``[split_k, S, Mp, r]``."""
+        return self.xa.ndim == 4
+
+
+MAX_SUMMED_PARTIALS = 16  # a kernel loads all partial sums of a slot as one block
+
+
+def summable_partials(split_k: int) -> bool:
+    """Whether the routed kernels can add up ``split_k`` partial sums of a slot themselves: one
+    block load, so a power of two (Triton block sizes) and at most :data:`MAX_SUMMED_PARTIALS`."""
+    return split_k == 1 or (is_block(split_k * 16) and split_k <= MAX_SUMMED_PARTIALS)
 
 
 # ---------------------------------------------------------------------------------------------

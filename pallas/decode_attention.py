@@ -8,8 +8,10 @@ kernel takes the whole cache and the layer as data, reads only each sequence's v
 flash-decoding). The slots of a (sequence, kv head) are split over ``num_splits`` programs so that
 batch 1 still fills the GPU; XLA combines the splits' partial results (one small fusion).
 
-Not yet timed on a GPU, so off by default: ``ops.Impl(attention="pallas")`` picks it, and
-``eval/bench_adapters.py``'s ``backbone-pallas-attention`` mode measures it against XLA's.
+The default for decode on a GPU (``ops._DEFAULT_ATTENTION``): on an H100 at Llama-2-7B shapes,
+context 1024, the backbone's step took 5.59 ms/token with it against 6.11 with XLA's attention at
+batch 1, 12.0 against 13.9 at batch 32 (``eval/results/adapters/``;
+``eval/bench_adapters.py``'s ``backbone-xla-attention`` mode measures XLA's).
 """
 
 from __future__ import annotations

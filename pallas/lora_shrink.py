@@ -27,7 +27,7 @@ lesson 4), so it has three placements, to be timed against each other on a GPU:
 ``adapted_layer`` and ``slot_experts`` are data: one compile serves all layers and routes, also
 inside ``scan``/``while_loop``. The kernel tiles rows in blocks of at most 64 (a grid axis) and
 needs a rank that is a power of two ``>= 16`` (Triton block sizes); ``split_k > 1`` writes float32
-partial sums reduced by XLA.
+partial sums, reduced by XLA or, slot-major, by the routed kernels.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from ._tiles import (
     pad_rows,
     row_blocks,
     stream_k,
+    summable_partials,
     whole,
 )
 
@@ -73,7 +74,8 @@ __all__ = [
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShrinkBlockSizes:
     """Blocks of :func:`lora_shrink_group`: ``block_k`` rows of ``A`` per K step; ``split_k``
-    programs per slot along ``K`` (float32 partial sums that XLA reduces: one more launch)."""
+    programs per slot along ``K`` (float32 partial sums, added up by the routed kernels when
+    ``split_k`` is a power of two up to 16, else by XLA: one more launch)."""
 
     block_k: int = 256
     split_k: int = 1
@@ -89,7 +91,7 @@ _TARGET_PROGRAMS = 264
 
 def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections: int = 1,
                                programs: int | None = None) -> ShrinkBlockSizes:
-    """Blocks for :func:`lora_shrink_group` (a heuristic; the split is not yet timed): the
+    """Blocks for :func:`lora_shrink_group` (a heuristic; the split is timed as a whole): the
     deepest K step, up to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in
     bf16), made shallower where ``block_m`` rows of ``x`` and one branch per projection would
     overflow shared memory; then, given the ``programs`` launched without a split (projections x
@@ -102,7 +104,8 @@ def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections
     shrink is bound by latency, not bytes. On the H100 the adapter's extra time per layer
     (~52 us at batch 1, eval/results/adapters/) did not shrink when 7 small XLA launches per
     layer were removed (0.13 ms per step for 224 launches), which leaves the four shrinks'
-    serial K loops; a split adds one small XLA reduction per group. With many rows the grid is
+    serial K loops; a split writes float32 partial sums, which the routed kernels add up (or,
+    for splits they cannot load as one block, such as ``down``'s 43, one XLA reduction). With many rows the grid is
     full already, and a split would only write and re-read float32 partial sums."""
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
     bs = fit_shared_memory(ShrinkBlockSizes(block_k=largest_divisor(k, depths)), block_m,
@@ -262,8 +265,8 @@ def lora_shrink_group(
     One program per (projection, slot, K split, block of 64 rows) streams its K chunk of
     ``a[adapted_layer, slot_experts[s]]`` once. At decode that is few programs (``len(a) * S``,
     6 for ``q, k, v`` of one row with top-2), each bound by what one SM can keep in flight:
-    deep K steps help, and ``split_k > 1`` spreads a slot over more programs at the price of an
-    XLA reduction (one more launch).
+    deep K steps help, and ``split_k > 1`` spreads a slot over more programs at the price of
+    adding up float32 partial sums (in the routed kernels, slot-major, or an XLA reduction).
 
     Args:
       x: ``[M, K]`` activations.
@@ -274,9 +277,11 @@ def lora_shrink_group(
       slot_weights: ``[M, S]`` float32, from :func:`route_slots`.
       block_sizes: ``block_k * split_k`` must divide ``K``; default
         :func:`default_shrink_block_sizes`, which spreads ``K`` over more programs (``split_k``)
-        only with ``split`` (not yet timed on a GPU: ``ops.Impl(lora_shrink="pallas-split")``).
+        only with ``split`` (``ops.Impl(lora_shrink="pallas-split")``, the default at decode).
       slot_major: return each output as the kernel wrote it, a :class:`SlotMajor` ``[S, Mp, r_p]``
-        (rows padded), which the routed kernels take without a copy.
+        (rows padded; with a ``split_k > 1`` that :func:`summable_partials` allows, the float32
+        partial sums ``[split_k, S, Mp, r_p]``), which the routed kernels take without a copy or
+        a reduction.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
@@ -329,6 +334,8 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
              f"_w{bs_.num_warps}_st{bs_.num_stages}",
     )(jnp.asarray(adapted_layer, jnp.int32), slot_experts.astype(jnp.int32), pad_rows(x, mp),
       pad_rows(slot_weights.astype(jnp.float32), mp).T, *a)
+    if slot_major and summable_partials(split_k):  # the routed kernels add the partial sums
+        return tuple(SlotMajor(out) for out in outs)
     if split_k > 1:
         outs = [out.sum(axis=0).astype(x.dtype) for out in outs]
     if slot_major:

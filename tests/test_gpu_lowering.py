@@ -51,18 +51,19 @@ def test_generation_lowers_for_gpu(mode, strategy, shrink, batch):
                               cfg=CFG, gen=gen, cache_len=64, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
-    assert "decode_attention" not in text  # XLA's attention by default (ops._DEFAULT_ATTENTION)
+    assert "decode_attention" in text  # the kernel by default (ops._DEFAULT_ATTENTION)
 
 
 @pytest.mark.parametrize("mode", [None, "switch"])
-def test_pallas_attention_on_request(mode):
-    """``Impl(attention="pallas")``: the decode step attends with the decode-attention kernel,
-    inside the token loop, at 7B widths."""
+def test_xla_attention_on_request(mode):
+    """``Impl(attention="xla")``: the decode step attends with XLA's attention over
+    ``cache[layer]`` instead of the decode-attention kernel, at 7B widths."""
     params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
     gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(),
-                            impl=Impl(backend="pallas", attention="pallas"))
+                            impl=Impl(backend="pallas", attention="xla"))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     lowered = _generate.trace(params, adapter_shapes(mode), tokens,
                               jax.ShapeDtypeStruct((2,), jnp.int32), jax.random.key(0), cfg=CFG,
                               gen=gen, cache_len=64, stream=None)
-    assert "decode_attention" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and "decode_attention" not in text

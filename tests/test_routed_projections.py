@@ -18,6 +18,7 @@ import pytest
 from conftest import rel_err
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.pallas.lora_shrink import (
+    ShrinkBlockSizes,
     SlotMajor,
     lora_shrink,
     lora_shrink_group,
@@ -45,6 +46,7 @@ from test_lora_shrink import (
     K,
     LAYERS,
     N,
+    RANK,
     SCALE,
     TOL,
     lora_stacks,
@@ -320,6 +322,36 @@ def test_supports():
     assert not supports(4096, 11000, rank=16)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_shrink_partial_sums_are_added_up_in_the_kernel(dtype):
+    """A split shrink handed on slot-major keeps its float32 partial sums when the routed kernel
+    can load them as one block (split_k a power of two), which adds them up and rounds them as
+    the reduction would; other splits (3) are reduced before. Outputs equal the reference."""
+    rng = np.random.default_rng(31)
+    m, e, k = 3, 8, 64
+    x = normal(rng, (m, k), dtype)
+    ids, gates = random_route(rng, m, 2, e)
+    slot_experts, slot_weights = route_slots(ids, gates, e, SCALE)
+    a, b = lora_stacks(rng, e, N, dtype, k=k)
+    w = stack(rng, N, dtype, k=k)
+    (xa,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, interpret=True)
+    ref = routed_matmul_reference(x, w, 2, xa, b, 1, slot_experts)
+    for split_k, partial in ((2, True), (4, True), (1, False)):
+        (raw,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, slot_major=True,
+                                   block_sizes=ShrinkBlockSizes(block_k=16, split_k=split_k),
+                                   interpret=True)
+        assert raw.partial == partial
+        if partial:
+            assert raw.xa.shape == (split_k, m * 2, 16, RANK) and raw.xa.dtype == jnp.float32
+        got = routed_matmul(x, w, 2, raw, b, 1, slot_experts, **INTERPRET16)
+        assert rel_err(got, ref) < TOL[dtype]
+    x48 = x[:, :48]
+    (raw,) = lora_shrink_group(x48, (a[:, :, :48],), 1, slot_experts, slot_weights,
+                               slot_major=True, interpret=True,
+                               block_sizes=ShrinkBlockSizes(block_k=16, split_k=3))
+    assert not raw.partial and raw.xa.dtype == dtype
+
+
 def test_rejects_bad_input():
     rng = np.random.default_rng(9)
     e = 8
@@ -347,6 +379,9 @@ def test_rejects_bad_input():
         call(xa=SlotMajor(xa.transpose(1, 0, 2)))  # rows not padded to the row block
     with pytest.raises(ValueError, match="expected x's dtype"):
         call(xa=xa.astype(jnp.bfloat16))
+    padded = jnp.zeros((2, 4, 16, 16), jnp.bfloat16)  # partial sums must stay float32; S = 4
+    with pytest.raises(ValueError, match="partial sums of w's xa are bfloat16, expected float32"):
+        call(xa=SlotMajor(padded))
     with pytest.raises(ValueError, match="rank r=8 must be a power of two"):
         call(xa=xa[..., :8], b=b[:, :, :8])
     with pytest.raises(ValueError, match=r"expected the b stack of w \[La, E, r=16, N=80\]"):
