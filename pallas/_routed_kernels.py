@@ -176,24 +176,6 @@ def _given_xa(xa_ref, s, dtype):
     return xa_ref[:, s].sum(axis=0).astype(dtype)
 
 
-# Up to this many slots (decode's gather mode: batch * k < E), a program loads its given xa and
-# B tiles before the K loop and uses them after it, so that their latency hides behind the
-# stream of W instead of following it.
-_PRELOAD_SLOTS = 4
-
-
-def _preload_given(lora_refs, slots_ref, adapted, cols, split_k, dtype):
-    """The ``(xa_s, b_s)`` tiles of every slot of a given ``xa`` (``None`` when there are more
-    than :data:`_PRELOAD_SLOTS` slots, with ``split_k > 1``, or no given ``xa``)."""
-    if lora_refs is None or _is_inline(lora_refs) or split_k > 1:
-        return None
-    if slots_ref.shape[0] > _PRELOAD_SLOTS:
-        return None
-    xa_ref, b_ref = lora_refs
-    return [(_given_xa(xa_ref, s, dtype), b_ref[adapted, slots_ref[s], :, cols])
-            for s in range(slots_ref.shape[0])]
-
-
 def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
     """``acc + sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]`` for a given ``xa`` (see
     :func:`_given_xa`), in split 0 only (so that it counts once)."""
@@ -225,26 +207,21 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
     cols = pl.ds(col_block * block_n, block_n)
     inline = any(_is_inline(lora_refs) for _, lora_refs, _ in projections)
     experts = [slots_ref[s] for s in range(slots_ref.shape[0])] if inline else []
-    tiles, preloaded = [], []
+    tiles = []
     for w_ref, lora_refs, _ in projections:
         tiles.append(weight_tile(w_ref, layer, cols, block_n))
         if _is_inline(lora_refs):
             tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
-        preloaded.append(_preload_given(lora_refs, slots_ref, adapted, cols, split_k,
-                                        x_ref.dtype))
     accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
                          block_k=block_k))
     outs = []
-    for (_, lora_refs, bias_ref), pairs in zip(projections, preloaded):
+    for _, lora_refs, bias_ref in projections:
         acc = next(accs)
         if _is_inline(lora_refs):
             _, sw_ref, b_ref = lora_refs
             for s, expert in enumerate(experts):
                 xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
                 acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
-        elif pairs is not None:
-            for xa, b in pairs:
-                acc = acc + dot_f32(xa, b.astype(xa.dtype))
         elif lora_refs is not None:
             acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
                                 x_ref.dtype)
