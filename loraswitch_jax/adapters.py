@@ -241,17 +241,19 @@ def lora_method(tokens: int, top_k: int, num_experts: int, backend: str | None =
 
     * ``gather``: fewer (token, slot) pairs than experts (decode): copy only the chosen experts.
     * ``dense``: every token through all ``E`` experts, combined with weights that are zero off
-      the route. Its adapter FLOPs are ``E / k`` times the routed ones; at ``E <= 16`` that is
-      still a few percent of the base projection's, and it is one plain batched matmul.
-    * ``grouped``: tokens sorted by expert and multiplied per group (``jax.lax.ragged_dot``):
-      the routed FLOPs plus a sort, for many experts on a GPU. On a CPU ``ragged_dot`` measured
-      8x slower than ``dense`` in training at E = 32 (2-core CPU, JAX 0.10.2, the accuracy
-      experiment), so CPUs stay dense. GPU timings of the three are pending.
+      the route: one plain matmul per factor over ``E * r`` columns. Its adapter FLOPs are
+      ``E / k`` times the routed ones, a few percent of the base projection's where ``E * r``
+      is small next to the width (the accuracy experiment keeps ``E * r`` fixed across ``E``).
+    * ``grouped``: tokens sorted by expert and multiplied per group (``jax.lax.ragged_dot``),
+      on request only. XLA expands ``ragged_dot`` densely over the groups: on an H100 (JAX
+      0.11.2, 2026-11-23) the accuracy experiment's ``gpu`` train step at E = 32 needed 95.4 GiB
+      of temporaries with it (an ``f32[pairs, E, d_out]`` product) against 21.5 GiB dense, and
+      at E = 128 it could not compile; on a 2-core CPU it was 8x slower than ``dense`` at E = 32.
+
+    ``backend`` is accepted for callers that pass it; no backend picks ``grouped`` now.
     """
-    if tokens * top_k < num_experts:
-        return "gather"
-    backend = backend or jax.default_backend()
-    return "grouped" if num_experts > 16 and backend == "gpu" else "dense"
+    del backend
+    return "gather" if tokens * top_k < num_experts else "dense"
 
 
 def lora_delta(

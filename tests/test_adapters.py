@@ -13,7 +13,7 @@ import pytest
 import loraswitch_jax as lj
 from conftest import VOCAB, rel_err
 from loraswitch_jax import AdapterConfig, AdapterError
-from loraswitch_jax.adapters import check_adapter, lora_delta
+from loraswitch_jax.adapters import check_adapter, lora_delta, lora_method
 from loraswitch_jax.generate import prefill_chunk
 from loraswitch_jax.router import Route, Routing, balance_loss, expert_usage
 
@@ -320,6 +320,16 @@ def test_lora_delta_gradients_agree(method):
     want = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, "dense")
     for g, h in zip(got, want):
         assert rel_err(g, h) < 1e-5
+
+
+def test_lora_method_never_picks_ragged_dot():
+    """``auto`` gathers at decode and is dense otherwise, on every backend: XLA expands
+    ``ragged_dot`` over all groups (95 GiB for the gpu accuracy preset's E = 32 train step)."""
+    assert lora_method(1, 2, 8, "gpu") == "gather"
+    assert lora_method(3, 2, 128, "gpu") == "gather"
+    for backend in ("gpu", "cpu"):
+        assert lora_method(4, 2, 8, backend) == "dense"
+        assert lora_method(32768, 2, 128, backend) == "dense"
 
 
 def test_lora_delta_rejects_unknown_method():

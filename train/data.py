@@ -33,7 +33,6 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-import datasets
 import numpy as np
 
 from loraswitch_jax.tokenizer import Tokenizer
@@ -227,6 +226,10 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer, *, bos_id: int | None,
     for name, add, token in (("bos", cfg.add_bos, bos_id), ("eos", cfg.add_eos, eos_id)):
         if add and token is None:
             raise DataError(f"add_{name}=True but {name}_id is None")
+    # Imported here, not at the top: datasets brings pyarrow, which the in-memory paths
+    # (Examples, TrainBatches; the accuracy experiment) do not need.
+    import datasets
+
     kwargs = {"sample_by": cfg.sample_by} if cfg.builder == "text" else {}
     # The builder writes Arrow files to cache_dir; the dataset is read into memory, so the
     # folder can go at once and nothing lands in ~/.cache or beside the data.
@@ -271,6 +274,8 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer, *, bos_id: int | None,
 
 
 def _check_columns(ds: datasets.Dataset, cfg: DataConfig) -> None:
+    import datasets
+
     columns = ds.column_names
     names = cfg.fields + ((cfg.split_key,) if cfg.split_key is not None else ())
     for name in names:
