@@ -13,10 +13,14 @@ values so that no path can skip a zero adapter):
   switch-fused      LoRA-Switch, the routed LoRA term computed beside/inside the projection kernels
   switch-merge      LoRA-Switch, the SGMM kernel merges into a working copy when the route changes,
                     then the plain dense step (batch 1 only)
-  switch-fused-xla-shrink, switch-fused-inline
-                    switch-fused with x A as one XLA op per projection, or recomputed inside
-                    every program of the projection kernels (batch <= 8): which of the three
-                    placements is the default is decided by these rows
+  backbone-xla-attention
+                    the backbone with XLA's attention over cache[layer] instead of the
+                    decode-attention kernel (the default)
+  switch-fused-unsplit-shrink, switch-fused-xla-shrink, switch-fused-inline
+                    switch-fused with x A as one grouped launch per input group without the
+                    split over K, as one XLA op per projection, or recomputed inside every
+                    program of the projection kernels (batch <= 8): the default placement (the
+                    split grouped launch) is decided by these rows
   switch-xla        LoRA-Switch, jnp adapter terms beside XLA dots (unfused)
   layerwise-xla     per-layer top-k routing (MoLA/MixLoRA style), compiled by XLA
   layerwise-pallas  the same with the Pallas projection kernels
