@@ -4,6 +4,7 @@ and a CPU dry run writing its report."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -85,7 +86,8 @@ def test_cpu_dry_run_writes_the_report(tmp_path):
                                   "--out", str(tmp_path)])
     report = profile_step.main(pc)
     (row,) = report["modes"]
-    assert row["mode"] == "backbone" and row["wall_us"] > 0 and row["groups"]
+    # Wall time per step is a difference of two short CPU runs here: finite, of either sign.
+    assert row["mode"] == "backbone" and math.isfinite(row["wall_us"]) and row["groups"]
     assert all(t.startswith("tf_XLA") for t in row["tracks"])
     saved = json.loads((tmp_path / "profile_step.json").read_text())
     assert saved["modes"][0]["groups"] == row["groups"]

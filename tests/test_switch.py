@@ -145,7 +145,7 @@ def test_bad_strategy_requests(params):
 def test_impl_values():
     assert resolve_impl("pallas_interpret") == Impl(backend="pallas", interpret=True)
     assert resolve_impl("xla").xla and resolve_impl("auto").xla  # no GPU here
-    assert Impl().shrink in ("xla", "pallas", "inline")
+    assert Impl().shrink in ("xla", "pallas", "pallas-split", "inline")
     with pytest.raises(ValueError, match="unknown lora_shrink"):
         Impl(lora_shrink="gpu")
     with pytest.raises(ValueError, match="unknown backend"):
