@@ -157,6 +157,29 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       lambda f_=gu_args: routed.routed_gate_up_matmul_reference(*f_()),
                       one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")))
 
+        # The other placements of (x A) B in the projection programs (ops.Impl.lora_expand).
+        for expand in ("after", "before", "prefetch"):
+            re_ = jax.jit(functools.partial(routed.routed_matmul, expand=expand,
+                                            interpret=interpret))
+            cases.append((f"routed_matmul down M={m} E={E} expand={expand}",
+                          lambda xfm=xfm, xa=xa, slots=slots, re_=re_: re_(
+                              xfm, w["down"], layer, xa["down"], b["down"], layer, slots),
+                          lambda xfm=xfm, xa=xa, slots=slots: routed.routed_matmul_reference(
+                              xfm, w["down"], layer, xa["down"], b["down"], layer, slots),
+                          one_layer(w["down"]) + lora_bytes("down")))
+        # down's x A in the gate/up kernel's epilogue (float32 atomic adds).
+        rge = jax.jit(functools.partial(routed.routed_gate_up_matmul, interpret=interpret))
+
+        def gate_up_down(f_=gu_args, weights=weights, rge=rge, m=m):
+            act, xa_down = rge(*f_(), down_shrink=(a["down"], weights))
+            return act, xa_down.xa[0, :, :m].transpose(1, 0, 2).astype(act.dtype)
+
+        cases.append((f"routed_gate_up_matmul +down shrink M={m} E={E}", gate_up_down,
+                      lambda f_=gu_args, weights=weights: routed.routed_gate_up_matmul_reference(
+                          *f_(), down_shrink=(a["down"], weights)),
+                      one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")
+                      + touched * a["down"][0, 0].size * 2))
+
         # The two other placements of x A: one launch per input group, and inline (gather only).
         sg = jax.jit(functools.partial(shrink.lora_shrink_group, interpret=interpret))
         group = (a["q"], a["k"], a["v"])

@@ -92,9 +92,9 @@ def _layer(
     h = h + linear(attended, "o")
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
-    # SiLU(gate) * up in one fused launch on the GPU.
-    act = ops.swiglu(x, layers.w_gate, layers.w_up, layer, layers.b_gate, layers.b_up, impl, lora)
-    h = h + linear(act, "down")
+    # SiLU(gate) * up in one fused launch on the GPU, then down.
+    h = h + ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
+                    tuple(layers.bias(p) for p in ("gate", "up", "down")), impl, lora)
     return h, cache, routing
 
 

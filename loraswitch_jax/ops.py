@@ -26,11 +26,12 @@ from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["ATTENTIONS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention", "qkv_linear",
-           "resolve_impl", "stacked_linear", "swiglu"]
+__all__ = ["ATTENTIONS", "EXPANDS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
+           "mlp", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
-SHRINKS = ("auto", "xla", "pallas", "pallas-split", "inline")
+SHRINKS = ("auto", "xla", "pallas", "pallas-split", "epilogue", "inline")
+EXPANDS = ("auto", "split0", "after", "before", "prefetch")
 ATTENTIONS = ("auto", "xla", "pallas")
 
 # Where the routed kernels compute x A when Impl.lora_shrink is "auto".
@@ -50,6 +51,10 @@ _DEFAULT_SHRINK = "pallas-split"
 # at batch 1 (0.914x), 12.01 against 13.86 at batch 32 (0.867x).
 _DEFAULT_ATTENTION = "pallas"
 
+# Where the routed kernels add the expansion x A B of a given x A when Impl.lora_expand is
+# "auto" (pallas/_routed_kernels.EXPANDS). Not yet measured against the alternatives.
+_DEFAULT_EXPAND = "split0"
+
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
@@ -57,8 +62,13 @@ class Impl:
     kernels in interpret mode; ``lora_shrink`` places the routed LoRA's ``x A``: ``"xla"`` (one
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
     input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode),
-    ``"inline"`` (inside every program of the projection kernel; no launch, redundant
-    reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
+    ``"epilogue"`` (``"pallas-split"``, but the down projection's ``x A`` is computed in the
+    gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
+    reads) or ``"auto"``; ``lora_expand`` where a program adds ``(x A) B`` to its
+    projection when ``x A`` is given: ``"split0"`` (after the K loop, all slots in the first
+    K split), ``"after"``, ``"before"`` or ``"prefetch"`` (slots spread over the K splits; added
+    after the K loop, as its starting value, or loaded before it and added after) or
+    ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
     (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only; its
     cache length must be a multiple of 16, else XLA's runs), ``"xla"`` (``layers.attention``
     over ``cache[layer]``) or ``"auto"``.
@@ -68,12 +78,15 @@ class Impl:
     interpret: bool = False
     lora_shrink: str = "auto"
     attention: str = "auto"
+    lora_expand: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("xla", "pallas"):
             raise ValueError(f"unknown backend {self.backend!r}; expected 'xla' or 'pallas'")
         if self.lora_shrink not in SHRINKS:
             raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
+        if self.lora_expand not in EXPANDS:
+            raise ValueError(f"unknown lora_expand {self.lora_expand!r}; expected one of {EXPANDS}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
         if self.backend == "xla" and self.attention == "pallas":
@@ -87,6 +100,10 @@ class Impl:
     @property
     def shrink(self) -> str:
         return _DEFAULT_SHRINK if self.lora_shrink == "auto" else self.lora_shrink
+
+    @property
+    def expand(self) -> str:
+        return _DEFAULT_EXPAND if self.lora_expand == "auto" else self.lora_expand
 
     @property
     def pallas_attention(self) -> bool:
@@ -190,11 +207,11 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     if shrink == "inline":
         return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
-    if shrink in ("pallas", "pallas-split"):
+    if shrink in ("pallas", "pallas-split", "epilogue"):
         # Slot-major: the routed kernel reads the shrink's output as written, no copy between.
         group = iter(shrink_kernel.lora_shrink_group(
             flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
-            split=shrink == "pallas-split", slot_major=True, interpret=impl.interpret))
+            split=shrink != "pallas", slot_major=True, interpret=impl.interpret))
         xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
     else:
         xas = tuple(
@@ -235,7 +252,7 @@ def stacked_linear(
         else:
             y = routed_kernel.routed_matmul(_flat(x), w, layer, routed.xas[0], routed.b[0],
                                             lora.layer, routed.slot_experts, bias,
-                                            interpret=interpret)
+                                            expand=impl.expand, interpret=interpret)
         return _unflat(y, x)
     y = _unflat(kernel.stacked_matmul(_flat(x), w, layer, interpret=interpret), x)
     y = y if bias is None else y + bias[layer].astype(y.dtype)
@@ -266,7 +283,7 @@ def qkv_linear(
         else:
             out = routed_kernel.routed_qkv_matmul(
                 _flat(x), wq, wk, wv, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b, interpret=interpret)
+                routed.slot_experts, b, expand=impl.expand, interpret=interpret)
         return tuple(_unflat(y, x) for y in out)
     q, k, v = kernel.qkv_matmul(_flat(x), wq, wk, wv, layer, *b, interpret=interpret)
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
@@ -295,7 +312,7 @@ def swiglu(
         else:
             act = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b_gate, b_up, interpret=interpret)
+                routed.slot_experts, b_gate, b_up, expand=impl.expand, interpret=interpret)
         return _unflat(act, x)
     if fusable and not adapted:
         return _unflat(kernel.gate_up_matmul(_flat(x), w_gate, w_up, layer, b_gate, b_up,
@@ -303,6 +320,38 @@ def swiglu(
     gate = stacked_linear(x, w_gate, layer, b_gate, impl, lora, "gate")
     up = stacked_linear(x, w_up, layer, b_up, impl, lora, "up")
     return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+
+
+def mlp(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layer: int | jax.Array,
+    biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None], impl: Impl,
+    lora: LoraTerm | None = None,
+) -> jax.Array:
+    """The SwiGLU MLP ``down(silu(x W_gate + b) * (x W_up + b)) + b`` of ``x [..., d]``, with
+    ``lora``'s terms in all three projections. With ``Impl.lora_shrink`` ``"epilogue"`` and all
+    three adapted, the gate/up kernel also computes the down projection's ``x A`` (no shrink
+    launch for ``down``); else :func:`swiglu` then :func:`stacked_linear`."""
+    from loraswitch_jax.pallas import fused_projections as fused_kernel
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    b_gate, b_up, b_down = biases
+    d, f = w_gate.shape[1], w_gate.shape[2]
+    if (impl.shrink == "epilogue" and lora is not None and lora.adapts("down")
+            and fused_kernel.supports(d, f)
+            and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
+        routed = _routed(lora, ("gate", "up"), x, impl)
+        if routed is not None and not routed.inline and lora.dropout_key is None:
+            act, xa_down = routed_kernel.routed_gate_up_matmul(
+                _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
+                routed.slot_experts, b_gate, b_up,
+                down_shrink=(lora.a["down"], routed.slot_weights), expand=impl.expand,
+                interpret=impl.interpret)
+            y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
+                                            lora.layer, routed.slot_experts, b_down,
+                                            expand=impl.expand, interpret=impl.interpret)
+            return _unflat(y, x)
+    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora)
+    return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")
 
 
 def cached_attention(

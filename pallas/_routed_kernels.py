@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from ._tiles import (
     SCALAR,
@@ -43,9 +44,12 @@ from .fused_projections import default_gate_up_block_sizes, default_qkv_block_si
 from .stacked_matmul import default_block_sizes
 
 __all__ = [
+    "EXPANDS",
     "GATE_UP",
     "QKV",
     "check_arity",
+    "check_down_shrink",
+    "check_expand",
     "check_indices",
     "check_inline",
     "check_operands",
@@ -121,6 +125,28 @@ def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_exp
         raise ValueError(f"b stacks have different (La, E): {experts}")
 
 
+def check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs) -> None:
+    """Operands of the gate/up kernel's down shrink: ``a_down [La, E, F, r]`` (``F`` the gate's
+    width, ``r`` a kernel rank, ``(La, E)`` those of the ``B`` stacks) and ``slot_weights
+    [M, S]``."""
+    f = w_gate.shape[-1]
+    if a_down.ndim != 4 or a_down.shape[2] != f:
+        raise ValueError(f"expected the down projection's a stack [La, E, F={f}, r], got "
+                         f"{a_down.shape}")
+    check_rank(a_down.shape[3])
+    b = next((b for b in bs if b is not None), None)
+    if b is not None and b.shape[:2] != a_down.shape[:2]:
+        raise ValueError(f"a_down stacks (La, E) = {a_down.shape[:2]}, the b stacks "
+                         f"{b.shape[:2]}")
+    check_slots(slot_experts, slot_weights, x.shape[0])
+
+
+def check_expand(expand: str) -> None:
+    """``expand`` names a placement in :data:`EXPANDS`."""
+    if expand not in EXPANDS:
+        raise ValueError(f"unknown expand {expand!r}; expected one of {EXPANDS}")
+
+
 def check_indices(layer, num_layers, adapted_layer, bs, slot_experts) -> None:
     """Range checks of the indices that are concrete (traced ones must be in range: no clamp)."""
     check_layer(layer, num_layers)
@@ -176,6 +202,60 @@ def _given_xa(xa_ref, s, dtype):
     return xa_ref[:, s].sum(axis=0).astype(dtype)
 
 
+# Where a program with a given xa adds its expansion (``Impl.lora_expand``): "split0" (after the
+# K loop, all slots in the programs of split 0), or spread over the splits (slot s in split
+# s % split_k) and "after" the K loop, "before" it (as the accumulators' start) or "prefetch"
+# (loads issued before the K loop, dots after it).
+EXPANDS = ("split0", "after", "before", "prefetch")
+_UNROLLED_SLOTS = 8  # slots per program up to which the expansion is unrolled (loads up front)
+
+
+def _split_slots(split, split_k, num_slots):
+    """The slots whose expansion split ``split`` adds, ``(slot, valid)`` each: slot ``s`` goes
+    to split ``s % split_k``, so the work is balanced. ``valid`` is ``None`` or, in the last
+    round where some splits have no slot left, a flag (the slot index is clamped)."""
+    if split_k == 1:
+        return [(s, None) for s in range(num_slots)]
+    slots = []
+    for i in range(-(-num_slots // split_k)):
+        s = split + i * split_k
+        if (i + 1) * split_k <= num_slots:
+            slots.append((s, None))
+        else:
+            slots.append((jnp.minimum(s, num_slots - 1), s < num_slots))
+    return slots
+
+
+def _load_slot(lora_refs, slots_ref, adapted, cols, slot, valid, dtype):
+    """``(xa[slot], b[adapted, slot_experts[slot]][:, cols])``, ``xa`` zeroed when not ``valid``."""
+    xa_ref, b_ref = lora_refs
+    xa = _given_xa(xa_ref, slot, dtype)
+    if valid is not None:
+        xa = jnp.where(valid, xa, jnp.zeros_like(xa))
+    return xa, b_ref[adapted, slots_ref[slot], :, cols]
+
+
+def _expansion(pairs, acc=None):
+    """``acc + sum xa @ b`` over loaded ``(xa, b)`` pairs, float32."""
+    for xa, b in pairs:
+        term = dot_f32(xa, b.astype(xa.dtype))
+        acc = term if acc is None else acc + term
+    return acc
+
+
+def _expand_balanced(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
+    """Many slots per program: a loop over this split's slots (``s % split_k == split``)."""
+    num_slots = slots_ref.shape[0]
+
+    def body(i, acc):
+        s = split + i * split_k
+        pair = _load_slot(lora_refs, slots_ref, adapted, cols, jnp.minimum(s, num_slots - 1),
+                          s < num_slots, dtype)
+        return _expansion([pair], acc)
+
+    return jax.lax.fori_loop(0, -(-num_slots // split_k), body, acc)
+
+
 def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
     """``acc + sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]`` for a given ``xa`` (see
     :func:`_given_xa`), in split 0 only (so that it counts once)."""
@@ -193,52 +273,78 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
 
 
 def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_per_split,
-             split_k):
+             split_k, expand):
     """Column block ``col_block`` of each projection, from split ``split``'s K chunk: float32
     ``[block_m, block_n]`` each, ``x @ w[layer]`` plus its LoRA term and bias.
 
     ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None``,
-    ``(xa_ref, b_ref)`` (shrink done outside, ``xa [S, block_m, r]``) or ``(a_ref, sw_ref,
-    b_ref)`` (inline: ``x @ a[adapted, slot_experts[s]]`` of every slot rides along with ``W`` in
-    the one K loop, then is scaled by the slot weights ``sw [S, block_m]`` and rounded to
-    ``x.dtype`` as in ``lora_shrink``). All projections share the K loop.
+    ``(xa_ref, b_ref)`` (shrink done outside, ``xa [S, block_m, r]``; its expansion placed as
+    ``expand`` says, see :data:`EXPANDS`) or ``(a_ref, sw_ref, b_ref)`` (inline: ``x @
+    a[adapted, slot_experts[s]]`` of every slot rides along with ``W`` in the one K loop, then is
+    scaled by the slot weights ``sw [S, block_m]`` and rounded to ``x.dtype`` as in
+    ``lora_shrink``). All projections share the K loop.
     """
     layer, adapted, slots_ref = ids
     cols = pl.ds(col_block * block_n, block_n)
+    dtype = x_ref.dtype
     inline = any(_is_inline(lora_refs) for _, lora_refs, _ in projections)
     experts = [slots_ref[s] for s in range(slots_ref.shape[0])] if inline else []
-    tiles = []
+    num_slots = slots_ref.shape[0]
+    unrolled = expand != "split0" and -(-num_slots // split_k) <= _UNROLLED_SLOTS
+    tiles, inits, loaded = [], [], []
     for w_ref, lora_refs, _ in projections:
         tiles.append(weight_tile(w_ref, layer, cols, block_n))
+        init, pairs = None, None
+        if lora_refs is not None and not _is_inline(lora_refs) and unrolled \
+                and expand in ("before", "prefetch"):
+            pairs = [_load_slot(lora_refs, slots_ref, adapted, cols, s, valid, dtype)
+                     for s, valid in _split_slots(split, split_k, num_slots)]
+            if expand == "before":
+                init, pairs = _expansion(pairs), None
+        inits.append(init)
+        loaded.append(pairs)
         if _is_inline(lora_refs):
             tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
+            inits += [None] * len(experts)
     accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
-                         block_k=block_k))
+                         block_k=block_k, inits=inits))
     outs = []
-    for _, lora_refs, bias_ref in projections:
+    for (_, lora_refs, bias_ref), pairs in zip(projections, loaded):
         acc = next(accs)
         if _is_inline(lora_refs):
             _, sw_ref, b_ref = lora_refs
             for s, expert in enumerate(experts):
-                xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
+                xa = (next(accs) * sw_ref[s][:, None]).astype(dtype)
                 acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
         elif lora_refs is not None:
-            acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
-                                x_ref.dtype)
+            if expand == "split0":
+                acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
+                                    dtype)
+            elif not unrolled:
+                acc = _expand_balanced(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
+                                       dtype)
+            elif expand == "after":
+                acc = _expansion([_load_slot(lora_refs, slots_ref, adapted, cols, s, valid, dtype)
+                                  for s, valid in _split_slots(split, split_k, num_slots)], acc)
+            elif expand == "prefetch":
+                acc = _expansion(pairs, acc)
         if bias_ref is not None:
             acc = acc + bias_row(bias_ref, layer, col_block, block_n)
         outs.append(acc)
     return outs
 
 
-def _unpack(refs, lora: tuple[int, ...], bias: tuple[bool, ...]):
+def _unpack(refs, lora: tuple[int, ...], bias: tuple[bool, ...], down: bool = False):
     """Split the kernel's refs: weights, then ``lora[p]`` LoRA refs of each projection (0, or
-    see :func:`_columns`), then biases (only those added in the kernel), then outputs."""
+    see :func:`_columns`), then biases (only those added in the kernel), then with ``down`` the
+    down projection's ``A`` stack and slot weights (and the zeros its shrink's output aliases),
+    then outputs."""
     it = iter(refs)
     w_refs = [next(it) for _ in lora]
     lora_refs = [tuple(next(it) for _ in range(count)) or None for count in lora]
     bias_refs = [next(it) if has else None for has in bias]
-    return w_refs, lora_refs, bias_refs, list(it)
+    down_refs = (next(it), next(it), next(it))[:2] if down else None
+    return w_refs, lora_refs, bias_refs, down_refs, list(it)
 
 
 def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks, lora, bias,
@@ -247,7 +353,7 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
     # [La, E, K, r]), bias refs [L, N_p]; xa refs [S, block_m, r] (or slot weights [S, block_m]);
     # o_ref [block_m, block_n]: column block n of the concatenated outputs (of split s when
     # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p.
-    w_refs, lora_refs, bias_refs, (o_ref,) = _unpack(refs, lora, bias)
+    w_refs, lora_refs, bias_refs, _, (o_ref,) = _unpack(refs, lora, bias)
     n, s = pl.program_id(0), pl.program_id(1)
     ids = (layer_ref[()], adapted_ref[()], slots_ref)
     firsts = np.cumsum((0,) + blocks[:-1]).tolist()
@@ -268,17 +374,45 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, **blocking):
+def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n):
+    """Add this program's share of the down projection's shrink, ``act[:, cols] @
+    a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into ``xa [S, Mp, r]``
+    (float32, zeroed before the launch) for every slot ``s``: atomic adds, since every column
+    block of the activations contributes to every slot."""
+    _, adapted, slots_ref = ids
+    a_ref, sw_ref = down_refs
+    cols = pl.ds(col_block * block_n, block_n)
+    rows = pl.ds(row_block * act.shape[0], act.shape[0])
+
+    def add(s):
+        part = dot_f32(act, a_ref[adapted, slots_ref[s], cols, :].astype(act.dtype))
+        plgpu.atomic_add(xa_ref, (s, rows, slice(None)), part * sw_ref[s][:, None])
+
+    num_slots = slots_ref.shape[0]
+    if num_slots <= _UNROLLED_SLOTS:
+        for s in range(num_slots):
+            add(jnp.int32(s))
+    else:
+        jax.lax.fori_loop(0, num_slots, lambda s, carry: (add(s), carry)[1], 0)
+
+
+def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, down,
+                    **blocking):
     # Both weights' column block n in one program (x loaded once per K step). split_k == 1:
-    # o_ref [block_m, block_n] = silu(gate) * up in x.dtype; else og_ref, ou_ref: float32
+    # o_ref [block_m, block_n] = silu(gate) * up in x.dtype (and, with ``down``, that block's
+    # share of the down projection's shrink added into xa_ref); else og_ref, ou_ref: float32
     # partial sums of split s.
-    w_refs, lora_refs, bias_refs, out_refs = _unpack(refs, lora, bias)
+    w_refs, lora_refs, bias_refs, down_refs, out_refs = _unpack(refs, lora, bias, down)
     n, s = pl.program_id(0), pl.program_id(1)
     ids = (layer_ref[()], adapted_ref[()], slots_ref)
     gate, up = _columns(x_ref, list(zip(w_refs, lora_refs, bias_refs)), ids, n, s, **blocking)
     if blocking["split_k"] == 1:
-        (o_ref,) = out_refs
-        o_ref[...] = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
+        o_ref = out_refs[0]
+        act = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
+        o_ref[...] = act
+        if down:
+            _shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
+                         blocking["block_n"])
     else:
         og_ref, ou_ref = out_refs
         og_ref[...] = gate
@@ -296,10 +430,11 @@ def _out_spec(block_m, block_n, split_k):
 
 
 def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-            block_sizes, *, col_blocks, width, outputs, interpret):
+            block_sizes, *, col_blocks, width, outputs, expand, interpret, down=None):
     """The shared ``pallas_call``: operands, specs and grid for ``ws`` (one or more projections),
     their LoRA operands (``None``, ``(xa, b)`` or ``(a, slot_weights, b)`` each) and biases.
-    Returns the raw output(s), ``[(split_k,) Mp, width]``."""
+    Returns the raw output(s), ``[(split_k,) Mp, width]``; with ``down`` (``(a_down,
+    slot_weights)``, gate/up only) also the down projection's shrink, float32 ``[S, Mp, r]``."""
     num_rows, k = x.shape
     block_m, mp = row_blocks(num_rows)
     split_k = block_sizes.split_k
@@ -332,18 +467,30 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     specs += [whole(b.shape) for b, has in zip(biases, in_bias) if has]
     shape = out_shape(mp, width, split_k, x.dtype)
     spec = _out_spec(block_m, block_sizes.block_n, split_k)
+    out_shapes, out_specs, aliases = [shape] * outputs, [spec] * outputs, {}
+    if down is not None:
+        a_down, slot_weights = down
+        zeros = jnp.zeros((num_slots, mp, a_down.shape[3]), jnp.float32)  # the atomic adds' start
+        operands += [a_down, pad_rows(slot_weights.astype(jnp.float32), mp).T, zeros]
+        specs += [whole(a_down.shape), pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m)),
+                  whole(zeros.shape)]
+        aliases = {len(operands) - 1: outputs}
+        out_shapes.append(jax.ShapeDtypeStruct(zeros.shape, zeros.dtype))
+        out_specs.append(whole(zeros.shape))
+    single = len(out_shapes) == 1
     return pl.pallas_call(
         functools.partial(kernel, lora=tuple(0 if lr is None else len(lr) for lr in loras),
-                          bias=in_bias, split_k=split_k,
+                          bias=in_bias, split_k=split_k, expand=expand,
                           block_k=block_sizes.block_k, block_n=block_sizes.block_n,
                           k_per_split=k // split_k),
         grid=(col_blocks, split_k, mp // block_m),
         in_specs=specs,
-        out_specs=spec if outputs == 1 else [spec] * outputs,
-        out_shape=shape if outputs == 1 else [shape] * outputs,
+        out_specs=out_specs[0] if single else out_specs,
+        out_shape=out_shapes[0] if single else out_shapes,
+        input_output_aliases=aliases,
         compiler_params=compiler_params(block_sizes),
         interpret=interpret,
-        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}",
+        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}_{expand}",
     )(*operands)
 
 
@@ -374,7 +521,7 @@ def _fit_inline(bs, m, loras, *, one_branch):
 
 
 def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
-                      interpret):
+                      expand, interpret):
     """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras` or
     :func:`inline_loras`); default blocks from ``stacked_matmul``."""
     m, k = x.shape
@@ -383,7 +530,8 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
     check_block_sizes(bs_, k, {"N": n})
     out = _launch(functools.partial(_projections_kernel, blocks=(n // bs_.block_n,)), name, x,
                   (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
-                  col_blocks=n // bs_.block_n, width=n, outputs=1, interpret=interpret)
+                  col_blocks=n // bs_.block_n, width=n, outputs=1, expand=expand,
+                  interpret=interpret)
     if bs_.split_k > 1:  # the kernel adds the bias only when it writes the final sums
         out = out.sum(axis=0)
         if bias is not None:
@@ -392,7 +540,7 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
 
 
 def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases, block_sizes,
-                    interpret):
+                    expand, interpret):
     """``q, k, v`` of ``ws = (wq, wk, wv)`` in one launch, in ``x.dtype``; default blocks from
     ``fused_projections``."""
     wq, wk, wv = ws
@@ -406,7 +554,7 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     blocks = (nq // bs_.block_n, nkv // bs_.block_n, nkv // bs_.block_n)
     out = _launch(functools.partial(_projections_kernel, blocks=blocks), name, x, ws, layer,
                   loras, adapted_layer, slot_experts, biases, bs_, col_blocks=sum(blocks),
-                  width=nq + 2 * nkv, outputs=1, interpret=interpret)
+                  width=nq + 2 * nkv, outputs=1, expand=expand, interpret=interpret)
     if bs_.split_k > 1:
         out = out.sum(axis=0)
     out = out[:m]
@@ -418,9 +566,11 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
 
 
 def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-                        block_sizes, interpret):
+                        block_sizes, expand, interpret, down=None):
     """``silu(gate) * up`` of ``ws = (w_gate, w_up)`` in one launch (plus XLA's reduction when
-    ``split_k > 1``), in ``x.dtype``; default blocks from ``fused_projections``."""
+    ``split_k > 1``), in ``x.dtype``; default blocks from ``fused_projections``. With ``down``
+    (``(a_down, slot_weights)``; ``split_k == 1`` only) also the down projection's shrink of the
+    result, as :class:`SlotMajor` float32 sums ``[1, S, Mp, r]``."""
     w_gate, w_up = ws
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate and w_up must have one shape, got {w_gate.shape=} and "
@@ -431,9 +581,16 @@ def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, 
                                      one_branch=True)
     check_block_sizes(bs_, k, {"F": f})
     fused = bs_.split_k == 1
-    out = _launch(_gate_up_kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-                  bs_, col_blocks=f // bs_.block_n, width=f, outputs=1 if fused else 2,
-                  interpret=interpret)
+    if down is not None and not fused:
+        raise ValueError(f"{bs_}: the down projection's shrink rides in the gate/up kernel's "
+                         f"epilogue, which needs split_k == 1")
+    out = _launch(functools.partial(_gate_up_kernel, down=down is not None), name, x, ws, layer,
+                  loras, adapted_layer, slot_experts, biases, bs_, col_blocks=f // bs_.block_n,
+                  width=f, outputs=1 if fused else 2, expand=expand, interpret=interpret,
+                  down=down)
+    if down is not None:
+        act, xa_down = out
+        return act[:m], SlotMajor(xa_down[None])
     if fused:
         return out[:m]
     gate, up = (p.sum(axis=0)[:m] for p in out)

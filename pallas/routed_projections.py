@@ -43,9 +43,12 @@ import jax
 import jax.numpy as jnp
 
 from ._routed_kernels import (
+    EXPANDS,
     GATE_UP,
     QKV,
     check_arity,
+    check_down_shrink,
+    check_expand,
     check_indices,
     check_inline,
     check_operands,
@@ -55,11 +58,12 @@ from ._routed_kernels import (
     qkv_projections,
     single_projection,
 )
-from ._tiles import is_block
+from ._tiles import SlotMajor, check_adapted, is_block
 from .lora_shrink import lora_shrink
 from .stacked_matmul import BlockSizes
 
 __all__ = [
+    "EXPANDS",
     "BlockSizes",
     "routed_gate_up_matmul",
     "routed_gate_up_matmul_inline_shrink",
@@ -183,13 +187,19 @@ def routed_gate_up_matmul_reference(
     slot_experts: jax.Array,
     b_gate: jax.Array | None = None,
     b_up: jax.Array | None = None,
-) -> jax.Array:
-    """``silu(gate) * up`` of the two routed projections, in float32, ``x.dtype`` out."""
+    down_shrink: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``silu(gate) * up`` of the two routed projections, in float32, ``x.dtype`` out; with
+    ``down_shrink = (a_down, slot_weights)`` also :func:`lora_shrink` of it, ``[M, S, r]``."""
     gate, up = (
         _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias)
         for w, xa, b, bias in zip((w_gate, w_up), xas, bs, (b_gate, b_up))
     )
-    return (jax.nn.silu(gate) * up).astype(x.dtype)
+    act = (jax.nn.silu(gate) * up).astype(x.dtype)
+    if down_shrink is None:
+        return act
+    a_down, slot_weights = down_shrink
+    return act, lora_shrink(act, a_down, adapted_layer, slot_experts, slot_weights)
 
 
 def routed_gate_up_matmul_inline_shrink_reference(
@@ -233,6 +243,7 @@ def routed_matmul(
     bias: jax.Array | None = None,
     *,
     block_sizes: BlockSizes | None = None,
+    expand: str = "split0",
     interpret: bool = False,
 ) -> jax.Array:
     """``x @ w[layer] + sum_s xa[:, s] @ b[adapted_layer, slot_experts[s]] + bias[layer]``.
@@ -257,16 +268,17 @@ def routed_matmul(
       ``[M, N]`` in ``x.dtype`` (float32 accumulation).
     """
     check_indices(layer, w.shape[0], adapted_layer, (b,), slot_experts)
+    check_expand(expand)
     return _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias,
-                          block_sizes=block_sizes, interpret=interpret)
+                          block_sizes=block_sizes, expand=expand, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
 def _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias, *, block_sizes,
-                   interpret):
+                   expand, interpret):
     check_operands(x, {"w": w}, {"w": bias}, {"w": xa}, {"w": b}, slot_experts)
     return single_projection("routed_matmul", x, w, layer, (xa, b), adapted_layer, slot_experts,
-                             bias, block_sizes, interpret)
+                             bias, block_sizes, expand, interpret)
 
 
 def routed_matmul_inline_shrink(
@@ -313,7 +325,7 @@ def _routed_matmul_inline_shrink(x, w, layer, a, b, adapted_layer, slot_experts,
     xas = check_inline(x, {"w": a}, {"w": b}, slot_experts, slot_weights)
     check_operands(x, {"w": w}, {"w": bias}, xas, {"w": b}, slot_experts)
     return single_projection("routed_matmul_inline_shrink", x, w, layer, (a, slot_weights, b),
-                             adapted_layer, slot_experts, bias, block_sizes, interpret)
+                             adapted_layer, slot_experts, bias, block_sizes, "split0", interpret)
 
 
 def routed_qkv_matmul(
@@ -329,6 +341,7 @@ def routed_qkv_matmul(
     biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None] = (None, None, None),
     *,
     block_sizes: BlockSizes | None = None,
+    expand: str = "split0",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q, k, v``, each ``x @ w[layer] (+ its expansion) (+ its bias)``, in one launch.
@@ -353,18 +366,19 @@ def routed_qkv_matmul(
     """
     check_arity(3, xas=xas, bs=bs, biases=biases)
     check_indices(layer, wq.shape[0], adapted_layer, bs, slot_experts)
+    check_expand(expand)
     return _routed_qkv_matmul(x, wq, wk, wv, layer, tuple(xas), tuple(bs), adapted_layer,
                               slot_experts, tuple(biases), block_sizes=block_sizes,
-                              interpret=interpret)
+                              expand=expand, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
 def _routed_qkv_matmul(x, wq, wk, wv, layer, xas, bs, adapted_layer, slot_experts, biases, *,
-                       block_sizes, interpret):
+                       block_sizes, expand, interpret):
     check_operands(x, dict(zip(QKV, (wq, wk, wv))), dict(zip(QKV, biases)),
                    dict(zip(QKV, xas)), dict(zip(QKV, bs)), slot_experts)
     return qkv_projections("routed_qkv_matmul", x, (wq, wk, wv), layer, given_loras(xas, bs),
-                           adapted_layer, slot_experts, biases, block_sizes, interpret)
+                           adapted_layer, slot_experts, biases, block_sizes, expand, interpret)
 
 
 def routed_qkv_matmul_inline_shrink(
@@ -413,7 +427,7 @@ def _routed_qkv_matmul_inline_shrink(x, wq, wk, wv, layer, as_, bs, adapted_laye
                    slot_experts)
     return qkv_projections("routed_qkv_matmul_inline_shrink", x, (wq, wk, wv), layer,
                            inline_loras(as_, slot_weights, bs), adapted_layer, slot_experts,
-                           biases, block_sizes, interpret)
+                           biases, block_sizes, "split0", interpret)
 
 
 def routed_gate_up_matmul(
@@ -428,13 +442,19 @@ def routed_gate_up_matmul(
     b_gate: jax.Array | None = None,
     b_up: jax.Array | None = None,
     *,
+    down_shrink: tuple[jax.Array, jax.Array] | None = None,
     block_sizes: BlockSizes | None = None,
+    expand: str = "split0",
     interpret: bool = False,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, SlotMajor]:
     """``silu(gate) * up`` of two routed projections of ``x``, in one launch.
 
     As ``fused_projections.gate_up_matmul``: each program streams the same column block of both
     weights and, with ``split_k == 1``, applies expansions, biases and SiLU in its epilogue.
+    With ``down_shrink`` the epilogue also starts the down projection's LoRA: each program
+    multiplies its block of the result by that block's rows of every slot's ``a_down`` and adds
+    it into the shrink (float32 atomic adds, so the order of the sums, and the last bits, may
+    vary from run to run), which saves the down projection a shrink launch.
 
     Args:
       x: ``[M, K]`` activations.
@@ -444,29 +464,40 @@ def routed_gate_up_matmul(
       bs: the matching ``[La, E, r, F]`` ``B`` stacks (``None`` where ``xa`` is).
       adapted_layer, slot_experts: as in :func:`routed_matmul`.
       b_gate, b_up: optional ``[L, F]`` biases.
+      down_shrink: optional ``(a_down [La, E, F, r], slot_weights [M, S])``: the down
+        projection's ``A`` stack and the slot weights of :func:`lora_shrink.route_slots`.
       block_sizes: default from ``fused_projections`` (measured without the LoRA term). With
-        ``split_k > 1`` the kernel writes float32 partial sums and XLA adds biases and SiLU.
+        ``split_k > 1`` the kernel writes float32 partial sums and XLA adds biases and SiLU
+        (not with ``down_shrink``).
+      expand: where each program adds the expansion (``_routed_kernels.EXPANDS``).
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
-      ``[M, F]`` in ``x.dtype``, computed in float32.
+      ``[M, F]`` in ``x.dtype``, computed in float32; with ``down_shrink`` also the down
+      projection's ``xa`` as a :class:`SlotMajor` of float32 sums ``[1, S, Mp, r]``, which
+      :func:`routed_matmul` takes as is (it rounds them to ``x.dtype`` as ``lora_shrink`` does).
     """
     check_arity(2, xas=xas, bs=bs)
     check_indices(layer, w_gate.shape[0], adapted_layer, bs, slot_experts)
+    check_expand(expand)
+    if down_shrink is not None:
+        a_down, slot_weights = down_shrink
+        check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs)
+        check_adapted(adapted_layer, slot_experts, a_down.shape[:2])
     return _routed_gate_up_matmul(x, w_gate, w_up, layer, tuple(xas), tuple(bs), adapted_layer,
-                                  slot_experts, b_gate, b_up, block_sizes=block_sizes,
-                                  interpret=interpret)
+                                  slot_experts, b_gate, b_up, down_shrink,
+                                  block_sizes=block_sizes, expand=expand, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
 def _routed_gate_up_matmul(x, w_gate, w_up, layer, xas, bs, adapted_layer, slot_experts, b_gate,
-                           b_up, *, block_sizes, interpret):
+                           b_up, down_shrink, *, block_sizes, expand, interpret):
     biases = (b_gate, b_up)
     check_operands(x, dict(zip(GATE_UP, (w_gate, w_up))), dict(zip(GATE_UP, biases)),
                    dict(zip(GATE_UP, xas)), dict(zip(GATE_UP, bs)), slot_experts)
     return gate_up_projections("routed_gate_up_matmul", x, (w_gate, w_up), layer,
                                given_loras(xas, bs), adapted_layer, slot_experts, biases,
-                               block_sizes, interpret)
+                               block_sizes, expand, interpret, down=down_shrink)
 
 
 def routed_gate_up_matmul_inline_shrink(
@@ -517,4 +548,4 @@ def _routed_gate_up_matmul_inline_shrink(x, w_gate, w_up, layer, as_, bs, adapte
                    bs_by_name, slot_experts)
     return gate_up_projections("routed_gate_up_matmul_inline_shrink", x, (w_gate, w_up), layer,
                                inline_loras(as_, slot_weights, bs), adapted_layer, slot_experts,
-                               biases, block_sizes, interpret)
+                               biases, block_sizes, "split0", interpret)

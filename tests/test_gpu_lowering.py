@@ -34,6 +34,8 @@ def adapter_shapes(mode):
     (None, "auto", "auto", 40),  # rows padded to 64
     ("switch", "fused", "pallas", 1),
     ("switch", "fused", "pallas-split", 1),
+    ("switch", "fused", "epilogue", 1),
+    ("switch", "fused", "epilogue", 64),
     ("switch", "fused", "inline", 1),
     ("switch", "fused", "xla", 8),
     ("switch", "fused", "pallas", 64),

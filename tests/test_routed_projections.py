@@ -25,6 +25,7 @@ from loraswitch_jax.pallas.lora_shrink import (
     route_slots,
 )
 from loraswitch_jax.pallas.routed_projections import (
+    EXPANDS,
     BlockSizes,
     routed_gate_up_matmul,
     routed_gate_up_matmul_inline_shrink,
@@ -299,8 +300,13 @@ def test_lowers_to_triton():
     def step(x, xa, slot_experts, six_experts, six_weights, layer):
         q, _, _ = routed_qkv_matmul(x, w, w, w, layer, (xa, None, xa), (b, None, b), layer,
                                     slot_experts, (w[:, 0], None, None))
-        y = routed_matmul(x, w, layer, xa, b, layer, slot_experts, block_sizes=split2)
+        y = sum(routed_matmul(x, w, layer, xa, b, layer, slot_experts, block_sizes=split2,
+                              expand=e) for e in EXPANDS)
         act = routed_gate_up_matmul(x, w, w, layer, (xa, xa), (b, b), layer, slot_experts)
+        act3, xa_down = routed_gate_up_matmul(x, w, w, layer, (xa, xa), (b, b), layer,
+                                              slot_experts,
+                                              down_shrink=(a[..., :128, :], xa[..., 0] * 1.0))
+        act = act + act3 + xa_down.xa.sum()
         six = (layer, six_experts, six_weights)
         y2 = routed_matmul_inline_shrink(x, w, layer, a, b, *six)
         q2, _, _ = routed_qkv_matmul_inline_shrink(x, w, w, w, layer, (a, None, a), (b, None, b),
@@ -313,7 +319,7 @@ def test_lowers_to_triton():
         x, xa, jnp.arange(8, dtype=jnp.int32), jnp.arange(6, dtype=jnp.int32),
         jnp.zeros((40, 6), jnp.float32), jnp.int32(1),
     ).lower(lowering_platforms=("cuda",)).as_text()
-    assert hlo.count("__gpu$xla.gpu.triton") == 6
+    assert hlo.count("__gpu$xla.gpu.triton") == 6 + len(EXPANDS)
 
 
 def test_supports():
@@ -350,6 +356,73 @@ def test_split_shrink_partial_sums_are_added_up_in_the_kernel(dtype):
                                slot_major=True, interpret=True,
                                block_sizes=ShrinkBlockSizes(block_k=16, split_k=3))
     assert not raw.partial and raw.xa.dtype == dtype
+
+
+# (M, E, k, split_k): gather with more splits than slots (1 x 2 slots over 3 splits), dense
+# slots in an uneven last round (8 over 3), and more slots per program than are unrolled (34).
+@pytest.mark.parametrize("m,e,k,split_k", [(1, 8, 2, 3), (5, 8, 2, 3), (17, 128, 2, 1),
+                                           (3, 8, 2, 2)])
+@pytest.mark.parametrize("expand", EXPANDS)
+def test_expand_placements_match_reference(m, e, k, split_k, expand):
+    """Every placement of the expansion, with a given xa (plain, or a split shrink's partial sums
+    handed on slot-major), adds each slot's term exactly once."""
+    rng = np.random.default_rng(4000 * m + e + 10 * split_k)
+    depth = 96  # K that 2 shrink splits and 3 projection splits of 16-row steps both tile
+    x = normal(rng, (m, depth), jnp.float32)
+    slot_experts, slot_weights = route_slots(*random_route(rng, m, k, e), e, SCALE)
+    w, wg = (stack(rng, N, jnp.float32, k=depth) for _ in range(2))
+    (a, b), (ag, bg) = (lora_stacks(rng, e, N, jnp.float32, k=depth) for _ in range(2))
+    xa = lora_shrink(x, a, 1, slot_experts, slot_weights)
+    (partial,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, slot_major=True,
+                                   block_sizes=ShrinkBlockSizes(block_k=16, split_k=2),
+                                   interpret=True)
+    assert partial.partial
+    blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
+    ref = routed_matmul_reference(x, w, 2, xa, b, 1, slot_experts)
+    for given in (xa, partial):
+        got = routed_matmul(x, w, 2, given, b, 1, slot_experts, block_sizes=blocks,
+                            expand=expand, interpret=True)
+        assert rel_err(got, ref) < TOL[jnp.float32]
+    xag = lora_shrink(x, ag, 1, slot_experts, slot_weights)
+    got = routed_gate_up_matmul(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts,
+                                block_sizes=blocks, expand=expand, interpret=True)
+    ref = routed_gate_up_matmul_reference(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts)
+    assert rel_err(got, ref) < TOL[jnp.float32]
+
+
+# (M, E, k): gather (2 slots), dense (8), more slots than are unrolled (34), two row blocks.
+@pytest.mark.parametrize("m,e,k,dtype", [(1, 8, 2, jnp.float32), (5, 8, 2, jnp.bfloat16),
+                                         (17, 128, 2, jnp.float32), (70, 8, 1, jnp.float32)])
+def test_down_shrink_in_the_gate_up_epilogue(m, e, k, dtype):
+    """The gate/up kernel's epilogue adds every column block's share of the down projection's
+    shrink; the routed down projection takes the sums as they are and equals the reference."""
+    rng = np.random.default_rng(5000 * m + e)
+    f = 48  # three column blocks of 16
+    x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
+    wg, wu = stack(rng, f, dtype), stack(rng, f, dtype)
+    wd = normal(rng, (LAYERS, f, N), dtype, std=f**-0.5)
+    biases = tuple(normal(rng, (LAYERS, f), dtype) for _ in range(2))
+    (ag, bg), (au, bu) = lora_stacks(rng, e, f, dtype), lora_stacks(rng, e, f, dtype)
+    ad, bd = lora_stacks(rng, e, N, dtype, k=f)
+    xas = tuple(lora_shrink(x, a, 1, slot_experts, slot_weights) for a in (ag, au))
+    act, xa_down = routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts, *biases,
+                                         down_shrink=(ad, slot_weights), **INTERPRET16)
+    act_ref, xa_ref = routed_gate_up_matmul_reference(x, wg, wu, 2, xas, (bg, bu), 1,
+                                                      slot_experts, *biases,
+                                                      down_shrink=(ad, slot_weights))
+    assert rel_err(act, act_ref) < TOL[dtype]
+    assert xa_down.partial and xa_down.xa.dtype == jnp.float32
+    assert rel_err(xa_down.xa[0, :, :m].transpose(1, 0, 2), xa_ref) < TOL[dtype]
+    got = routed_matmul(act, wd, 2, xa_down, bd, 1, slot_experts, **INTERPRET16)
+    ref = routed_matmul_reference(act_ref, wd, 2, xa_ref, bd, 1, slot_experts)
+    assert rel_err(got, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="a stack"):
+        routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts,
+                              down_shrink=(ad[:, :, :16], slot_weights), interpret=True)
+    with pytest.raises(ValueError, match="split_k == 1"):
+        routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts,
+                              down_shrink=(ad, slot_weights), interpret=True,
+                              block_sizes=BlockSizes(block_n=16, block_k=16, split_k=3))
 
 
 def test_rejects_bad_input():

@@ -14,8 +14,9 @@ from conftest import rel_err
 from loraswitch_jax.ops import Impl, resolve_impl
 from loraswitch_jax.switch import init_merged, merge_route, resolve_strategy
 
-# 3 layers, d 64: every projection tiles by 16, so "pallas_interpret" runs every kernel.
-CFG = dataclasses.replace(lj.PRESETS["demo"], num_hidden_layers=3)
+# 3 layers, d 64, MLP 160: every projection tiles by 16, so "pallas_interpret" runs every kernel
+# (the demo's MLP width, 172, would send gate, up and down to XLA).
+CFG = dataclasses.replace(lj.PRESETS["demo"], num_hidden_layers=3, intermediate_size=160)
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [200, 3, 3, 17]]
 
 
@@ -63,9 +64,10 @@ def test_fused_kernels_equal_the_jnp_path_on_a_batch(params, mode):
     assert greedy(params, ad, PROMPTS, "pallas_interpret") == greedy(params, ad, PROMPTS, "xla")
 
 
-@pytest.mark.parametrize("shrink", ["xla", "pallas", "inline"])
+@pytest.mark.parametrize("shrink", ["xla", "pallas", "epilogue", "inline"])
 def test_every_shrink_placement_equals_the_jnp_path(params, shrink):
-    """x A as XLA ops, one Pallas launch per input group, or inside the projection kernels."""
+    """x A as XLA ops, one Pallas launch per input group (down's in the gate/up kernel with
+    "epilogue"), or inside the projection kernels."""
     ad = adapter("switch", router_layer=0, targets=("q", "k", "o", "gate", "up", "down"))
     impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
     assert greedy(params, ad, PROMPTS[:2], impl) == greedy(params, ad, PROMPTS[:2], "xla")
@@ -86,10 +88,11 @@ def test_decode_logits_match_across_impls(params):
     _, cache = lj.prefill(params, cache, tokens, lengths, CFG, adapter=ad)
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     want, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="xla")
-    for shrink in ("xla", "pallas", "inline"):
-        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
+    for shrink, expand in (("xla", "auto"), ("pallas", "after"), ("epilogue", "prefetch"),
+                           ("pallas-split", "before"), ("inline", "auto")):
+        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
         got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=impl)
-        assert rel_err(got, want) < 1e-5, shrink
+        assert rel_err(got, want) < 1e-5, (shrink, expand)
 
 
 def test_merge_skips_a_repeated_route(params):
