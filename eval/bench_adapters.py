@@ -112,8 +112,7 @@ TARGET_SGMM = 0.85  # SGMM merge bandwidth / copy bandwidth
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """How a mode decodes: adapter mode (None: backbone), kernels, switch strategy, where the
-    routed kernels compute ``x A`` (``ops.Impl.lora_shrink``) and add ``(x A) B``
-    (``ops.Impl.lora_expand``), and decode attention."""
+    routed kernels compute ``x A`` (``ops.Impl.lora_shrink``), and decode attention."""
 
     adapter: str | None
     impl: str
@@ -121,15 +120,13 @@ class Mode:
     max_batch: int | None = None
     shrink: str = "auto"
     attention: str = "auto"
-    expand: str = "auto"
 
     def kernels(self, impl: str) -> str | Impl:
-        """``impl`` (the mode's or the command line's) with this mode's shrink and expand
-        placements and attention."""
-        if impl == "xla" or (self.shrink, self.attention, self.expand) == ("auto",) * 3:
+        """``impl`` (the mode's or the command line's) with this mode's shrink placement and
+        attention."""
+        if impl == "xla" or (self.shrink, self.attention) == ("auto", "auto"):
             return impl
-        return Impl(backend="pallas", lora_shrink=self.shrink, attention=self.attention,
-                    lora_expand=self.expand)
+        return Impl(backend="pallas", lora_shrink=self.shrink, attention=self.attention)
 
 
 MODES: dict[str, Mode] = {
@@ -146,12 +143,8 @@ MODES: dict[str, Mode] = {
     # Inline recomputes x A in every program, for gathered slots only (batch * k < E; ops falls
     # back to the grouped shrink otherwise, which switch-fused already measures).
     "switch-fused-inline": Mode("switch", "pallas", "fused", shrink="inline"),
-    # Where each program adds (x A) B (ops._DEFAULT_EXPAND is decided by these rows).
-    **{f"switch-fused-expand-{e}": Mode("switch", "pallas", "fused", expand=e)
-       for e in ("split0", "after", "before", "prefetch")},
-    # down's x A in the gate/up kernel's epilogue (one shrink launch fewer per layer).
-    **{f"switch-fused-epilogue-{e}": Mode("switch", "pallas", "fused", shrink="epilogue", expand=e)
-       for e in ("after", "prefetch")},
+    # down's x A by its own launch rather than in the gate/up kernel's epilogue.
+    "switch-fused-separate-down-shrink": Mode("switch", "pallas", "fused", shrink="pallas-split"),
     "switch-merge": Mode("switch", "pallas", "merge", max_batch=1),
     "switch-xla": Mode("switch", "xla", "fused"),
     "layerwise-xla": Mode("layerwise", "xla"),
@@ -201,8 +194,7 @@ def issue4_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)
     """Every mode at E 8, k 2. The acceptance targets' modes at every batch come first."""
     first = ("backbone", "switch-fused", "switch-merge")
     rest = ("backbone-xla-attention", "switch-fused-unsplit-shrink", "switch-fused-inline",
-            "switch-fused-xla-shrink",
-            *(m for m in MODES if m.startswith(("switch-fused-expand", "switch-fused-epilogue"))),
+            "switch-fused-xla-shrink", "switch-fused-separate-down-shrink",
             "lora",
             "layerwise-pallas", "switch-xla", "layerwise-xla")
     cases = []
@@ -397,8 +389,7 @@ def bench_case(case: Case, params: LlamaParams, bc: BenchConfig, bw: dict) -> di
     cache_len = bc.cache_len(case.context)
     cfg = model_config(case.preset, cache_len)
     row = {**dataclasses.asdict(case), "setting": case.setting, "impl": impl,
-           "lora_shrink": mode.shrink, "lora_expand": mode.expand, "strategy": mode.strategy,
-           "cache_len": cache_len}
+           "lora_shrink": mode.shrink, "strategy": mode.strategy, "cache_len": cache_len}
     key = jax.random.fold_in(jax.random.key(bc.seed), case.batch)
     acfg = case.adapter_config()
     adapter = None if acfg is None else _make_adapter(cfg, acfg, key)

@@ -157,16 +157,6 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       lambda f_=gu_args: routed.routed_gate_up_matmul_reference(*f_()),
                       one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")))
 
-        # The other placements of (x A) B in the projection programs (ops.Impl.lora_expand).
-        for expand in ("after", "before", "prefetch"):
-            re_ = jax.jit(functools.partial(routed.routed_matmul, expand=expand,
-                                            interpret=interpret))
-            cases.append((f"routed_matmul down M={m} E={E} expand={expand}",
-                          lambda xfm=xfm, xa=xa, slots=slots, re_=re_: re_(
-                              xfm, w["down"], layer, xa["down"], b["down"], layer, slots),
-                          lambda xfm=xfm, xa=xa, slots=slots: routed.routed_matmul_reference(
-                              xfm, w["down"], layer, xa["down"], b["down"], layer, slots),
-                          one_layer(w["down"]) + lora_bytes("down")))
         # down's x A in the gate/up kernel's epilogue (float32 atomic adds).
         rge = jax.jit(functools.partial(routed.routed_gate_up_matmul, interpret=interpret))
 

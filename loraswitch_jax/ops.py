@@ -26,34 +26,32 @@ from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["ATTENTIONS", "EXPANDS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
+__all__ = ["ATTENTIONS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
            "mlp", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 SHRINKS = ("auto", "xla", "pallas", "pallas-split", "epilogue", "inline")
-EXPANDS = ("auto", "split0", "after", "before", "prefetch")
 ATTENTIONS = ("auto", "xla", "pallas")
 
 # Where the routed kernels compute x A when Impl.lora_shrink is "auto".
-# Source: eval/results/adapters/bench_adapters_issue4{,_shrink,_attention_split}.md (H100 80GB
-# HBM3, JAX 0.11.2, 2026-11-23; Llama-2-7B shapes, E 8, r 16, k 2, context 1024), decode time
+# Source: eval/results/adapters/bench_adapters_issue4{,_shrink,_attention_split,_expand}.md (H100
+# 80GB HBM3, JAX 0.11.2, 2026-11-23; Llama-2-7B shapes, E 8, r 16, k 2, context 1024), decode time
 # over the backbone's in the same run:
 #   batch 1:  "pallas-split" (K spread over more programs) 1.142x against "pallas" 1.266x;
 #             "xla" (an XLA op per projection) 1.70x, "inline" (x A recomputed in every
-#             program of the projection kernel) 17.7x;
+#             program of the projection kernel) 17.7x; "epilogue" (down's x A in the gate/up
+#             kernel, atomic adds of all 16 padded rows) 1.139x against "pallas-split" 1.125x;
+#   batch 8:  "epilogue" 1.229x, "pallas-split" 1.261x;
 #   batch 32: "pallas-split" 1.162x, "pallas" 1.176x;
 #   batch 64: "pallas" 1.118x, "xla" 1.121x ("pallas-split" leaves a full grid unsplit).
-_DEFAULT_SHRINK = "pallas-split"
+# "epilogue" now adds only the real rows; to be measured again at batch 1.
+_DEFAULT_SHRINK = "epilogue"
 
 # How decode attends when Impl.attention is "auto". Source: the backbone-pallas-attention rows of
 # eval/results/adapters/bench_adapters_issue4_attention_split.md (same GPU and shapes): the
 # kernel reads only the valid slots of cache[layer] in place, 5.585 against XLA's 6.108 ms/token
 # at batch 1 (0.914x), 12.01 against 13.86 at batch 32 (0.867x).
 _DEFAULT_ATTENTION = "pallas"
-
-# Where the routed kernels add the expansion x A B of a given x A when Impl.lora_expand is
-# "auto" (pallas/_routed_kernels.EXPANDS). Not yet measured against the alternatives.
-_DEFAULT_EXPAND = "split0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +62,7 @@ class Impl:
     input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode),
     ``"epilogue"`` (``"pallas-split"``, but the down projection's ``x A`` is computed in the
     gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
-    reads) or ``"auto"``; ``lora_expand`` where a program adds ``(x A) B`` to its
-    projection when ``x A`` is given: ``"split0"`` (after the K loop, all slots in the first
-    K split), ``"after"``, ``"before"`` or ``"prefetch"`` (slots spread over the K splits; added
-    after the K loop, as its starting value, or loaded before it and added after) or
-    ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
+    reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
     (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only; its
     cache length must be a multiple of 16, else XLA's runs), ``"xla"`` (``layers.attention``
     over ``cache[layer]``) or ``"auto"``.
@@ -78,15 +72,12 @@ class Impl:
     interpret: bool = False
     lora_shrink: str = "auto"
     attention: str = "auto"
-    lora_expand: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("xla", "pallas"):
             raise ValueError(f"unknown backend {self.backend!r}; expected 'xla' or 'pallas'")
         if self.lora_shrink not in SHRINKS:
             raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
-        if self.lora_expand not in EXPANDS:
-            raise ValueError(f"unknown lora_expand {self.lora_expand!r}; expected one of {EXPANDS}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
         if self.backend == "xla" and self.attention == "pallas":
@@ -100,10 +91,6 @@ class Impl:
     @property
     def shrink(self) -> str:
         return _DEFAULT_SHRINK if self.lora_shrink == "auto" else self.lora_shrink
-
-    @property
-    def expand(self) -> str:
-        return _DEFAULT_EXPAND if self.lora_expand == "auto" else self.lora_expand
 
     @property
     def pallas_attention(self) -> bool:
@@ -252,7 +239,7 @@ def stacked_linear(
         else:
             y = routed_kernel.routed_matmul(_flat(x), w, layer, routed.xas[0], routed.b[0],
                                             lora.layer, routed.slot_experts, bias,
-                                            expand=impl.expand, interpret=interpret)
+                                            interpret=interpret)
         return _unflat(y, x)
     y = _unflat(kernel.stacked_matmul(_flat(x), w, layer, interpret=interpret), x)
     y = y if bias is None else y + bias[layer].astype(y.dtype)
@@ -283,7 +270,7 @@ def qkv_linear(
         else:
             out = routed_kernel.routed_qkv_matmul(
                 _flat(x), wq, wk, wv, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b, expand=impl.expand, interpret=interpret)
+                routed.slot_experts, b, interpret=interpret)
         return tuple(_unflat(y, x) for y in out)
     q, k, v = kernel.qkv_matmul(_flat(x), wq, wk, wv, layer, *b, interpret=interpret)
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
@@ -312,7 +299,7 @@ def swiglu(
         else:
             act = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b_gate, b_up, expand=impl.expand, interpret=interpret)
+                routed.slot_experts, b_gate, b_up, interpret=interpret)
         return _unflat(act, x)
     if fusable and not adapted:
         return _unflat(kernel.gate_up_matmul(_flat(x), w_gate, w_up, layer, b_gate, b_up,
@@ -344,11 +331,10 @@ def mlp(
             act, xa_down = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
                 routed.slot_experts, b_gate, b_up,
-                down_shrink=(lora.a["down"], routed.slot_weights), expand=impl.expand,
-                interpret=impl.interpret)
+                down_shrink=(lora.a["down"], routed.slot_weights), interpret=impl.interpret)
             y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
                                             lora.layer, routed.slot_experts, b_down,
-                                            expand=impl.expand, interpret=impl.interpret)
+                                            interpret=impl.interpret)
             return _unflat(y, x)
     act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora)
     return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")

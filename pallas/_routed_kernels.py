@@ -44,12 +44,10 @@ from .fused_projections import default_gate_up_block_sizes, default_qkv_block_si
 from .stacked_matmul import default_block_sizes
 
 __all__ = [
-    "EXPANDS",
     "GATE_UP",
     "QKV",
     "check_arity",
     "check_down_shrink",
-    "check_expand",
     "check_indices",
     "check_inline",
     "check_operands",
@@ -141,12 +139,6 @@ def check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs) -> None
     check_slots(slot_experts, slot_weights, x.shape[0])
 
 
-def check_expand(expand: str) -> None:
-    """``expand`` names a placement in :data:`EXPANDS`."""
-    if expand not in EXPANDS:
-        raise ValueError(f"unknown expand {expand!r}; expected one of {EXPANDS}")
-
-
 def check_indices(layer, num_layers, adapted_layer, bs, slot_experts) -> None:
     """Range checks of the indices that are concrete (traced ones must be in range: no clamp)."""
     check_layer(layer, num_layers)
@@ -202,18 +194,14 @@ def _given_xa(xa_ref, s, dtype):
     return xa_ref[:, s].sum(axis=0).astype(dtype)
 
 
-# Where a program with a given xa adds its expansion (``Impl.lora_expand``): "split0" (after the
-# K loop, all slots in the programs of split 0), or spread over the splits (slot s in split
-# s % split_k) and "after" the K loop, "before" it (as the accumulators' start) or "prefetch"
-# (loads issued before the K loop, dots after it).
-EXPANDS = ("split0", "after", "before", "prefetch")
 _UNROLLED_SLOTS = 8  # slots per program up to which the expansion is unrolled (loads up front)
 
 
 def _split_slots(split, split_k, num_slots):
     """The slots whose expansion split ``split`` adds, ``(slot, valid)`` each: slot ``s`` goes
-    to split ``s % split_k``, so the work is balanced. ``valid`` is ``None`` or, in the last
-    round where some splits have no slot left, a flag (the slot index is clamped)."""
+    to split ``s % split_k``, so the work is balanced over the splits (each term counts once in
+    their sum). ``valid`` is ``None`` or, in the last round where some splits have no slot
+    left, a flag (the slot index is clamped)."""
     if split_k == 1:
         return [(s, None) for s in range(num_slots)]
     slots = []
@@ -235,99 +223,65 @@ def _load_slot(lora_refs, slots_ref, adapted, cols, slot, valid, dtype):
     return xa, b_ref[adapted, slots_ref[slot], :, cols]
 
 
-def _expansion(pairs, acc=None):
-    """``acc + sum xa @ b`` over loaded ``(xa, b)`` pairs, float32."""
-    for xa, b in pairs:
-        term = dot_f32(xa, b.astype(xa.dtype))
-        acc = term if acc is None else acc + term
-    return acc
-
-
-def _expand_balanced(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
-    """Many slots per program: a loop over this split's slots (``s % split_k == split``)."""
+def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
+    """``acc`` plus this split's share of ``sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]``
+    for a given ``xa`` (see :func:`_given_xa`): slot ``s`` in split ``s % split_k``. Up to
+    :data:`_UNROLLED_SLOTS` slots per program are unrolled, so all their loads are issued
+    together; more run in a loop. Measured on an H100 (eval/results/adapters/
+    bench_adapters_issue4_expand.md): against all slots in split 0 in a loop, switch decode went
+    from 1.134x to 1.125x the backbone at batch 1 and from 1.315x to 1.261x at batch 8 (8
+    slots); adding the terms before the K loop instead measured the same, and loading them
+    before it overflowed shared memory."""
     num_slots = slots_ref.shape[0]
+    if -(-num_slots // split_k) <= _UNROLLED_SLOTS:
+        for slot, valid in _split_slots(split, split_k, num_slots):
+            xa, b = _load_slot(lora_refs, slots_ref, adapted, cols, slot, valid, dtype)
+            acc = acc + dot_f32(xa, b.astype(xa.dtype))
+        return acc
 
     def body(i, acc):
         s = split + i * split_k
-        pair = _load_slot(lora_refs, slots_ref, adapted, cols, jnp.minimum(s, num_slots - 1),
-                          s < num_slots, dtype)
-        return _expansion([pair], acc)
+        xa, b = _load_slot(lora_refs, slots_ref, adapted, cols, jnp.minimum(s, num_slots - 1),
+                           s < num_slots, dtype)
+        return acc + dot_f32(xa, b.astype(xa.dtype))
 
     return jax.lax.fori_loop(0, -(-num_slots // split_k), body, acc)
 
 
-def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
-    """``acc + sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]`` for a given ``xa`` (see
-    :func:`_given_xa`), in split 0 only (so that it counts once)."""
-    xa_ref, b_ref = lora_refs
-
-    def body(s, acc):
-        return acc + _expand_slot(_given_xa(xa_ref, s, dtype), b_ref, adapted, slots_ref[s], cols)
-
-    def expand(acc):
-        return jax.lax.fori_loop(0, slots_ref.shape[0], body, acc)
-
-    if split_k == 1:
-        return expand(acc)
-    return jax.lax.cond(split == 0, expand, lambda acc: acc, acc)
-
-
 def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_per_split,
-             split_k, expand):
+             split_k):
     """Column block ``col_block`` of each projection, from split ``split``'s K chunk: float32
     ``[block_m, block_n]`` each, ``x @ w[layer]`` plus its LoRA term and bias.
 
     ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None``,
-    ``(xa_ref, b_ref)`` (shrink done outside, ``xa [S, block_m, r]``; its expansion placed as
-    ``expand`` says, see :data:`EXPANDS`) or ``(a_ref, sw_ref, b_ref)`` (inline: ``x @
-    a[adapted, slot_experts[s]]`` of every slot rides along with ``W`` in the one K loop, then is
-    scaled by the slot weights ``sw [S, block_m]`` and rounded to ``x.dtype`` as in
-    ``lora_shrink``). All projections share the K loop.
+    ``(xa_ref, b_ref)`` (shrink done outside, ``xa [S, block_m, r]``; expanded after the K loop
+    by :func:`_expand_given`) or ``(a_ref, sw_ref, b_ref)`` (inline: ``x @ a[adapted,
+    slot_experts[s]]`` of every slot rides along with ``W`` in the one K loop, then is scaled by
+    the slot weights ``sw [S, block_m]`` and rounded to ``x.dtype`` as in ``lora_shrink``). All
+    projections share the K loop.
     """
     layer, adapted, slots_ref = ids
     cols = pl.ds(col_block * block_n, block_n)
-    dtype = x_ref.dtype
     inline = any(_is_inline(lora_refs) for _, lora_refs, _ in projections)
     experts = [slots_ref[s] for s in range(slots_ref.shape[0])] if inline else []
-    num_slots = slots_ref.shape[0]
-    unrolled = expand != "split0" and -(-num_slots // split_k) <= _UNROLLED_SLOTS
-    tiles, inits, loaded = [], [], []
+    tiles = []
     for w_ref, lora_refs, _ in projections:
         tiles.append(weight_tile(w_ref, layer, cols, block_n))
-        init, pairs = None, None
-        if lora_refs is not None and not _is_inline(lora_refs) and unrolled \
-                and expand in ("before", "prefetch"):
-            pairs = [_load_slot(lora_refs, slots_ref, adapted, cols, s, valid, dtype)
-                     for s, valid in _split_slots(split, split_k, num_slots)]
-            if expand == "before":
-                init, pairs = _expansion(pairs), None
-        inits.append(init)
-        loaded.append(pairs)
         if _is_inline(lora_refs):
             tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
-            inits += [None] * len(experts)
     accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
-                         block_k=block_k, inits=inits))
+                         block_k=block_k))
     outs = []
-    for (_, lora_refs, bias_ref), pairs in zip(projections, loaded):
+    for _, lora_refs, bias_ref in projections:
         acc = next(accs)
         if _is_inline(lora_refs):
             _, sw_ref, b_ref = lora_refs
             for s, expert in enumerate(experts):
-                xa = (next(accs) * sw_ref[s][:, None]).astype(dtype)
+                xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
                 acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
         elif lora_refs is not None:
-            if expand == "split0":
-                acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
-                                    dtype)
-            elif not unrolled:
-                acc = _expand_balanced(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
-                                       dtype)
-            elif expand == "after":
-                acc = _expansion([_load_slot(lora_refs, slots_ref, adapted, cols, s, valid, dtype)
-                                  for s, valid in _split_slots(split, split_k, num_slots)], acc)
-            elif expand == "prefetch":
-                acc = _expansion(pairs, acc)
+            acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
+                                x_ref.dtype)
         if bias_ref is not None:
             acc = acc + bias_row(bias_ref, layer, col_block, block_n)
         outs.append(acc)
@@ -374,19 +328,27 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n):
+def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num_rows,
+                 interpret):
     """Add this program's share of the down projection's shrink, ``act[:, cols] @
     a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into ``xa [S, Mp, r]``
     (float32, zeroed before the launch) for every slot ``s``: atomic adds, since every column
-    block of the activations contributes to every slot."""
+    block of the activations contributes to every slot. Only the ``num_rows`` real rows are
+    added (at decode most rows are padding, and the adds of all programs meet at one place);
+    interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
+    are 0)."""
     _, adapted, slots_ref = ids
     a_ref, sw_ref = down_refs
+    block_m, r = act.shape[0], a_ref.shape[3]
     cols = pl.ds(col_block * block_n, block_n)
-    rows = pl.ds(row_block * act.shape[0], act.shape[0])
+    rows = pl.ds(row_block * block_m, block_m)
+    real = jnp.broadcast_to(
+        (row_block * block_m + jnp.arange(block_m) < num_rows)[:, None], (block_m, r))
 
     def add(s):
         part = dot_f32(act, a_ref[adapted, slots_ref[s], cols, :].astype(act.dtype))
-        plgpu.atomic_add(xa_ref, (s, rows, slice(None)), part * sw_ref[s][:, None])
+        plgpu.atomic_add(xa_ref, (s, rows, slice(None)), part * sw_ref[s][:, None],
+                         mask=None if interpret else real)
 
     num_slots = slots_ref.shape[0]
     if num_slots <= _UNROLLED_SLOTS:
@@ -397,12 +359,13 @@ def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n):
 
 
 def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, down,
-                    **blocking):
+                    interpret, **blocking):
     # Both weights' column block n in one program (x loaded once per K step). split_k == 1:
-    # o_ref [block_m, block_n] = silu(gate) * up in x.dtype (and, with ``down``, that block's
-    # share of the down projection's shrink added into xa_ref); else og_ref, ou_ref: float32
-    # partial sums of split s.
-    w_refs, lora_refs, bias_refs, down_refs, out_refs = _unpack(refs, lora, bias, down)
+    # o_ref [block_m, block_n] = silu(gate) * up in x.dtype (and, with ``down`` (the number of
+    # real rows), that block's share of the down projection's shrink added into xa_ref); else
+    # og_ref, ou_ref: float32 partial sums of split s.
+    w_refs, lora_refs, bias_refs, down_refs, out_refs = _unpack(refs, lora, bias,
+                                                                down is not None)
     n, s = pl.program_id(0), pl.program_id(1)
     ids = (layer_ref[()], adapted_ref[()], slots_ref)
     gate, up = _columns(x_ref, list(zip(w_refs, lora_refs, bias_refs)), ids, n, s, **blocking)
@@ -410,9 +373,9 @@ def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias,
         o_ref = out_refs[0]
         act = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
         o_ref[...] = act
-        if down:
+        if down is not None:
             _shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
-                         blocking["block_n"])
+                         blocking["block_n"], down, interpret)
     else:
         og_ref, ou_ref = out_refs
         og_ref[...] = gate
@@ -430,7 +393,7 @@ def _out_spec(block_m, block_n, split_k):
 
 
 def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-            block_sizes, *, col_blocks, width, outputs, expand, interpret, down=None):
+            block_sizes, *, col_blocks, width, outputs, interpret, down=None):
     """The shared ``pallas_call``: operands, specs and grid for ``ws`` (one or more projections),
     their LoRA operands (``None``, ``(xa, b)`` or ``(a, slot_weights, b)`` each) and biases.
     Returns the raw output(s), ``[(split_k,) Mp, width]``; with ``down`` (``(a_down,
@@ -480,7 +443,7 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     single = len(out_shapes) == 1
     return pl.pallas_call(
         functools.partial(kernel, lora=tuple(0 if lr is None else len(lr) for lr in loras),
-                          bias=in_bias, split_k=split_k, expand=expand,
+                          bias=in_bias, split_k=split_k,
                           block_k=block_sizes.block_k, block_n=block_sizes.block_n,
                           k_per_split=k // split_k),
         grid=(col_blocks, split_k, mp // block_m),
@@ -490,7 +453,7 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         input_output_aliases=aliases,
         compiler_params=compiler_params(block_sizes),
         interpret=interpret,
-        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}_{expand}",
+        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}",
     )(*operands)
 
 
@@ -521,7 +484,7 @@ def _fit_inline(bs, m, loras, *, one_branch):
 
 
 def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
-                      expand, interpret):
+                      interpret):
     """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras` or
     :func:`inline_loras`); default blocks from ``stacked_matmul``."""
     m, k = x.shape
@@ -530,8 +493,7 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
     check_block_sizes(bs_, k, {"N": n})
     out = _launch(functools.partial(_projections_kernel, blocks=(n // bs_.block_n,)), name, x,
                   (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
-                  col_blocks=n // bs_.block_n, width=n, outputs=1, expand=expand,
-                  interpret=interpret)
+                  col_blocks=n // bs_.block_n, width=n, outputs=1, interpret=interpret)
     if bs_.split_k > 1:  # the kernel adds the bias only when it writes the final sums
         out = out.sum(axis=0)
         if bias is not None:
@@ -540,7 +502,7 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
 
 
 def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases, block_sizes,
-                    expand, interpret):
+                    interpret):
     """``q, k, v`` of ``ws = (wq, wk, wv)`` in one launch, in ``x.dtype``; default blocks from
     ``fused_projections``."""
     wq, wk, wv = ws
@@ -554,7 +516,7 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     blocks = (nq // bs_.block_n, nkv // bs_.block_n, nkv // bs_.block_n)
     out = _launch(functools.partial(_projections_kernel, blocks=blocks), name, x, ws, layer,
                   loras, adapted_layer, slot_experts, biases, bs_, col_blocks=sum(blocks),
-                  width=nq + 2 * nkv, outputs=1, expand=expand, interpret=interpret)
+                  width=nq + 2 * nkv, outputs=1, interpret=interpret)
     if bs_.split_k > 1:
         out = out.sum(axis=0)
     out = out[:m]
@@ -566,7 +528,7 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
 
 
 def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-                        block_sizes, expand, interpret, down=None):
+                        block_sizes, interpret, down=None):
     """``silu(gate) * up`` of ``ws = (w_gate, w_up)`` in one launch (plus XLA's reduction when
     ``split_k > 1``), in ``x.dtype``; default blocks from ``fused_projections``. With ``down``
     (``(a_down, slot_weights)``; ``split_k == 1`` only) also the down projection's shrink of the
@@ -584,10 +546,11 @@ def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, 
     if down is not None and not fused:
         raise ValueError(f"{bs_}: the down projection's shrink rides in the gate/up kernel's "
                          f"epilogue, which needs split_k == 1")
-    out = _launch(functools.partial(_gate_up_kernel, down=down is not None), name, x, ws, layer,
-                  loras, adapted_layer, slot_experts, biases, bs_, col_blocks=f // bs_.block_n,
-                  width=f, outputs=1 if fused else 2, expand=expand, interpret=interpret,
-                  down=down)
+    out = _launch(functools.partial(_gate_up_kernel, down=None if down is None else m,
+                                    interpret=interpret), name, x,
+                  ws, layer, loras, adapted_layer, slot_experts, biases, bs_,
+                  col_blocks=f // bs_.block_n, width=f, outputs=1 if fused else 2,
+                  interpret=interpret, down=down)
     if down is not None:
         act, xa_down = out
         return act[:m], SlotMajor(xa_down[None])

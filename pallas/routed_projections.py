@@ -25,10 +25,9 @@ Both placements run through one launch (``_routed_kernels``). Layer indices (``l
 inside ``scan``/``while_loop``.
 
 ``split_k > 1`` writes float32 partial sums reduced by XLA (as in ``fused_projections``). With a
-given ``xa`` only the programs of split 0 add the expansion, so it counts once (they do more work
-than the others; ``split_k = 1`` avoids that imbalance, which is not yet measured). Inline, every
-split expands the partial ``xa`` of its own K chunk (the term is linear in ``x``), so the work
-stays balanced. Rows are padded to a power of two ``>= 16`` and tiled in blocks of at most 64 rows
+given ``xa`` slot ``s`` is expanded by the programs of split ``s % split_k`` only, so each term
+counts once and the work is spread over the splits. Inline, every split expands the partial
+``xa`` of its own K chunk (the term is linear in ``x``). Rows are padded to a power of two ``>= 16`` and tiled in blocks of at most 64 rows
 (a grid axis): Triton loads and dots need power-of-two sizes ``>= 16``, decode (``M <= 64``) is
 one row block, and prefill runs several (``W`` is then re-read per row block, as in any GEMM). For
 the same reason the rank must be a power of two ``>= 16`` (:func:`supports`; callers fall back to
@@ -43,12 +42,10 @@ import jax
 import jax.numpy as jnp
 
 from ._routed_kernels import (
-    EXPANDS,
     GATE_UP,
     QKV,
     check_arity,
     check_down_shrink,
-    check_expand,
     check_indices,
     check_inline,
     check_operands,
@@ -63,7 +60,6 @@ from .lora_shrink import lora_shrink
 from .stacked_matmul import BlockSizes
 
 __all__ = [
-    "EXPANDS",
     "BlockSizes",
     "routed_gate_up_matmul",
     "routed_gate_up_matmul_inline_shrink",
@@ -243,7 +239,6 @@ def routed_matmul(
     bias: jax.Array | None = None,
     *,
     block_sizes: BlockSizes | None = None,
-    expand: str = "split0",
     interpret: bool = False,
 ) -> jax.Array:
     """``x @ w[layer] + sum_s xa[:, s] @ b[adapted_layer, slot_experts[s]] + bias[layer]``.
@@ -268,17 +263,16 @@ def routed_matmul(
       ``[M, N]`` in ``x.dtype`` (float32 accumulation).
     """
     check_indices(layer, w.shape[0], adapted_layer, (b,), slot_experts)
-    check_expand(expand)
     return _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias,
-                          block_sizes=block_sizes, expand=expand, interpret=interpret)
+                          block_sizes=block_sizes, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias, *, block_sizes,
-                   expand, interpret):
+                   interpret):
     check_operands(x, {"w": w}, {"w": bias}, {"w": xa}, {"w": b}, slot_experts)
     return single_projection("routed_matmul", x, w, layer, (xa, b), adapted_layer, slot_experts,
-                             bias, block_sizes, expand, interpret)
+                             bias, block_sizes, interpret)
 
 
 def routed_matmul_inline_shrink(
@@ -325,7 +319,7 @@ def _routed_matmul_inline_shrink(x, w, layer, a, b, adapted_layer, slot_experts,
     xas = check_inline(x, {"w": a}, {"w": b}, slot_experts, slot_weights)
     check_operands(x, {"w": w}, {"w": bias}, xas, {"w": b}, slot_experts)
     return single_projection("routed_matmul_inline_shrink", x, w, layer, (a, slot_weights, b),
-                             adapted_layer, slot_experts, bias, block_sizes, "split0", interpret)
+                             adapted_layer, slot_experts, bias, block_sizes, interpret)
 
 
 def routed_qkv_matmul(
@@ -341,7 +335,6 @@ def routed_qkv_matmul(
     biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None] = (None, None, None),
     *,
     block_sizes: BlockSizes | None = None,
-    expand: str = "split0",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q, k, v``, each ``x @ w[layer] (+ its expansion) (+ its bias)``, in one launch.
@@ -366,19 +359,18 @@ def routed_qkv_matmul(
     """
     check_arity(3, xas=xas, bs=bs, biases=biases)
     check_indices(layer, wq.shape[0], adapted_layer, bs, slot_experts)
-    check_expand(expand)
     return _routed_qkv_matmul(x, wq, wk, wv, layer, tuple(xas), tuple(bs), adapted_layer,
                               slot_experts, tuple(biases), block_sizes=block_sizes,
-                              expand=expand, interpret=interpret)
+                              interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def _routed_qkv_matmul(x, wq, wk, wv, layer, xas, bs, adapted_layer, slot_experts, biases, *,
-                       block_sizes, expand, interpret):
+                       block_sizes, interpret):
     check_operands(x, dict(zip(QKV, (wq, wk, wv))), dict(zip(QKV, biases)),
                    dict(zip(QKV, xas)), dict(zip(QKV, bs)), slot_experts)
     return qkv_projections("routed_qkv_matmul", x, (wq, wk, wv), layer, given_loras(xas, bs),
-                           adapted_layer, slot_experts, biases, block_sizes, expand, interpret)
+                           adapted_layer, slot_experts, biases, block_sizes, interpret)
 
 
 def routed_qkv_matmul_inline_shrink(
@@ -427,7 +419,7 @@ def _routed_qkv_matmul_inline_shrink(x, wq, wk, wv, layer, as_, bs, adapted_laye
                    slot_experts)
     return qkv_projections("routed_qkv_matmul_inline_shrink", x, (wq, wk, wv), layer,
                            inline_loras(as_, slot_weights, bs), adapted_layer, slot_experts,
-                           biases, block_sizes, "split0", interpret)
+                           biases, block_sizes, interpret)
 
 
 def routed_gate_up_matmul(
@@ -444,7 +436,6 @@ def routed_gate_up_matmul(
     *,
     down_shrink: tuple[jax.Array, jax.Array] | None = None,
     block_sizes: BlockSizes | None = None,
-    expand: str = "split0",
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, SlotMajor]:
     """``silu(gate) * up`` of two routed projections of ``x``, in one launch.
@@ -469,7 +460,6 @@ def routed_gate_up_matmul(
       block_sizes: default from ``fused_projections`` (measured without the LoRA term). With
         ``split_k > 1`` the kernel writes float32 partial sums and XLA adds biases and SiLU
         (not with ``down_shrink``).
-      expand: where each program adds the expansion (``_routed_kernels.EXPANDS``).
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
@@ -479,25 +469,24 @@ def routed_gate_up_matmul(
     """
     check_arity(2, xas=xas, bs=bs)
     check_indices(layer, w_gate.shape[0], adapted_layer, bs, slot_experts)
-    check_expand(expand)
     if down_shrink is not None:
         a_down, slot_weights = down_shrink
         check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs)
         check_adapted(adapted_layer, slot_experts, a_down.shape[:2])
     return _routed_gate_up_matmul(x, w_gate, w_up, layer, tuple(xas), tuple(bs), adapted_layer,
                                   slot_experts, b_gate, b_up, down_shrink,
-                                  block_sizes=block_sizes, expand=expand, interpret=interpret)
+                                  block_sizes=block_sizes, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def _routed_gate_up_matmul(x, w_gate, w_up, layer, xas, bs, adapted_layer, slot_experts, b_gate,
-                           b_up, down_shrink, *, block_sizes, expand, interpret):
+                           b_up, down_shrink, *, block_sizes, interpret):
     biases = (b_gate, b_up)
     check_operands(x, dict(zip(GATE_UP, (w_gate, w_up))), dict(zip(GATE_UP, biases)),
                    dict(zip(GATE_UP, xas)), dict(zip(GATE_UP, bs)), slot_experts)
     return gate_up_projections("routed_gate_up_matmul", x, (w_gate, w_up), layer,
                                given_loras(xas, bs), adapted_layer, slot_experts, biases,
-                               block_sizes, expand, interpret, down=down_shrink)
+                               block_sizes, interpret, down=down_shrink)
 
 
 def routed_gate_up_matmul_inline_shrink(
@@ -548,4 +537,4 @@ def _routed_gate_up_matmul_inline_shrink(x, w_gate, w_up, layer, as_, bs, adapte
                    bs_by_name, slot_experts)
     return gate_up_projections("routed_gate_up_matmul_inline_shrink", x, (w_gate, w_up), layer,
                                inline_loras(as_, slot_weights, bs), adapted_layer, slot_experts,
-                               biases, block_sizes, "split0", interpret)
+                               biases, block_sizes, interpret)

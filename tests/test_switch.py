@@ -88,11 +88,10 @@ def test_decode_logits_match_across_impls(params):
     _, cache = lj.prefill(params, cache, tokens, lengths, CFG, adapter=ad)
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     want, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="xla")
-    for shrink, expand in (("xla", "auto"), ("pallas", "after"), ("epilogue", "prefetch"),
-                           ("pallas-split", "before"), ("inline", "auto")):
-        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
+    for shrink in ("xla", "pallas", "pallas-split", "epilogue", "inline"):
+        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
         got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=impl)
-        assert rel_err(got, want) < 1e-5, (shrink, expand)
+        assert rel_err(got, want) < 1e-5, shrink
 
 
 def test_merge_skips_a_repeated_route(params):
@@ -148,7 +147,7 @@ def test_bad_strategy_requests(params):
 def test_impl_values():
     assert resolve_impl("pallas_interpret") == Impl(backend="pallas", interpret=True)
     assert resolve_impl("xla").xla and resolve_impl("auto").xla  # no GPU here
-    assert Impl().shrink in ("xla", "pallas", "pallas-split", "inline")
+    assert Impl().shrink in ("xla", "pallas", "pallas-split", "epilogue", "inline")
     with pytest.raises(ValueError, match="unknown lora_shrink"):
         Impl(lora_shrink="gpu")
     with pytest.raises(ValueError, match="unknown backend"):
