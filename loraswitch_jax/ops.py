@@ -40,11 +40,10 @@ ATTENTIONS = ("auto", "xla", "pallas")
 #   batch 1:  "pallas-split" (K spread over more programs) 1.142x against "pallas" 1.266x;
 #             "xla" (an XLA op per projection) 1.70x, "inline" (x A recomputed in every
 #             program of the projection kernel) 17.7x; "epilogue" (down's x A in the gate/up
-#             kernel, atomic adds of all 16 padded rows) 1.139x against "pallas-split" 1.125x;
-#   batch 8:  "epilogue" 1.229x, "pallas-split" 1.261x;
-#   batch 32: "pallas-split" 1.162x, "pallas" 1.176x;
-#   batch 64: "pallas" 1.118x, "xla" 1.121x ("pallas-split" leaves a full grid unsplit).
-# "epilogue" now adds only the real rows; to be measured again at batch 1.
+#             kernel) 1.144x against "pallas-split" 1.138x (_epilogue: one run, within noise);
+#   batch 8:  "epilogue" 1.260x, "pallas-split" 1.304x;
+#   batch 32: "epilogue" 1.145x, "pallas-split" 1.178x ("pallas" 1.176x in an earlier run);
+#   batch 64: "epilogue" 1.124x, "pallas-split" 1.119x ("pallas" 1.118x, "xla" 1.121x earlier).
 _DEFAULT_SHRINK = "epilogue"
 
 # How decode attends when Impl.attention is "auto". Source: the backbone-pallas-attention rows of
