@@ -206,10 +206,9 @@ def dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
-def stream_k(x_ref, tiles, first, steps, *, block_k, inits=None):
+def stream_k(x_ref, tiles, first, steps, *, block_k):
     """``x[:, K-chunk] @ m[K-chunk]`` for each ``(tile, width)`` in ``tiles``, where
-    ``tile(rows)`` loads ``m[rows]`` (``[block_k, width]``): float32 ``[block_m, width]`` each,
-    added to ``inits`` (float32, one per tile or ``None`` for zeros) when given.
+    ``tile(rows)`` loads ``m[rows]`` (``[block_k, width]``): float32 ``[block_m, width]`` each.
 
     The K loop of every kernel, over ``steps`` blocks of ``block_k`` rows from ``first``. All
     tiles share it, so ``x`` is loaded once per step whether it meets ``W`` columns, ``A``
@@ -222,10 +221,8 @@ def stream_k(x_ref, tiles, first, steps, *, block_k, inits=None):
         return tuple(acc + dot_f32(x, tile(rows).astype(x.dtype))
                      for acc, (tile, _) in zip(accs, tiles))
 
-    inits = inits or (None,) * len(tiles)
-    starts = tuple(jnp.zeros((x_ref.shape[0], width), jnp.float32) if init is None else init
-                   for (_, width), init in zip(tiles, inits))
-    return jax.lax.fori_loop(0, steps, body, starts)
+    zeros = tuple(jnp.zeros((x_ref.shape[0], width), jnp.float32) for _, width in tiles)
+    return jax.lax.fori_loop(0, steps, body, zeros)
 
 
 def stream_columns(x_ref, w_refs, layer, col_block, split, *, block_k, block_n, k_per_split):
