@@ -60,11 +60,11 @@ class Impl:
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
     input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode),
     ``"epilogue"`` (``"pallas-split"``, but the down projection's ``x A`` is computed in the
-    gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"inline"`` (inside every program of the projection kernel; no launch, redundant
-    reads) or ``"auto"``; ``attention`` how decode attends over the cache: ``"pallas"``
-    (``pallas/decode_attention.py``: the stacked cache read in place, valid slots only; its
-    cache length must be a multiple of 16, else XLA's runs), ``"xla"`` (``layers.attention``
-    over ``cache[layer]``) or ``"auto"``.
+    gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"inline"``
+    (inside every program of the projection kernel; no launch, redundant reads) or ``"auto"``;
+    ``attention`` how decode attends over the cache: ``"pallas"`` (``pallas/decode_attention.py``:
+    the stacked cache read in place, valid slots only; its cache length must be a multiple of 16,
+    else XLA's runs), ``"xla"`` (``layers.attention`` over ``cache[layer]``) or ``"auto"``.
     Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
@@ -323,10 +323,10 @@ def mlp(
     b_gate, b_up, b_down = biases
     d, f = w_gate.shape[1], w_gate.shape[2]
     if (impl.shrink == "epilogue" and lora is not None and lora.adapts("down")
-            and fused_kernel.supports(d, f)
+            and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
         routed = _routed(lora, ("gate", "up"), x, impl)
-        if routed is not None and not routed.inline and lora.dropout_key is None:
+        if routed is not None:
             act, xa_down = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
                 routed.slot_experts, b_gate, b_up,

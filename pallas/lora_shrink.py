@@ -105,8 +105,9 @@ def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections
     (~52 us at batch 1, eval/results/adapters/) did not shrink when 7 small XLA launches per
     layer were removed (0.13 ms per step for 224 launches), which leaves the four shrinks'
     serial K loops; a split writes float32 partial sums, which the routed kernels add up (or,
-    for splits they cannot load as one block, such as ``down``'s 43, one XLA reduction). With many rows the grid is
-    full already, and a split would only write and re-read float32 partial sums."""
+    for splits they cannot load as one block, such as ``down``'s 43, one XLA reduction). With
+    many rows the grid is full already, and a split would only write and re-read float32
+    partial sums."""
     depths = tuple(b for b in (512, 256, 128, 64, 32, 16) if b * rank <= 8192) or (16,)
     bs = fit_shared_memory(ShrinkBlockSizes(block_k=largest_divisor(k, depths)), block_m,
                            ((rank,),) * projections)

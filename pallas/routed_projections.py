@@ -27,10 +27,10 @@ inside ``scan``/``while_loop``.
 ``split_k > 1`` writes float32 partial sums reduced by XLA (as in ``fused_projections``). With a
 given ``xa`` slot ``s`` is expanded by the programs of split ``s % split_k`` only, so each term
 counts once and the work is spread over the splits. Inline, every split expands the partial
-``xa`` of its own K chunk (the term is linear in ``x``). Rows are padded to a power of two ``>= 16`` and tiled in blocks of at most 64 rows
-(a grid axis): Triton loads and dots need power-of-two sizes ``>= 16``, decode (``M <= 64``) is
-one row block, and prefill runs several (``W`` is then re-read per row block, as in any GEMM). For
-the same reason the rank must be a power of two ``>= 16`` (:func:`supports`; callers fall back to
+``xa`` of its own K chunk (the term is linear in ``x``). Rows are padded to a power of two
+``>= 16`` and tiled in blocks of at most 64 rows (a grid axis): Triton loads and dots need
+power-of-two sizes ``>= 16``, decode (``M <= 64``) is one row block, and prefill runs several
+(``W`` is then re-read per row block, as in any GEMM). For the same reason the rank must be a power of two ``>= 16`` (:func:`supports`; callers fall back to
 the references otherwise).
 """
 
