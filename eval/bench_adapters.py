@@ -112,7 +112,8 @@ TARGET_SGMM = 0.85  # SGMM merge bandwidth / copy bandwidth
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """How a mode decodes: adapter mode (None: backbone), kernels, switch strategy, where the
-    routed kernels compute ``x A`` (``ops.Impl.lora_shrink``), and decode attention."""
+    routed kernels compute ``x A`` (``ops.Impl.lora_shrink``), decode attention, and how they
+    add ``(x A) B`` (``ops.Impl.lora_expand``)."""
 
     adapter: str | None
     impl: str
@@ -120,13 +121,15 @@ class Mode:
     max_batch: int | None = None
     shrink: str = "auto"
     attention: str = "auto"
+    expand: str = "auto"
 
     def kernels(self, impl: str) -> str | Impl:
-        """``impl`` (the mode's or the command line's) with this mode's shrink placement and
-        attention."""
-        if impl == "xla" or (self.shrink, self.attention) == ("auto", "auto"):
+        """``impl`` (the mode's or the command line's) with this mode's shrink placement,
+        attention and expansion."""
+        if impl == "xla" or (self.shrink, self.attention, self.expand) == ("auto",) * 3:
             return impl
-        return Impl(backend="pallas", lora_shrink=self.shrink, attention=self.attention)
+        return Impl(backend="pallas", lora_shrink=self.shrink, attention=self.attention,
+                    lora_expand=self.expand)
 
 
 MODES: dict[str, Mode] = {
@@ -145,6 +148,8 @@ MODES: dict[str, Mode] = {
     "switch-fused-inline": Mode("switch", "pallas", "fused", shrink="inline"),
     # down's x A by its own launch rather than in the gate/up kernel's epilogue.
     "switch-fused-separate-down-shrink": Mode("switch", "pallas", "fused", shrink="pallas-split"),
+    # (x A) B of gather slots at up to 4 rows in registers, loads before the K loop.
+    "switch-fused-rows": Mode("switch", "pallas", "fused", expand="rows", max_batch=4),
     "switch-merge": Mode("switch", "pallas", "merge", max_batch=1),
     "switch-xla": Mode("switch", "xla", "fused"),
     "layerwise-xla": Mode("layerwise", "xla"),
@@ -192,7 +197,7 @@ def _fits(case: Case) -> bool:
 
 def issue4_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)) -> list[Case]:
     """Every mode at E 8, k 2. The acceptance targets' modes at every batch come first."""
-    first = ("backbone", "switch-fused", "switch-merge")
+    first = ("backbone", "switch-fused", "switch-fused-rows", "switch-merge")
     rest = ("backbone-xla-attention", "switch-fused-unsplit-shrink", "switch-fused-inline",
             "switch-fused-xla-shrink", "switch-fused-separate-down-shrink",
             "lora",

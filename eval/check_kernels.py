@@ -158,17 +158,38 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")))
 
         # down's x A in the gate/up kernel's epilogue (float32 atomic adds).
-        rge = jax.jit(functools.partial(routed.routed_gate_up_matmul, interpret=interpret))
+        expands = ("dot", "rows") if m * s.top_k < E and m <= routed.MAX_EXPAND_ROWS else ("dot",)
+        for expand in expands:
+            rge = jax.jit(functools.partial(routed.routed_gate_up_matmul, expand=expand,
+                                            interpret=interpret))
 
-        def gate_up_down(f_=gu_args, weights=weights, rge=rge, m=m):
-            act, xa_down = rge(*f_(), down_shrink=(a["down"], weights))
-            return act, xa_down.xa[0, :, :m].transpose(1, 0, 2).astype(act.dtype)
+            def gate_up_down(f_=gu_args, weights=weights, rge=rge, m=m):
+                act, xa_down = rge(*f_(), down_shrink=(a["down"], weights))
+                return act, xa_down.xa[0, :m].reshape(m, -1, r).astype(act.dtype)
 
-        cases.append((f"routed_gate_up_matmul +down shrink M={m} E={E}", gate_up_down,
-                      lambda f_=gu_args, weights=weights: routed.routed_gate_up_matmul_reference(
-                          *f_(), down_shrink=(a["down"], weights)),
-                      one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")
-                      + touched * a["down"][0, 0].size * 2))
+            tag = "" if expand == "dot" else f" expand={expand}"
+            cases.append((f"routed_gate_up_matmul +down shrink M={m} E={E}{tag}",
+                          gate_up_down,
+                          lambda f_=gu_args, weights=weights:
+                              routed.routed_gate_up_matmul_reference(
+                                  *f_(), down_shrink=(a["down"], weights)),
+                          one_layer(w["gate"], w["up"]) + lora_bytes("gate", "up")
+                          + touched * a["down"][0, 0].size * 2))
+        if "rows" in expands:
+            rr = jax.jit(functools.partial(routed.routed_matmul, expand="rows",
+                                           interpret=interpret))
+            cases.append((f"routed_matmul down M={m} E={E} expand=rows",
+                          lambda xfm=xfm, xa=xa, slots=slots: rr(
+                              xfm, w["down"], layer, xa["down"], b["down"], layer, slots),
+                          lambda xfm=xfm, xa=xa, slots=slots: routed.routed_matmul_reference(
+                              xfm, w["down"], layer, xa["down"], b["down"], layer, slots),
+                          one_layer(w["down"]) + lora_bytes("down")))
+            rqr = jax.jit(functools.partial(routed.routed_qkv_matmul, expand="rows",
+                                            interpret=interpret))
+            cases.append((f"routed_qkv_matmul M={m} E={E} expand=rows",
+                          lambda f_=qkv_args: rqr(*f_()),
+                          lambda f_=qkv_args: routed.routed_qkv_matmul_reference(*f_()),
+                          one_layer(w["q"], w["k"], w["v"]) + lora_bytes("q", "k", "v")))
 
         # The two other placements of x A: one launch per input group, and inline (gather only).
         sg = jax.jit(functools.partial(shrink.lora_shrink_group, interpret=interpret))

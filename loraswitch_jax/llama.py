@@ -44,13 +44,15 @@ def _layer(
     adapter: Adapter | None = None,
     route: Route | None = None,
     dropout_key: jax.Array | None = None,
+    slots: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
     """Decoder layer ``layer`` of the stacked ``layers`` on ``h [B, T, d]``.
 
     Writes this layer's keys/values into ``cache``. Weights are read as ``w[layer]`` through
     ``ops``, so a kernel can read them in place. With an ``adapter`` (this layer adapted), target
     projections add the routed LoRA term for ``route`` (switch/lora) or for this layer's own
-    route (layerwise; returned as ``(probs, expert_ids)`` for the balance loss).
+    route (layerwise; returned as ``(probs, expert_ids)`` for the balance loss). ``slots``: the
+    routed kernels' slots of a shared ``route`` (``ops.shared_slots``), built once for all layers.
     """
     B, T, _ = h.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -65,7 +67,8 @@ def _layer(
             route, probs = compute_route(x, adapter.router[adapted], acfg.top_k)
             routing = (probs, route.expert_ids)
         lora = ops.LoraTerm(a=adapter.a, b=adapter.b, layer=adapted, route=route,
-                            scale=acfg.scale, dropout=acfg.dropout, dropout_key=dropout_key)
+                            scale=acfg.scale, dropout=acfg.dropout, dropout_key=dropout_key,
+                            slots=None if acfg.mode == "layerwise" else slots)
 
     def linear(x, proj):
         return ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl, lora, proj)
@@ -111,6 +114,7 @@ def _layer_range(
     adapter: Adapter | None = None,
     route: Route | None = None,
     dropout_key: jax.Array | None = None,
+    slots: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
     """Layers ``span`` in order, scanned or unrolled; stacks the layerwise routing outputs."""
     if not span:
@@ -118,7 +122,8 @@ def _layer_range(
 
     def step(h, cache, layer):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
-        return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key)
+        return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key,
+                      slots)
 
     if scan_layers:
 
@@ -182,8 +187,10 @@ def _layers(
                              impl)
         h, cache, _ = run(merged_layers(layers, merged), range(p, L), h, cache=cache)
         return h, cache, routing, merged
+    # A shared route's kernel slots are built once here, not in every layer.
+    slots = None if route is None else ops.shared_slots(route, acfg.num_experts, acfg.scale, impl)
     h, cache, per_layer = run(layers, range(p, L), h, cache=cache, adapter=adapter, route=route,
-                              dropout_key=dropout_key)
+                              dropout_key=dropout_key, slots=slots)
     if acfg.mode == "layerwise":
         routing = Routing(probs=per_layer[0], expert_ids=per_layer[1])
     return h, cache, routing, None

@@ -26,12 +26,13 @@ from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["ATTENTIONS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
-           "mlp", "qkv_linear", "resolve_impl", "stacked_linear", "swiglu"]
+__all__ = ["ATTENTIONS", "EXPANDS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
+           "mlp", "qkv_linear", "resolve_impl", "shared_slots", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 SHRINKS = ("auto", "xla", "pallas", "pallas-split", "epilogue", "inline")
 ATTENTIONS = ("auto", "xla", "pallas")
+EXPANDS = ("auto", "dot", "rows")
 
 # Where the routed kernels compute x A when Impl.lora_shrink is "auto".
 # Source: eval/results/adapters/bench_adapters_issue4{,_shrink,_attention_split,_expand}.md (H100
@@ -52,6 +53,11 @@ _DEFAULT_SHRINK = "epilogue"
 # at batch 1 (0.914x), 12.01 against 13.86 at batch 32 (0.867x).
 _DEFAULT_ATTENTION = "pallas"
 
+# How the routed kernels expand a given x A when Impl.lora_expand is "auto": "dot" (tensor-core
+# dots after the K loop) until "rows" (registers, loads issued before the loop; gather slots of
+# at most 4 rows) is measured against it.
+_DEFAULT_EXPAND = "dot"
+
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
@@ -64,13 +70,17 @@ class Impl:
     (inside every program of the projection kernel; no launch, redundant reads) or ``"auto"``;
     ``attention`` how decode attends over the cache: ``"pallas"`` (``pallas/decode_attention.py``:
     the stacked cache read in place, valid slots only; its cache length must be a multiple of 16,
-    else XLA's runs), ``"xla"`` (``layers.attention`` over ``cache[layer]``) or ``"auto"``.
-    Hashable: a static argument of ``jax.jit``."""
+    else XLA's runs), ``"xla"`` (``layers.attention`` over ``cache[layer]``) or ``"auto"``;
+    ``lora_expand`` how the routed kernels add ``(x A) B``: ``"dot"`` (tensor-core dots after
+    the K loop), ``"rows"`` (where the slots gather and at most 4 rows decode: each row in
+    registers, from loads issued before the K loop so their latency hides behind it; ``"dot"``
+    elsewhere) or ``"auto"``. Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
     interpret: bool = False
     lora_shrink: str = "auto"
     attention: str = "auto"
+    lora_expand: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("xla", "pallas"):
@@ -79,6 +89,9 @@ class Impl:
             raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
+        if self.lora_expand not in EXPANDS:
+            raise ValueError(f"unknown lora_expand {self.lora_expand!r}; expected one of "
+                             f"{EXPANDS}")
         if self.backend == "xla" and self.attention == "pallas":
             raise ValueError("attention='pallas' needs backend='pallas' (the XLA backend runs no "
                              "Pallas kernel)")
@@ -90,6 +103,10 @@ class Impl:
     @property
     def shrink(self) -> str:
         return _DEFAULT_SHRINK if self.lora_shrink == "auto" else self.lora_shrink
+
+    @property
+    def expand(self) -> str:
+        return _DEFAULT_EXPAND if self.lora_expand == "auto" else self.lora_expand
 
     @property
     def pallas_attention(self) -> bool:
@@ -116,6 +133,8 @@ class LoraTerm:
     ``a[proj] [La, E, d_in, r]`` and ``b[proj] [La, E, r, d_out]`` are whole expert stacks read
     at ``layer`` (the adapted-layer index, may be traced); ``route`` has ``[B, T, k]`` fields.
     ``dropout_key`` turns on dropout of the branch's input (training), one mask per projection.
+    ``slots``: the routed kernels' ``(slot_experts, slot_weights)`` for ``route``, when built
+    once for all layers (:func:`shared_slots`); else each projection group builds its own.
     Projections missing from ``a`` are not adapted.
     """
 
@@ -126,6 +145,7 @@ class LoraTerm:
     scale: float
     dropout: float = 0.0
     dropout_key: jax.Array | None = None
+    slots: tuple[jax.Array, jax.Array] | None = None
 
     def adapts(self, proj: str) -> bool:
         return proj in self.a
@@ -144,6 +164,22 @@ class LoraTerm:
                           self.route, self.scale)
 
 
+def shared_slots(route: Route, num_experts: int, scale: float,
+                 impl: Impl) -> tuple[jax.Array, jax.Array] | None:
+    """The routed kernels' expert slots (``lora_shrink.route_slots``) of a route that every
+    adapted layer shares (switch and lora modes), for :class:`LoraTerm`'s ``slots``: built once
+    per step instead of once per projection group, where each build cost small launches of its
+    own (96 per batch-8 decode step of a 7B model: eval/results/profile/profile_step_b8.md).
+    ``None`` where no routed kernel runs (XLA)."""
+    if impl.xla:
+        return None
+    from loraswitch_jax.pallas.lora_shrink import route_slots
+
+    k = route.expert_ids.shape[-1]
+    return route_slots(route.expert_ids.reshape(-1, k), route.gates.reshape(-1, k), num_experts,
+                       scale)
+
+
 def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
@@ -155,7 +191,8 @@ def _unflat(y: jax.Array, like: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Routed:
     """What the routed kernels take for a group of projections sharing one input: expert slots,
-    and per projection ``B`` plus either the shrink ``x A`` (``xas``) or, for ``inline``, ``A``."""
+    and per projection ``B`` plus either the shrink ``x A`` (``xas``) or, for ``inline``, ``A``;
+    ``expand`` as the kernels take it."""
 
     slot_experts: jax.Array
     slot_weights: jax.Array
@@ -163,6 +200,7 @@ class _Routed:
     xas: tuple[jax.Array | None, ...]
     a: tuple[jax.Array | None, ...]
     b: tuple[jax.Array | None, ...]
+    expand: str = "dot"
 
 
 def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: Impl):
@@ -177,12 +215,10 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     widths = [lora.b[p].shape[-1] for p in adapted]
     if not kernel.supports(x.shape[-1], *widths, rank=lora.a[adapted[0]].shape[-1]):
         return None
-    ids, gates = lora.route.expert_ids, lora.route.gates
-    k = ids.shape[-1]
+    ids = lora.route.expert_ids
     num_experts = lora.a[adapted[0]].shape[1]
-    slot_experts, slot_weights = shrink_kernel.route_slots(
-        ids.reshape(-1, k), gates.reshape(-1, k), num_experts, lora.scale
-    )
+    slot_experts, slot_weights = lora.slots or shared_slots(lora.route, num_experts, lora.scale,
+                                                            impl)
     a = tuple(lora.a[p] if lora.adapts(p) else None for p in projs)
     b = tuple(lora.b[p] if lora.adapts(p) else None for p in projs)
     shrink = impl.shrink
@@ -193,11 +229,13 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     if shrink == "inline":
         return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
+    expand = "rows" if (impl.expand == "rows" and slot_experts.shape[0] < num_experts
+                        and flat.shape[0] <= kernel.MAX_EXPAND_ROWS) else "dot"
     if shrink in ("pallas", "pallas-split", "epilogue"):
-        # Slot-major: the routed kernel reads the shrink's output as written, no copy between.
+        # Packed: the routed kernel reads the shrink's output as written, no copy between.
         group = iter(shrink_kernel.lora_shrink_group(
             flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
-            split=shrink != "pallas", slot_major=True, interpret=impl.interpret))
+            split=shrink != "pallas", packed=True, interpret=impl.interpret))
         xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
     else:
         xas = tuple(
@@ -205,7 +243,7 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
                                       slot_experts, slot_weights) if lora.adapts(p) else None
             for p in projs
         )
-    return _Routed(slot_experts, slot_weights, False, xas, a, b)
+    return _Routed(slot_experts, slot_weights, False, xas, a, b, expand)
 
 
 def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
@@ -238,7 +276,7 @@ def stacked_linear(
         else:
             y = routed_kernel.routed_matmul(_flat(x), w, layer, routed.xas[0], routed.b[0],
                                             lora.layer, routed.slot_experts, bias,
-                                            interpret=interpret)
+                                            expand=routed.expand, interpret=interpret)
         return _unflat(y, x)
     y = _unflat(kernel.stacked_matmul(_flat(x), w, layer, interpret=interpret), x)
     y = y if bias is None else y + bias[layer].astype(y.dtype)
@@ -269,7 +307,7 @@ def qkv_linear(
         else:
             out = routed_kernel.routed_qkv_matmul(
                 _flat(x), wq, wk, wv, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b, interpret=interpret)
+                routed.slot_experts, b, expand=routed.expand, interpret=interpret)
         return tuple(_unflat(y, x) for y in out)
     q, k, v = kernel.qkv_matmul(_flat(x), wq, wk, wv, layer, *b, interpret=interpret)
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
@@ -298,7 +336,7 @@ def swiglu(
         else:
             act = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b_gate, b_up, interpret=interpret)
+                routed.slot_experts, b_gate, b_up, expand=routed.expand, interpret=interpret)
         return _unflat(act, x)
     if fusable and not adapted:
         return _unflat(kernel.gate_up_matmul(_flat(x), w_gate, w_up, layer, b_gate, b_up,
@@ -330,10 +368,11 @@ def mlp(
             act, xa_down = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
                 routed.slot_experts, b_gate, b_up,
-                down_shrink=(lora.a["down"], routed.slot_weights), interpret=impl.interpret)
+                down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
+                interpret=impl.interpret)
             y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
                                             lora.layer, routed.slot_experts, b_down,
-                                            interpret=impl.interpret)
+                                            expand=routed.expand, interpret=impl.interpret)
             return _unflat(y, x)
     act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora)
     return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")

@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ._tiles import (
     SCALAR,
-    SlotMajor,
+    PackedXa,
     bias_row,
     blocks_name,
     check_adapted,
@@ -33,6 +33,8 @@ from ._tiles import (
     dot_f32,
     expert_tile,
     fit_shared_memory,
+    is_concrete,
+    largest_divisor,
     out_shape,
     pad_rows,
     row_blocks,
@@ -44,10 +46,14 @@ from .fused_projections import default_gate_up_block_sizes, default_qkv_block_si
 from .stacked_matmul import default_block_sizes
 
 __all__ = [
+    "EXPANDS",
     "GATE_UP",
+    "MAX_EXPAND_ROWS",
     "QKV",
     "check_arity",
+    "check_dense_slots",
     "check_down_shrink",
+    "check_expand",
     "check_indices",
     "check_inline",
     "check_operands",
@@ -75,7 +81,7 @@ def check_arity(count: int, **groups) -> None:
 
 def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_experts) -> None:
     """Shapes of ``x [M, K]``, ``w [L, K, N]``, ``bias [L, N]``, ``xa [M, S, r]`` (or a
-    :class:`SlotMajor` ``[S, Mp, r]``) and ``b [La, E, r, N]`` (all keyed by projection name),
+    :class:`PackedXa` ``[Mp, S * r]``) and ``b [La, E, r, N]`` (all keyed by projection name),
     with one ``L`` and one ``(La, E)``."""
     if x.ndim != 2:
         raise ValueError(f"expected x [M, K], got {x.shape=}")
@@ -99,23 +105,24 @@ def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_exp
             raise ValueError(f"{name}: pass both its xa and its b stack, or neither")
         if xa is None:
             continue
-        if isinstance(xa, SlotMajor):
+        if b.ndim != 4 or b.shape[3] != n:
+            raise ValueError(f"expected the b stack of {name} [La, E, r, N={n}], got {b.shape}")
+        r = b.shape[2]
+        if isinstance(xa, PackedXa):
             partial, xa, mp = xa.partial, xa.xa, row_blocks(m)[1]
-            if xa.ndim not in (3, 4) or xa.shape[-3:-1] != (num_slots, mp):
-                raise ValueError(f"expected the slot-major xa of {name} [S={num_slots}, Mp={mp}, "
-                                 f"r] or its partial sums [split_k, S, Mp, r], got {xa.shape}")
-        elif xa.ndim != 3 or xa.shape[:2] != (m, num_slots):
-            raise ValueError(f"expected the xa of {name} [M={m}, S={num_slots}, r], got {xa.shape}")
+            if xa.ndim not in (2, 3) or xa.shape[-2:] != (mp, num_slots * r):
+                raise ValueError(f"expected the packed xa of {name} [Mp={mp}, S*r={num_slots * r}]"
+                                 f" or its partial sums [split_k, Mp, S*r], got {xa.shape}")
+        elif xa.ndim != 3 or xa.shape != (m, num_slots, r):
+            raise ValueError(f"expected the xa of {name} [M={m}, S={num_slots}, r={r}] (r from its "
+                             f"b stack), got {xa.shape}")
         else:
             partial = False
         if partial and xa.dtype != jnp.float32:
             raise ValueError(f"the partial sums of {name}'s xa are {xa.dtype}, expected float32")
         if not partial and xa.dtype != x.dtype:
             raise ValueError(f"the xa of {name} is {xa.dtype}, expected x's dtype {x.dtype}")
-        r = xa.shape[-1]
         check_rank(r)
-        if b.ndim != 4 or b.shape[2:] != (r, n):
-            raise ValueError(f"expected the b stack of {name} [La, E, r={r}, N={n}], got {b.shape}")
         experts[name] = b.shape[:2]
     if len(set(layers.values())) > 1:
         raise ValueError(f"weights stack different layer counts: {layers}")
@@ -137,6 +144,34 @@ def check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs) -> None
         raise ValueError(f"a_down stacks (La, E) = {a_down.shape[:2]}, the b stacks "
                          f"{b.shape[:2]}")
     check_slots(slot_experts, slot_weights, x.shape[0])
+
+
+def check_dense_slots(slot_experts, bs) -> None:
+    """With one slot per expert (``S == E``, :func:`lora_shrink.route_slots`' dense mode) slot
+    ``e`` must read expert ``e``: the kernels then read ``B[layer]`` whole, as ``[E r, N]``.
+    Checked when ``slot_experts`` is concrete."""
+    b = next((b for b in bs if b is not None), None)
+    if b is None or slot_experts.shape[0] != b.shape[1] or not is_concrete(slot_experts):
+        return
+    if not np.array_equal(np.asarray(slot_experts), np.arange(b.shape[1])):
+        raise ValueError(f"with S == E = {b.shape[1]} slots, slot e must be expert e (as "
+                         f"route_slots' dense mode gives); got slot_experts {slot_experts}")
+
+
+EXPANDS = ("dot", "rows")
+
+
+def check_expand(expand: str, num_rows: int, slot_experts, bs) -> None:
+    """How a given ``xa`` is expanded: ``"dot"`` (tensor-core dots after the K loop) or
+    ``"rows"`` (each real row in registers, from loads issued before the K loop): only for
+    gather slots (``S < E``) and at most :data:`MAX_EXPAND_ROWS` rows."""
+    if expand not in EXPANDS:
+        raise ValueError(f"unknown expand {expand!r}; expected one of {EXPANDS}")
+    b = next((b for b in bs if b is not None), None)
+    if expand == "rows" and b is not None and (
+            num_rows > MAX_EXPAND_ROWS or slot_experts.shape[0] >= b.shape[1]):
+        raise ValueError(f"expand='rows' needs gather slots (S={slot_experts.shape[0]} < "
+                         f"E={b.shape[1]}) and at most {MAX_EXPAND_ROWS} rows, got {num_rows}")
 
 
 def check_indices(layer, num_layers, adapted_layer, bs, slot_experts) -> None:
@@ -186,79 +221,124 @@ def _is_inline(lora_refs) -> bool:
     return lora_refs is not None and len(lora_refs) == 3
 
 
-def _given_xa(xa_ref, s, dtype):
-    """Slot ``s`` of a given ``xa [S, block_m, r]``, or the sum of a split shrink's float32
-    partials ``[split_k, S, block_m, r]`` rounded to ``dtype`` (as ``lora_shrink`` rounds)."""
-    if len(xa_ref.shape) == 3:
-        return xa_ref[s]
-    return xa_ref[:, s].sum(axis=0).astype(dtype)
+_UNROLLED_GROUPS = 8  # expansion dots per program up to which they are unrolled (loads up front)
+_GROUP_ROWS = 128  # rows of B[layer] (as [E r, N]) one dense expansion dot reads, at most
 
 
-_UNROLLED_SLOTS = 8  # slots per program up to which the expansion is unrolled (loads up front)
-
-
-def _split_slots(split, split_k, num_slots):
-    """The slots whose expansion split ``split`` adds, ``(slot, valid)`` each: slot ``s`` goes
-    to split ``s % split_k``, so the work is balanced over the splits (each term counts once in
-    their sum). ``valid`` is ``None`` or, in the last round where some splits have no slot
-    left, a flag (the slot index is clamped)."""
+def _split_groups(split, split_k, count):
+    """The groups whose expansion split ``split`` adds, ``(group, valid)`` each: group ``g``
+    goes to split ``g % split_k``, so the work is balanced over the splits (each term counts
+    once in their sum). ``valid`` is ``None`` or, in the last round where some splits have no
+    group left, a flag (the group index is clamped)."""
     if split_k == 1:
-        return [(s, None) for s in range(num_slots)]
-    slots = []
-    for i in range(-(-num_slots // split_k)):
-        s = split + i * split_k
-        if (i + 1) * split_k <= num_slots:
-            slots.append((s, None))
+        return [(g, None) for g in range(count)]
+    groups = []
+    for i in range(-(-count // split_k)):
+        g = split + i * split_k
+        if (i + 1) * split_k <= count:
+            groups.append((g, None))
         else:
-            slots.append((jnp.minimum(s, num_slots - 1), s < num_slots))
-    return slots
-
-
-def _load_slot(lora_refs, slots_ref, adapted, cols, slot, valid, dtype):
-    """``(xa[slot], b[adapted, slot_experts[slot]][:, cols])``, ``xa`` zeroed when not ``valid``."""
-    xa_ref, b_ref = lora_refs
-    xa = _given_xa(xa_ref, slot, dtype)
-    if valid is not None:
-        xa = jnp.where(valid, xa, jnp.zeros_like(xa))
-    return xa, b_ref[adapted, slots_ref[slot], :, cols]
+            groups.append((jnp.minimum(g, count - 1), g < count))
+    return groups
 
 
 def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
-    """``acc`` plus this split's share of ``sum_s xa[s] @ b[adapted, slot_experts[s]][:, cols]``
-    for a given ``xa`` (see :func:`_given_xa`): slot ``s`` in split ``s % split_k``. Up to
-    :data:`_UNROLLED_SLOTS` slots per program are unrolled, so all their loads are issued
-    together; more run in a loop. Measured on an H100 (eval/results/adapters/
-    bench_adapters_issue4_expand.md): against all slots in split 0 in a loop, switch decode went
-    from 1.134x to 1.125x the backbone at batch 1 and from 1.315x to 1.261x at batch 8 (8
-    slots); adding the terms before the K loop instead measured the same, and loading them
-    before it overflowed shared memory."""
-    num_slots = slots_ref.shape[0]
-    if -(-num_slots // split_k) <= _UNROLLED_SLOTS:
-        for slot, valid in _split_slots(split, split_k, num_slots):
-            xa, b = _load_slot(lora_refs, slots_ref, adapted, cols, slot, valid, dtype)
-            acc = acc + dot_f32(xa, b.astype(xa.dtype))
+    """``acc`` plus this split's share of ``sum_s xa[:, s] @ b[adapted, slot_experts[s]][:,
+    cols]`` for a given packed ``xa [(split_k,) block_m, S r]`` (float32 partial sums are added
+    up and rounded to ``dtype``, as ``lora_shrink`` rounds) and ``b`` viewed as ``[La, E r, N]``.
+
+    The term is a sum of dots over groups of ``xa``'s columns. Gather slots: one group per slot,
+    ``r`` rows of its expert's ``B``. Dense slots (``S == E``, slot ``e`` is expert ``e``): ``xa``
+    and ``B[adapted]`` line up row for row, so groups of up to :data:`_GROUP_ROWS` rows span
+    several experts (E 8, r 16: one dot where there were 8). Group ``g`` goes to split
+    ``g % split_k``; up to :data:`_UNROLLED_GROUPS` per program are unrolled, so all their loads
+    are issued together, more run in a loop. Measured on an H100 (eval/results/adapters/
+    bench_adapters_issue4_expand.md) with one dot per slot: spreading the slots over the splits
+    took switch decode from 1.134x to 1.125x the backbone at batch 1 and from 1.315x to 1.261x
+    at batch 8; adding the terms before the K loop measured the same, and loading them before
+    it overflowed shared memory."""
+    xa_ref, b_ref = lora_refs
+    width = xa_ref.shape[-1]  # S r
+    rank = width // slots_ref.shape[0]
+    dense = b_ref.shape[1] == width
+    size = largest_divisor(width, (_GROUP_ROWS, 64, 32, 16)) if dense else rank
+    count = width // size
+
+    def term(g, valid):
+        start = g * size
+        if len(xa_ref.shape) == 2:
+            xa = xa_ref[:, pl.ds(start, size)]
+        else:
+            xa = xa_ref[:, :, pl.ds(start, size)].sum(axis=0).astype(dtype)
+        if valid is not None:
+            xa = jnp.where(valid, xa, jnp.zeros_like(xa))
+        b = b_ref[adapted, pl.ds(start if dense else slots_ref[g] * rank, size), cols]
+        return dot_f32(xa, b.astype(xa.dtype))
+
+    rounds = -(-count // split_k)
+    if rounds <= _UNROLLED_GROUPS:
+        for g, valid in _split_groups(split, split_k, count):
+            acc = acc + term(g, valid)
         return acc
 
     def body(i, acc):
-        s = split + i * split_k
-        xa, b = _load_slot(lora_refs, slots_ref, adapted, cols, jnp.minimum(s, num_slots - 1),
-                           s < num_slots, dtype)
-        return acc + dot_f32(xa, b.astype(xa.dtype))
+        g = split + i * split_k
+        return acc + term(jnp.minimum(g, count - 1), g < count)
 
-    return jax.lax.fori_loop(0, -(-num_slots // split_k), body, acc)
+    return jax.lax.fori_loop(0, rounds, body, acc)
+
+
+# Gather-mode expansions of at most this many real rows may run "rows": see _prefetch_rows.
+MAX_EXPAND_ROWS = 4
+
+
+def _prefetch_rows(lora_refs, slots_ref, adapted, cols, split, split_k, dtype, num_rows):
+    """Loads for :func:`_expand_rows`, issued before the K loop so that their latency hides
+    behind it: for each gather slot of this split (as in :func:`_expand_given`), each real row's
+    ``xa`` (float32 ``[r, 1]``, zero when the slot is not valid) and the slot's ``B`` block
+    ``[r, block_n]``. Plain loads, no dot: a tensor-core operand would hold shared memory through
+    the K loop (what overflowed when dots' operands were loaded early)."""
+    xa_ref, b_ref = lora_refs
+    rank = xa_ref.shape[-1] // slots_ref.shape[0]
+    loaded = []
+    for g, valid in _split_groups(split, split_k, slots_ref.shape[0]):
+        b = b_ref[adapted, pl.ds(slots_ref[g] * rank, rank), cols].astype(jnp.float32)
+        xas = []
+        for row in range(num_rows):
+            if len(xa_ref.shape) == 2:
+                xa = xa_ref[pl.ds(row, 1), pl.ds(g * rank, rank)]
+            else:
+                xa = xa_ref[:, pl.ds(row, 1), pl.ds(g * rank, rank)].sum(axis=0).astype(dtype)
+            xa = xa.astype(jnp.float32).T  # [r, 1]
+            xas.append(xa if valid is None else jnp.where(valid, xa, jnp.zeros_like(xa)))
+        loaded.append((xas, b))
+    return loaded
+
+
+def _expand_rows(acc, loaded):
+    """``acc`` plus the prefetched slots' terms, row by row in registers: row ``i`` of the
+    term is ``sum_j xa[i, j] B[j, :]``, a broadcast product summed over the rank."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0)
+    for xas, b in loaded:
+        for row, xa in enumerate(xas):
+            term = (xa * b).sum(axis=0)  # [block_n]
+            acc = acc + jnp.where(rows == row, term[None, :], 0.0)
+    return acc
 
 
 def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_per_split,
-             split_k):
+             split_k, expand_rows=None):
     """Column block ``col_block`` of each projection, from split ``split``'s K chunk: float32
     ``[block_m, block_n]`` each, ``x @ w[layer]`` plus its LoRA term and bias.
 
     ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None``,
-    ``(xa_ref, b_ref)`` (shrink done outside, ``xa [S, block_m, r]``; expanded after the K loop
-    by :func:`_expand_given`) or ``(a_ref, sw_ref, b_ref)`` (inline: ``x @ a[adapted,
+    ``(xa_ref, b_ref)`` (shrink done outside, packed ``xa [block_m, S r]``, ``b [La, E r, N]``;
+    expanded after the K loop by :func:`_expand_given`) or ``(a_ref, sw_ref, b_ref)`` (inline: ``x @ a[adapted,
     slot_experts[s]]`` of every slot rides along with ``W`` in the one K loop, then is scaled by
     the slot weights ``sw [S, block_m]`` and rounded to ``x.dtype`` as in ``lora_shrink``). All
-    projections share the K loop.
+    projections share the K loop. ``expand_rows`` (the number of real rows, gather slots): a
+    given ``xa`` is expanded in registers from loads issued before the K loop
+    (:func:`_prefetch_rows`) instead of by tensor-core dots after it.
     """
     layer, adapted, slots_ref = ids
     cols = pl.ds(col_block * block_n, block_n)
@@ -269,17 +349,25 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
         tiles.append(weight_tile(w_ref, layer, cols, block_n))
         if _is_inline(lora_refs):
             tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
+    prefetched = [
+        _prefetch_rows(lora_refs, slots_ref, adapted, cols, split, split_k, x_ref.dtype,
+                       expand_rows)
+        if expand_rows and lora_refs is not None and not _is_inline(lora_refs) else None
+        for _, lora_refs, _ in projections
+    ]
     accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
                          block_k=block_k))
     outs = []
-    for _, lora_refs, bias_ref in projections:
+    for (_, lora_refs, bias_ref), loaded in zip(projections, prefetched):
         acc = next(accs)
+        if loaded is not None:
+            acc = _expand_rows(acc, loaded)
         if _is_inline(lora_refs):
             _, sw_ref, b_ref = lora_refs
             for s, expert in enumerate(experts):
                 xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
                 acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
-        elif lora_refs is not None:
+        elif lora_refs is not None and loaded is None:
             acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
                                 x_ref.dtype)
         if bias_ref is not None:
@@ -303,8 +391,9 @@ def _unpack(refs, lora: tuple[int, ...], bias: tuple[bool, ...], down: bool = Fa
 
 def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks, lora, bias,
                         **blocking):
-    # x_ref [block_m, K]; whole (in HBM): w refs [L, K, N_p], b refs [La, E, r, N_p] (a refs
-    # [La, E, K, r]), bias refs [L, N_p]; xa refs [S, block_m, r] (or slot weights [S, block_m]);
+    # x_ref [block_m, K]; whole (in HBM): w refs [L, K, N_p], b refs [La, E r, N_p] (inline:
+    # [La, E, r, N_p] and a refs [La, E, K, r]), bias refs [L, N_p]; packed xa refs
+    # [(split_k,) block_m, S r] (or slot weights [S, block_m]);
     # o_ref [block_m, block_n]: column block n of the concatenated outputs (of split s when
     # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p.
     w_refs, lora_refs, bias_refs, _, (o_ref,) = _unpack(refs, lora, bias)
@@ -331,12 +420,12 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
 def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num_rows,
                  interpret):
     """Add this program's share of the down projection's shrink, ``act[:, cols] @
-    a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into ``xa [S, Mp, r]``
-    (float32, zeroed before the launch) for every slot ``s``: atomic adds, since every column
-    block of the activations contributes to every slot. Only the ``num_rows`` real rows are
-    added (at decode most rows are padding, and the adds of all programs meet at one place);
-    interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
-    are 0)."""
+    a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into the packed
+    ``xa [Mp, S r]`` (float32, zeroed before the launch) for every slot ``s``: atomic adds, since
+    every column block of the activations contributes to every slot. Only the ``num_rows`` real
+    rows are added (at decode most rows are padding, and the adds of all programs meet at one
+    place); interpret mode, which takes no mask, adds the padding rows' zeros too (their slot
+    weights are 0)."""
     _, adapted, slots_ref = ids
     a_ref, sw_ref = down_refs
     block_m, r = act.shape[0], a_ref.shape[3]
@@ -347,11 +436,11 @@ def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num
 
     def add(s):
         part = dot_f32(act, a_ref[adapted, slots_ref[s], cols, :].astype(act.dtype))
-        plgpu.atomic_add(xa_ref, (s, rows, slice(None)), part * sw_ref[s][:, None],
+        plgpu.atomic_add(xa_ref, (rows, pl.ds(s * r, r)), part * sw_ref[s][:, None],
                          mask=None if interpret else real)
 
     num_slots = slots_ref.shape[0]
-    if num_slots <= _UNROLLED_SLOTS:
+    if num_slots <= _UNROLLED_GROUPS:
         for s in range(num_slots):
             add(jnp.int32(s))
     else:
@@ -393,11 +482,12 @@ def _out_spec(block_m, block_n, split_k):
 
 
 def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-            block_sizes, *, col_blocks, width, outputs, interpret, down=None):
+            block_sizes, *, col_blocks, width, outputs, interpret, down=None, expand="dot"):
     """The shared ``pallas_call``: operands, specs and grid for ``ws`` (one or more projections),
     their LoRA operands (``None``, ``(xa, b)`` or ``(a, slot_weights, b)`` each) and biases.
     Returns the raw output(s), ``[(split_k,) Mp, width]``; with ``down`` (``(a_down,
-    slot_weights)``, gate/up only) also the down projection's shrink, float32 ``[S, Mp, r]``."""
+    slot_weights)``, gate/up only) also the down projection's packed shrink, float32
+    ``[Mp, S r]``. ``expand``: ``"dot"`` or ``"rows"`` (:func:`check_expand`)."""
     num_rows, k = x.shape
     block_m, mp = row_blocks(num_rows)
     split_k = block_sizes.split_k
@@ -411,16 +501,17 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         if lora is None:
             continue
         if len(lora) == 2:
-            # xa as [S, Mp, r]: each slot's rows contiguous, loaded as one [block_m, r] block.
+            # xa packed, [Mp, S r]: a row block is one load, and B viewed as [La, E r, N] meets
+            # it row for row in dense mode.
             xa, b = lora
-            xa = xa.xa if isinstance(xa, SlotMajor) else pad_rows(xa, mp).transpose(1, 0, 2)
-            operands += [xa, b]
-            if xa.ndim == 3:
-                xa_spec = pl.BlockSpec((num_slots, block_m, xa.shape[2]), lambda n, s, m: (0, m, 0))
+            xa = xa.xa if isinstance(xa, PackedXa) else pad_rows(xa.reshape(num_rows, -1), mp)
+            operands += [xa, b.reshape(b.shape[0], -1, b.shape[3])]
+            if xa.ndim == 2:
+                xa_spec = pl.BlockSpec((block_m, xa.shape[1]), lambda n, s, m: (m, 0))
             else:  # a split shrink's partial sums, added up in the kernel
-                xa_spec = pl.BlockSpec((xa.shape[0], num_slots, block_m, xa.shape[3]),
-                                       lambda n, s, m: (0, 0, m, 0))
-            specs += [xa_spec, whole(b.shape)]
+                xa_spec = pl.BlockSpec((xa.shape[0], block_m, xa.shape[2]),
+                                       lambda n, s, m: (0, m, 0))
+            specs += [xa_spec, whole(operands[-1].shape)]
         else:
             a, slot_weights, b = lora  # slot weights as [S, Mp]
             operands += [a, pad_rows(slot_weights.astype(jnp.float32), mp).T, b]
@@ -433,7 +524,7 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     out_shapes, out_specs, aliases = [shape] * outputs, [spec] * outputs, {}
     if down is not None:
         a_down, slot_weights = down
-        zeros = jnp.zeros((num_slots, mp, a_down.shape[3]), jnp.float32)  # the atomic adds' start
+        zeros = jnp.zeros((mp, num_slots * a_down.shape[3]), jnp.float32)  # the atomic adds' start
         operands += [a_down, pad_rows(slot_weights.astype(jnp.float32), mp).T, zeros]
         specs += [whole(a_down.shape), pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m)),
                   whole(zeros.shape)]
@@ -445,7 +536,8 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         functools.partial(kernel, lora=tuple(0 if lr is None else len(lr) for lr in loras),
                           bias=in_bias, split_k=split_k,
                           block_k=block_sizes.block_k, block_n=block_sizes.block_n,
-                          k_per_split=k // split_k),
+                          k_per_split=k // split_k,
+                          expand_rows=num_rows if expand == "rows" else None),
         grid=(col_blocks, split_k, mp // block_m),
         in_specs=specs,
         out_specs=out_specs[0] if single else out_specs,
@@ -453,7 +545,7 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         input_output_aliases=aliases,
         compiler_params=compiler_params(block_sizes),
         interpret=interpret,
-        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}",
+        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}{'_rows' if expand == 'rows' else ''}",
     )(*operands)
 
 
@@ -484,7 +576,7 @@ def _fit_inline(bs, m, loras, *, one_branch):
 
 
 def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
-                      interpret):
+                      interpret, expand="dot"):
     """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras` or
     :func:`inline_loras`); default blocks from ``stacked_matmul``."""
     m, k = x.shape
@@ -493,7 +585,8 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
     check_block_sizes(bs_, k, {"N": n})
     out = _launch(functools.partial(_projections_kernel, blocks=(n // bs_.block_n,)), name, x,
                   (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
-                  col_blocks=n // bs_.block_n, width=n, outputs=1, interpret=interpret)
+                  col_blocks=n // bs_.block_n, width=n, outputs=1, interpret=interpret,
+                  expand=expand)
     if bs_.split_k > 1:  # the kernel adds the bias only when it writes the final sums
         out = out.sum(axis=0)
         if bias is not None:
@@ -502,7 +595,7 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
 
 
 def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases, block_sizes,
-                    interpret):
+                    interpret, expand="dot"):
     """``q, k, v`` of ``ws = (wq, wk, wv)`` in one launch, in ``x.dtype``; default blocks from
     ``fused_projections``."""
     wq, wk, wv = ws
@@ -516,7 +609,7 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     blocks = (nq // bs_.block_n, nkv // bs_.block_n, nkv // bs_.block_n)
     out = _launch(functools.partial(_projections_kernel, blocks=blocks), name, x, ws, layer,
                   loras, adapted_layer, slot_experts, biases, bs_, col_blocks=sum(blocks),
-                  width=nq + 2 * nkv, outputs=1, interpret=interpret)
+                  width=nq + 2 * nkv, outputs=1, interpret=interpret, expand=expand)
     if bs_.split_k > 1:
         out = out.sum(axis=0)
     out = out[:m]
@@ -528,11 +621,11 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
 
 
 def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-                        block_sizes, interpret, down=None):
+                        block_sizes, interpret, down=None, expand="dot"):
     """``silu(gate) * up`` of ``ws = (w_gate, w_up)`` in one launch (plus XLA's reduction when
     ``split_k > 1``), in ``x.dtype``; default blocks from ``fused_projections``. With ``down``
     (``(a_down, slot_weights)``; ``split_k == 1`` only) also the down projection's shrink of the
-    result, as :class:`SlotMajor` float32 sums ``[1, S, Mp, r]``."""
+    result, as :class:`PackedXa` float32 sums ``[1, Mp, S r]``."""
     w_gate, w_up = ws
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate and w_up must have one shape, got {w_gate.shape=} and "
@@ -550,10 +643,10 @@ def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, 
                                     interpret=interpret), name, x,
                   ws, layer, loras, adapted_layer, slot_experts, biases, bs_,
                   col_blocks=f // bs_.block_n, width=f, outputs=1 if fused else 2,
-                  interpret=interpret, down=down)
+                  interpret=interpret, down=down, expand=expand)
     if down is not None:
         act, xa_down = out
-        return act[:m], SlotMajor(xa_down[None])
+        return act[:m], PackedXa(xa_down[None])
     if fused:
         return out[:m]
     gate, up = (p.sum(axis=0)[:m] for p in out)

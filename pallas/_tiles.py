@@ -22,9 +22,9 @@ from jax.experimental.pallas import triton as plgpu
 
 __all__ = [
     "MAX_BLOCK_M",
+    "PackedXa",
     "SCALAR",
     "SHARED_MEMORY_BYTES",
-    "SlotMajor",
     "bias_row",
     "blocks_name",
     "check_adapted",
@@ -57,31 +57,32 @@ MAX_BLOCK_M = 64  # rows per program of the routed kernels; not measured (decode
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SlotMajor:
-    """A shrink ``x A`` already in the layout the routed kernels read: ``xa [S, Mp, r]``, each
-    slot's rows contiguous and padded to the row blocks (:func:`row_blocks`), as
-    ``lora_shrink_group(..., slot_major=True)`` writes it. Handing it on as is saves the slice,
-    pad and transpose (small XLA launches) between the two kernels of every projection group;
-    at decode such launches, not bytes, set the adapter's cost (DESIGN.md §2).
+class PackedXa:
+    """A shrink ``x A`` already in the layout the routed kernels read: ``xa [Mp, S * r]``, rows
+    padded to the row blocks (:func:`row_blocks`) and slot ``s`` in columns ``[s r, (s + 1) r)``
+    (``[M, S, r]`` with the last two axes merged), as ``lora_shrink_group(..., packed=True)``
+    writes it. Handing it on as is saves the slice and pad (small XLA launches) between the two
+    kernels of every projection group; at decode such launches, not bytes, set the adapter's
+    cost (DESIGN.md §2). With dense slots (one per expert, in order) a row block of it meets
+    ``B[layer]`` viewed as ``[E * r, N]`` in a single dot.
 
-    A split shrink (``split_k > 1``) hands on its float32 partial sums, ``xa [split_k, S, Mp,
-    r]``, unreduced: the routed kernels add them up and round to ``x.dtype`` as the reduction
-    would, which saves the reduction's launch per projection."""
+    A split shrink (``split_k > 1``) hands on its float32 partial sums, ``xa [split_k, Mp,
+    S * r]``, unreduced: the routed kernels add them up and round to ``x.dtype`` as the
+    reduction would, which saves the reduction's launch per projection."""
 
     xa: jax.Array
 
     @property
     def partial(self) -> bool:
-        """Whether ``xa`` holds a split shrink's float32 partial sums ``[split_k, S, Mp, r]``."""
-        return self.xa.ndim == 4
+        """Whether ``xa`` holds a split shrink's float32 partial sums ``[split_k, Mp, S * r]``."""
+        return self.xa.ndim == 3
 
 
 MAX_SUMMED_PARTIALS = 16  # a kernel loads all partial sums of a slot as one block
 
 
 def summable_partials(split_k: int) -> bool:
-    """Whether the routed kernels can add up ``split_k`` partial sums of a slot themselves: one
-    block load, so a power of two (Triton block sizes) and at most :data:`MAX_SUMMED_PARTIALS`."""
+    """Whether the routed kernels can add up ``split_k`` partial sums themselves: one block load, so a power of two (Triton block sizes) and at most :data:`MAX_SUMMED_PARTIALS`."""
     return split_k == 1 or (is_block(split_k * 16) and split_k <= MAX_SUMMED_PARTIALS)
 
 

@@ -27,7 +27,7 @@ lesson 4), so it has three placements, to be timed against each other on a GPU:
 ``adapted_layer`` and ``slot_experts`` are data: one compile serves all layers and routes, also
 inside ``scan``/``while_loop``. The kernel tiles rows in blocks of at most 64 (a grid axis) and
 needs a rank that is a power of two ``>= 16`` (Triton block sizes); ``split_k > 1`` writes float32
-partial sums, reduced by XLA or, slot-major, by the routed kernels.
+partial sums, reduced by XLA or, packed, by the routed kernels.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 
 from ._tiles import (
     SCALAR,
-    SlotMajor,
+    PackedXa,
     check_adapted,
     check_experts,
     check_rank,
@@ -61,8 +61,8 @@ from ._tiles import (
 )
 
 __all__ = [
+    "PackedXa",
     "ShrinkBlockSizes",
-    "SlotMajor",
     "default_shrink_block_sizes",
     "lora_shrink",
     "lora_shrink_group",
@@ -232,8 +232,8 @@ def _check_shrink_blocks(bs: ShrinkBlockSizes, k: int) -> None:
 
 def _shrink_group_kernel(adapted_ref, slots_ref, x_ref, sw_ref, *refs, block_k, k_per_split):
     # Program (p, s, j, m): x_ref [block_m, K] (row block m); sw_ref [block_m], slot s's weights
-    # on these rows; a refs [La, E, K, r_p] whole (in HBM); o refs [block_m, r_p]: slot s's xa of
-    # projection p (float32 partial sums of split j when split_k > 1). It streams K chunk j of
+    # on these rows; a refs [La, E, K, r_p] whole (in HBM); o refs [block_m, r_p]: slot s's
+    # columns of projection p's packed xa (float32 partial sums of split j when split_k > 1). It streams K chunk j of
     # a_p[adapted, slot_experts[s]] once; other projections' outputs are left to their programs.
     a_refs, o_refs = refs[:len(refs) // 2], refs[len(refs) // 2:]
     p, slot, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -257,9 +257,9 @@ def lora_shrink_group(
     *,
     block_sizes: ShrinkBlockSizes | None = None,
     split: bool = False,
-    slot_major: bool = False,
+    packed: bool = False,
     interpret: bool = False,
-) -> tuple[jax.Array | SlotMajor, ...]:
+) -> tuple[jax.Array | PackedXa, ...]:
     """:func:`lora_shrink` of every projection that reads ``x`` (``q, k, v`` or ``gate, up``; or
     one), in one launch.
 
@@ -267,7 +267,7 @@ def lora_shrink_group(
     ``a[adapted_layer, slot_experts[s]]`` once. At decode that is few programs (``len(a) * S``,
     6 for ``q, k, v`` of one row with top-2), each bound by what one SM can keep in flight:
     deep K steps help, and ``split_k > 1`` spreads a slot over more programs at the price of
-    adding up float32 partial sums (in the routed kernels, slot-major, or an XLA reduction).
+    adding up float32 partial sums (in the routed kernels, packed, or an XLA reduction).
 
     Args:
       x: ``[M, K]`` activations.
@@ -279,14 +279,14 @@ def lora_shrink_group(
       block_sizes: ``block_k * split_k`` must divide ``K``; default
         :func:`default_shrink_block_sizes`, which spreads ``K`` over more programs (``split_k``)
         only with ``split`` (``ops.Impl(lora_shrink="pallas-split")``, the default at decode).
-      slot_major: return each output as the kernel wrote it, a :class:`SlotMajor` ``[S, Mp, r_p]``
+      packed: return each output as the kernel wrote it, a :class:`PackedXa` ``[Mp, S * r_p]``
         (rows padded; with a ``split_k > 1`` that :func:`summable_partials` allows, the float32
-        partial sums ``[split_k, S, Mp, r_p]``), which the routed kernels take without a copy or
-        a reduction.
+        partial sums ``[split_k, Mp, S * r_p]``), which the routed kernels take without a copy
+        or a reduction.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
-      One ``[M, S, r_p]`` per stack (or :class:`SlotMajor`), in ``x.dtype`` (float32
+      One ``[M, S, r_p]`` per stack (or :class:`PackedXa`), in ``x.dtype`` (float32
       accumulation), equal to :func:`lora_shrink_group_reference`.
     """
     a = tuple(a)
@@ -294,13 +294,13 @@ def lora_shrink_group(
         raise ValueError("lora_shrink_group needs at least one a stack")
     check_adapted(adapted_layer, slot_experts, a[0].shape[:2])
     return _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights,
-                              block_sizes=block_sizes, split=split, slot_major=slot_major,
+                              block_sizes=block_sizes, split=split, packed=packed,
                               interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "split", "slot_major", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "split", "packed", "interpret"))
 def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block_sizes, split,
-                       slot_major, interpret):
+                       packed, interpret):
     _check_group(x, a, slot_experts, slot_weights)
     m, k = x.shape
     ranks = [a_p.shape[3] for a_p in a]
@@ -309,16 +309,16 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
     bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks), block_m, len(a), programs)
     _check_shrink_blocks(bs_, k)
     num_slots, split_k = slot_experts.shape[0], bs_.split_k
-    # Grid: (projections, slots, split_k, row blocks). Outputs slot-major, [S, Mp, r] (one
-    # [block_m, r] block per program): the layout the routed kernels read.
+    # Grid: (projections, slots, split_k, row blocks). Outputs packed, [Mp, S * r] (one
+    # [block_m, r] block per program, slot s in columns s r...): the layout the routed kernels
+    # read.
     if split_k == 1:
-        out_shapes = [jax.ShapeDtypeStruct((num_slots, mp, r), x.dtype) for r in ranks]
-        out_specs = [pl.BlockSpec((None, block_m, r), lambda p, s, j, i: (s, i, 0))
-                     for r in ranks]
+        out_shapes = [jax.ShapeDtypeStruct((mp, num_slots * r), x.dtype) for r in ranks]
+        out_specs = [pl.BlockSpec((block_m, r), lambda p, s, j, i: (i, s)) for r in ranks]
     else:
-        out_shapes = [jax.ShapeDtypeStruct((split_k, num_slots, mp, r), jnp.float32)
+        out_shapes = [jax.ShapeDtypeStruct((split_k, mp, num_slots * r), jnp.float32)
                       for r in ranks]
-        out_specs = [pl.BlockSpec((None, None, block_m, r), lambda p, s, j, i: (j, s, i, 0))
+        out_specs = [pl.BlockSpec((None, block_m, r), lambda p, s, j, i: (j, i, s))
                      for r in ranks]
     outs = pl.pallas_call(
         functools.partial(_shrink_group_kernel, block_k=bs_.block_k, k_per_split=k // split_k),
@@ -335,10 +335,10 @@ def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block
              f"_w{bs_.num_warps}_st{bs_.num_stages}",
     )(jnp.asarray(adapted_layer, jnp.int32), slot_experts.astype(jnp.int32), pad_rows(x, mp),
       pad_rows(slot_weights.astype(jnp.float32), mp).T, *a)
-    if slot_major and summable_partials(split_k):  # the routed kernels add the partial sums
-        return tuple(SlotMajor(out) for out in outs)
+    if packed and summable_partials(split_k):  # the routed kernels add the partial sums
+        return tuple(PackedXa(out) for out in outs)
     if split_k > 1:
         outs = [out.sum(axis=0).astype(x.dtype) for out in outs]
-    if slot_major:
-        return tuple(SlotMajor(out) for out in outs)
-    return tuple(out[:, :m].transpose(1, 0, 2).astype(x.dtype) for out in outs)
+    if packed:
+        return tuple(PackedXa(out) for out in outs)
+    return tuple(out[:m].reshape(m, num_slots, r) for out, r in zip(outs, ranks))

@@ -18,7 +18,10 @@ slots, gather or dense, and why the shrink has three placements):
 
 * **expand** (in the projection kernel): each program, after accumulating ``x @ W[:, cols]``,
   adds ``sum_s xa[:, s] @ B[slot_experts[s]][:, cols]``. ``B`` is partitioned over column blocks
-  like ``W``, so ``W`` and each slot's ``B`` are read once (per block of rows).
+  like ``W``, so ``W`` and each slot's ``B`` are read once (per block of rows). ``xa`` is read
+  packed, ``[M, S * r]``; with dense slots (``S == E``: slot ``e`` must then be expert ``e``, as
+  ``route_slots`` gives) it meets ``B[layer]`` viewed as ``[E * r, N]`` in one dot per 128 of
+  its rows instead of one per slot.
 
 Both placements run through one launch (``_routed_kernels``). Layer indices (``layer``,
 ``adapted_layer``) and ``slot_experts`` are data: one compile serves all layers and routes, also
@@ -43,9 +46,12 @@ import jax.numpy as jnp
 
 from ._routed_kernels import (
     GATE_UP,
+    MAX_EXPAND_ROWS,
     QKV,
     check_arity,
+    check_dense_slots,
     check_down_shrink,
+    check_expand,
     check_indices,
     check_inline,
     check_operands,
@@ -55,11 +61,12 @@ from ._routed_kernels import (
     qkv_projections,
     single_projection,
 )
-from ._tiles import SlotMajor, check_adapted, is_block
+from ._tiles import PackedXa, check_adapted, is_block
 from .lora_shrink import lora_shrink
 from .stacked_matmul import BlockSizes
 
 __all__ = [
+    "MAX_EXPAND_ROWS",
     "BlockSizes",
     "routed_gate_up_matmul",
     "routed_gate_up_matmul_inline_shrink",
@@ -239,6 +246,7 @@ def routed_matmul(
     bias: jax.Array | None = None,
     *,
     block_sizes: BlockSizes | None = None,
+    expand: str = "dot",
     interpret: bool = False,
 ) -> jax.Array:
     """``x @ w[layer] + sum_s xa[:, s] @ b[adapted_layer, slot_experts[s]] + bias[layer]``.
@@ -250,29 +258,34 @@ def routed_matmul(
       w: ``[L, K, N]`` stacked weights.
       layer: the layer of ``w`` (and ``bias``) to read; may be traced.
       xa: ``[M, S, r]`` in ``x.dtype``, from :func:`lora_shrink` or
-        :func:`lora_shrink.lora_shrink_group`, or that one's ``slot_major`` output as is.
+        :func:`lora_shrink.lora_shrink_group`, or that one's ``packed`` output as is.
       b: ``[La, E, r, N]`` stacked LoRA ``B`` experts.
       adapted_layer: the layer of ``b`` to read; may be traced.
       slot_experts: ``[S]`` int32, from :func:`lora_shrink.route_slots`; may be traced.
       bias: optional ``[L, N]``.
       block_sizes: ``block_n`` must divide ``N``, ``block_k * split_k`` must divide ``K``; default
         per shape from ``stacked_matmul`` (measured without the LoRA term).
+      expand: ``"dot"``: tensor-core dots after the K loop; ``"rows"`` (gather slots, at most 4
+        rows: decode at small batch): each real row's term in registers, from loads issued
+        before the K loop, whose latency then hides behind it.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
       ``[M, N]`` in ``x.dtype`` (float32 accumulation).
     """
     check_indices(layer, w.shape[0], adapted_layer, (b,), slot_experts)
+    check_dense_slots(slot_experts, (b,))
+    check_expand(expand, x.shape[0], slot_experts, (b,))
     return _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias,
-                          block_sizes=block_sizes, interpret=interpret)
+                          block_sizes=block_sizes, expand=expand, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias, *, block_sizes,
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
+def _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias, *, block_sizes, expand,
                    interpret):
     check_operands(x, {"w": w}, {"w": bias}, {"w": xa}, {"w": b}, slot_experts)
     return single_projection("routed_matmul", x, w, layer, (xa, b), adapted_layer, slot_experts,
-                             bias, block_sizes, interpret)
+                             bias, block_sizes, interpret, expand)
 
 
 def routed_matmul_inline_shrink(
@@ -335,6 +348,7 @@ def routed_qkv_matmul(
     biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None] = (None, None, None),
     *,
     block_sizes: BlockSizes | None = None,
+    expand: str = "dot",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q, k, v``, each ``x @ w[layer] (+ its expansion) (+ its bias)``, in one launch.
@@ -352,6 +366,7 @@ def routed_qkv_matmul(
       biases: ``(b_q, b_k, b_v)``, each ``[L, N]`` or ``None``.
       block_sizes: ``block_n`` must divide ``Nq`` and ``Nkv``; default from ``fused_projections``
         (measured without the LoRA term).
+      expand: as in :func:`routed_matmul`.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
@@ -359,18 +374,20 @@ def routed_qkv_matmul(
     """
     check_arity(3, xas=xas, bs=bs, biases=biases)
     check_indices(layer, wq.shape[0], adapted_layer, bs, slot_experts)
+    check_dense_slots(slot_experts, bs)
+    check_expand(expand, x.shape[0], slot_experts, bs)
     return _routed_qkv_matmul(x, wq, wk, wv, layer, tuple(xas), tuple(bs), adapted_layer,
                               slot_experts, tuple(biases), block_sizes=block_sizes,
-                              interpret=interpret)
+                              expand=expand, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
 def _routed_qkv_matmul(x, wq, wk, wv, layer, xas, bs, adapted_layer, slot_experts, biases, *,
-                       block_sizes, interpret):
+                       block_sizes, expand, interpret):
     check_operands(x, dict(zip(QKV, (wq, wk, wv))), dict(zip(QKV, biases)),
                    dict(zip(QKV, xas)), dict(zip(QKV, bs)), slot_experts)
     return qkv_projections("routed_qkv_matmul", x, (wq, wk, wv), layer, given_loras(xas, bs),
-                           adapted_layer, slot_experts, biases, block_sizes, interpret)
+                           adapted_layer, slot_experts, biases, block_sizes, interpret, expand)
 
 
 def routed_qkv_matmul_inline_shrink(
@@ -436,8 +453,9 @@ def routed_gate_up_matmul(
     *,
     down_shrink: tuple[jax.Array, jax.Array] | None = None,
     block_sizes: BlockSizes | None = None,
+    expand: str = "dot",
     interpret: bool = False,
-) -> jax.Array | tuple[jax.Array, SlotMajor]:
+) -> jax.Array | tuple[jax.Array, PackedXa]:
     """``silu(gate) * up`` of two routed projections of ``x``, in one launch.
 
     As ``fused_projections.gate_up_matmul``: each program streams the same column block of both
@@ -460,33 +478,36 @@ def routed_gate_up_matmul(
       block_sizes: default from ``fused_projections`` (measured without the LoRA term). With
         ``split_k > 1`` the kernel writes float32 partial sums and XLA adds biases and SiLU
         (not with ``down_shrink``).
+      expand: as in :func:`routed_matmul`.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
       ``[M, F]`` in ``x.dtype``, computed in float32; with ``down_shrink`` also the down
-      projection's ``xa`` as a :class:`SlotMajor` of float32 sums ``[1, S, Mp, r]``, which
+      projection's ``xa`` as a :class:`PackedXa` of float32 sums ``[1, Mp, S * r]``, which
       :func:`routed_matmul` takes as is (it rounds them to ``x.dtype`` as ``lora_shrink`` does).
     """
     check_arity(2, xas=xas, bs=bs)
     check_indices(layer, w_gate.shape[0], adapted_layer, bs, slot_experts)
+    check_dense_slots(slot_experts, bs)
+    check_expand(expand, x.shape[0], slot_experts, bs)
     if down_shrink is not None:
         a_down, slot_weights = down_shrink
         check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs)
         check_adapted(adapted_layer, slot_experts, a_down.shape[:2])
     return _routed_gate_up_matmul(x, w_gate, w_up, layer, tuple(xas), tuple(bs), adapted_layer,
                                   slot_experts, b_gate, b_up, down_shrink,
-                                  block_sizes=block_sizes, interpret=interpret)
+                                  block_sizes=block_sizes, expand=expand, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
 def _routed_gate_up_matmul(x, w_gate, w_up, layer, xas, bs, adapted_layer, slot_experts, b_gate,
-                           b_up, down_shrink, *, block_sizes, interpret):
+                           b_up, down_shrink, *, block_sizes, expand, interpret):
     biases = (b_gate, b_up)
     check_operands(x, dict(zip(GATE_UP, (w_gate, w_up))), dict(zip(GATE_UP, biases)),
                    dict(zip(GATE_UP, xas)), dict(zip(GATE_UP, bs)), slot_experts)
     return gate_up_projections("routed_gate_up_matmul", x, (w_gate, w_up), layer,
                                given_loras(xas, bs), adapted_layer, slot_experts, biases,
-                               block_sizes, interpret, down=down_shrink)
+                               block_sizes, interpret, down=down_shrink, expand=expand)
 
 
 def routed_gate_up_matmul_inline_shrink(

@@ -35,6 +35,7 @@ def adapter_shapes(mode):
     ("switch", "fused", "pallas", 1),
     ("switch", "fused", "pallas-split", 1),
     ("switch", "fused", "epilogue", 1),
+    ("switch", "fused", "rows", 1),  # lora_expand="rows"
     ("switch", "fused", "epilogue", 64),
     ("switch", "fused", "inline", 1),
     ("switch", "fused", "xla", 8),
@@ -46,7 +47,8 @@ def adapter_shapes(mode):
 def test_generation_lowers_for_gpu(mode, strategy, shrink, batch):
     params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
     gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(), switch_strategy=strategy,
-                            impl=Impl(backend="pallas", lora_shrink=shrink))
+                            impl=Impl(backend="pallas", lora_shrink=shrink)
+                            if shrink != "rows" else Impl(backend="pallas", lora_expand="rows"))
     tokens = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     lowered = _generate.trace(params, adapter_shapes(mode), tokens, lengths, jax.random.key(0),

@@ -114,12 +114,12 @@ def test_lora_shrink_group_matches_reference(m, e, k, dtype, ranks, blocks):
                               split=True, interpret=True)
     for g, r in zip(split, ref):
         assert rel_err(g, r) < TOL[dtype]
-    # The kernels' own layout: slot-major, rows padded to the row block, the same values.
+    # The kernels' own layout: packed, rows padded to the row block, the same values.
     raw = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
-                            slot_major=True, interpret=True)
+                            packed=True, interpret=True)
     for g, r in zip(raw, got):
-        assert g.xa.shape == (slot_experts.shape[0], row_blocks(m)[1], r.shape[2])
-        np.testing.assert_array_equal(g.xa[:, :m].transpose(1, 0, 2), r)
+        assert g.xa.shape == (row_blocks(m)[1], slot_experts.shape[0] * r.shape[2])
+        np.testing.assert_array_equal(g.xa[:m].reshape(r.shape), r)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ operands come from ``test_lora_shrink``'s helpers.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +20,13 @@ from conftest import rel_err
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.pallas.lora_shrink import (
     ShrinkBlockSizes,
-    SlotMajor,
+    PackedXa,
     lora_shrink,
     lora_shrink_group,
     route_slots,
 )
 from loraswitch_jax.pallas.routed_projections import (
+    MAX_EXPAND_ROWS,
     BlockSizes,
     routed_gate_up_matmul,
     routed_gate_up_matmul_inline_shrink,
@@ -204,10 +206,10 @@ def shrink_xla(x, as_, *route):
     return [None if a is None else lora_shrink(x, a, *route) for a in as_]
 
 
-def shrink_pallas(x, as_, *route, slot_major=False, split=False):
+def shrink_pallas(x, as_, *route, packed=False, split=False):
     """``lora_shrink_group`` of the stacks in ``as_`` (``None`` stays ``None``)."""
     xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, split=split,
-                                 slot_major=slot_major, interpret=True))
+                                 packed=packed, interpret=True))
     return [None if a is None else next(xas) for a in as_]
 
 
@@ -234,9 +236,9 @@ def via_xa(shrink):
 SHRINK_PLACEMENTS = {
     "xla": lambda: via_xa(shrink_xla),
     "pallas": lambda: via_xa(shrink_pallas),
-    # The shrink's own padded [S, Mp, r] output handed on as is (what ops does).
-    "pallas-slot-major": lambda: via_xa(functools.partial(shrink_pallas, slot_major=True)),
-    "pallas-split": lambda: via_xa(functools.partial(shrink_pallas, slot_major=True, split=True)),
+    # The shrink's own padded [Mp, S r] output handed on as is (what ops does).
+    "pallas-packed": lambda: via_xa(functools.partial(shrink_pallas, packed=True)),
+    "pallas-split": lambda: via_xa(functools.partial(shrink_pallas, packed=True, split=True)),
     "inline": lambda: tuple(functools.partial(f, **INTERPRET16) for f in (
         routed_qkv_matmul_inline_shrink, routed_gate_up_matmul_inline_shrink,
         routed_matmul_inline_shrink)),
@@ -320,6 +322,36 @@ def test_lowers_to_triton():
     assert hlo.count("__gpu$xla.gpu.triton") == 7
 
 
+def test_rows_expansion_lowers_to_triton():
+    """The "rows" expansion (one-row loads and their transpose, issued before the K loop) lowers
+    to Triton IR for a GPU, with a given xa, a split shrink's partial sums, the gate/up
+    epilogue's sums and slots spread over two splits."""
+    dt = jnp.bfloat16
+    x = jnp.zeros((1, 256), dt)
+    w = jnp.zeros((2, 256, 128), dt)
+    a = jnp.zeros((2, 8, 128, 16), dt)
+    b = jnp.zeros((2, 8, 16, 128), dt)
+    xa = jnp.zeros((1, 2, 16), dt)
+    partial = PackedXa(jnp.zeros((4, 16, 32), jnp.float32))
+    fused = BlockSizes(block_n=64, block_k=64, split_k=1)
+
+    def step(x, xa, slot_experts, slot_weights, layer):
+        q, _, _ = routed_qkv_matmul(x, w, w, w, layer, (xa, None, partial), (b, None, b), layer,
+                                    slot_experts, expand="rows")
+        act, xa_down = routed_gate_up_matmul(x, w, w, layer, (xa, xa), (b, b), layer,
+                                             slot_experts, down_shrink=(a, slot_weights),
+                                             expand="rows", block_sizes=fused)
+        y = routed_matmul(act, w[:, :128], layer, xa_down, b, layer, slot_experts,
+                          expand="rows",
+                          block_sizes=BlockSizes(block_n=64, block_k=16, split_k=2))
+        return q + y
+
+    hlo = jax.jit(step).trace(
+        x, xa, jnp.array([3, 7], jnp.int32), jnp.ones((1, 2), jnp.float32), jnp.int32(1),
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") == 3
+
+
 def test_supports():
     assert supports(4096, 4096, 1024, rank=16) and supports(4096, 11008, rank=64)
     assert not supports(4096, 4096, rank=8) and not supports(4096, 4096, rank=48)
@@ -328,7 +360,7 @@ def test_supports():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_split_shrink_partial_sums_are_added_up_in_the_kernel(dtype):
-    """A split shrink handed on slot-major keeps its float32 partial sums when the routed kernel
+    """A split shrink handed on packed keeps its float32 partial sums when the routed kernel
     can load them as one block (split_k a power of two), which adds them up and rounds them as
     the reduction would; other splits (3) are reduced before. Outputs equal the reference."""
     rng = np.random.default_rng(31)
@@ -341,28 +373,31 @@ def test_split_shrink_partial_sums_are_added_up_in_the_kernel(dtype):
     (xa,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, interpret=True)
     ref = routed_matmul_reference(x, w, 2, xa, b, 1, slot_experts)
     for split_k, partial in ((2, True), (4, True), (1, False)):
-        (raw,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, slot_major=True,
+        (raw,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, packed=True,
                                    block_sizes=ShrinkBlockSizes(block_k=16, split_k=split_k),
                                    interpret=True)
         assert raw.partial == partial
         if partial:
-            assert raw.xa.shape == (split_k, m * 2, 16, RANK) and raw.xa.dtype == jnp.float32
+            assert raw.xa.shape == (split_k, 16, m * 2 * RANK) and raw.xa.dtype == jnp.float32
         got = routed_matmul(x, w, 2, raw, b, 1, slot_experts, **INTERPRET16)
         assert rel_err(got, ref) < TOL[dtype]
     x48 = x[:, :48]
     (raw,) = lora_shrink_group(x48, (a[:, :, :48],), 1, slot_experts, slot_weights,
-                               slot_major=True, interpret=True,
+                               packed=True, interpret=True,
                                block_sizes=ShrinkBlockSizes(block_k=16, split_k=3))
     assert not raw.partial and raw.xa.dtype == dtype
 
 
 # (M, E, k, split_k): gather with more splits than slots (1 x 2 slots over 3 splits), dense
-# slots in an uneven last round (8 over 3), and more slots per program than are unrolled (34).
+# slots in one dot over 3 splits (E 8), more gather slots per program than are unrolled (34),
+# dense slots in 4 dots of 128 rows in an uneven last round (E 32 over 3 splits) and in 16 dots,
+# more than are unrolled (E 128).
 @pytest.mark.parametrize("m,e,k,split_k", [(1, 8, 2, 3), (5, 8, 2, 3), (17, 128, 2, 1),
-                                           (3, 8, 2, 2)])
+                                           (3, 8, 2, 2), (20, 32, 2, 3), (64, 128, 2, 1)])
 def test_expansion_spread_over_the_splits(m, e, k, split_k):
-    """Slot s is expanded by split s % split_k: with a given xa (plain, or a split shrink's
-    partial sums handed on slot-major) each slot's term counts exactly once."""
+    """Group g of the expansion (a slot, or with dense slots up to 128 rows of B) is expanded by
+    split g % split_k: with a given xa (plain, or a split shrink's partial sums handed on
+    packed) each slot's term counts exactly once."""
     rng = np.random.default_rng(4000 * m + e + 10 * split_k)
     depth = 96  # K that 2 shrink splits and 3 projection splits of 16-row steps both tile
     x = normal(rng, (m, depth), jnp.float32)
@@ -370,27 +405,34 @@ def test_expansion_spread_over_the_splits(m, e, k, split_k):
     w, wg = (stack(rng, N, jnp.float32, k=depth) for _ in range(2))
     (a, b), (ag, bg) = (lora_stacks(rng, e, N, jnp.float32, k=depth) for _ in range(2))
     xa = lora_shrink(x, a, 1, slot_experts, slot_weights)
-    (partial,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, slot_major=True,
+    (partial,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, packed=True,
                                    block_sizes=ShrinkBlockSizes(block_k=16, split_k=2),
                                    interpret=True)
     assert partial.partial
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
+    # Gather slots of few rows may also expand row by row in registers ("rows").
+    expands = ("dot", "rows") if m * k < e and m <= MAX_EXPAND_ROWS else ("dot",)
     ref = routed_matmul_reference(x, w, 2, xa, b, 1, slot_experts)
-    for given in (xa, partial):
+    for given, expand in itertools.product((xa, partial), expands):
         got = routed_matmul(x, w, 2, given, b, 1, slot_experts, block_sizes=blocks,
-                            interpret=True)
-        assert rel_err(got, ref) < TOL[jnp.float32]
+                            expand=expand, interpret=True)
+        assert rel_err(got, ref) < TOL[jnp.float32], expand
     xag = lora_shrink(x, ag, 1, slot_experts, slot_weights)
-    got = routed_gate_up_matmul(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts,
-                                block_sizes=blocks, interpret=True)
     ref = routed_gate_up_matmul_reference(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts)
-    assert rel_err(got, ref) < TOL[jnp.float32]
+    for expand in expands:
+        got = routed_gate_up_matmul(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts,
+                                    block_sizes=blocks, expand=expand, interpret=True)
+        assert rel_err(got, ref) < TOL[jnp.float32], expand
 
 
-# (M, E, k): gather (2 slots), dense (8), more slots than are unrolled (34), two row blocks.
-@pytest.mark.parametrize("m,e,k,dtype", [(1, 8, 2, jnp.float32), (5, 8, 2, jnp.bfloat16),
-                                         (17, 128, 2, jnp.float32), (70, 8, 1, jnp.float32)])
-def test_down_shrink_in_the_gate_up_epilogue(m, e, k, dtype):
+# (M, E, k, expand): gather (2 slots), in registers too, dense (8), more slots than are
+# unrolled (34), two row blocks.
+@pytest.mark.parametrize("m,e,k,dtype,expand", [
+    (1, 8, 2, jnp.float32, "dot"), (2, 8, 2, jnp.bfloat16, "rows"),
+    (5, 8, 2, jnp.bfloat16, "dot"), (17, 128, 2, jnp.float32, "dot"),
+    (70, 8, 1, jnp.float32, "dot"),
+])
+def test_down_shrink_in_the_gate_up_epilogue(m, e, k, dtype, expand):
     """The gate/up kernel's epilogue adds every column block's share of the down projection's
     shrink; the routed down projection takes the sums as they are and equals the reference."""
     rng = np.random.default_rng(5000 * m + e)
@@ -403,14 +445,15 @@ def test_down_shrink_in_the_gate_up_epilogue(m, e, k, dtype):
     ad, bd = lora_stacks(rng, e, N, dtype, k=f)
     xas = tuple(lora_shrink(x, a, 1, slot_experts, slot_weights) for a in (ag, au))
     act, xa_down = routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts, *biases,
-                                         down_shrink=(ad, slot_weights), **INTERPRET16)
+                                         down_shrink=(ad, slot_weights), expand=expand,
+                                         **INTERPRET16)
     act_ref, xa_ref = routed_gate_up_matmul_reference(x, wg, wu, 2, xas, (bg, bu), 1,
                                                       slot_experts, *biases,
                                                       down_shrink=(ad, slot_weights))
     assert rel_err(act, act_ref) < TOL[dtype]
     assert xa_down.partial and xa_down.xa.dtype == jnp.float32
-    assert rel_err(xa_down.xa[0, :, :m].transpose(1, 0, 2), xa_ref) < TOL[dtype]
-    got = routed_matmul(act, wd, 2, xa_down, bd, 1, slot_experts, **INTERPRET16)
+    assert rel_err(xa_down.xa[0, :m].reshape(xa_ref.shape), xa_ref) < TOL[dtype]
+    got = routed_matmul(act, wd, 2, xa_down, bd, 1, slot_experts, expand=expand, **INTERPRET16)
     ref = routed_matmul_reference(act_ref, wd, 2, xa_ref, bd, 1, slot_experts)
     assert rel_err(got, ref) < TOL[dtype]
     with pytest.raises(ValueError, match="a stack"):
@@ -445,17 +488,28 @@ def test_rejects_bad_input():
         call(slot_experts=slot_experts.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"expected the xa of w \[M=2, S="):
         call(xa=xa[:1])
-    with pytest.raises(ValueError, match=r"expected the slot-major xa of w \[S=4, Mp=16, r\]"):
-        call(xa=SlotMajor(xa.transpose(1, 0, 2)))  # rows not padded to the row block
+    with pytest.raises(ValueError, match=r"expected the packed xa of w \[Mp=16, S\*r=64\]"):
+        call(xa=PackedXa(xa.reshape(2, -1)))  # rows not padded to the row block
     with pytest.raises(ValueError, match="expected x's dtype"):
         call(xa=xa.astype(jnp.bfloat16))
-    padded = jnp.zeros((2, 4, 16, 16), jnp.bfloat16)  # partial sums must stay float32; S = 4
+    padded = jnp.zeros((2, 16, 4 * 16), jnp.bfloat16)  # partial sums must stay float32; S = 4
     with pytest.raises(ValueError, match="partial sums of w's xa are bfloat16, expected float32"):
-        call(xa=SlotMajor(padded))
+        call(xa=PackedXa(padded))
     with pytest.raises(ValueError, match="rank r=8 must be a power of two"):
         call(xa=xa[..., :8], b=b[:, :, :8])
-    with pytest.raises(ValueError, match=r"expected the b stack of w \[La, E, r=16, N=80\]"):
+    with pytest.raises(ValueError, match=r"expected the b stack of w \[La, E, r, N=80\]"):
         call(b=b[..., :64])
+    with pytest.raises(ValueError, match=r"expected the xa of w \[M=2, S=4, r=32\] \(r from"):
+        call(b=jnp.concatenate([b, b], axis=2))
+    # Dense slots (S == E) are read as B[layer] whole: slot e must be expert e.
+    x4, dense_experts, dense_weights = slots_and_x(rng, 4, 2, e, jnp.float32)
+    xa4 = lora_shrink(x4, a, 1, dense_experts, dense_weights)
+    with pytest.raises(ValueError, match="slot e must be expert e"):
+        call(x=x4, xa=xa4, slot_experts=dense_experts[::-1])
+    with pytest.raises(ValueError, match="expand='rows' needs gather slots"):
+        call(x=x4, xa=xa4, slot_experts=dense_experts, expand="rows")
+    with pytest.raises(ValueError, match="unknown expand 'registers'"):
+        call(expand="registers")
     with pytest.raises(ValueError, match=r"expected the bias of w \[L, N\]"):
         call(bias=jnp.zeros((LAYERS, 64)))
     with pytest.raises(ValueError, match="multiples of 16"):

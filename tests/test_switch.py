@@ -64,12 +64,14 @@ def test_fused_kernels_equal_the_jnp_path_on_a_batch(params, mode):
     assert greedy(params, ad, PROMPTS, "pallas_interpret") == greedy(params, ad, PROMPTS, "xla")
 
 
-@pytest.mark.parametrize("shrink", ["xla", "pallas", "epilogue", "inline"])
-def test_every_shrink_placement_equals_the_jnp_path(params, shrink):
+@pytest.mark.parametrize("shrink,expand", [("xla", "auto"), ("pallas", "auto"),
+                                           ("epilogue", "auto"), ("epilogue", "rows"),
+                                           ("inline", "auto")])
+def test_every_shrink_placement_equals_the_jnp_path(params, shrink, expand):
     """x A as XLA ops, one Pallas launch per input group (down's in the gate/up kernel with
-    "epilogue"), or inside the projection kernels."""
+    "epilogue"), or inside the projection kernels; (x A) B by dots or row by row ("rows")."""
     ad = adapter("switch", router_layer=0, targets=("q", "k", "o", "gate", "up", "down"))
-    impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
+    impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
     assert greedy(params, ad, PROMPTS[:2], impl) == greedy(params, ad, PROMPTS[:2], "xla")
 
 
@@ -88,10 +90,11 @@ def test_decode_logits_match_across_impls(params):
     _, cache = lj.prefill(params, cache, tokens, lengths, CFG, adapter=ad)
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     want, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="xla")
-    for shrink in ("xla", "pallas", "pallas-split", "epilogue", "inline"):
-        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink)
+    for shrink, expand in (("xla", "auto"), ("pallas", "auto"), ("pallas-split", "auto"),
+                           ("epilogue", "auto"), ("epilogue", "rows"), ("inline", "auto")):
+        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
         got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=impl)
-        assert rel_err(got, want) < 1e-5, shrink
+        assert rel_err(got, want) < 1e-5, (shrink, expand)
 
 
 def test_merge_skips_a_repeated_route(params):
@@ -150,5 +153,8 @@ def test_impl_values():
     assert Impl().shrink in ("xla", "pallas", "pallas-split", "epilogue", "inline")
     with pytest.raises(ValueError, match="unknown lora_shrink"):
         Impl(lora_shrink="gpu")
+    assert Impl().expand in ("dot", "rows")
+    with pytest.raises(ValueError, match="unknown lora_expand"):
+        Impl(lora_expand="registers")
     with pytest.raises(ValueError, match="unknown backend"):
         Impl(backend="triton")
