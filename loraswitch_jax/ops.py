@@ -53,10 +53,13 @@ _DEFAULT_SHRINK = "epilogue"
 # at batch 1 (0.914x), 12.01 against 13.86 at batch 32 (0.867x).
 _DEFAULT_ATTENTION = "pallas"
 
-# How the routed kernels expand a given x A when Impl.lora_expand is "auto": "dot" (tensor-core
-# dots after the K loop) until "rows" (registers, loads issued before the loop; gather slots of
-# at most 4 rows) is measured against it.
-_DEFAULT_EXPAND = "dot"
+# How the routed kernels expand a given x A when Impl.lora_expand is "auto" ("rows" applies to
+# gather slots of at most 4 rows; "dot" elsewhere). Source: eval/results/adapters/
+# bench_adapters_issue4_dense.md (H100 80GB HBM3, JAX 0.11.2, 2026-11-23; Llama-2-7B shapes,
+# E 8, r 16, k 2, context 1024): switch decode at batch 1 took 1.123x the backbone's time with
+# "rows" (registers, loads issued before the K loop) against 1.144x with "dot" (tensor-core
+# dots after it), in the same run.
+_DEFAULT_EXPAND = "rows"
 
 
 @dataclasses.dataclass(frozen=True)
