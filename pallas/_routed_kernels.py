@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ._tiles import (
+    GROUP_COLUMNS,
     SCALAR,
     PackedXa,
     bias_row,
@@ -30,6 +31,7 @@ from ._tiles import (
     check_rank,
     check_slots,
     compiler_params,
+    group_weights,
     dot_f32,
     expert_tile,
     fit_shared_memory,
@@ -38,6 +40,8 @@ from ._tiles import (
     out_shape,
     pad_rows,
     row_blocks,
+    slot_groups,
+    slot_rows_tile,
     stream_k,
     weight_tile,
     whole,
@@ -222,7 +226,6 @@ def _is_inline(lora_refs) -> bool:
 
 
 _UNROLLED_GROUPS = 8  # expansion dots per program up to which they are unrolled (loads up front)
-_GROUP_ROWS = 128  # rows of B[layer] (as [E r, N]) one dense expansion dot reads, at most
 
 
 def _split_groups(split, split_k, count):
@@ -249,7 +252,7 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
 
     The term is a sum of dots over groups of ``xa``'s columns. Gather slots: one group per slot,
     ``r`` rows of its expert's ``B``. Dense slots (``S == E``, slot ``e`` is expert ``e``): ``xa``
-    and ``B[adapted]`` line up row for row, so groups of up to :data:`_GROUP_ROWS` rows span
+    and ``B[adapted]`` line up row for row, so groups of up to :data:`GROUP_COLUMNS` rows span
     several experts (E 8, r 16: one dot where there were 8). Group ``g`` goes to split
     ``g % split_k``; up to :data:`_UNROLLED_GROUPS` per program are unrolled, so all their loads
     are issued together, more run in a loop. Measured on an H100 (eval/results/adapters/
@@ -261,7 +264,7 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
     width = xa_ref.shape[-1]  # S r
     rank = width // slots_ref.shape[0]
     dense = b_ref.shape[1] == width
-    size = largest_divisor(width, (_GROUP_ROWS, 64, 32, 16)) if dense else rank
+    size = largest_divisor(width, (GROUP_COLUMNS, 64, 32, 16)) if dense else rank
     count = width // size
 
     def term(g, valid):
@@ -422,29 +425,42 @@ def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num
     """Add this program's share of the down projection's shrink, ``act[:, cols] @
     a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into the packed
     ``xa [Mp, S r]`` (float32, zeroed before the launch) for every slot ``s``: atomic adds, since
-    every column block of the activations contributes to every slot. Only the ``num_rows`` real
-    rows are added (at decode most rows are padding, and the adds of all programs meet at one
-    place); interpret mode, which takes no mask, adds the padding rows' zeros too (their slot
-    weights are 0)."""
+    every column block of the activations contributes to every slot.
+
+    Slots go in groups of up to :data:`GROUP_COLUMNS` columns (:func:`slot_groups`; E 8, r 16:
+    one), each one load, one dot and one atomic add: Pallas' atomics are acquire-release, so
+    each one waits for the memory operations before it and holds back those after it, and a
+    load-dot-atomic chain per slot ran the 8 dense slots of batch 8 one after another (the
+    routed gate/up kernel took 18.5 us more per layer than the plain one on an H100; one slot,
+    3.9 us: eval/results/profile/profile_step_b8.md). Only the ``num_rows`` real rows are added
+    (at decode most rows are padding, and the adds of all programs meet at one place);
+    interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
+    are 0)."""
     _, adapted, slots_ref = ids
     a_ref, sw_ref = down_refs
     block_m, r = act.shape[0], a_ref.shape[3]
-    cols = pl.ds(col_block * block_n, block_n)
+    num_slots = slots_ref.shape[0]
+    dense = num_slots == a_ref.shape[1]
     rows = pl.ds(row_block * block_m, block_m)
-    real = jnp.broadcast_to(
-        (row_block * block_m + jnp.arange(block_m) < num_rows)[:, None], (block_m, r))
 
-    def add(s):
-        part = dot_f32(act, a_ref[adapted, slots_ref[s], cols, :].astype(act.dtype))
-        plgpu.atomic_add(xa_ref, (rows, pl.ds(s * r, r)), part * sw_ref[s][:, None],
+    def add(first, count):
+        a = slot_rows_tile(a_ref, adapted, slots_ref, col_block * block_n, block_n, first, count,
+                           dense)
+        part = dot_f32(act, a.astype(act.dtype)) * group_weights(lambda s: sw_ref[s], first,
+                                                                   count, r, block_m)
+        real = (row_block * block_m + jax.lax.broadcasted_iota(jnp.int32, part.shape, 0)
+                < num_rows)
+        plgpu.atomic_add(xa_ref, (rows, pl.ds(first * r, count * r)), part,
                          mask=None if interpret else real)
 
-    num_slots = slots_ref.shape[0]
-    if num_slots <= _UNROLLED_GROUPS:
-        for s in range(num_slots):
-            add(jnp.int32(s))
-    else:
-        jax.lax.fori_loop(0, num_slots, lambda s, carry: (add(s), carry)[1], 0)
+    groups = slot_groups(num_slots, r)
+    full = [g for g in groups if g[1] == groups[0][1]]
+    if len(full) > _UNROLLED_GROUPS:  # e.g. 128 dense slots: a loop over the full groups
+        count = full[0][1]
+        jax.lax.fori_loop(0, len(full), lambda g, carry: (add(g * count, count), carry)[1], 0)
+        groups = groups[len(full):]
+    for first, count in groups:
+        add(first, count)
 
 
 def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, down,
@@ -461,10 +477,10 @@ def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias,
     if blocking["split_k"] == 1:
         o_ref = out_refs[0]
         act = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
-        o_ref[...] = act
-        if down is not None:
+        if down is not None:  # first: an atomic add waits for the stores before it
             _shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
                          blocking["block_n"], down, interpret)
+        o_ref[...] = act
     else:
         og_ref, ou_ref = out_refs
         og_ref[...] = gate

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 __all__ = [
+    "GROUP_COLUMNS",
     "MAX_BLOCK_M",
     "PackedXa",
     "SCALAR",
@@ -37,6 +38,7 @@ __all__ = [
     "dot_f32",
     "expert_tile",
     "fit_shared_memory",
+    "group_weights",
     "is_block",
     "is_concrete",
     "largest_divisor",
@@ -45,6 +47,8 @@ __all__ = [
     "padded_rows",
     "row_blocks",
     "shared_memory_bytes",
+    "slot_groups",
+    "slot_rows_tile",
     "stream_columns",
     "stream_k",
     "summable_partials",
@@ -53,6 +57,7 @@ __all__ = [
 ]
 
 MAX_BLOCK_M = 64  # rows per program of the routed kernels; not measured (decode fits in one)
+GROUP_COLUMNS = 128  # columns of slots (S r) one dot of an expansion or a shrink covers, at most
 
 
 @jax.tree_util.register_dataclass
@@ -290,3 +295,51 @@ def check_slots(slot_experts, slot_weights=None, num_rows: int | None = None) ->
     if slot_weights is not None and slot_weights.shape != (num_rows, slot_experts.shape[0]):
         raise ValueError(f"expected slot_weights [M, S] = {(num_rows, slot_experts.shape[0])}, "
                          f"got {slot_weights.shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots side by side (one dot for several slots)
+
+
+def slot_groups(num_slots: int, rank: int) -> list[tuple[int, int]]:
+    """``(first slot, count)`` groups covering the slots in order, each ``count * rank`` columns
+    a power of two (a Triton block) and at most :data:`GROUP_COLUMNS` wide: full groups first,
+    then the binary decomposition of the rest (6 slots of rank 16: 4 then 2)."""
+    most = max(1, GROUP_COLUMNS // rank)
+    groups, first = [], 0
+    while num_slots - first >= most:
+        groups.append((first, most))
+        first += most
+    for bit in reversed(range(most.bit_length())):
+        if (num_slots - first) & (1 << bit):
+            groups.append((first, 1 << bit))
+            first += 1 << bit
+    return groups
+
+
+def slot_rows_tile(a_ref, adapted, slots_ref, start, size, first, count, dense):
+    """Rows ``[start, start + size)`` of ``a[adapted, slot_experts[s]]`` (``a [La, E, K, r]``)
+    for slots ``[first, first + count)``, side by side: ``[size, count * r]``, the operand of
+    one dot. Dense slots (slot ``e`` is expert ``e``) are consecutive experts: one load
+    ``[count, size, r]``, its first two axes swapped. Gather slots read their experts through an
+    index array: one load either way, no chain of loads per slot."""
+    r = a_ref.shape[3]
+    if dense:
+        a = a_ref[adapted, pl.ds(first, count), pl.ds(start, size), :]  # [count, size, r]
+        return jnp.transpose(a, (1, 0, 2)).reshape(size, count * r)
+    column = jax.lax.broadcasted_iota(jnp.int32, (size, count * r), 1)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (size, count * r), 0) + start
+    expert = jnp.zeros_like(column)
+    for j in range(count):
+        expert = jnp.where(column // r == j, slots_ref[first + j], expert)
+    return a_ref[adapted, expert, rows, column % r]
+
+
+def group_weights(slot_weights, first, count, r, block_m):
+    """The weights of slots ``[first, first + count)`` per column of their group, float32
+    ``[block_m, count * r]``; ``slot_weights(s)`` loads slot ``s``'s ``[block_m]``."""
+    slot = jax.lax.broadcasted_iota(jnp.int32, (block_m, count * r), 1) // r
+    weights = jnp.zeros((block_m, count * r), jnp.float32)
+    for j in range(count):
+        weights = jnp.where(slot == j, slot_weights(first + j)[:, None], weights)
+    return weights

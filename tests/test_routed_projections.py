@@ -425,10 +425,11 @@ def test_expansion_spread_over_the_splits(m, e, k, split_k):
         assert rel_err(got, ref) < TOL[jnp.float32], expand
 
 
-# (M, E, k, expand): gather (2 slots), in registers too, dense (8), more slots than are
-# unrolled (34), two row blocks.
+# (M, E, k, expand): gather (2 slots), in registers too, gather slots in groups of 4 + 2 and
+# of 8 + 2, dense (8), dense groups in a loop (128 slots: 16 groups), two row blocks.
 @pytest.mark.parametrize("m,e,k,dtype,expand", [
     (1, 8, 2, jnp.float32, "dot"), (2, 8, 2, jnp.bfloat16, "rows"),
+    (3, 8, 2, jnp.float32, "dot"), (5, 32, 2, jnp.float32, "dot"),
     (5, 8, 2, jnp.bfloat16, "dot"), (17, 128, 2, jnp.float32, "dot"),
     (70, 8, 1, jnp.float32, "dot"),
 ])
@@ -463,6 +464,23 @@ def test_down_shrink_in_the_gate_up_epilogue(m, e, k, dtype, expand):
         routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts,
                               down_shrink=(ad, slot_weights), interpret=True,
                               block_sizes=BlockSizes(block_n=16, block_k=16, split_k=3))
+
+
+def test_slot_groups_are_blocks_in_order():
+    """The epilogue's slot groups: in order, each a power-of-two block of columns, at most 128
+    wide."""
+    from loraswitch_jax.pallas._tiles import slot_groups
+
+    assert slot_groups(8, 16) == [(0, 8)]
+    assert slot_groups(6, 16) == [(0, 4), (4, 2)]
+    assert slot_groups(1, 16) == [(0, 1)]
+    assert slot_groups(128, 16) == [(8 * g, 8) for g in range(16)]
+    assert slot_groups(13, 32) == [(0, 4), (4, 4), (8, 4), (12, 1)]
+    for slots, rank in ((126, 16), (7, 64), (3, 128)):
+        groups = slot_groups(slots, rank)
+        assert [f for f, _ in groups] == list(np.cumsum([0] + [c for _, c in groups])[:-1])
+        assert sum(c for _, c in groups) == slots
+        assert all(c & (c - 1) == 0 and c * rank <= 128 or c == 1 for _, c in groups)
 
 
 def test_rejects_bad_input():
