@@ -6,8 +6,11 @@ kernel can expand it (``lora_shrink`` explains the slots). Computed apart, the s
 of its own per group, short and bound by latency: on an H100 at Llama-2-7B shapes the three
 shrink launches of a layer took about 0.4 ms of device time per step at batch 1 and 8
 (``eval/results/profile/``). Here the norm's kernel does both: each program normalises a chunk
-of ``K`` for a block of rows (their sum of squares over all of ``K`` first, re-read from L2) and
-multiplies it by that chunk of each slot's ``A``. The shrink's float32 partial sums, one per
+of ``K`` for a block of rows and multiplies it by that chunk of each slot's ``A``. The rows'
+inverse RMS comes in computed (one XLA reduction, which fuses with the residual add before it):
+a sum of squares over all of ``K`` in every program, a chain of 16 dependent loads, made the
+kernel cost more than the launch it saves (on an H100, 1.61x the backbone's decode time at
+batch 1 against 1.13x without it: ``eval/results/adapters/bench_adapters_issue4_norm.md``). The shrink's float32 partial sums, one per
 chunk, go to the routed kernels packed (``PackedXa [chunks, Mp, S r]``), which add them up
 as they do a split shrink's.
 
@@ -76,26 +79,18 @@ def rms_norm_shrink_reference(h, weight, layer, eps, a, adapted_layer, slot_expe
     return x, lora_shrink_group_reference(x, a, adapted_layer, slot_experts, slot_weights)
 
 
-def _kernel(layer_ref, adapted_ref, slots_ref, h_ref, w_ref, sw_ref, *refs, num_rows, chunk,
-            eps, dense):
-    # Program (c, i, p): h_ref [M, K], w_ref [L, K], sw_ref [S, Mp], a refs [La, E, K, r_p]
-    # whole (in HBM); x_ref [Mp, K] and o refs [chunks, Mp, S r_p] whole: this program writes
-    # rows block i of chunk c of x (p == 0) and of projection p's partial shrink.
+def _kernel(layer_ref, adapted_ref, slots_ref, h_ref, inv_ref, w_ref, sw_ref, *refs, num_rows,
+            chunk, dense):
+    # Program (c, i, p): h_ref [M, K], inv_ref [Mp], w_ref [L, K], sw_ref [S, Mp], a refs
+    # [La, E, K, r_p] whole (in HBM); x_ref [Mp, K] and o refs [chunks, Mp, S r_p] whole: this
+    # program writes rows block i of chunk c of x (p == 0) and of projection p's partial shrink.
     a_refs, (x_ref, *o_refs) = refs[:len(refs) // 2], refs[len(refs) // 2:]
     c, i, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    k = h_ref.shape[1]
     rows = pl.ds(i * _BLOCK_M, _BLOCK_M)
     real = i * _BLOCK_M + jax.lax.broadcasted_iota(jnp.int32, (_BLOCK_M, chunk), 0) < num_rows
-
-    def load(j):  # chunk j of h's rows, float32, zero past the real rows
-        h = plgpu.load(h_ref.at[rows, pl.ds(j * chunk, chunk)], mask=real, other=0)
-        return h.astype(jnp.float32)
-
-    squares = jax.lax.fori_loop(0, k // chunk, lambda j, s: s + (load(j) ** 2).sum(axis=1),
-                                jnp.zeros((_BLOCK_M,), jnp.float32))
-    inv = jax.lax.rsqrt(squares / k + eps)
+    h = plgpu.load(h_ref.at[rows, pl.ds(c * chunk, chunk)], mask=real, other=0)  # 0 past M
     gain = w_ref[layer_ref[()], pl.ds(c * chunk, chunk)].astype(jnp.float32)
-    x = (load(c) * inv[:, None] * gain[None, :]).astype(x_ref.dtype)
+    x = (h.astype(jnp.float32) * inv_ref[rows][:, None] * gain[None, :]).astype(x_ref.dtype)
 
     @pl.when(p == 0)
     def _():
@@ -193,16 +188,18 @@ def _rms_norm_shrink(h, weight, layer, adapted_layer, a, slot_experts, slot_weig
     dense = num_slots == a[0].shape[1]
     out_shapes = [jax.ShapeDtypeStruct((mp, k), h.dtype)] + [
         jax.ShapeDtypeStruct((num_chunks, mp, num_slots * a_q.shape[3]), jnp.float32) for a_q in a]
+    h32 = h.astype(jnp.float32)  # the inverse RMS as layers.rms_norm computes it
+    inv = jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1) + eps)
     x, *xas = pl.pallas_call(
-        functools.partial(_kernel, num_rows=m, chunk=chunk, eps=eps, dense=dense),
+        functools.partial(_kernel, num_rows=m, chunk=chunk, dense=dense),
         grid=(num_chunks, mp // _BLOCK_M, len(a)),
-        in_specs=[SCALAR, SCALAR, whole(slot_experts.shape), whole(h.shape), whole(weight.shape),
-                  whole((num_slots, mp)), *(whole(a_q.shape) for a_q in a)],
+        in_specs=[SCALAR, SCALAR, whole(slot_experts.shape), whole(h.shape), whole((mp,)),
+                  whole(weight.shape), whole((num_slots, mp)), *(whole(a_q.shape) for a_q in a)],
         out_specs=[whole(s.shape) for s in out_shapes],
         out_shape=out_shapes,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name=f"rms_norm_shrink{len(a)}_c{chunk}",
-    )(layer, adapted_layer, slot_experts, h, weight,
+    )(layer, adapted_layer, slot_experts, h, pad_rows(inv, mp), weight,
       pad_rows(slot_weights.astype(jnp.float32), mp).T, *a)
     return x[:m], tuple(PackedXa(xa) for xa in xas)
