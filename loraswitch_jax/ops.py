@@ -229,11 +229,15 @@ class _Routed:
     a: tuple[jax.Array | None, ...]
     b: tuple[jax.Array | None, ...]
     expand: str = "dot"
+    zeros: jax.Array | None = None  # for the down shrink's atomic adds, made by the norm kernel
 
 
-def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array | Normed, impl: Impl):
+def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array | Normed, impl: Impl,
+            zeros_rank: int | None = None):
     """The routed-kernel operands for ``projs`` sharing input ``x``, or None when the routed
-    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank)."""
+    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank).
+    ``zeros_rank``: where the norm kernel runs, it also zeroes the down shrink's sums
+    (``norm_shrink.rms_norm_shrink``'s ``zeros_rank``)."""
     if impl.xla or lora is None or not any(lora.adapts(p) for p in projs):
         return None
     from loraswitch_jax.pallas import lora_shrink as shrink_kernel
@@ -262,12 +266,13 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array | Normed
     expand = "rows" if (impl.expand == "rows" and slot_experts.shape[0] < num_experts
                         and _flat(h).shape[0] <= kernel.MAX_EXPAND_ROWS) else "dot"
     if shrink == "norm":
-        flat, group = norm_shrink.rms_norm_shrink(
+        flat, group, *zeros = norm_shrink.rms_norm_shrink(
             _flat(x.h), x.weight, x.layer, x.eps, tuple(lora.a[p] for p in adapted), lora.layer,
-            slot_experts, slot_weights, interpret=impl.interpret)
+            slot_experts, slot_weights, zeros_rank=zeros_rank, interpret=impl.interpret)
         group = iter(group)
         xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
-        return _Routed(_unflat(flat, x.h), slot_experts, slot_weights, False, xas, a, b, expand)
+        return _Routed(_unflat(flat, x.h), slot_experts, slot_weights, False, xas, a, b, expand,
+                       zeros[0] if zeros else None)
     x = _value(x)
     if shrink == "inline":
         return _Routed(x, slot_experts, slot_weights, True, (None,) * len(projs), a, b)
@@ -408,13 +413,14 @@ def mlp(
     if (impl.shrink in ("epilogue", "norm") and lora is not None and lora.adapts("down")
             and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
-        routed = _routed(lora, ("gate", "up"), x, impl)
+        routed = _routed(lora, ("gate", "up"), x, impl, zeros_rank=lora.a["down"].shape[-1])
         if routed is not None:
             x = routed.x
+            zeros = () if routed.zeros is None else (routed.zeros,)
             act, xa_down = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
                 routed.slot_experts, b_gate, b_up,
-                down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
+                down_shrink=(lora.a["down"], routed.slot_weights, *zeros), expand=routed.expand,
                 interpret=impl.interpret)
             y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
                                             lora.layer, routed.slot_experts, b_down,

@@ -80,13 +80,23 @@ def rms_norm_shrink_reference(h, weight, layer, eps, a, adapted_layer, slot_expe
 
 
 def _kernel(layer_ref, adapted_ref, slots_ref, h_ref, inv_ref, w_ref, sw_ref, *refs, num_rows,
-            chunk, dense):
+            chunk, dense, zeros_rank):
     # Program (c, i, p): h_ref [M, K], inv_ref [Mp], w_ref [L, K], sw_ref [S, Mp], a refs
     # [La, E, K, r_p] whole (in HBM); x_ref [Mp, K] and o refs [chunks, Mp, S r_p] whole: this
-    # program writes rows block i of chunk c of x (p == 0) and of projection p's partial shrink.
+    # program writes rows block i of chunk c of x (p == 0) and of projection p's partial shrink;
+    # with zeros_rank, z_ref [Mp, S zeros_rank] last, zeroed by the programs of c == p == 0.
+    if zeros_rank:
+        *refs, z_ref = refs
     a_refs, (x_ref, *o_refs) = refs[:len(refs) // 2], refs[len(refs) // 2:]
     c, i, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(i * _BLOCK_M, _BLOCK_M)
+    if zeros_rank:
+        @pl.when((c == 0) & (p == 0))
+        def _():
+            for first, count in slot_groups(slots_ref.shape[0], zeros_rank):
+                z_ref[rows, pl.ds(first * zeros_rank, count * zeros_rank)] = jnp.zeros(
+                    (_BLOCK_M, count * zeros_rank), jnp.float32)
+
     real = i * _BLOCK_M + jax.lax.broadcasted_iota(jnp.int32, (_BLOCK_M, chunk), 0) < num_rows
     h = plgpu.load(h_ref.at[rows, pl.ds(c * chunk, chunk)], mask=real, other=0)  # 0 past M
     gain = w_ref[layer_ref[()], pl.ds(c * chunk, chunk)].astype(jnp.float32)
@@ -149,8 +159,9 @@ def rms_norm_shrink(
     slot_experts: jax.Array,
     slot_weights: jax.Array,
     *,
+    zeros_rank: int | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, tuple[PackedXa, ...]]:
+) -> tuple[jax.Array, tuple[PackedXa, ...]] | tuple[jax.Array, tuple[PackedXa, ...], jax.Array]:
     """RMSNorm of ``h`` and the LoRA shrinks of the result, in one launch.
 
     Args:
@@ -161,25 +172,31 @@ def rms_norm_shrink(
         ranks powers of two ``>= 16``).
       adapted_layer: index into ``La``, may be traced.
       slot_experts, slot_weights: ``[S]`` and ``[M, S]`` from ``lora_shrink.route_slots``.
+      zeros_rank: also return float32 zeros ``[Mp, S * zeros_rank]``, written by the kernel:
+        where the gate/up kernel's epilogue adds up the down projection's shrink
+        (``routed_gate_up_matmul``'s ``down_shrink``), which then needs no launch to zero it.
       interpret: run in Pallas interpret mode (CPU tests).
 
     Returns:
       ``x [M, K]`` in ``h.dtype`` and one :class:`PackedXa` of float32 partial sums ``[chunks,
-      Mp, S r_p]`` per stack, which the routed kernels add up and round to ``h.dtype``.
+      Mp, S r_p]`` per stack, which the routed kernels add up and round to ``h.dtype``; with
+      ``zeros_rank``, the zeros third.
     """
     a = tuple(a)
     _check(h, weight, a, slot_experts, slot_weights)
+    if zeros_rank is not None:
+        check_rank(zeros_rank)
     check_layer(layer, weight.shape[0])
     check_adapted(adapted_layer, slot_experts, a[0].shape[:2])
     return _rms_norm_shrink(h, weight, jnp.asarray(layer, jnp.int32),
                             jnp.asarray(adapted_layer, jnp.int32), a,
                             slot_experts.astype(jnp.int32), slot_weights, eps=float(eps),
-                            interpret=interpret)
+                            zeros_rank=zeros_rank, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "zeros_rank", "interpret"))
 def _rms_norm_shrink(h, weight, layer, adapted_layer, a, slot_experts, slot_weights, *, eps,
-                     interpret):
+                     zeros_rank, interpret):
     m, k = h.shape
     num_chunks = chunks(k)
     chunk = k // num_chunks
@@ -188,10 +205,12 @@ def _rms_norm_shrink(h, weight, layer, adapted_layer, a, slot_experts, slot_weig
     dense = num_slots == a[0].shape[1]
     out_shapes = [jax.ShapeDtypeStruct((mp, k), h.dtype)] + [
         jax.ShapeDtypeStruct((num_chunks, mp, num_slots * a_q.shape[3]), jnp.float32) for a_q in a]
+    if zeros_rank:
+        out_shapes.append(jax.ShapeDtypeStruct((mp, num_slots * zeros_rank), jnp.float32))
     h32 = h.astype(jnp.float32)  # the inverse RMS as layers.rms_norm computes it
     inv = jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1) + eps)
-    x, *xas = pl.pallas_call(
-        functools.partial(_kernel, num_rows=m, chunk=chunk, dense=dense),
+    outs = pl.pallas_call(
+        functools.partial(_kernel, num_rows=m, chunk=chunk, dense=dense, zeros_rank=zeros_rank),
         grid=(num_chunks, mp // _BLOCK_M, len(a)),
         in_specs=[SCALAR, SCALAR, whole(slot_experts.shape), whole(h.shape), whole((mp,)),
                   whole(weight.shape), whole((num_slots, mp)), *(whole(a_q.shape) for a_q in a)],
@@ -202,4 +221,5 @@ def _rms_norm_shrink(h, weight, layer, adapted_layer, a, slot_experts, slot_weig
         name=f"rms_norm_shrink{len(a)}_c{chunk}",
     )(layer, adapted_layer, slot_experts, h, pad_rows(inv, mp), weight,
       pad_rows(slot_weights.astype(jnp.float32), mp).T, *a)
-    return x[:m], tuple(PackedXa(xa) for xa in xas)
+    x, xas = outs[0][:m], tuple(PackedXa(xa) for xa in outs[1:1 + len(a)])
+    return (x, xas, outs[-1]) if zeros_rank else (x, xas)

@@ -59,6 +59,22 @@ def test_equals_the_norm_and_the_shrink(m, e, k, dtype):
         assert rel_err(summed(xa, m, xa_ref), xa_ref) < TOL[dtype]
 
 
+def test_zeros_for_the_down_shrink():
+    """With zeros_rank the kernel also writes the zeros where the gate/up epilogue adds up the
+    down projection's shrink (interpret mode starts outputs as NaN: every element is written)."""
+    rng = np.random.default_rng(11)
+    for m, e, k in ((3, 8, 2), (20, 8, 2)):  # gather (6 slots: groups 4 + 2), dense
+        h, weight, stacks, slot_experts, slot_weights = operands(rng, m, k, e, jnp.float32)
+        x, xas, zeros = rms_norm_shrink(h, weight, 2, EPS, stacks, 1, slot_experts, slot_weights,
+                                        zeros_rank=32, interpret=True)
+        mp = 16 * -(-m // 16)
+        assert zeros.shape == (mp, slot_experts.shape[0] * 32) and zeros.dtype == jnp.float32
+        assert not np.asarray(zeros).any()
+        x2, xas2 = rms_norm_shrink(h, weight, 2, EPS, stacks, 1, slot_experts, slot_weights,
+                                   interpret=True)
+        assert np.array_equal(x, x2) and all(np.array_equal(a.xa, b.xa) for a, b in zip(xas, xas2))
+
+
 def test_feeds_the_routed_kernels():
     """The packed partial sums go to the routed q/k/v kernel as they are."""
     rng = np.random.default_rng(7)
