@@ -148,9 +148,6 @@ MODES: dict[str, Mode] = {
     "switch-fused-inline": Mode("switch", "pallas", "fused", shrink="inline"),
     # down's x A by its own launch rather than in the gate/up kernel's epilogue.
     "switch-fused-separate-down-shrink": Mode("switch", "pallas", "fused", shrink="pallas-split"),
-    # q, k, v's and gate, up's x A in the kernel of the RMSNorm before them (down's in the
-    # gate/up epilogue, o's in its own launch).
-    "switch-fused-norm-shrink": Mode("switch", "pallas", "fused", shrink="norm"),
     # (x A) B of gather slots at up to 4 rows in registers, loads before the K loop.
     "switch-fused-rows": Mode("switch", "pallas", "fused", expand="rows", max_batch=4),
     "switch-merge": Mode("switch", "pallas", "merge", max_batch=1),
@@ -200,8 +197,7 @@ def _fits(case: Case) -> bool:
 
 def issue4_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)) -> list[Case]:
     """Every mode at E 8, k 2. The acceptance targets' modes at every batch come first."""
-    first = ("backbone", "switch-fused", "switch-fused-norm-shrink", "switch-fused-rows",
-             "switch-merge")
+    first = ("backbone", "switch-fused", "switch-fused-rows", "switch-merge")
     rest = ("backbone-xla-attention", "switch-fused-unsplit-shrink", "switch-fused-inline",
             "switch-fused-xla-shrink", "switch-fused-separate-down-shrink",
             "lora",

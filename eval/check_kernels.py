@@ -29,7 +29,6 @@ from loraswitch_jax.eval.bench_decode import _environment, _time_calls, log, mea
 from loraswitch_jax.pallas import decode_attention as attention
 from loraswitch_jax.pallas import fused_projections as fused
 from loraswitch_jax.pallas import lora_shrink as shrink
-from loraswitch_jax.pallas import norm_shrink
 from loraswitch_jax.pallas import routed_projections as routed
 from loraswitch_jax.pallas import stacked_matmul as stacked
 from loraswitch_jax.pallas import switch_merge as merge
@@ -200,21 +199,6 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       lambda xm=xm, slots=slots, weights=weights: shrink.lora_shrink_group_reference(
                           xm, group, layer, slots, weights),
                       touched * 3 * a["q"][0, 0].size * 2))
-        # q, k, v's x A in the RMSNorm's kernel ("norm"), the norm's output beside it.
-        ns = jax.jit(functools.partial(norm_shrink.rms_norm_shrink, interpret=interpret),
-                     static_argnums=3)
-        gain = _normal(next(keys), (L, d), 1.0)
-
-        def norm_and_shrink(xm=xm, slots=slots, weights=weights, m=m):
-            x_, xas = ns(xm, gain, layer, 1e-5, group, layer, slots, weights)
-            return (x_,) + tuple(xa.xa.sum(0)[:m].reshape(m, -1, r).astype(x_.dtype)
-                                 for xa in xas)
-
-        cases.append((f"rms_norm_shrink q,k,v M={m} E={E}", norm_and_shrink,
-                      lambda xm=xm, slots=slots, weights=weights: (lambda x_, xas: (x_, *xas))(
-                          *norm_shrink.rms_norm_shrink_reference(xm, gain, layer, 1e-5, group,
-                                                                 layer, slots, weights)),
-                      touched * 3 * a["q"][0, 0].size * 2 + 2 * _nbytes(xm)))
         if m * s.top_k < E:
             ri = jax.jit(functools.partial(routed.routed_qkv_matmul_inline_shrink,
                                            interpret=interpret))

@@ -57,16 +57,13 @@ def _layer(
     B, T, _ = h.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     inv_freq = rope_inv_freq(cfg)
-    # The norm is left to the projections' ops (a kernel may fuse it with the LoRA shrink),
-    # except where this layer's own router needs its output first.
-    x = ops.Normed(h, layers.attn_norm, layer, cfg.rms_norm_eps)
+    x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
 
     routing, lora = None, None
     if adapter is not None:
         acfg = adapter.config
         adapted = layer - acfg.first_layer
         if acfg.mode == "layerwise":
-            x = x.value()
             route, probs = compute_route(x, adapter.router[adapted], acfg.top_k)
             routing = (probs, route.expert_ids)
         lora = ops.LoraTerm(a=adapter.a, b=adapter.b, layer=adapted, route=route,
@@ -97,7 +94,7 @@ def _layer(
         attended = ops.cached_attention(q, cache.k, cache.v, layer, positions, mask, impl)
     h = h + linear(attended, "o")
 
-    x = ops.Normed(h, layers.mlp_norm, layer, cfg.rms_norm_eps)
+    x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU, then down.
     h = h + ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
                     tuple(layers.bias(p) for p in ("gate", "up", "down")), impl, lora)

@@ -22,16 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from loraswitch_jax.adapters import lora_delta
-from loraswitch_jax.layers import attention, rms_norm
+from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["ATTENTIONS", "EXPANDS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "Normed",
-           "cached_attention", "mlp", "qkv_linear", "resolve_impl", "shared_slots",
-           "stacked_linear", "swiglu"]
+__all__ = ["ATTENTIONS", "EXPANDS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
+           "mlp", "qkv_linear", "resolve_impl", "shared_slots", "stacked_linear", "swiglu"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
-SHRINKS = ("auto", "xla", "pallas", "pallas-split", "epilogue", "norm", "inline")
+SHRINKS = ("auto", "xla", "pallas", "pallas-split", "epilogue", "inline")
 ATTENTIONS = ("auto", "xla", "pallas")
 EXPANDS = ("auto", "dot", "rows")
 
@@ -70,10 +69,7 @@ class Impl:
     XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
     input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode),
     ``"epilogue"`` (``"pallas-split"``, but the down projection's ``x A`` is computed in the
-    gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"norm"``
-    (``"epilogue"``, and the ``x A`` of ``q, k, v`` and of ``gate, up`` in the kernel of the
-    RMSNorm that makes their input, ``pallas/norm_shrink.py``: two launches fewer per layer;
-    shared routes only, where the input arrives as :class:`Normed`), ``"inline"``
+    gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"inline"``
     (inside every program of the projection kernel; no launch, redundant reads) or ``"auto"``;
     ``attention`` how decode attends over the cache: ``"pallas"`` (``pallas/decode_attention.py``:
     the stacked cache read in place, valid slots only; its cache length must be a multiple of 16,
@@ -187,25 +183,6 @@ def shared_slots(route: Route, num_experts: int, scale: float,
                        scale)
 
 
-@dataclasses.dataclass(frozen=True)
-class Normed:
-    """``layers.rms_norm(h, weight[layer], eps)``, not yet computed: the input of a projection
-    group (``q, k, v`` or ``gate, up``) whose shrink can ride in the norm's own kernel
-    (``Impl.lora_shrink="norm"``). Every other path computes :meth:`value` first."""
-
-    h: jax.Array
-    weight: jax.Array  # [L, d], the stacked norm weights
-    layer: int | jax.Array
-    eps: float
-
-    def value(self) -> jax.Array:
-        return rms_norm(self.h, self.weight[self.layer], self.eps)
-
-
-def _value(x: jax.Array | Normed) -> jax.Array:
-    return x.value() if isinstance(x, Normed) else x
-
-
 def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
@@ -216,12 +193,10 @@ def _unflat(y: jax.Array, like: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Routed:
-    """What the routed kernels take for a group of projections sharing one input: the input ``x``
-    (``[..., d]``, computed here from a :class:`Normed`), expert slots, and per projection ``B``
-    plus either the shrink ``x A`` (``xas``) or, for ``inline``, ``A``; ``expand`` as the kernels
-    take it."""
+    """What the routed kernels take for a group of projections sharing one input: expert slots,
+    and per projection ``B`` plus either the shrink ``x A`` (``xas``) or, for ``inline``, ``A``;
+    ``expand`` as the kernels take it."""
 
-    x: jax.Array
     slot_experts: jax.Array
     slot_weights: jax.Array
     inline: bool
@@ -229,25 +204,19 @@ class _Routed:
     a: tuple[jax.Array | None, ...]
     b: tuple[jax.Array | None, ...]
     expand: str = "dot"
-    zeros: jax.Array | None = None  # for the down shrink's atomic adds, made by the norm kernel
 
 
-def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array | Normed, impl: Impl,
-            zeros_rank: int | None = None):
+def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: Impl):
     """The routed-kernel operands for ``projs`` sharing input ``x``, or None when the routed
-    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank).
-    ``zeros_rank``: where the norm kernel runs, it also zeroes the down shrink's sums
-    (``norm_shrink.rms_norm_shrink``'s ``zeros_rank``)."""
+    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank)."""
     if impl.xla or lora is None or not any(lora.adapts(p) for p in projs):
         return None
     from loraswitch_jax.pallas import lora_shrink as shrink_kernel
-    from loraswitch_jax.pallas import norm_shrink
     from loraswitch_jax.pallas import routed_projections as kernel
 
     adapted = [p for p in projs if lora.adapts(p)]
     widths = [lora.b[p].shape[-1] for p in adapted]
-    h = x.h if isinstance(x, Normed) else x
-    if not kernel.supports(h.shape[-1], *widths, rank=lora.a[adapted[0]].shape[-1]):
+    if not kernel.supports(x.shape[-1], *widths, rank=lora.a[adapted[0]].shape[-1]):
         return None
     ids = lora.route.expert_ids
     num_experts = lora.a[adapted[0]].shape[1]
@@ -260,23 +229,11 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array | Normed
         shrink = "xla"  # each projection drops out its own copy of x
     if shrink == "inline" and ids.size >= num_experts:
         shrink = "pallas"  # dense slots (one per expert): inline would hold E accumulators
-    if shrink == "norm" and not (isinstance(x, Normed) and norm_shrink.supports(
-            h.shape[-1], *(lora.a[p].shape[-1] for p in adapted))):
-        shrink = "epilogue"  # the norm is not this group's own, or its kernel cannot tile it
-    expand = "rows" if (impl.expand == "rows" and slot_experts.shape[0] < num_experts
-                        and _flat(h).shape[0] <= kernel.MAX_EXPAND_ROWS) else "dot"
-    if shrink == "norm":
-        flat, group, *zeros = norm_shrink.rms_norm_shrink(
-            _flat(x.h), x.weight, x.layer, x.eps, tuple(lora.a[p] for p in adapted), lora.layer,
-            slot_experts, slot_weights, zeros_rank=zeros_rank, interpret=impl.interpret)
-        group = iter(group)
-        xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
-        return _Routed(_unflat(flat, x.h), slot_experts, slot_weights, False, xas, a, b, expand,
-                       zeros[0] if zeros else None)
-    x = _value(x)
     if shrink == "inline":
-        return _Routed(x, slot_experts, slot_weights, True, (None,) * len(projs), a, b)
+        return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
+    expand = "rows" if (impl.expand == "rows" and slot_experts.shape[0] < num_experts
+                        and flat.shape[0] <= kernel.MAX_EXPAND_ROWS) else "dot"
     if shrink in ("pallas", "pallas-split", "epilogue"):
         # Packed: the routed kernel reads the shrink's output as written, no copy between.
         group = iter(shrink_kernel.lora_shrink_group(
@@ -289,7 +246,7 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array | Normed
                                       slot_experts, slot_weights) if lora.adapts(p) else None
             for p in projs
         )
-    return _Routed(x, slot_experts, slot_weights, False, xas, a, b, expand)
+    return _Routed(slot_experts, slot_weights, False, xas, a, b, expand)
 
 
 def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
@@ -304,7 +261,6 @@ def stacked_linear(
     plus ``lora``'s term for ``proj`` when it adapts it."""
     from loraswitch_jax.pallas import stacked_matmul as kernel
 
-    x = _value(x)  # a Normed input only reaches here when its group's kernels cannot fuse
     k, n = w.shape[1:]
     if impl.xla or not kernel.supports(k, n):
         # Shapes the kernel cannot tile (not multiples of 16) take the XLA path.
@@ -340,12 +296,10 @@ def qkv_linear(
 
     wq, wk, wv = w
     if impl.xla or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
-        x = _value(x)
         return tuple(stacked_linear(x, wi, layer, bi, impl, lora, p)
                      for wi, bi, p in zip(w, b, ("q", "k", "v")))
     interpret = impl.interpret
     routed = _routed(lora, ("q", "k", "v"), x, impl)
-    x = _value(x) if routed is None else routed.x
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -375,7 +329,6 @@ def swiglu(
     adapted = lora is not None and (lora.adapts("gate") or lora.adapts("up"))
     fusable = not impl.xla and kernel.supports(w_gate.shape[1], w_gate.shape[2])
     routed = _routed(lora, ("gate", "up"), x, impl) if fusable else None
-    x = _value(x) if routed is None else routed.x
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -402,25 +355,23 @@ def mlp(
     lora: LoraTerm | None = None,
 ) -> jax.Array:
     """The SwiGLU MLP ``down(silu(x W_gate + b) * (x W_up + b)) + b`` of ``x [..., d]``, with
-    ``lora``'s terms in all three projections. With ``Impl.lora_shrink`` ``"epilogue"`` (or
-    ``"norm"``) and all three adapted, the gate/up kernel also computes the down projection's ``x A`` (no shrink
+    ``lora``'s terms in all three projections. With ``Impl.lora_shrink`` ``"epilogue"`` and all
+    three adapted, the gate/up kernel also computes the down projection's ``x A`` (no shrink
     launch for ``down``); else :func:`swiglu` then :func:`stacked_linear`."""
     from loraswitch_jax.pallas import fused_projections as fused_kernel
     from loraswitch_jax.pallas import routed_projections as routed_kernel
 
     b_gate, b_up, b_down = biases
     d, f = w_gate.shape[1], w_gate.shape[2]
-    if (impl.shrink in ("epilogue", "norm") and lora is not None and lora.adapts("down")
+    if (impl.shrink == "epilogue" and lora is not None and lora.adapts("down")
             and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
-        routed = _routed(lora, ("gate", "up"), x, impl, zeros_rank=lora.a["down"].shape[-1])
+        routed = _routed(lora, ("gate", "up"), x, impl)
         if routed is not None:
-            x = routed.x
-            zeros = () if routed.zeros is None else (routed.zeros,)
             act, xa_down = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
                 routed.slot_experts, b_gate, b_up,
-                down_shrink=(lora.a["down"], routed.slot_weights, *zeros), expand=routed.expand,
+                down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
                 interpret=impl.interpret)
             y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
                                             lora.layer, routed.slot_experts, b_down,

@@ -134,11 +134,10 @@ def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_exp
         raise ValueError(f"b stacks have different (La, E): {experts}")
 
 
-def check_down_shrink(x, w_gate, down, slot_experts, bs) -> None:
+def check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs) -> None:
     """Operands of the gate/up kernel's down shrink: ``a_down [La, E, F, r]`` (``F`` the gate's
-    width, ``r`` a kernel rank, ``(La, E)`` those of the ``B`` stacks), ``slot_weights
-    [M, S]`` and, when given, float32 ``zeros [Mp, S r]``."""
-    a_down, slot_weights, *zeros = down
+    width, ``r`` a kernel rank, ``(La, E)`` those of the ``B`` stacks) and ``slot_weights
+    [M, S]``."""
     f = w_gate.shape[-1]
     if a_down.ndim != 4 or a_down.shape[2] != f:
         raise ValueError(f"expected the down projection's a stack [La, E, F={f}, r], got "
@@ -149,10 +148,6 @@ def check_down_shrink(x, w_gate, down, slot_experts, bs) -> None:
         raise ValueError(f"a_down stacks (La, E) = {a_down.shape[:2]}, the b stacks "
                          f"{b.shape[:2]}")
     check_slots(slot_experts, slot_weights, x.shape[0])
-    want = (row_blocks(x.shape[0])[1], slot_experts.shape[0] * a_down.shape[3])
-    if zeros and (zeros[0].shape != want or zeros[0].dtype != jnp.float32):
-        raise ValueError(f"the down shrink's zeros must be float32 [Mp, S*r] = {want}, got "
-                         f"{zeros[0].dtype} {zeros[0].shape}")
 
 
 def check_dense_slots(slot_experts, bs) -> None:
@@ -544,9 +539,8 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     spec = _out_spec(block_m, block_sizes.block_n, split_k)
     out_shapes, out_specs, aliases = [shape] * outputs, [spec] * outputs, {}
     if down is not None:
-        a_down, slot_weights, *given = down
-        # The atomic adds' start: zeros, made here or by an earlier kernel (norm_shrink).
-        zeros = given[0] if given else jnp.zeros((mp, num_slots * a_down.shape[3]), jnp.float32)
+        a_down, slot_weights = down
+        zeros = jnp.zeros((mp, num_slots * a_down.shape[3]), jnp.float32)  # the atomic adds' start
         operands += [a_down, pad_rows(slot_weights.astype(jnp.float32), mp).T, zeros]
         specs += [whole(a_down.shape), pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m)),
                   whole(zeros.shape)]

@@ -190,7 +190,7 @@ def routed_gate_up_matmul_reference(
     slot_experts: jax.Array,
     b_gate: jax.Array | None = None,
     b_up: jax.Array | None = None,
-    down_shrink: tuple[jax.Array, ...] | None = None,
+    down_shrink: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``silu(gate) * up`` of the two routed projections, in float32, ``x.dtype`` out; with
     ``down_shrink = (a_down, slot_weights)`` also :func:`lora_shrink` of it, ``[M, S, r]``."""
@@ -201,7 +201,7 @@ def routed_gate_up_matmul_reference(
     act = (jax.nn.silu(gate) * up).astype(x.dtype)
     if down_shrink is None:
         return act
-    a_down, slot_weights = down_shrink[:2]  # (a third, the kernel's zeros, is not needed)
+    a_down, slot_weights = down_shrink
     return act, lora_shrink(act, a_down, adapted_layer, slot_experts, slot_weights)
 
 
@@ -451,7 +451,7 @@ def routed_gate_up_matmul(
     b_gate: jax.Array | None = None,
     b_up: jax.Array | None = None,
     *,
-    down_shrink: tuple[jax.Array, ...] | None = None,
+    down_shrink: tuple[jax.Array, jax.Array] | None = None,
     block_sizes: BlockSizes | None = None,
     expand: str = "dot",
     interpret: bool = False,
@@ -474,9 +474,7 @@ def routed_gate_up_matmul(
       adapted_layer, slot_experts: as in :func:`routed_matmul`.
       b_gate, b_up: optional ``[L, F]`` biases.
       down_shrink: optional ``(a_down [La, E, F, r], slot_weights [M, S])``: the down
-        projection's ``A`` stack and the slot weights of :func:`lora_shrink.route_slots`;
-        optionally a third, float32 zeros ``[Mp, S * r]`` where the sums start (made by an
-        earlier kernel, ``norm_shrink``'s ``zeros_rank``; else a launch here zeroes them).
+        projection's ``A`` stack and the slot weights of :func:`lora_shrink.route_slots`.
       block_sizes: default from ``fused_projections`` (measured without the LoRA term). With
         ``split_k > 1`` the kernel writes float32 partial sums and XLA adds biases and SiLU
         (not with ``down_shrink``).
@@ -493,9 +491,9 @@ def routed_gate_up_matmul(
     check_dense_slots(slot_experts, bs)
     check_expand(expand, x.shape[0], slot_experts, bs)
     if down_shrink is not None:
-        down_shrink = tuple(down_shrink)
-        check_down_shrink(x, w_gate, down_shrink, slot_experts, bs)
-        check_adapted(adapted_layer, slot_experts, down_shrink[0].shape[:2])
+        a_down, slot_weights = down_shrink
+        check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs)
+        check_adapted(adapted_layer, slot_experts, a_down.shape[:2])
     return _routed_gate_up_matmul(x, w_gate, w_up, layer, tuple(xas), tuple(bs), adapted_layer,
                                   slot_experts, b_gate, b_up, down_shrink,
                                   block_sizes=block_sizes, expand=expand, interpret=interpret)

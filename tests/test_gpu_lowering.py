@@ -37,10 +37,6 @@ def adapter_shapes(mode):
     ("switch", "fused", "epilogue", 1),
     ("switch", "fused", "rows", 1),  # lora_expand="rows"
     ("switch", "fused", "epilogue", 64),
-    ("switch", "fused", "norm", 1),
-    ("switch", "fused", "norm", 8),
-    ("switch", "fused", "norm", 64),
-    ("lora", "fused", "norm", 1),
     ("switch", "fused", "inline", 1),
     ("switch", "fused", "xla", 8),
     ("switch", "fused", "pallas", 64),
@@ -59,8 +55,6 @@ def test_generation_lowers_for_gpu(mode, strategy, shrink, batch):
                               cfg=CFG, gen=gen, cache_len=64, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
-    if shrink == "norm":
-        assert "rms_norm_shrink" in text
     assert "decode_attention" in text  # the kernel by default (ops._DEFAULT_ATTENTION)
 
 

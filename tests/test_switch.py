@@ -66,12 +66,10 @@ def test_fused_kernels_equal_the_jnp_path_on_a_batch(params, mode):
 
 @pytest.mark.parametrize("shrink,expand", [("xla", "auto"), ("pallas", "auto"),
                                            ("epilogue", "auto"), ("epilogue", "rows"),
-                                           ("norm", "auto"), ("norm", "rows"),
                                            ("inline", "auto")])
 def test_every_shrink_placement_equals_the_jnp_path(params, shrink, expand):
     """x A as XLA ops, one Pallas launch per input group (down's in the gate/up kernel with
-    "epilogue"; q, k, v's and gate, up's in the RMSNorm's kernel with "norm"), or inside the
-    projection kernels; (x A) B by dots or row by row ("rows")."""
+    "epilogue"), or inside the projection kernels; (x A) B by dots or row by row ("rows")."""
     ad = adapter("switch", router_layer=0, targets=("q", "k", "o", "gate", "up", "down"))
     impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
     assert greedy(params, ad, PROMPTS[:2], impl) == greedy(params, ad, PROMPTS[:2], "xla")
@@ -93,8 +91,7 @@ def test_decode_logits_match_across_impls(params):
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     want, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="xla")
     for shrink, expand in (("xla", "auto"), ("pallas", "auto"), ("pallas-split", "auto"),
-                           ("epilogue", "auto"), ("epilogue", "rows"), ("norm", "auto"),
-                           ("norm", "rows"), ("inline", "auto")):
+                           ("epilogue", "auto"), ("epilogue", "rows"), ("inline", "auto")):
         impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
         got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=impl)
         assert rel_err(got, want) < 1e-5, (shrink, expand)
@@ -153,7 +150,7 @@ def test_bad_strategy_requests(params):
 def test_impl_values():
     assert resolve_impl("pallas_interpret") == Impl(backend="pallas", interpret=True)
     assert resolve_impl("xla").xla and resolve_impl("auto").xla  # no GPU here
-    assert Impl().shrink in ("xla", "pallas", "pallas-split", "epilogue", "norm", "inline")
+    assert Impl().shrink in ("xla", "pallas", "pallas-split", "epilogue", "inline")
     with pytest.raises(ValueError, match="unknown lora_shrink"):
         Impl(lora_shrink="gpu")
     assert Impl().expand in ("dot", "rows")
