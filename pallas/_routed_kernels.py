@@ -226,6 +226,18 @@ def _is_inline(lora_refs) -> bool:
 
 
 _UNROLLED_GROUPS = 8  # expansion dots per program up to which they are unrolled (loads up front)
+# Bytes of operands the unrolled expansion dots may load up front (each dot's operands sit in
+# shared memory, about 227 KiB on an H100): 4 dense groups with split float32 xa, 384 KiB, failed
+# to compile at Llama-2-7B shapes, E 128, batch 64 (eval/results/suite/suite_7b_e128_b64/);
+# 4 groups of bf16 xa, 192 KiB (q, k, v at E 32, batch 64), compiled and ran.
+_UNROLLED_BYTES = 192 * 1024
+
+
+def unrolled(rounds: int, group_bytes: int) -> bool:
+    """Whether ``rounds`` expansion dots of one program, each loading ``group_bytes`` of
+    operands, are unrolled (their loads issued together) rather than run in a loop."""
+    return rounds == 1 or (rounds <= _UNROLLED_GROUPS
+                           and rounds * group_bytes <= _UNROLLED_BYTES)
 
 
 def _split_groups(split, split_k, count):
@@ -254,8 +266,8 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
     ``r`` rows of its expert's ``B``. Dense slots (``S == E``, slot ``e`` is expert ``e``): ``xa``
     and ``B[adapted]`` line up row for row, so groups of up to :data:`GROUP_COLUMNS` rows span
     several experts (E 8, r 16: one dot where there were 8). Group ``g`` goes to split
-    ``g % split_k``; up to :data:`_UNROLLED_GROUPS` per program are unrolled, so all their loads
-    are issued together, more run in a loop. Measured on an H100 (eval/results/adapters/
+    ``g % split_k``; up to :data:`_UNROLLED_GROUPS` per program (and :data:`_UNROLLED_BYTES` of
+    operands) are unrolled, so all their loads are issued together, more run in a loop. Measured on an H100 (eval/results/adapters/
     bench_adapters_issue4_expand.md) with one dot per slot: spreading the slots over the splits
     took switch decode from 1.134x to 1.125x the backbone at batch 1 and from 1.315x to 1.261x
     at batch 8; adding the terms before the K loop measured the same, and loading them before
@@ -279,7 +291,9 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
         return dot_f32(xa, b.astype(xa.dtype))
 
     rounds = -(-count // split_k)
-    if rounds <= _UNROLLED_GROUPS:
+    xa_bytes = np.prod(xa_ref.shape) // width * size * jnp.dtype(xa_ref.dtype).itemsize
+    group_bytes = xa_bytes + size * cols.size * jnp.dtype(b_ref.dtype).itemsize
+    if unrolled(rounds, group_bytes):
         for g, valid in _split_groups(split, split_k, count):
             acc = acc + term(g, valid)
         return acc

@@ -483,6 +483,15 @@ def test_slot_groups_are_blocks_in_order():
         assert all(c & (c - 1) == 0 and c * rank <= 128 or c == 1 for _, c in groups)
 
 
+def test_expansion_unrolls_within_shared_memory():
+    """Dense expansion groups are unrolled only while their operands fit shared memory: 4 groups
+    of split float32 xa (96 KiB each) failed to compile on an H100 at 7B shapes, E 128."""
+    from loraswitch_jax.pallas._routed_kernels import unrolled
+
+    assert unrolled(1, 10**6) and unrolled(4, 48 * 1024) and unrolled(8, 1024)
+    assert not unrolled(4, 96 * 1024) and not unrolled(9, 1024)
+
+
 def test_rejects_bad_input():
     rng = np.random.default_rng(9)
     e = 8
