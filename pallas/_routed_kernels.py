@@ -31,10 +31,10 @@ from ._tiles import (
     check_rank,
     check_slots,
     compiler_params,
-    group_weights,
     dot_f32,
     expert_tile,
     fit_shared_memory,
+    group_weights,
     is_concrete,
     largest_divisor,
     out_shape,
@@ -267,8 +267,9 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
     and ``B[adapted]`` line up row for row, so groups of up to :data:`GROUP_COLUMNS` rows span
     several experts (E 8, r 16: one dot where there were 8). Group ``g`` goes to split
     ``g % split_k``; up to :data:`_UNROLLED_GROUPS` per program (and :data:`_UNROLLED_BYTES` of
-    operands) are unrolled, so all their loads are issued together, more run in a loop. Measured on an H100 (eval/results/adapters/
-    bench_adapters_issue4_expand.md) with one dot per slot: spreading the slots over the splits
+    operands) are unrolled, so all their loads are issued together, more run in a loop.
+    Measured on an H100 (eval/results/adapters/bench_adapters_issue4_expand.md) with one dot per
+    slot: spreading the slots over the splits
     took switch decode from 1.134x to 1.125x the backbone at batch 1 and from 1.315x to 1.261x
     at batch 8; adding the terms before the K loop measured the same, and loading them before
     it overflowed shared memory."""
