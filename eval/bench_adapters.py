@@ -1,7 +1,7 @@
 """Decode latency of dynamic adapters beside the backbone, all in one run (DESIGN.md §2, §5).
 
 Every configuration (model preset, mode, batch, context, experts E, top-k) runs the jitted
-``_generate`` (prefill + device-side ``while_loop``) as ``bench_decode`` does: a generation of
+``generate_batch`` (prefill + device-side ``while_loop``) as ``bench_decode`` does: a generation of
 1 new token (prefill only) and one of N, interleaved; ``(median(T_N) - median(T_1)) / (N - 1)``
 is one decode step and ``batch * context / median(T_1)`` the prefill throughput (T_1 also holds
 the cache's allocation, the first token and, for switch-merge, the working copy of the weights).
@@ -80,7 +80,7 @@ from loraswitch_jax.eval.bench_decode import (
     measure_bandwidth,
     write_report,
 )
-from loraswitch_jax.generate import GenerateConfig, _generate
+from loraswitch_jax.generate import GenerateConfig, generate_batch
 from loraswitch_jax.layers import rms_norm
 from loraswitch_jax.ops import Impl
 from loraswitch_jax.params import LlamaParams
@@ -415,7 +415,7 @@ def bench_case(case: Case, params: LlamaParams, bc: BenchConfig, bw: dict) -> di
                          switch_strategy=mode.strategy)
     t0 = time.perf_counter()
     # One program for both lengths: it runs ``steps`` tokens (1 or N), traced.
-    run = _generate.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=cache_len,
+    run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=cache_len,
                           stream=None).compile()
     compile_s = time.perf_counter() - t0
     log(f"  compiled in {compile_s:.1f}s")

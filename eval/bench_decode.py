@@ -2,7 +2,7 @@
 
 For each batch size, on one model with random bf16 weights made on the device:
 
-* **generate loop**: the jitted ``_generate`` (prefill + device-side ``while_loop``) run with
+* **generate loop**: the jitted ``generate_batch`` (prefill + device-side ``while_loop``) run with
   ``N1`` and ``N2`` new tokens on the same cache length; ``(median(N2) - median(N1)) / (N2 - N1)``
   is the time of one decode step, prefill cancelling out.
 * **decode_step loop**: ``decode_step`` + greedy argmax jitted with the cache donated, called from a
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraswitch_jax.config import PRESETS, LlamaConfig
-from loraswitch_jax.generate import GenerateConfig, _generate
+from loraswitch_jax.generate import GenerateConfig, generate_batch
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.llama import decode_step
 from loraswitch_jax.params import LlamaParams, init_params
@@ -230,7 +230,7 @@ def _branches(line: str) -> list[str]:
 
 
 def count_loop_launches(hlo: str) -> dict:
-    """Launches per iteration of the largest ``while`` loop (the decode loop of ``_generate``:
+    """Launches per iteration of the largest ``while`` loop (the decode loop of ``generate_batch``:
     the prefill's layer scan is the other, smaller one); body plus condition."""
     comps, _ = _computations(hlo)
     best = {"launches": 0, "in_command_buffers": 0, "loops": 0, "kinds": {}}
@@ -351,7 +351,7 @@ def decode_bytes(params: LlamaParams, cfg: LlamaConfig, batch: int, context: flo
         head = params.lm_head.nbytes
         embed_rows = min(batch, params.embed.shape[0]) * row
     weights = _nbytes(params.layers) + params.final_norm.nbytes + head
-    # The cache has the weights' dtype (``_generate`` makes it with ``params.dtype``).
+    # The cache has the weights' dtype (``generate_batch`` makes it with ``params.dtype``).
     kv = 2 * cfg.num_hidden_layers * batch * context * cfg.kv_size * params.embed.dtype.itemsize
     return {
         "weights": weights,
@@ -434,7 +434,7 @@ def bench_decode_step(params: LlamaParams, cfg: LlamaConfig, batch: int, bc: Ben
 
 # ---------------------------------------------------------------------------------- generate
 def bench_generate(params: LlamaParams, cfg: LlamaConfig, batch: int, bc: BenchConfig) -> dict:
-    """``_generate`` with N1 and N2 new tokens, interleaved; the difference is N2 - N1 steps."""
+    """``generate_batch`` with N1 and N2 new tokens, interleaved; the difference is N2 - N1 steps."""
     rng = np.random.default_rng(bc.seed + batch)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, bc.context), dtype=np.int32))
     lengths = jnp.full((batch,), bc.context, jnp.int32)
@@ -445,7 +445,7 @@ def bench_generate(params: LlamaParams, cfg: LlamaConfig, batch: int, bc: BenchC
     args = (params, None, tokens, lengths, key)
     t0 = time.perf_counter()
     # One program for both lengths: it runs ``steps`` tokens (N1 or N2), traced.
-    run = _generate.lower(*args, jnp.int32(n2), cfg=cfg, gen=gen, cache_len=bc.cache_len,
+    run = generate_batch.lower(*args, jnp.int32(n2), cfg=cfg, gen=gen, cache_len=bc.cache_len,
                           stream=None).compile()
     compile_s = time.perf_counter() - t0
     log(f"  generate N={n1}/{n2}: compiled in {compile_s:.1f}s")

@@ -40,7 +40,7 @@ import numpy as np
 from loraswitch_jax.config import PRESETS
 from loraswitch_jax.eval.bench_adapters import MODES, Case, _make_adapter, model_config
 from loraswitch_jax.eval.bench_decode import _environment, build_params, log, write_report
-from loraswitch_jax.generate import GenerateConfig, _generate
+from loraswitch_jax.generate import GenerateConfig, generate_batch
 from loraswitch_jax.sampling import Sampler
 
 __all__ = ["ProfileConfig", "kernel_group", "kernel_times", "main", "parse_args", "per_step",
@@ -167,7 +167,7 @@ def profile_mode(mode_name: str, params, pc: ProfileConfig) -> dict:
     gen = GenerateConfig(max_new_tokens=n, sampler=Sampler(temperature=1.0), stop_tokens=(),
                          cache_len=cache_len, impl=mode.kernels(mode.impl if pc.impl == "mode" else pc.impl),
                          switch_strategy=mode.strategy)
-    run = _generate.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=cache_len,
+    run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=cache_len,
                           stream=None).compile()
     with tempfile.TemporaryDirectory() as tmp:
         ev1, wall1 = _trace_events(lambda: run(*args, jnp.int32(1)), os.path.join(tmp, "one"))

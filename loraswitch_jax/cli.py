@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraswitch_jax.config import PRESETS, LlamaConfig
-from loraswitch_jax.generate import PAD, GenerateConfig, _generate, prepare_prompts
+from loraswitch_jax.generate import PAD, GenerateConfig, generate_batch, prepare_prompts
 from loraswitch_jax.params import LlamaParams, init_params
 from loraswitch_jax.sampling import Sampler
 from loraswitch_jax.tokenizer import Tokenizer, byte_tokenizer
@@ -83,7 +83,7 @@ def _generate_command(args) -> int:
     static = dict(cfg=cfg, gen=gen, cache_len=cache_len, stream=stream)
 
     t0 = time.perf_counter()
-    compiled = _generate.lower(*call_args, **static).compile()
+    compiled = generate_batch.lower(*call_args, **static).compile()
     compile_s = time.perf_counter() - t0
     if stream:
         print(f"\n--- {prompts[0]}", end="", flush=True)

@@ -26,10 +26,12 @@ from loraswitch_jax.sampling import Sampler, sample
 from loraswitch_jax.switch import STRATEGIES, init_merged, resolve_strategy
 
 __all__ = [
+    "PAD",
     "GenerateConfig",
     "Generation",
     "GenerationError",
     "generate",
+    "generate_batch",
     "prefill_chunk",
     "prepare_prompts",
 ]
@@ -148,10 +150,22 @@ def prefill_chunk(prefill_tokens: int | None, batch: int) -> int | None:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "cache_len", "stream"))
-def _generate(params, adapter, tokens, lengths, key, steps=None, *, cfg, gen, cache_len, stream):
-    # ``steps`` (traced, optional, >= 1): stop after that many tokens (the rest stay PAD), so
-    # one compiled program serves every shorter generation; benchmarks time 1 vs N tokens with
-    # it. The first token comes from the prefill, so fewer than 1 still gives one.
+def generate_batch(params, adapter, tokens, lengths, key, steps=None, *, cfg, gen, cache_len, stream):
+    """The jitted core of :func:`generate` over prompts already padded by :func:`prepare_prompts`.
+
+    Args:
+      params, adapter: as for :func:`generate` (``adapter`` may be ``None``).
+      tokens: ``[B, T] int32`` right-padded prompts; ``lengths [B] int32`` their lengths.
+      key: the sampling key.
+      steps: optional traced ``int32`` (>= 1): stop after that many tokens, the rest staying
+        ``PAD``, so one compiled program serves every shorter generation (benchmarks time 1
+        against N tokens with it). The first token comes from the prefill.
+      cfg, gen, cache_len, stream: static; as :func:`generate` and :func:`prepare_prompts` give
+        them. Inputs are not validated here: :func:`generate` does that.
+
+    Returns:
+      ``[B, gen.max_new_tokens] int32`` new tokens, ``PAD`` after a row stops.
+    """
     B = tokens.shape[0]
     n_new = gen.max_new_tokens
     limit = n_new if steps is None else jnp.minimum(steps, n_new)
@@ -227,7 +241,7 @@ def generate(
     if adapter is not None:
         check_adapter(adapter, cfg)
     _check_strategy(gen.switch_strategy, adapter, len(tokens))
-    out = _generate(
+    out = generate_batch(
         params, adapter, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, gen=gen, cache_len=cache_len, stream=stream,
     )

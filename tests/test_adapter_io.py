@@ -17,7 +17,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import loraswitch_jax as lj
-from conftest import build_hf_model, hf_logits, jit_forward, rel_err
+from tests.helpers import jit_forward, rel_err
+from tests.hf_models import build_hf_model, hf_logits
 from loraswitch_jax import AdapterConfig, AdapterError
 from loraswitch_jax.adapter_io import (
     ADAPTER_CONFIG,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from tests.helpers import rel_err
 from loraswitch_jax.pallas.decode_attention import (
     AttentionBlocks,
     decode_attention,

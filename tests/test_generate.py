@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from conftest import MAX_NEW, VOCAB, jit_forward
+from tests.helpers import MAX_NEW, VOCAB, jit_forward
 from loraswitch_jax import GenerateConfig, GenerationError, Sampler
-from loraswitch_jax.generate import _generate, prepare_prompts
+from loraswitch_jax.generate import generate_batch, prepare_prompts
 
 PAD = -1
 GREEDY = GenerateConfig(max_new_tokens=MAX_NEW, stop_tokens=())
@@ -215,11 +215,11 @@ def test_no_stop_tokens_never_stop(model, prompts, greedy):
 
 
 def test_traced_step_limit_serves_shorter_generations(model, prompts, greedy):
-    """``_generate(..., steps)``: one compiled program stops after ``steps`` tokens, which
+    """``generate_batch(..., steps)``: one compiled program stops after ``steps`` tokens, which
     equal the first ``steps`` of the full generation (the benchmarks time 1 vs N with it)."""
     params, cfg = model
     tokens, lengths, cache_len = prepare_prompts(prompts, cfg, GREEDY.max_new_tokens, None)
-    run = _generate.lower(params, None, tokens, lengths, jax.random.key(0), jnp.int32(MAX_NEW),
+    run = generate_batch.lower(params, None, tokens, lengths, jax.random.key(0), jnp.int32(MAX_NEW),
                           cfg=cfg, gen=GREEDY, cache_len=cache_len, stream=None).compile()
     for steps in (1, 3, MAX_NEW, MAX_NEW + 5):
         out = np.asarray(run(params, None, tokens, lengths, jax.random.key(0), jnp.int32(steps)))

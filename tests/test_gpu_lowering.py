@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import loraswitch_jax as lj
-from loraswitch_jax.generate import _generate
+from loraswitch_jax.generate import generate_batch
 from loraswitch_jax.ops import Impl
 
 CFG = dataclasses.replace(lj.PRESETS["llama2-7b"], num_hidden_layers=2)
@@ -51,7 +51,7 @@ def test_generation_lowers_for_gpu(mode, strategy, shrink, batch):
                             if shrink != "rows" else Impl(backend="pallas", lora_expand="rows"))
     tokens = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    lowered = _generate.trace(params, adapter_shapes(mode), tokens, lengths, jax.random.key(0),
+    lowered = generate_batch.trace(params, adapter_shapes(mode), tokens, lengths, jax.random.key(0),
                               cfg=CFG, gen=gen, cache_len=64, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
@@ -66,7 +66,7 @@ def test_xla_attention_on_request(mode):
     gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(),
                             impl=Impl(backend="pallas", attention="xla"))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-    lowered = _generate.trace(params, adapter_shapes(mode), tokens,
+    lowered = generate_batch.trace(params, adapter_shapes(mode), tokens,
                               jax.ShapeDtypeStruct((2,), jnp.int32), jax.random.key(0), cfg=CFG,
                               gen=gen, cache_len=64, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()

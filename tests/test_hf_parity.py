@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from conftest import MAX_NEW, hf_greedy, hf_logits, jit_forward, rel_err
+from tests.helpers import MAX_NEW, jit_forward, rel_err
+from tests.hf_models import hf_greedy, hf_logits
 
 GREEDY = lj.GenerateConfig(max_new_tokens=MAX_NEW, stop_tokens=())
 

@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import loraswitch_jax as lj  # noqa: E402
-from conftest import jit_forward, random_params  # noqa: E402
+from tests.helpers import jit_forward, random_params  # noqa: E402
 from loraswitch_jax.eval.lm_eval_client import LoraSwitchLM  # noqa: E402
 from loraswitch_jax.tokenizer import byte_tokenizer  # noqa: E402
 

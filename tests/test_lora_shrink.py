@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from tests.helpers import rel_err
 from loraswitch_jax.pallas._tiles import row_blocks
 from loraswitch_jax.pallas.lora_shrink import (
     ShrinkBlockSizes,

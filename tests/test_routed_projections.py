@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from tests.helpers import rel_err
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.pallas.lora_shrink import (
     ShrinkBlockSizes,
@@ -43,7 +43,7 @@ from loraswitch_jax.pallas.routed_projections import (
     supports,
 )
 from loraswitch_jax.router import Route
-from test_lora_shrink import (
+from tests.test_lora_shrink import (
     ADAPTED,
     K,
     LAYERS,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from conftest import rel_err
+from tests.helpers import rel_err
 from loraswitch_jax.pallas.stacked_matmul import (
     BlockSizes,
     default_block_sizes,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from conftest import rel_err
+from tests.helpers import rel_err
 from loraswitch_jax.ops import Impl, resolve_impl
 from loraswitch_jax.switch import init_merged, merge_route, resolve_strategy
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from tests.helpers import rel_err
 from loraswitch_jax.pallas.switch_merge import (
     BlockSizes,
     default_block_sizes,

@@ -16,7 +16,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import loraswitch_jax as lj
-from conftest import hf_logits, jit_forward, random_params, rel_err
+from tests.helpers import jit_forward, random_params, rel_err
+from tests.hf_models import hf_logits
 from loraswitch_jax import WeightsError
 
 SINGLE = "model.safetensors"
