@@ -1,12 +1,10 @@
-"""The machinery behind ``routed_projections`` (private to ``pallas``): operand checks, the kernels
-and the one ``pallas_call`` that every routed projection launches, for both placements of the
-shrink (``xa`` given, or computed inline).
+"""The kernels behind ``routed_projections`` (private to ``pallas``): the one ``pallas_call``
+that every routed projection launches (operand checks live in ``_routed_checks``).
 
 Each program computes one column block of one or more projections of ``x``: the K loop streams
-``W[layer][:, cols]`` (and, inline, ``A[adapted, slot_experts[s]]`` of every slot, sharing the
-``x`` loads), then the epilogue adds ``sum_s xa[:, s] @ B[adapted, slot_experts[s]][:, cols]``
-and the bias (``split_k == 1``; with ``split_k > 1`` XLA adds the bias after its reduction).
-Grid: (column blocks, split_k, row blocks).
+``W[layer][:, cols]``, then the epilogue adds ``sum_s xa[:, s] @ B[adapted, slot_experts[s]][:,
+cols]`` and the bias (``split_k == 1``; with ``split_k > 1`` XLA adds the bias after its
+reduction). Grid: (column blocks, split_k, row blocks).
 """
 
 from __future__ import annotations
@@ -19,225 +17,34 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._tiles import (
-    GROUP_COLUMNS,
-    SCALAR,
-    PackedXa,
-    bias_row,
+from ._blocks import (
     blocks_name,
-    check_adapted,
     check_block_sizes,
-    check_layer,
-    check_rank,
-    check_slots,
     compiler_params,
-    dot_f32,
-    expert_tile,
-    fit_shared_memory,
-    group_weights,
-    is_concrete,
     largest_divisor,
-    out_shape,
     pad_rows,
     row_blocks,
-    slot_groups,
-    slot_rows_tile,
-    stream_k,
-    weight_tile,
-    whole,
 )
+from ._slots import GROUP_COLUMNS, PackedXa, group_weights, slot_groups, slot_rows_tile
+from ._tiles import SCALAR, bias_row, dot_f32, out_shape, stream_k, weight_tile, whole
 from .fused_projections import default_gate_up_block_sizes, default_qkv_block_sizes
 from .stacked_matmul import default_block_sizes
+from .tuned import UNROLLED_BYTES, UNROLLED_GROUPS
 
 __all__ = [
-    "EXPANDS",
-    "GATE_UP",
-    "MAX_EXPAND_ROWS",
-    "QKV",
-    "check_arity",
-    "check_dense_slots",
-    "check_down_shrink",
-    "check_expand",
-    "check_indices",
-    "check_inline",
-    "check_operands",
     "gate_up_projections",
     "given_loras",
-    "inline_loras",
     "qkv_projections",
     "single_projection",
+    "unrolled",
 ]
-
-QKV = ("wq", "wk", "wv")  # projection names in error messages
-GATE_UP = ("w_gate", "w_up")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks
-
-
-def check_arity(count: int, **groups) -> None:
-    """Each of ``groups`` (tuples named by their keyword) holds one entry per projection."""
-    if any(len(group) != count for group in groups.values()):
-        raise ValueError(f"expected {count} {', '.join(groups)}, got lengths "
-                         f"{[len(group) for group in groups.values()]}")
-
-
-def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_experts) -> None:
-    """Shapes of ``x [M, K]``, ``w [L, K, N]``, ``bias [L, N]``, ``xa [M, S, r]`` (or a
-    :class:`PackedXa` ``[Mp, S * r]``) and ``b [La, E, r, N]`` (all keyed by projection name),
-    with one ``L`` and one ``(La, E)``."""
-    if x.ndim != 2:
-        raise ValueError(f"expected x [M, K], got {x.shape=}")
-    m, k = x.shape
-    check_slots(slot_experts)
-    num_slots = slot_experts.shape[0]
-    layers, experts = {}, {}
-    for name, w in weights.items():
-        if w.ndim != 3 or w.shape[1] != k:
-            raise ValueError(f"expected {name} [L, K={k}, N], got {name}.shape={w.shape}")
-        n = w.shape[2]
-        if k % 16 or n % 16:
-            raise ValueError(f"{name}: K={k} and N={n} must be multiples of 16")
-        layers[name] = w.shape[0]
-        bias = biases[name]
-        if bias is not None and bias.shape != (w.shape[0], n):
-            raise ValueError(f"expected the bias of {name} [L, N] = {(w.shape[0], n)}, "
-                             f"got {bias.shape}")
-        xa, b = xas[name], bs[name]
-        if (xa is None) != (b is None):
-            raise ValueError(f"{name}: pass both its xa and its b stack, or neither")
-        if xa is None:
-            continue
-        if b.ndim != 4 or b.shape[3] != n:
-            raise ValueError(f"expected the b stack of {name} [La, E, r, N={n}], got {b.shape}")
-        r = b.shape[2]
-        if isinstance(xa, PackedXa):
-            partial, xa, mp = xa.partial, xa.xa, row_blocks(m)[1]
-            if xa.ndim not in (2, 3) or xa.shape[-2:] != (mp, num_slots * r):
-                raise ValueError(f"expected the packed xa of {name} [Mp={mp}, S*r={num_slots * r}]"
-                                 f" or its partial sums [split_k, Mp, S*r], got {xa.shape}")
-        elif xa.ndim != 3 or xa.shape != (m, num_slots, r):
-            raise ValueError(f"expected the xa of {name} [M={m}, S={num_slots}, r={r}] (r from its "
-                             f"b stack), got {xa.shape}")
-        else:
-            partial = False
-        if partial and xa.dtype != jnp.float32:
-            raise ValueError(f"the partial sums of {name}'s xa are {xa.dtype}, expected float32")
-        if not partial and xa.dtype != x.dtype:
-            raise ValueError(f"the xa of {name} is {xa.dtype}, expected x's dtype {x.dtype}")
-        check_rank(r)
-        experts[name] = b.shape[:2]
-    if len(set(layers.values())) > 1:
-        raise ValueError(f"weights stack different layer counts: {layers}")
-    if len(set(experts.values())) > 1:
-        raise ValueError(f"b stacks have different (La, E): {experts}")
-
-
-def check_down_shrink(x, w_gate, a_down, slot_experts, slot_weights, bs) -> None:
-    """Operands of the gate/up kernel's down shrink: ``a_down [La, E, F, r]`` (``F`` the gate's
-    width, ``r`` a kernel rank, ``(La, E)`` those of the ``B`` stacks) and ``slot_weights
-    [M, S]``."""
-    f = w_gate.shape[-1]
-    if a_down.ndim != 4 or a_down.shape[2] != f:
-        raise ValueError(f"expected the down projection's a stack [La, E, F={f}, r], got "
-                         f"{a_down.shape}")
-    check_rank(a_down.shape[3])
-    b = next((b for b in bs if b is not None), None)
-    if b is not None and b.shape[:2] != a_down.shape[:2]:
-        raise ValueError(f"a_down stacks (La, E) = {a_down.shape[:2]}, the b stacks "
-                         f"{b.shape[:2]}")
-    check_slots(slot_experts, slot_weights, x.shape[0])
-
-
-def check_dense_slots(slot_experts, bs) -> None:
-    """With one slot per expert (``S == E``, :func:`lora_shrink.route_slots`' dense mode) slot
-    ``e`` must read expert ``e``: the kernels then read ``B[layer]`` whole, as ``[E r, N]``.
-    Checked when ``slot_experts`` is concrete."""
-    b = next((b for b in bs if b is not None), None)
-    if b is None or slot_experts.shape[0] != b.shape[1] or not is_concrete(slot_experts):
-        return
-    if not np.array_equal(np.asarray(slot_experts), np.arange(b.shape[1])):
-        raise ValueError(f"with S == E = {b.shape[1]} slots, slot e must be expert e (as "
-                         f"route_slots' dense mode gives); got slot_experts {slot_experts}")
-
-
-EXPANDS = ("dot", "rows")
-
-
-def check_expand(expand: str, num_rows: int, slot_experts, bs) -> None:
-    """How a given ``xa`` is expanded: ``"dot"`` (tensor-core dots after the K loop) or
-    ``"rows"`` (each real row in registers, from loads issued before the K loop): only for
-    gather slots (``S < E``) and at most :data:`MAX_EXPAND_ROWS` rows."""
-    if expand not in EXPANDS:
-        raise ValueError(f"unknown expand {expand!r}; expected one of {EXPANDS}")
-    b = next((b for b in bs if b is not None), None)
-    if expand == "rows" and b is not None and (
-            num_rows > MAX_EXPAND_ROWS or slot_experts.shape[0] >= b.shape[1]):
-        raise ValueError(f"expand='rows' needs gather slots (S={slot_experts.shape[0]} < "
-                         f"E={b.shape[1]}) and at most {MAX_EXPAND_ROWS} rows, got {num_rows}")
-
-
-def check_indices(layer, num_layers, adapted_layer, bs, slot_experts) -> None:
-    """Range checks of the indices that are concrete (traced ones must be in range: no clamp)."""
-    check_layer(layer, num_layers)
-    b = next((b for b in bs if b is not None), None)
-    if b is not None:
-        check_adapted(adapted_layer, slot_experts, b.shape[:2])
-
-
-def check_inline(x, as_: dict, bs: dict, slot_experts, slot_weights) -> dict:
-    """Shapes of the inline shrink's ``a [La, E, K, r]`` stacks (keyed by projection name, beside
-    their ``b``) and ``slot_weights [M, S]``. Returns the ``xa`` each projection computes in the
-    kernel, as ``lora_shrink`` would return it (``None`` where ``a`` is), so that
-    :func:`check_operands` checks the rest as for a given ``xa``."""
-    if x.ndim != 2:
-        raise ValueError(f"expected x [M, K], got {x.shape=}")
-    m, k = x.shape
-    check_slots(slot_experts, slot_weights, m)
-    xas = {}
-    for name, a in as_.items():
-        b = bs[name]
-        if (a is None) != (b is None):
-            raise ValueError(f"{name}: pass both its a and its b stack, or neither")
-        if a is not None:
-            if a.ndim != 4 or a.shape[2] != k:
-                raise ValueError(f"expected the a stack of {name} [La, E, K={k}, r], got {a.shape}")
-            if a.shape[:2] != b.shape[:2]:
-                raise ValueError(f"{name}: a and b must stack the same (La, E), got {a.shape=} "
-                                 f"and {b.shape=}")
-        xas[name] = None if a is None else jax.ShapeDtypeStruct(
-            (m, slot_experts.shape[0], a.shape[3]), x.dtype)
-    return xas
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-
-
-def _expand_slot(xa, b_ref, adapted, expert, cols):
-    """``xa [block_m, r] @ b[adapted, expert][:, cols]`` in float32."""
-    b = b_ref[adapted, expert, :, cols]  # [r, block_n]
-    return dot_f32(xa, b.astype(xa.dtype))
-
-
-def _is_inline(lora_refs) -> bool:
-    return lora_refs is not None and len(lora_refs) == 3
-
-
-_UNROLLED_GROUPS = 8  # expansion dots per program up to which they are unrolled (loads up front)
-# Bytes of operands the unrolled expansion dots may load up front (each dot's operands sit in
-# shared memory, about 227 KiB on an H100): 4 dense groups with split float32 xa, 384 KiB, failed
-# to compile at Llama-2-7B shapes, E 128, batch 64 (eval/results/suite/suite_7b_e128_b64/);
-# 4 groups of bf16 xa, 192 KiB (q, k, v at E 32, batch 64), compiled and ran.
-_UNROLLED_BYTES = 192 * 1024
 
 
 def unrolled(rounds: int, group_bytes: int) -> bool:
     """Whether ``rounds`` expansion dots of one program, each loading ``group_bytes`` of
     operands, are unrolled (their loads issued together) rather than run in a loop."""
-    return rounds == 1 or (rounds <= _UNROLLED_GROUPS
-                           and rounds * group_bytes <= _UNROLLED_BYTES)
+    return rounds == 1 or (rounds <= UNROLLED_GROUPS
+                           and rounds * group_bytes <= UNROLLED_BYTES)
 
 
 def _split_groups(split, split_k, count):
@@ -266,13 +73,9 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
     ``r`` rows of its expert's ``B``. Dense slots (``S == E``, slot ``e`` is expert ``e``): ``xa``
     and ``B[adapted]`` line up row for row, so groups of up to :data:`GROUP_COLUMNS` rows span
     several experts (E 8, r 16: one dot where there were 8). Group ``g`` goes to split
-    ``g % split_k``; up to :data:`_UNROLLED_GROUPS` per program (and :data:`_UNROLLED_BYTES` of
-    operands) are unrolled, so all their loads are issued together, more run in a loop.
-    Measured on an H100 (eval/results/adapters/bench_adapters_issue4_expand.md) with one dot per
-    slot: spreading the slots over the splits
-    took switch decode from 1.134x to 1.125x the backbone at batch 1 and from 1.315x to 1.261x
-    at batch 8; adding the terms before the K loop measured the same, and loading them before
-    it overflowed shared memory."""
+    ``g % split_k``; up to :data:`UNROLLED_GROUPS` per program (and :data:`UNROLLED_BYTES` of
+    operands) are unrolled, so all their loads are issued together, more run in a loop
+    (measured: ``tuned.py``)."""
     xa_ref, b_ref = lora_refs
     width = xa_ref.shape[-1]  # S r
     rank = width // slots_ref.shape[0]
@@ -304,10 +107,6 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
         return acc + term(jnp.minimum(g, count - 1), g < count)
 
     return jax.lax.fori_loop(0, rounds, body, acc)
-
-
-# Gather-mode expansions of at most this many real rows may run "rows": see _prefetch_rows.
-MAX_EXPAND_ROWS = 4
 
 
 def _prefetch_rows(lora_refs, slots_ref, adapted, cols, split, split_k, dtype, num_rows):
@@ -349,28 +148,19 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
     """Column block ``col_block`` of each projection, from split ``split``'s K chunk: float32
     ``[block_m, block_n]`` each, ``x @ w[layer]`` plus its LoRA term and bias.
 
-    ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None``,
-    ``(xa_ref, b_ref)`` (shrink done outside, packed ``xa [block_m, S r]``, ``b [La, E r, N]``;
-    expanded after the K loop by :func:`_expand_given`) or ``(a_ref, sw_ref, b_ref)`` (inline: ``x @ a[adapted,
-    slot_experts[s]]`` of every slot rides along with ``W`` in the one K loop, then is scaled by
-    the slot weights ``sw [S, block_m]`` and rounded to ``x.dtype`` as in ``lora_shrink``). All
-    projections share the K loop. ``expand_rows`` (the number of real rows, gather slots): a
-    given ``xa`` is expanded in registers from loads issued before the K loop
-    (:func:`_prefetch_rows`) instead of by tensor-core dots after it.
+    ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None`` or
+    ``(xa_ref, b_ref)`` (packed ``xa [block_m, S r]``, ``b [La, E r, N]``; expanded after the K
+    loop by :func:`_expand_given`). All projections share the K loop. ``expand_rows`` (the
+    number of real rows, gather slots): ``xa`` is expanded in registers from loads issued before
+    the K loop (:func:`_prefetch_rows`) instead of by tensor-core dots after it.
     """
     layer, adapted, slots_ref = ids
     cols = pl.ds(col_block * block_n, block_n)
-    inline = any(_is_inline(lora_refs) for _, lora_refs, _ in projections)
-    experts = [slots_ref[s] for s in range(slots_ref.shape[0])] if inline else []
-    tiles = []
-    for w_ref, lora_refs, _ in projections:
-        tiles.append(weight_tile(w_ref, layer, cols, block_n))
-        if _is_inline(lora_refs):
-            tiles += [expert_tile(lora_refs[0], adapted, e) for e in experts]
+    tiles = [weight_tile(w_ref, layer, cols, block_n) for w_ref, _, _ in projections]
     prefetched = [
         _prefetch_rows(lora_refs, slots_ref, adapted, cols, split, split_k, x_ref.dtype,
                        expand_rows)
-        if expand_rows and lora_refs is not None and not _is_inline(lora_refs) else None
+        if expand_rows and lora_refs is not None else None
         for _, lora_refs, _ in projections
     ]
     accs = iter(stream_k(x_ref, tiles, split * k_per_split, k_per_split // block_k,
@@ -380,12 +170,7 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
         acc = next(accs)
         if loaded is not None:
             acc = _expand_rows(acc, loaded)
-        if _is_inline(lora_refs):
-            _, sw_ref, b_ref = lora_refs
-            for s, expert in enumerate(experts):
-                xa = (next(accs) * sw_ref[s][:, None]).astype(x_ref.dtype)
-                acc = acc + _expand_slot(xa, b_ref, adapted, expert, cols)
-        elif lora_refs is not None and loaded is None:
+        elif lora_refs is not None:
             acc = _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k,
                                 x_ref.dtype)
         if bias_ref is not None:
@@ -409,9 +194,8 @@ def _unpack(refs, lora: tuple[int, ...], bias: tuple[bool, ...], down: bool = Fa
 
 def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks, lora, bias,
                         **blocking):
-    # x_ref [block_m, K]; whole (in HBM): w refs [L, K, N_p], b refs [La, E r, N_p] (inline:
-    # [La, E, r, N_p] and a refs [La, E, K, r]), bias refs [L, N_p]; packed xa refs
-    # [(split_k,) block_m, S r] (or slot weights [S, block_m]);
+    # x_ref [block_m, K]; whole (in HBM): w refs [L, K, N_p], b refs [La, E r, N_p], bias refs
+    # [L, N_p]; packed xa refs [(split_k,) block_m, S r];
     # o_ref [block_m, block_n]: column block n of the concatenated outputs (of split s when
     # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p.
     w_refs, lora_refs, bias_refs, _, (o_ref,) = _unpack(refs, lora, bias)
@@ -470,7 +254,7 @@ def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num
 
     groups = slot_groups(num_slots, r)
     full = [g for g in groups if g[1] == groups[0][1]]
-    if len(full) > _UNROLLED_GROUPS:  # e.g. 128 dense slots: a loop over the full groups
+    if len(full) > UNROLLED_GROUPS:  # e.g. 128 dense slots: a loop over the full groups
         count = full[0][1]
         jax.lax.fori_loop(0, len(full), lambda g, carry: (add(g * count, count), carry)[1], 0)
         groups = groups[len(full):]
@@ -515,7 +299,7 @@ def _out_spec(block_m, block_n, split_k):
 def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
             block_sizes, *, col_blocks, width, outputs, interpret, down=None, expand="dot"):
     """The shared ``pallas_call``: operands, specs and grid for ``ws`` (one or more projections),
-    their LoRA operands (``None``, ``(xa, b)`` or ``(a, slot_weights, b)`` each) and biases.
+    their LoRA operands (``None`` or ``(xa, b)`` each) and biases.
     Returns the raw output(s), ``[(split_k,) Mp, width]``; with ``down`` (``(a_down,
     slot_weights)``, gate/up only) also the down projection's packed shrink, float32
     ``[Mp, S r]``. ``expand``: ``"dot"`` or ``"rows"`` (:func:`check_expand`)."""
@@ -531,23 +315,16 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     for lora in loras:
         if lora is None:
             continue
-        if len(lora) == 2:
-            # xa packed, [Mp, S r]: a row block is one load, and B viewed as [La, E r, N] meets
-            # it row for row in dense mode.
-            xa, b = lora
-            xa = xa.xa if isinstance(xa, PackedXa) else pad_rows(xa.reshape(num_rows, -1), mp)
-            operands += [xa, b.reshape(b.shape[0], -1, b.shape[3])]
-            if xa.ndim == 2:
-                xa_spec = pl.BlockSpec((block_m, xa.shape[1]), lambda n, s, m: (m, 0))
-            else:  # a split shrink's partial sums, added up in the kernel
-                xa_spec = pl.BlockSpec((xa.shape[0], block_m, xa.shape[2]),
-                                       lambda n, s, m: (0, m, 0))
-            specs += [xa_spec, whole(operands[-1].shape)]
-        else:
-            a, slot_weights, b = lora  # slot weights as [S, Mp]
-            operands += [a, pad_rows(slot_weights.astype(jnp.float32), mp).T, b]
-            specs += [whole(a.shape), pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m)),
-                      whole(b.shape)]
+        # xa packed, [Mp, S r]: a row block is one load, and B viewed as [La, E r, N] meets it
+        # row for row in dense mode.
+        xa, b = lora
+        xa = xa.xa if isinstance(xa, PackedXa) else pad_rows(xa.reshape(num_rows, -1), mp)
+        operands += [xa, b.reshape(b.shape[0], -1, b.shape[3])]
+        if xa.ndim == 2:
+            xa_spec = pl.BlockSpec((block_m, xa.shape[1]), lambda n, s, m: (m, 0))
+        else:  # a split shrink's partial sums, added up in the kernel
+            xa_spec = pl.BlockSpec((xa.shape[0], block_m, xa.shape[2]), lambda n, s, m: (0, m, 0))
+        specs += [xa_spec, whole(operands[-1].shape)]
     operands += [b for b, has in zip(biases, in_bias) if has]
     specs += [whole(b.shape) for b, has in zip(biases, in_bias) if has]
     shape = out_shape(mp, width, split_k, x.dtype)
@@ -585,34 +362,13 @@ def given_loras(xas, bs):
     return tuple(None if xa is None else (xa, b) for xa, b in zip(xas, bs))
 
 
-def inline_loras(as_, slot_weights, bs):
-    """The LoRA operands of projections that shrink inline: ``(a, slot_weights, b)`` each, or
-    ``None``."""
-    return tuple(None if a is None else (a, slot_weights, b) for a, b in zip(as_, bs))
-
-
-def _fit_inline(bs, m, loras, *, one_branch):
-    """Default blocks made to fit shared memory beside the inline shrink's ``A`` tiles (``S``
-    slots of rank ``r`` per adapted projection, streamed with ``W``): ``one_branch`` when all
-    projections share one program (gate/up), else one branch each (q, k, v)."""
-    extra = [0 if lr is None or len(lr) != 3 else lr[0].shape[3] * lr[1].shape[1] for lr in loras]
-    if not any(extra):
-        return bs
-    block_m = row_blocks(m)[0]
-    if one_branch:
-        branches = ((bs.block_n,) * len(loras) + (sum(extra),),)
-    else:
-        branches = tuple((bs.block_n, e) for e in extra)
-    return fit_shared_memory(bs, block_m, branches)
-
-
 def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
                       interpret, expand="dot"):
-    """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras` or
-    :func:`inline_loras`); default blocks from ``stacked_matmul``."""
+    """One routed projection ``[M, N]`` in ``x.dtype`` (``lora`` from :func:`given_loras`);
+    default blocks from ``stacked_matmul``."""
     m, k = x.shape
     n = w.shape[2]
-    bs_ = block_sizes or _fit_inline(default_block_sizes(m, k, n), m, (lora,), one_branch=True)
+    bs_ = block_sizes or default_block_sizes(m, k, n)
     check_block_sizes(bs_, k, {"N": n})
     out = _launch(functools.partial(_projections_kernel, blocks=(n // bs_.block_n,)), name, x,
                   (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
@@ -634,8 +390,7 @@ def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         raise ValueError(f"wk and wv must have one shape, got {wk.shape=} and {wv.shape=}")
     m, k = x.shape
     nq, nkv = wq.shape[2], wk.shape[2]
-    bs_ = block_sizes or _fit_inline(default_qkv_block_sizes(m, k, nq, nkv), m, loras,
-                                     one_branch=False)
+    bs_ = block_sizes or default_qkv_block_sizes(m, k, nq, nkv)
     check_block_sizes(bs_, k, {"Nq": nq, "Nkv": nkv})
     blocks = (nq // bs_.block_n, nkv // bs_.block_n, nkv // bs_.block_n)
     out = _launch(functools.partial(_projections_kernel, blocks=blocks), name, x, ws, layer,
@@ -663,8 +418,7 @@ def gate_up_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, 
                          f"{w_up.shape=}")
     m, k = x.shape
     f = w_gate.shape[2]
-    bs_ = block_sizes or _fit_inline(default_gate_up_block_sizes(m, k, f), m, loras,
-                                     one_branch=True)
+    bs_ = block_sizes or default_gate_up_block_sizes(m, k, f)
     check_block_sizes(bs_, k, {"F": f})
     fused = bs_.split_k == 1
     if down is not None and not fused:

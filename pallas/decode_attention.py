@@ -27,15 +27,9 @@ from jax.experimental import pallas as pl
 
 from loraswitch_jax.layers import attention
 
-from ._tiles import (
-    SCALAR,
-    check_layer,
-    compiler_params,
-    is_block,
-    is_concrete,
-    largest_divisor,
-    whole,
-)
+from ._blocks import compiler_params, is_block, largest_divisor
+from ._checks import check_layer, is_concrete
+from ._tiles import SCALAR, whole
 
 __all__ = ["AttentionBlocks", "decode_attention", "decode_attention_reference", "default_blocks",
            "supports"]

@@ -29,21 +29,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._tiles import (
-    SCALAR,
-    bias_row,
+from ._blocks import (
     blocks_name,
     check_block_sizes,
-    check_layer,
     compiler_params,
     fit_shared_memory,
     largest_divisor,
-    out_shape,
     pad_rows,
     padded_rows,
-    stream_columns,
-    whole,
 )
+from ._checks import check_layer
+from ._tiles import SCALAR, bias_row, out_shape, stream_columns, whole
 from .stacked_matmul import BlockSizes
 
 __all__ = [

@@ -40,25 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from ._tiles import (
-    SCALAR,
-    PackedXa,
-    check_adapted,
-    check_experts,
+from ._blocks import (
     check_rank,
-    check_slots,
     compiler_params,
-    expert_tile,
     fit_shared_memory,
     is_block,
-    is_concrete,
     largest_divisor,
     pad_rows,
     row_blocks,
-    stream_k,
-    summable_partials,
-    whole,
 )
+from ._checks import check_adapted, check_experts, check_slots, is_concrete
+from ._slots import PackedXa, summable_partials
+from ._tiles import SCALAR, expert_tile, stream_k, whole
 
 __all__ = [
     "PackedXa",

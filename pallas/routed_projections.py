@@ -3,18 +3,12 @@
 ``y = x @ W[layer] + bias[layer] + scale * sum_j g_j (x @ A[e_j]) @ B[e_j]`` where every row of
 ``x`` has its own route (``expert_ids, gates [M, k]``) and ``W`` is read once. The LoRA term is
 split in two over the expert slots of ``lora_shrink.route_slots`` (``lora_shrink`` explains the
-slots, gather or dense, and why the shrink has three placements):
+slots, gather or dense):
 
-* **shrink**: ``xa[m, s] = slot_weights[m, s] * x[m] @ A[slot_experts[s]]``, ``[M, S, r]``.
-  :func:`routed_matmul`, :func:`routed_qkv_matmul` and :func:`routed_gate_up_matmul` take it
-  given, from ``lora_shrink.lora_shrink`` (``"xla"``) or ``lora_shrink.lora_shrink_group``
-  (``"pallas"``). The ``"inline"`` placement, :func:`routed_matmul_inline_shrink`,
-  :func:`routed_qkv_matmul_inline_shrink` and :func:`routed_gate_up_matmul_inline_shrink`, needs
-  no launch at all. ``A`` tiles ride along with the ``W`` tiles in the projection's K loop (one
-  ``x`` load per K step serves both), and each program expands its own ``xa``. The price: every
-  column block re-reads all slots' ``A`` (from L2; ``S r / block_n`` extra bytes per byte of
-  ``W``) and keeps ``S`` accumulators ``[block_m, r]``, so it is meant for gather mode (few
-  slots). Dense slots (``S = E``) are correct but cost in proportion to ``E``.
+* **shrink**: ``xa[m, s] = slot_weights[m, s] * x[m] @ A[slot_experts[s]]``, ``[M, S, r]``,
+  given to :func:`routed_matmul`, :func:`routed_qkv_matmul` and :func:`routed_gate_up_matmul`
+  by ``lora_shrink.lora_shrink_group`` (or ``lora_shrink.lora_shrink``); the gate/up kernel can
+  also compute the down projection's in its epilogue (``down_shrink``).
 
 * **expand** (in the projection kernel): each program, after accumulating ``x @ W[:, cols]``,
   adds ``sum_s xa[:, s] @ B[slot_experts[s]][:, cols]``. ``B`` is partitioned over column blocks
@@ -23,18 +17,17 @@ slots, gather or dense, and why the shrink has three placements):
   ``route_slots`` gives) it meets ``B[layer]`` viewed as ``[E * r, N]`` in one dot per 128 of
   its rows instead of one per slot.
 
-Both placements run through one launch (``_routed_kernels``). Layer indices (``layer``,
+Each projection group is one launch (``_routed_kernels``). Layer indices (``layer``,
 ``adapted_layer``) and ``slot_experts`` are data: one compile serves all layers and routes, also
 inside ``scan``/``while_loop``.
 
-``split_k > 1`` writes float32 partial sums reduced by XLA (as in ``fused_projections``). With a
-given ``xa`` slot ``s`` is expanded by the programs of split ``s % split_k`` only, so each term
-counts once and the work is spread over the splits. Inline, every split expands the partial
-``xa`` of its own K chunk (the term is linear in ``x``). Rows are padded to a power of two
-``>= 16`` and tiled in blocks of at most 64 rows (a grid axis): Triton loads and dots need
-power-of-two sizes ``>= 16``, decode (``M <= 64``) is one row block, and prefill runs several
-(``W`` is then re-read per row block, as in any GEMM). For the same reason the rank must be a power of two ``>= 16`` (:func:`supports`; callers fall back to
-the references otherwise).
+``split_k > 1`` writes float32 partial sums reduced by XLA (as in ``fused_projections``); slot
+``s`` is expanded by the programs of split ``s % split_k`` only, so each term counts once. Rows
+are padded to a power of two ``>= 16`` and tiled in blocks of at most 64 rows (a grid axis):
+Triton loads and dots need power-of-two sizes ``>= 16``, decode (``M <= 64``) is one row block,
+and prefill runs several (``W`` is then re-read per row block, as in any GEMM). For the same
+reason the rank must be a power of two ``>= 16`` (:func:`supports`; callers fall back to the
+references otherwise). Block sizes are stacked_matmul's and fused_projections' (``tuned.py``).
 """
 
 from __future__ import annotations
@@ -44,56 +37,39 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ._routed_kernels import (
+from ._blocks import is_block
+from ._checks import check_adapted
+from ._routed_checks import (
     GATE_UP,
-    MAX_EXPAND_ROWS,
     QKV,
     check_arity,
     check_dense_slots,
     check_down_shrink,
     check_expand,
     check_indices,
-    check_inline,
     check_operands,
-    gate_up_projections,
-    given_loras,
-    inline_loras,
-    qkv_projections,
-    single_projection,
 )
-from ._tiles import PackedXa, check_adapted, is_block
+from ._routed_kernels import gate_up_projections, given_loras, qkv_projections, single_projection
+from ._slots import PackedXa
 from .lora_shrink import lora_shrink
 from .stacked_matmul import BlockSizes
+from .tuned import MAX_EXPAND_ROWS
 
 __all__ = [
     "MAX_EXPAND_ROWS",
     "BlockSizes",
     "routed_gate_up_matmul",
-    "routed_gate_up_matmul_inline_shrink",
-    "routed_gate_up_matmul_inline_shrink_reference",
     "routed_gate_up_matmul_reference",
     "routed_matmul",
-    "routed_matmul_inline_shrink",
-    "routed_matmul_inline_shrink_reference",
     "routed_matmul_reference",
     "routed_qkv_matmul",
-    "routed_qkv_matmul_inline_shrink",
-    "routed_qkv_matmul_inline_shrink_reference",
     "routed_qkv_matmul_reference",
     "supports",
 ]
 
-# Routed block sizes are not yet measured on a GPU: the defaults are stacked_matmul's and
-# fused_projections' tables and heuristics, which were measured without the LoRA term.
-
 
 # ---------------------------------------------------------------------------------------------
 # References (the spec)
-
-def _shrinks(x, as_, adapted_layer, slot_experts, slot_weights):
-    """:func:`lora_shrink` of each stack in ``as_``; ``None`` stays ``None``."""
-    return tuple(None if a is None else lora_shrink(x, a, adapted_layer, slot_experts, slot_weights)
-                 for a in as_)
 
 
 def _expansion(xa, b, adapted_layer, slot_experts):
@@ -124,22 +100,6 @@ def routed_matmul_reference(
     return _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias).astype(x.dtype)
 
 
-def routed_matmul_inline_shrink_reference(
-    x: jax.Array,
-    w: jax.Array,
-    layer: jax.Array | int,
-    a: jax.Array,
-    b: jax.Array,
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
-    bias: jax.Array | None = None,
-) -> jax.Array:
-    """:func:`routed_matmul_reference` of :func:`lora_shrink`'s ``xa``."""
-    xa = lora_shrink(x, a, adapted_layer, slot_experts, slot_weights)
-    return routed_matmul_reference(x, w, layer, xa, b, adapted_layer, slot_experts, bias)
-
-
 def routed_qkv_matmul_reference(
     x: jax.Array,
     wq: jax.Array,
@@ -157,26 +117,6 @@ def routed_qkv_matmul_reference(
         _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias).astype(x.dtype)
         for w, xa, b, bias in zip((wq, wk, wv), xas, bs, biases)
     )
-
-
-def routed_qkv_matmul_inline_shrink_reference(
-    x: jax.Array,
-    wq: jax.Array,
-    wk: jax.Array,
-    wv: jax.Array,
-    layer: jax.Array | int,
-    as_: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
-    bs: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
-    biases: tuple[jax.Array | None, ...] = (None, None, None),
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`routed_qkv_matmul_reference` of :func:`lora_shrink`'s ``xa`` for each ``a``
-    (``None``: that projection is not adapted)."""
-    xas = _shrinks(x, as_, adapted_layer, slot_experts, slot_weights)
-    return routed_qkv_matmul_reference(x, wq, wk, wv, layer, xas, bs, adapted_layer, slot_experts,
-                                       biases)
 
 
 def routed_gate_up_matmul_reference(
@@ -203,25 +143,6 @@ def routed_gate_up_matmul_reference(
         return act
     a_down, slot_weights = down_shrink
     return act, lora_shrink(act, a_down, adapted_layer, slot_experts, slot_weights)
-
-
-def routed_gate_up_matmul_inline_shrink_reference(
-    x: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    layer: jax.Array | int,
-    as_: tuple[jax.Array | None, jax.Array | None],
-    bs: tuple[jax.Array | None, jax.Array | None],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
-    b_gate: jax.Array | None = None,
-    b_up: jax.Array | None = None,
-) -> jax.Array:
-    """:func:`routed_gate_up_matmul_reference` of :func:`lora_shrink`'s ``xa`` for each ``a``."""
-    xas = _shrinks(x, as_, adapted_layer, slot_experts, slot_weights)
-    return routed_gate_up_matmul_reference(x, w_gate, w_up, layer, xas, bs, adapted_layer,
-                                           slot_experts, b_gate, b_up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,53 +209,6 @@ def _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias, *, blo
                              bias, block_sizes, interpret, expand)
 
 
-def routed_matmul_inline_shrink(
-    x: jax.Array,
-    w: jax.Array,
-    layer: jax.Array | int,
-    a: jax.Array,
-    b: jax.Array,
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
-    bias: jax.Array | None = None,
-    *,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """:func:`routed_matmul` with the shrink inside the kernel: no separate ``x @ A`` launch.
-
-    Every program accumulates ``xa = slot_weights * x @ a[adapted_layer, e]`` of all ``S`` slots
-    over its K chunk in the loop that streams ``w`` (the ``A`` tiles share each ``x`` load), then
-    expands it. ``A`` is re-read by every column block (``S r / block_n`` of ``W``'s bytes, from
-    L2) and each program holds ``S`` accumulators: meant for gather mode (few slots). DESIGN.md
-    §2 measured a kernel that recomputed ``x @ A`` in every program at 0.38-0.49 of the copy
-    bandwidth; this one shares the ``x`` loads of the ``W`` loop and is to be measured against
-    :func:`lora_shrink.lora_shrink_group` + :func:`routed_matmul`.
-
-    Args:
-      a: ``[La, E, K, r]`` stacked LoRA ``A`` experts.
-      slot_weights: ``[M, S]`` float32, from :func:`lora_shrink.route_slots`.
-      Others: as in :func:`routed_matmul`.
-
-    Returns:
-      ``[M, N]`` in ``x.dtype``, equal to :func:`routed_matmul_inline_shrink_reference`.
-    """
-    check_indices(layer, w.shape[0], adapted_layer, (b,), slot_experts)
-    return _routed_matmul_inline_shrink(x, w, layer, a, b, adapted_layer, slot_experts,
-                                        slot_weights, bias, block_sizes=block_sizes,
-                                        interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _routed_matmul_inline_shrink(x, w, layer, a, b, adapted_layer, slot_experts, slot_weights,
-                                 bias, *, block_sizes, interpret):
-    xas = check_inline(x, {"w": a}, {"w": b}, slot_experts, slot_weights)
-    check_operands(x, {"w": w}, {"w": bias}, xas, {"w": b}, slot_experts)
-    return single_projection("routed_matmul_inline_shrink", x, w, layer, (a, slot_weights, b),
-                             adapted_layer, slot_experts, bias, block_sizes, interpret)
-
-
 def routed_qkv_matmul(
     x: jax.Array,
     wq: jax.Array,
@@ -388,55 +262,6 @@ def _routed_qkv_matmul(x, wq, wk, wv, layer, xas, bs, adapted_layer, slot_expert
                    dict(zip(QKV, xas)), dict(zip(QKV, bs)), slot_experts)
     return qkv_projections("routed_qkv_matmul", x, (wq, wk, wv), layer, given_loras(xas, bs),
                            adapted_layer, slot_experts, biases, block_sizes, interpret, expand)
-
-
-def routed_qkv_matmul_inline_shrink(
-    x: jax.Array,
-    wq: jax.Array,
-    wk: jax.Array,
-    wv: jax.Array,
-    layer: jax.Array | int,
-    as_: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
-    bs: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
-    biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None] = (None, None, None),
-    *,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`routed_qkv_matmul` with each projection's shrink inside its own programs (as in
-    :func:`routed_matmul_inline_shrink`): one launch for the whole adapted ``q, k, v``.
-
-    Args:
-      as_: ``(a_q, a_k, a_v)``, each a ``[La, E, K, r]`` ``A`` stack or ``None`` (that projection
-        is not adapted).
-      bs: the matching ``[La, E, r, N]`` ``B`` stacks (``None`` where ``a`` is).
-      slot_weights: ``[M, S]`` float32, from :func:`lora_shrink.route_slots`.
-      Others: as in :func:`routed_qkv_matmul`.
-
-    Returns:
-      ``q, k, v`` in ``x.dtype``, equal to :func:`routed_qkv_matmul_inline_shrink_reference`.
-    """
-    check_arity(3, as_=as_, bs=bs, biases=biases)
-    check_indices(layer, wq.shape[0], adapted_layer, bs, slot_experts)
-    return _routed_qkv_matmul_inline_shrink(x, wq, wk, wv, layer, tuple(as_), tuple(bs),
-                                            adapted_layer, slot_experts, slot_weights,
-                                            tuple(biases), block_sizes=block_sizes,
-                                            interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _routed_qkv_matmul_inline_shrink(x, wq, wk, wv, layer, as_, bs, adapted_layer, slot_experts,
-                                     slot_weights, biases, *, block_sizes, interpret):
-    bs_by_name = dict(zip(QKV, bs))
-    xas = check_inline(x, dict(zip(QKV, as_)), bs_by_name, slot_experts, slot_weights)
-    check_operands(x, dict(zip(QKV, (wq, wk, wv))), dict(zip(QKV, biases)), xas, bs_by_name,
-                   slot_experts)
-    return qkv_projections("routed_qkv_matmul_inline_shrink", x, (wq, wk, wv), layer,
-                           inline_loras(as_, slot_weights, bs), adapted_layer, slot_experts,
-                           biases, block_sizes, interpret)
 
 
 def routed_gate_up_matmul(
@@ -508,54 +333,3 @@ def _routed_gate_up_matmul(x, w_gate, w_up, layer, xas, bs, adapted_layer, slot_
     return gate_up_projections("routed_gate_up_matmul", x, (w_gate, w_up), layer,
                                given_loras(xas, bs), adapted_layer, slot_experts, biases,
                                block_sizes, interpret, down=down_shrink, expand=expand)
-
-
-def routed_gate_up_matmul_inline_shrink(
-    x: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    layer: jax.Array | int,
-    as_: tuple[jax.Array | None, jax.Array | None],
-    bs: tuple[jax.Array | None, jax.Array | None],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
-    b_gate: jax.Array | None = None,
-    b_up: jax.Array | None = None,
-    *,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """:func:`routed_gate_up_matmul` with both shrinks inside the kernel (as in
-    :func:`routed_matmul_inline_shrink`): each program's K loop streams the column block of both
-    weights and the ``A`` tiles of both projections' slots, sharing every ``x`` load.
-
-    Args:
-      as_: ``(a_gate, a_up)``, each a ``[La, E, K, r]`` ``A`` stack or ``None``.
-      bs: the matching ``[La, E, r, F]`` ``B`` stacks (``None`` where ``a`` is).
-      slot_weights: ``[M, S]`` float32, from :func:`lora_shrink.route_slots`.
-      Others: as in :func:`routed_gate_up_matmul`.
-
-    Returns:
-      ``[M, F]`` in ``x.dtype``, equal to :func:`routed_gate_up_matmul_inline_shrink_reference`.
-    """
-    check_arity(2, as_=as_, bs=bs)
-    check_indices(layer, w_gate.shape[0], adapted_layer, bs, slot_experts)
-    return _routed_gate_up_matmul_inline_shrink(x, w_gate, w_up, layer, tuple(as_), tuple(bs),
-                                                adapted_layer, slot_experts, slot_weights,
-                                                b_gate, b_up, block_sizes=block_sizes,
-                                                interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _routed_gate_up_matmul_inline_shrink(x, w_gate, w_up, layer, as_, bs, adapted_layer,
-                                         slot_experts, slot_weights, b_gate, b_up, *,
-                                         block_sizes, interpret):
-    biases = (b_gate, b_up)
-    bs_by_name = dict(zip(GATE_UP, bs))
-    xas = check_inline(x, dict(zip(GATE_UP, as_)), bs_by_name, slot_experts, slot_weights)
-    check_operands(x, dict(zip(GATE_UP, (w_gate, w_up))), dict(zip(GATE_UP, biases)), xas,
-                   bs_by_name, slot_experts)
-    return gate_up_projections("routed_gate_up_matmul_inline_shrink", x, (w_gate, w_up), layer,
-                               inline_loras(as_, slot_weights, bs), adapted_layer, slot_experts,
-                               biases, block_sizes, interpret)

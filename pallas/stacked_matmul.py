@@ -20,16 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._tiles import (
-    SCALAR,
-    compiler_params,
-    fit_shared_memory,
-    largest_divisor,
-    pad_rows,
-    padded_rows,
-    stream_columns,
-    whole,
-)
+from ._blocks import compiler_params, fit_shared_memory, largest_divisor, pad_rows, padded_rows
+from ._tiles import SCALAR, stream_columns, whole
 
 __all__ = ["BlockSizes", "supports", "stacked_matmul", "stacked_matmul_reference"]
 
