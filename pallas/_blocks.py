@@ -76,10 +76,7 @@ def shared_memory_bytes(bs, block_m: int, branches: tuple[tuple[int, ...], ...],
     plus a ``[block_k, w]`` tile for each width ``w`` it streams (``gate`` and ``up`` share one
     branch), in ``num_stages`` copies for a single branch and ``num_stages - 1`` for several.
 
-    An empirical fit to what Triton asked for on an H100 (JAX 0.11.2), not a derivation: exact
-    for gate/up at 64 rows, n128 k128 st3 (245760 B) and for q/k/v with the inline shrink at 16
-    rows, two rank-16 slots (270336 B); q/k/v at 16 rows (n128 k128 st3: 221184 B) and the q/k/v
-    shrink (k512, r16) compiled and ran; q/k/v n64 k256 (245760 B) did not."""
+    An empirical fit to what Triton asked for on an H100, not a derivation (``tuned.py``)."""
     copies = bs.num_stages if len(branches) == 1 else bs.num_stages - 1
     return copies * itemsize * bs.block_k * sum(block_m + sum(w) for w in branches)
 
@@ -87,8 +84,7 @@ def shared_memory_bytes(bs, block_m: int, branches: tuple[tuple[int, ...], ...],
 def fit_shared_memory(bs, block_m: int, branches: tuple[tuple[int, ...], ...], itemsize: int = 2):
     """``bs`` with ``block_k`` halved (it still tiles ``K``) until :func:`shared_memory_bytes`
     fits :data:`SHARED_MEMORY_BYTES`. The defaults were measured with 16 rows; decode at batch
-    17-64 pads to 32 or 64 rows, and the inline shrink streams ``A`` tiles beside ``W``, where
-    the same blocks would not compile."""
+    17-64 pads to 32 or 64 rows, where the same blocks would not compile."""
     block_k = bs.block_k
     while block_k > 16 and shared_memory_bytes(dataclasses.replace(bs, block_k=block_k), block_m,
                                                branches, itemsize) > SHARED_MEMORY_BYTES:

@@ -8,10 +8,7 @@ kernel takes the whole cache and the layer as data, reads only each sequence's v
 flash-decoding). The slots of a (sequence, kv head) are split over ``num_splits`` programs so that
 batch 1 still fills the GPU; XLA combines the splits' partial results (one small fusion).
 
-The default for decode on a GPU (``ops._DEFAULT_ATTENTION``): on an H100 at Llama-2-7B shapes,
-context 1024, the backbone's step took 5.59 ms/token with it against 6.11 with XLA's attention at
-batch 1, 12.0 against 13.9 at batch 32 (``eval/results/adapters/``;
-``eval/bench_adapters.py``'s ``backbone-xla-attention`` mode measures XLA's).
+``ops`` runs it for decode on a GPU wherever :func:`supports` says so (measured: ``tuned.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-
-from loraswitch_jax.layers import attention
 
 from ._blocks import compiler_params, is_block, largest_divisor
 from ._checks import check_layer, is_concrete
@@ -62,11 +57,20 @@ class AttentionBlocks:
 def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                layer: jax.Array | int, lengths: jax.Array) -> jax.Array:
     """``q [B, H, hd]`` over slots ``< lengths[b]`` of ``k_cache[layer]``, ``v_cache[layer]``
-    (``[L, B, S, KV, hd]``): ``[B, H * hd]`` in ``q.dtype`` (``layers.attention``)."""
-    k = k_cache[layer].astype(q.dtype)
+    (``[L, B, S, KV, hd]``): ``[B, H * hd]`` in ``q.dtype``. Grouped-query softmax attention in
+    float32, as the model's ``layers.attention`` computes it for one query."""
+    B, H, hd = q.shape
+    k = k_cache[layer].astype(q.dtype)  # [B, S, KV, hd]
     v = v_cache[layer].astype(q.dtype)
+    kv = k.shape[2]
     visible = jnp.arange(k.shape[1])[None, :] < lengths[:, None]  # [B, S]
-    return attention(q[:, None], k, v, visible[:, None, :])[:, 0]
+    qg = q.reshape(B, kv, H // kv, hd)
+    scores = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgs,bskh->bkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, H * hd).astype(q.dtype)
 
 
 def supports(num_slots: int, head_dim: int) -> bool:

@@ -53,16 +53,8 @@ __all__ = [
     "supports",
 ]
 
-# Measured defaults, keyed by the shapes in the signatures: qkv (K, Nq, Nkv), gate_up (K, F).
-# Source: eval/sweep_projections.py on an NVIDIA H100 80GB HBM3, JAX 0.11.2, 2026-11-23, two runs
-# (eval/results/kernels/): M = 1, bf16, L = 32 stacked layers, layer index as data; copy
-# bandwidth 2.82-2.84 TB/s. Llama-2-7B, per layer, layers unrolled in a loop as in decode:
-#   qkv 4096 -> 3 x 4096: 42.9-43.5 us (0.83 of copy bandwidth) vs 48.2 us for three
-#     stacked_matmul calls; M = 8: 41.6 us. (XLA's three dots, unrolled with no loop: 43.2 us.)
-#   gate_up 4096 -> 2 x 11008: 68.7-70.6 us (0.91-0.93) vs 76.2 us for two stacked_matmul calls
-#     and SiLU; M = 8: 67.9 us. split_k = 2 (SiLU after an XLA reduction) lost: 75.6 us.
-# qkv's three branches each keep their own pipeline buffers (_tiles.shared_memory_bytes):
-# n64/k256 and larger tiles do not fit at num_stages = 3.
+# Measured defaults, keyed by qkv (K, Nq, Nkv) and gate_up (K, F): the sweep's numbers in tuned.py.
+# qkv's three branches keep their own pipeline buffers: n64/k256 and larger do not fit at 3 stages.
 _TUNED_QKV: dict[tuple[int, int, int], BlockSizes] = {
     (4096, 4096, 4096): BlockSizes(block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3),
 }

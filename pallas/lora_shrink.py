@@ -13,16 +13,12 @@ route, ``expert_ids, gates [M, k]``) is split in two: the **shrink**
 * dense (``M * k >= E``): one slot per expert, ``S = E``; row ``m``'s weight on slot ``e`` is
   ``scale *`` the sum of its gates on ``e``. Every expert is read once, however many rows chose it.
 
-The shrink is small (``r`` columns). At batch 1 a launch costs more than its bytes (DESIGN.md §2,
-lesson 4), so it has three placements, to be timed against each other on a GPU:
-
-- ``"xla"``: :func:`lora_shrink`, XLA ops for each projection (DESIGN.md §2 measured a separate
-  small op at +12-18 % per projection).
-- ``"pallas"``: :func:`lora_shrink_group`, one launch for all projections that share an input
-  (``q, k, v`` or ``gate, up``) and all slots. A program per (projection, slot) streams that
-  slot's ``A[l, e]`` (``K x r``) once.
-- ``"inline"``: no launch at all; the ``*_inline_shrink`` kernels of ``routed_projections``
-  accumulate ``x @ A`` in their own K loop.
+The shrink is small (``r`` columns) and at batch 1 a launch costs more than its bytes (DESIGN.md
+§2, lesson 4): :func:`lora_shrink_group` is one launch for all projections that share an input
+(``q, k, v`` or ``gate, up``) and all slots, a program per (projection, slot, K split) streaming
+its chunk of ``A[l, e]`` (``K x r``) once; :func:`lora_shrink` is the jnp shrink of one
+projection (XLA; ``ops`` uses it under dropout, where each projection reads its own ``x``). The
+placements measured against each other: ``tuned.py``.
 
 ``adapted_layer`` and ``slot_experts`` are data: one compile serves all layers and routes, also
 inside ``scan``/``while_loop``. The kernel tiles rows in blocks of at most 64 (a grid axis) and
@@ -76,8 +72,8 @@ class ShrinkBlockSizes:
     num_stages: int = 3
 
 
-# K steps one program of the grouped shrink runs in a row, at most, when split_k spreads the rest
-# over programs; splitting stops at about two waves of an H100's 132 SMs (heuristics, not timed).
+# K steps per program and programs to aim for (two waves of 132 SMs): heuristics, the split timed
+# as a whole (tuned.py).
 _MAX_SHRINK_STEPS = 2
 _TARGET_PROGRAMS = 264
 
@@ -88,7 +84,7 @@ def default_shrink_block_sizes(k: int, rank: int, block_m: int = 16, projections
     deepest K step, up to 512 rows, whose ``A`` tile holds at most 8192 elements (16 KiB in
     bf16), made shallower where ``block_m`` rows of ``x`` and one branch per projection would
     overflow shared memory; then, given the ``programs`` launched without a split (projections x
-    slots x row blocks; ``None``: no split, as measured so far), while they are fewer than
+    slots x row blocks; ``None``: no split), while they are fewer than
     :data:`_TARGET_PROGRAMS`, K split over more programs, towards ``_MAX_SHRINK_STEPS`` steps
     each.
 
@@ -249,7 +245,6 @@ def lora_shrink_group(
     slot_weights: jax.Array,
     *,
     block_sizes: ShrinkBlockSizes | None = None,
-    split: bool = False,
     packed: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array | PackedXa, ...]:
@@ -270,8 +265,8 @@ def lora_shrink_group(
       slot_experts: ``[S]`` int32, from :func:`route_slots`; may be traced.
       slot_weights: ``[M, S]`` float32, from :func:`route_slots`.
       block_sizes: ``block_k * split_k`` must divide ``K``; default
-        :func:`default_shrink_block_sizes`, which spreads ``K`` over more programs (``split_k``)
-        only with ``split`` (``ops.Impl(lora_shrink="pallas-split")``, the default at decode).
+        :func:`default_shrink_block_sizes`, which spreads ``K`` over more programs
+        (``split_k``) while the grid is small (decode).
       packed: return each output as the kernel wrote it, a :class:`PackedXa` ``[Mp, S * r_p]``
         (rows padded; with a ``split_k > 1`` that :func:`summable_partials` allows, the float32
         partial sums ``[split_k, Mp, S * r_p]``), which the routed kernels take without a copy
@@ -287,18 +282,17 @@ def lora_shrink_group(
         raise ValueError("lora_shrink_group needs at least one a stack")
     check_adapted(adapted_layer, slot_experts, a[0].shape[:2])
     return _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights,
-                              block_sizes=block_sizes, split=split, packed=packed,
-                              interpret=interpret)
+                              block_sizes=block_sizes, packed=packed, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "split", "packed", "interpret"))
-def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block_sizes, split,
-                       packed, interpret):
+@functools.partial(jax.jit, static_argnames=("block_sizes", "packed", "interpret"))
+def _lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, *, block_sizes, packed,
+                       interpret):
     _check_group(x, a, slot_experts, slot_weights)
     m, k = x.shape
     ranks = [a_p.shape[3] for a_p in a]
     block_m, mp = row_blocks(m)
-    programs = len(a) * slot_experts.shape[0] * (mp // block_m) if split else None
+    programs = len(a) * slot_experts.shape[0] * (mp // block_m)
     bs_ = block_sizes or default_shrink_block_sizes(k, max(ranks), block_m, len(a), programs)
     _check_shrink_blocks(bs_, k)
     num_slots, split_k = slot_experts.shape[0], bs_.split_k

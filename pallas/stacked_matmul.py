@@ -2,8 +2,8 @@
 
 Why a kernel: inside a ``lax.while_loop`` (the device-side token loop) XLA copies each static
 slice ``w[l]`` of a loop-invariant stacked weight into a temporary before its matmul, which
-made a 7B decode step 2.7x slower than the same step outside a loop (H100, JAX 0.11.2; see
-eval/results). This kernel takes the whole ``[L, K, N]`` array and the layer as data, so nothing
+made a 7B decode step 2.7x slower than the same step outside a loop (H100, JAX 0.11.2;
+eval/results/decode/). This kernel takes the whole ``[L, K, N]`` array and the layer as data, so nothing
 is copied, one compiled kernel serves every layer, and it works under ``scan`` too.
 
 Decode is memory bound: the kernel streams ``w[layer]`` once, split along ``N`` (one program per
@@ -45,15 +45,7 @@ def supports(k: int, n: int) -> bool:
     return k % 16 == 0 and n % 16 == 0
 
 
-# Measured blocks for Llama-2-7B's shapes (K, N), M = 1 bf16, L = 32, layer index as data.
-# Source: eval/sweep_projections.py on an NVIDIA H100 80GB HBM3, JAX 0.11.2, 2026-11-23, two runs
-# (eval/results/kernels/; copy bandwidth 2.82-2.84 TB/s):
-#   (4096, 4096): the top blocks lie within the noise (18-21 us, same block re-timed 18.0 vs
-#     21.1); this one was steady at 19.0-20.3 us over three sweeps (also the best of
-#     eval/results/decode/sweep_stacked_matmul.txt). XLA's own dot (no loop) takes 16.7 us.
-#   (11008, 4096): 38.3-41.6 us (0.80-0.83 of copy bandwidth) vs 47.4 us for the old heuristic's
-#     64 programs (n64 k256 s1), which underfill 132 SMs.
-#   (4096, 11008): 39.8 us, eval/results/decode/sweep_stacked_matmul.txt (same GPU and JAX).
+# Measured blocks for Llama-2-7B's shapes (K, N), M = 1 bf16: the sweep's numbers in tuned.py.
 _TUNED: dict[tuple[int, int], BlockSizes] = {
     (4096, 4096): BlockSizes(block_n=128, block_k=128, split_k=4, num_warps=4, num_stages=3),
     (11008, 4096): BlockSizes(block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3),

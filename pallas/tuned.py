@@ -131,9 +131,10 @@ DEFAULTS: tuple[Tuned, ...] = (
     Tuned(
         what="shared-memory estimate (_blocks.shared_memory_bytes; defaults shrunk to fit 227 KiB)",
         default="copies * itemsize * block_k * sum(block_m + widths)",
-        measured="exact for gate/up at 64 rows, n128 k128 st3 (245760 B, Triton's request); "
-                 "q/k/v at 16 rows n128 k128 st3 (221184 B) compiled and ran, n64 k256 "
-                 "(245760 B) did not",
+        measured="exact for gate/up at 64 rows, n128 k128 st3 (245760 B, Triton's request) "
+                 "and for the removed inline q/k/v kernel, 16 rows, two rank-16 slots (270336 "
+                 "B); q/k/v at 16 rows n128 k128 st3 (221184 B) and the q/k/v shrink (k512, "
+                 "r16) compiled and ran, q/k/v n64 k256 (245760 B) did not",
         ratio="fits vs not",
         source="eval/results/suite/ (batch 64 decode failures before the fit)",
     ),
