@@ -233,10 +233,10 @@ def check_adapter(adapter: Adapter, cfg: LlamaConfig) -> None:
         raise AdapterError(f"adapter.router has shape {got_router}, expected {want_router}")
 
 
-LORA_METHODS = ("auto", "gather", "dense", "grouped")
+LORA_METHODS = ("auto", "gather", "dense")
 
 
-def lora_method(tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
+def lora_method(tokens: int, top_k: int, num_experts: int) -> str:
     """The product ``auto`` picks for ``tokens`` rows routed to ``top_k`` of ``num_experts``.
 
     * ``gather``: fewer (token, slot) pairs than experts (decode): copy only the chosen experts.
@@ -244,15 +244,9 @@ def lora_method(tokens: int, top_k: int, num_experts: int, backend: str | None =
       the route: one plain matmul per factor over ``E * r`` columns. Its adapter FLOPs are
       ``E / k`` times the routed ones, a few percent of the base projection's where ``E * r``
       is small next to the width (the accuracy experiment keeps ``E * r`` fixed across ``E``).
-    * ``grouped``: tokens sorted by expert and multiplied per group (``jax.lax.ragged_dot``),
-      on request only. XLA expands ``ragged_dot`` densely over the groups: on an H100 (JAX
-      0.11.2, 2026-11-23) the accuracy experiment's ``gpu`` train step at E = 32 needed 95.4 GiB
-      of temporaries with it (an ``f32[pairs, E, d_out]`` product) against 21.5 GiB dense, and
-      at E = 128 it could not compile; on a 2-core CPU it was 8x slower than ``dense`` at E = 32.
 
-    ``backend`` is accepted for callers that pass it; no backend picks ``grouped`` now.
+    Measured against a ragged (sorted, ``ragged_dot``) product: ``pallas/tuned.py``.
     """
-    del backend
     return "gather" if tokens * top_k < num_experts else "dense"
 
 
@@ -265,8 +259,7 @@ def lora_delta(
       x: ``[B, T, d_in]`` inputs (the compute dtype).
       a: ``[E, d_in, r]`` and b: ``[E, r, d_out]``: one layer's experts.
       route: ``expert_ids, gates: [B, T, k]``.
-      method: ``"gather"``, ``"dense"``, ``"grouped"`` (all equal up to rounding) or ``"auto"``
-        (:func:`lora_method`).
+      method: ``"gather"``, ``"dense"`` (equal up to rounding) or ``"auto"`` (:func:`lora_method`).
     Returns:
       ``[B, T, d_out]`` in ``x.dtype`` (float32 accumulation).
     """
@@ -283,27 +276,9 @@ def lora_delta(
         xa = jnp.einsum("btd,btkdr->btkr", x, a[route.expert_ids], preferred_element_type=jnp.float32)
         xa = (xa * gates[..., None]).astype(x.dtype)
         y = jnp.einsum("btkr,btkro->bto", xa, b[route.expert_ids], preferred_element_type=jnp.float32)
-    elif method == "dense":
+    else:
         combine = jnp.einsum("btke,btk->bte", jax.nn.one_hot(route.expert_ids, E, dtype=jnp.float32), gates)
         xa = jnp.einsum("btd,edr->bter", x, a, preferred_element_type=jnp.float32)
         xa = (xa * combine[..., None]).astype(x.dtype)
         y = jnp.einsum("bter,ero->bto", xa, b, preferred_element_type=jnp.float32)
-    else:
-        y = _grouped_delta(x.reshape(Bsz * T, -1), a, b, route.expert_ids.reshape(-1, k),
-                           gates.reshape(-1, k)).reshape(Bsz, T, -1)
     return y.astype(x.dtype)
-
-
-def _grouped_delta(x, a, b, expert_ids, gates):
-    """``[N, d_in] -> [N, d_out]``: the (token, slot) pairs sorted by expert, one ragged matmul
-    per factor, then summed back per token."""
-    n, k = expert_ids.shape
-    E = a.shape[0]
-    flat_ids = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)
-    tokens = order // k  # the token of each sorted pair
-    group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
-    xa = jax.lax.ragged_dot(x[tokens], a, group_sizes, preferred_element_type=jnp.float32)
-    xa = (xa * gates.reshape(-1)[order][:, None]).astype(x.dtype)
-    y = jax.lax.ragged_dot(xa, b, group_sizes, preferred_element_type=jnp.float32)
-    return jnp.zeros((n, b.shape[-1]), jnp.float32).at[tokens].add(y)

@@ -51,8 +51,8 @@ class GenerateConfig:
     ``cache_len=None`` sizes the cache to the longest prompt plus ``max_new_tokens``.
     ``impl`` is the decode step's kernel choice: a name or an ``ops.Impl`` (see
     ``loraswitch_jax.ops``);
-    ``switch_strategy`` how a ``switch`` adapter decodes: ``"fused"``, ``"merge"`` (batch 1) or
-    ``"auto"`` (per batch size; see ``loraswitch_jax.switch``);
+    ``switch_strategy`` how a ``switch`` adapter decodes: ``"fused"`` or ``"merge"`` (batch 1;
+    see ``loraswitch_jax.switch``);
     ``prefill_tokens`` the most prompt tokens (batch x length) one prefill pass takes: longer
     batches are prefilled in chunks of the prompt (``llama.prefill``), a power of two of at
     least 16 tokens per prompt; ``None``: one pass. The default keeps 64 prompts of 1024 tokens
@@ -64,7 +64,7 @@ class GenerateConfig:
     stop_tokens: tuple[int, ...] | None = None
     cache_len: int | None = None
     impl: str | Impl = "auto"
-    switch_strategy: str = "auto"
+    switch_strategy: str = "fused"
     prefill_tokens: int | None = 8192
 
     def __post_init__(self):

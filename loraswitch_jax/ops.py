@@ -9,7 +9,9 @@ Model code calls these functions with stacked weights and a layer index; it neve
   * ``"pallas"``: Triton kernels that read ``w[layer]`` in place, also inside ``while_loop``
     and ``scan`` (where XLA copies each slice first; DESIGN.md §2). With an adapter the routed
     kernels add ``(x A) B`` inside the projection's own launch: the expand (``B``) rides along
-    with ``W``; the small shrink (``x A``) runs where ``Impl.lora_shrink`` says.
+    with ``W``; the small shrink (``x A``) is one split launch per input group, and the down
+    projection's is computed in the gate/up kernel's epilogue. Decode attends with the
+    decode-attention kernel. These paths were measured fastest: ``pallas/tuned.py``.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
@@ -26,96 +28,29 @@ from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["ATTENTIONS", "EXPANDS", "IMPLS", "SHRINKS", "Impl", "LoraTerm", "cached_attention",
-           "mlp", "qkv_linear", "resolve_impl", "shared_slots", "stacked_linear", "swiglu"]
+__all__ = ["IMPLS", "Impl", "LoraTerm", "cached_attention", "mlp", "qkv_linear", "resolve_impl",
+           "shared_slots", "stacked_linear", "swiglu", "switch_merge"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
-SHRINKS = ("auto", "xla", "pallas", "pallas-split", "epilogue", "inline")
-ATTENTIONS = ("auto", "xla", "pallas")
-EXPANDS = ("auto", "dot", "rows")
-
-# Where the routed kernels compute x A when Impl.lora_shrink is "auto".
-# Source: eval/results/adapters/bench_adapters_issue4{,_shrink,_attention_split,_expand}.md (H100
-# 80GB HBM3, JAX 0.11.2, 2026-11-23; Llama-2-7B shapes, E 8, r 16, k 2, context 1024), decode time
-# over the backbone's in the same run:
-#   batch 1:  "pallas-split" (K spread over more programs) 1.142x against "pallas" 1.266x;
-#             "xla" (an XLA op per projection) 1.70x, "inline" (x A recomputed in every
-#             program of the projection kernel) 17.7x; "epilogue" (down's x A in the gate/up
-#             kernel) 1.144x against "pallas-split" 1.138x (_epilogue: one run, within noise);
-#   batch 8:  "epilogue" 1.260x, "pallas-split" 1.304x;
-#   batch 32: "epilogue" 1.145x, "pallas-split" 1.178x ("pallas" 1.176x in an earlier run);
-#   batch 64: "epilogue" 1.124x, "pallas-split" 1.119x ("pallas" 1.118x, "xla" 1.121x earlier).
-_DEFAULT_SHRINK = "epilogue"
-
-# How decode attends when Impl.attention is "auto". Source: the backbone-pallas-attention rows of
-# eval/results/adapters/bench_adapters_issue4_attention_split.md (same GPU and shapes): the
-# kernel reads only the valid slots of cache[layer] in place, 5.585 against XLA's 6.108 ms/token
-# at batch 1 (0.914x), 12.01 against 13.86 at batch 32 (0.867x).
-_DEFAULT_ATTENTION = "pallas"
-
-# How the routed kernels expand a given x A when Impl.lora_expand is "auto" ("rows" applies to
-# gather slots of at most 4 rows; "dot" elsewhere). Source: eval/results/adapters/
-# bench_adapters_issue4_dense.md (H100 80GB HBM3, JAX 0.11.2, 2026-11-23; Llama-2-7B shapes,
-# E 8, r 16, k 2, context 1024): switch decode at batch 1 took 1.123x the backbone's time with
-# "rows" (registers, loads issued before the K loop) against 1.144x with "dot" (tensor-core
-# dots after it), in the same run.
-_DEFAULT_EXPAND = "rows"
 
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
-    kernels in interpret mode; ``lora_shrink`` places the routed LoRA's ``x A``: ``"xla"`` (one
-    XLA op per projection), ``"pallas"`` (one launch per group of projections that share an
-    input), ``"pallas-split"`` (the same with ``K`` spread over more programs at decode),
-    ``"epilogue"`` (``"pallas-split"``, but the down projection's ``x A`` is computed in the
-    gate/up kernel's epilogue, one launch fewer per layer; float32 atomic adds), ``"inline"``
-    (inside every program of the projection kernel; no launch, redundant reads) or ``"auto"``;
-    ``attention`` how decode attends over the cache: ``"pallas"`` (``pallas/decode_attention.py``:
-    the stacked cache read in place, valid slots only; its cache length must be a multiple of 16,
-    else XLA's runs), ``"xla"`` (``layers.attention`` over ``cache[layer]``) or ``"auto"``;
-    ``lora_expand`` how the routed kernels add ``(x A) B``: ``"dot"`` (tensor-core dots after
-    the K loop), ``"rows"`` (where the slots gather and at most 4 rows decode: each row in
-    registers, from loads issued before the K loop so their latency hides behind it; ``"dot"``
-    elsewhere) or ``"auto"``. Hashable: a static argument of ``jax.jit``."""
+    kernels in interpret mode. Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
     interpret: bool = False
-    lora_shrink: str = "auto"
-    attention: str = "auto"
-    lora_expand: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("xla", "pallas"):
             raise ValueError(f"unknown backend {self.backend!r}; expected 'xla' or 'pallas'")
-        if self.lora_shrink not in SHRINKS:
-            raise ValueError(f"unknown lora_shrink {self.lora_shrink!r}; expected one of {SHRINKS}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
-        if self.lora_expand not in EXPANDS:
-            raise ValueError(f"unknown lora_expand {self.lora_expand!r}; expected one of "
-                             f"{EXPANDS}")
-        if self.backend == "xla" and self.attention == "pallas":
-            raise ValueError("attention='pallas' needs backend='pallas' (the XLA backend runs no "
-                             "Pallas kernel)")
+        if not isinstance(self.interpret, bool):
+            raise ValueError(f"interpret must be a bool, got {self.interpret!r}")
 
     @property
     def xla(self) -> bool:
         return self.backend == "xla"
-
-    @property
-    def shrink(self) -> str:
-        return _DEFAULT_SHRINK if self.lora_shrink == "auto" else self.lora_shrink
-
-    @property
-    def expand(self) -> str:
-        return _DEFAULT_EXPAND if self.lora_expand == "auto" else self.lora_expand
-
-    @property
-    def pallas_attention(self) -> bool:
-        """Whether decode attends with the Pallas kernel (``"auto"``: :data:`_DEFAULT_ATTENTION`)."""
-        choice = _DEFAULT_ATTENTION if self.attention == "auto" else self.attention
-        return not self.xla and choice == "pallas"
 
 
 def resolve_impl(impl: str | Impl) -> Impl:
@@ -194,14 +129,12 @@ def _unflat(y: jax.Array, like: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Routed:
     """What the routed kernels take for a group of projections sharing one input: expert slots,
-    and per projection ``B`` plus either the shrink ``x A`` (``xas``) or, for ``inline``, ``A``;
-    ``expand`` as the kernels take it."""
+    and per projection the shrink ``x A`` (``xas``) and ``B``; ``expand`` as the kernels take
+    it."""
 
     slot_experts: jax.Array
     slot_weights: jax.Array
-    inline: bool
     xas: tuple[jax.Array | None, ...]
-    a: tuple[jax.Array | None, ...]
     b: tuple[jax.Array | None, ...]
     expand: str = "dot"
 
@@ -218,35 +151,30 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     widths = [lora.b[p].shape[-1] for p in adapted]
     if not kernel.supports(x.shape[-1], *widths, rank=lora.a[adapted[0]].shape[-1]):
         return None
-    ids = lora.route.expert_ids
     num_experts = lora.a[adapted[0]].shape[1]
     slot_experts, slot_weights = lora.slots or shared_slots(lora.route, num_experts, lora.scale,
                                                             impl)
-    a = tuple(lora.a[p] if lora.adapts(p) else None for p in projs)
     b = tuple(lora.b[p] if lora.adapts(p) else None for p in projs)
-    shrink = impl.shrink
-    if lora.dropout_key is not None and lora.dropout > 0:
-        shrink = "xla"  # each projection drops out its own copy of x
-    if shrink == "inline" and ids.size >= num_experts:
-        shrink = "pallas"  # dense slots (one per expert): inline would hold E accumulators
-    if shrink == "inline":
-        return _Routed(slot_experts, slot_weights, True, (None,) * len(projs), a, b)
     flat = _flat(x)
-    expand = "rows" if (impl.expand == "rows" and slot_experts.shape[0] < num_experts
+    # Expansion in registers for gather slots of few rows, tensor-core dots elsewhere (tuned.py).
+    expand = "rows" if (slot_experts.shape[0] < num_experts
                         and flat.shape[0] <= kernel.MAX_EXPAND_ROWS) else "dot"
-    if shrink in ("pallas", "pallas-split", "epilogue"):
-        # Packed: the routed kernel reads the shrink's output as written, no copy between.
-        group = iter(shrink_kernel.lora_shrink_group(
-            flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
-            split=shrink != "pallas", packed=True, interpret=impl.interpret))
-        xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
-    else:
+    if _dropout(lora):  # each projection drops out its own copy of x: XLA shrinks
         xas = tuple(
             shrink_kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer,
                                       slot_experts, slot_weights) if lora.adapts(p) else None
             for p in projs
         )
-    return _Routed(slot_experts, slot_weights, False, xas, a, b, expand)
+    else:  # one split launch per group, packed: read by the routed kernel as written
+        group = iter(shrink_kernel.lora_shrink_group(
+            flat, tuple(lora.a[p] for p in adapted), lora.layer, slot_experts, slot_weights,
+            packed=True, interpret=impl.interpret))
+        xas = tuple(next(group) if lora.adapts(p) else None for p in projs)
+    return _Routed(slot_experts, slot_weights, xas, b, expand)
+
+
+def _dropout(lora: LoraTerm) -> bool:
+    return lora.dropout_key is not None and lora.dropout > 0
 
 
 def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
@@ -272,14 +200,9 @@ def stacked_linear(
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-        if routed.inline:
-            y = routed_kernel.routed_matmul_inline_shrink(
-                _flat(x), w, layer, routed.a[0], routed.b[0], lora.layer, routed.slot_experts,
-                routed.slot_weights, bias, interpret=interpret)
-        else:
-            y = routed_kernel.routed_matmul(_flat(x), w, layer, routed.xas[0], routed.b[0],
-                                            lora.layer, routed.slot_experts, bias,
-                                            expand=routed.expand, interpret=interpret)
+        y = routed_kernel.routed_matmul(_flat(x), w, layer, routed.xas[0], routed.b[0],
+                                        lora.layer, routed.slot_experts, bias,
+                                        expand=routed.expand, interpret=interpret)
         return _unflat(y, x)
     y = _unflat(kernel.stacked_matmul(_flat(x), w, layer, interpret=interpret), x)
     y = y if bias is None else y + bias[layer].astype(y.dtype)
@@ -303,14 +226,9 @@ def qkv_linear(
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-        if routed.inline:
-            out = routed_kernel.routed_qkv_matmul_inline_shrink(
-                _flat(x), wq, wk, wv, layer, routed.a, routed.b, lora.layer, routed.slot_experts,
-                routed.slot_weights, b, interpret=interpret)
-        else:
-            out = routed_kernel.routed_qkv_matmul(
-                _flat(x), wq, wk, wv, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b, expand=routed.expand, interpret=interpret)
+        out = routed_kernel.routed_qkv_matmul(
+            _flat(x), wq, wk, wv, layer, routed.xas, routed.b, lora.layer, routed.slot_experts,
+            b, expand=routed.expand, interpret=interpret)
         return tuple(_unflat(y, x) for y in out)
     q, k, v = kernel.qkv_matmul(_flat(x), wq, wk, wv, layer, *b, interpret=interpret)
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
@@ -332,14 +250,9 @@ def swiglu(
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-        if routed.inline:
-            act = routed_kernel.routed_gate_up_matmul_inline_shrink(
-                _flat(x), w_gate, w_up, layer, routed.a, routed.b, lora.layer,
-                routed.slot_experts, routed.slot_weights, b_gate, b_up, interpret=interpret)
-        else:
-            act = routed_kernel.routed_gate_up_matmul(
-                _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b_gate, b_up, expand=routed.expand, interpret=interpret)
+        act = routed_kernel.routed_gate_up_matmul(
+            _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer, routed.slot_experts,
+            b_gate, b_up, expand=routed.expand, interpret=interpret)
         return _unflat(act, x)
     if fusable and not adapted:
         return _unflat(kernel.gate_up_matmul(_flat(x), w_gate, w_up, layer, b_gate, b_up,
@@ -355,15 +268,15 @@ def mlp(
     lora: LoraTerm | None = None,
 ) -> jax.Array:
     """The SwiGLU MLP ``down(silu(x W_gate + b) * (x W_up + b)) + b`` of ``x [..., d]``, with
-    ``lora``'s terms in all three projections. With ``Impl.lora_shrink`` ``"epilogue"`` and all
-    three adapted, the gate/up kernel also computes the down projection's ``x A`` (no shrink
-    launch for ``down``); else :func:`swiglu` then :func:`stacked_linear`."""
+    ``lora``'s terms in all three projections. Under Pallas with all three adapted (no dropout),
+    the gate/up kernel also computes the down projection's ``x A`` in its epilogue (no shrink
+    launch for ``down``; ``pallas/tuned.py``); else :func:`swiglu` then :func:`stacked_linear`."""
     from loraswitch_jax.pallas import fused_projections as fused_kernel
     from loraswitch_jax.pallas import routed_projections as routed_kernel
 
     b_gate, b_up, b_down = biases
     d, f = w_gate.shape[1], w_gate.shape[2]
-    if (impl.shrink == "epilogue" and lora is not None and lora.adapts("down")
+    if (not impl.xla and lora is not None and lora.adapts("down")
             and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
         routed = _routed(lora, ("gate", "up"), x, impl)
@@ -392,9 +305,26 @@ def cached_attention(
     from loraswitch_jax.pallas import decode_attention as kernel
 
     B, T, H, hd = q.shape
-    if impl.pallas_attention and T == 1 and kernel.supports(k_cache.shape[2], hd):
+    if not impl.xla and T == 1 and kernel.supports(k_cache.shape[2], hd):  # tuned.py
         out = kernel.decode_attention(q[:, 0], k_cache, v_cache, layer, positions[:, 0] + 1,
                                       interpret=impl.interpret)
         return out[:, None]
     keys, values = k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype)
     return attention(q, keys, values, mask)
+
+
+def switch_merge(
+    w_base: jax.Array, w_work: jax.Array, a: jax.Array, b: jax.Array, expert_ids: jax.Array,
+    gates: jax.Array, first_layer: int, write: jax.Array, impl: Impl,
+) -> jax.Array:
+    """``w_work`` with layers from ``first_layer`` on set to ``w_base[l] + sum_j gates_j
+    A[l, e_j] B[l, e_j]`` where ``write`` (a traced flag), else left as they are. Stacks:
+    ``w_base, w_work [L, K, N]``, ``a [La, E, K, r]``, ``b [La, E, r, N]``; ``expert_ids,
+    gates [k]``, the LoRA scale folded into ``gates``. One SGMM launch under Pallas."""
+    from loraswitch_jax.pallas import switch_merge as kernel
+
+    if not impl.xla and kernel.supports(w_base.shape[1], w_base.shape[2], a.shape[-1]):
+        return kernel.switch_merge(w_base, w_work, a, b, expert_ids, gates,
+                                   first_layer=first_layer, write=write, interpret=impl.interpret)
+    merged = kernel.switch_merge_reference(w_base, a, b, expert_ids, gates, first_layer=first_layer)
+    return w_work.at[first_layer:].set(jnp.where(write, merged, w_work[first_layer:]))

@@ -10,6 +10,10 @@
   drift), and it skips the merge when the route repeats. One route per step: batch 1 only. It
   costs a second copy of the adapted weights in memory and, per route change, a read of ``W``
   and a write of ``W'``: about two decode steps of bytes (DESIGN.md §2).
+
+``fused`` is the default: with routes changing every step it measured 1.131x the backbone at
+batch 1 against 2.751x for ``merge`` (``pallas/tuned.py``); ``merge`` can win only where routes
+rarely change.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from loraswitch_jax import ops
 from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.ops import Impl
 from loraswitch_jax.params import WEIGHT_FIELD, LayerParams
@@ -32,19 +37,11 @@ __all__ = [
     "resolve_strategy",
 ]
 
-STRATEGIES = ("auto", "fused", "merge")
-
-# What "auto" picks: (largest batch size, strategy), first match wins.
-# Source: eval/results/adapters/bench_adapters_issue4_run1.md (H100 80GB HBM3, JAX 0.11.2,
-# 2026-11-23; Llama-2-7B shapes, E 8, r 16, k 2, context 1024, sampled tokens whose route
-# changed on every step): at batch 1 "merge" took 15.72 ms/token (2.59x the backbone; the SGMM
-# merge alone is 10.7 ms at copy bandwidth), "fused" 7.86 ms (1.29x). At batch > 1 the rows'
-# routes differ and only "fused" applies. "merge" can win only where routes rarely change.
-_AUTO: tuple[tuple[int, str], ...] = ((1, "fused"),)
+STRATEGIES = ("fused", "merge")
 
 
 def resolve_strategy(strategy: str, batch_size: int) -> str:
-    """The strategy to run for ``batch_size`` sequences: ``"fused"`` or ``"merge"``."""
+    """``strategy`` checked for ``batch_size`` sequences: ``"fused"`` or ``"merge"`` (batch 1)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown switch strategy {strategy!r}; expected one of {STRATEGIES}")
     if strategy == "merge" and batch_size != 1:
@@ -52,9 +49,7 @@ def resolve_strategy(strategy: str, batch_size: int) -> str:
             f"switch strategy 'merge' serves one route per step (batch size 1), got batch size "
             f"{batch_size}: the rows of a batch route to different experts; use 'fused'"
         )
-    if strategy != "auto":
-        return strategy
-    return next((s for limit, s in _AUTO if batch_size <= limit), "fused")
+    return strategy
 
 
 @jax.tree_util.register_dataclass
@@ -82,16 +77,6 @@ def init_merged(layers: LayerParams, adapter: Adapter) -> MergedWeights:
     )
 
 
-def _merge_one(w_base, w_work, a, b, expert_ids, gates, first_layer, write, impl):
-    from loraswitch_jax.pallas import switch_merge as kernel
-
-    if not impl.xla and kernel.supports(w_base.shape[1], w_base.shape[2], a.shape[-1]):
-        return kernel.switch_merge(w_base, w_work, a, b, expert_ids, gates,
-                                   first_layer=first_layer, write=write, interpret=impl.interpret)
-    merged = kernel.switch_merge_reference(w_base, a, b, expert_ids, gates, first_layer=first_layer)
-    return w_work.at[first_layer:].set(jnp.where(write, merged, w_work[first_layer:]))
-
-
 def merge_route(
     merged: MergedWeights,
     layers: LayerParams,
@@ -111,8 +96,8 @@ def merge_route(
     gates = gates.astype(jnp.float32)
     changed = jnp.any(expert_ids != merged.expert_ids) | jnp.any(gates != merged.gates)
     weights = {
-        p: _merge_one(layers.weight(p), merged.weights[p], adapter.a[p], adapter.b[p], expert_ids,
-                      gates * acfg.scale, acfg.first_layer, changed, impl)
+        p: ops.switch_merge(layers.weight(p), merged.weights[p], adapter.a[p], adapter.b[p],
+                            expert_ids, gates * acfg.scale, acfg.first_layer, changed, impl)
         for p in acfg.targets
     }
     return MergedWeights(weights=weights, expert_ids=expert_ids, gates=gates)

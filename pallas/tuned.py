@@ -107,7 +107,7 @@ DEFAULTS: tuple[Tuned, ...] = (
                  "temporaries against 21.5 GiB dense, did not compile at E 128; on a 2-core CPU "
                  "8x slower than dense at E 32",
         ratio="dense/grouped memory 0.23",
-        source="eval/results/accuracy/gpu/ (accuracy experiment, gpu preset)",
+        source="no result file: the gpu accuracy preset's compile (commit e882de5)",
     ),
     Tuned(
         what="stacked_matmul blocks (stacked_matmul._TUNED), Llama-2-7B (K, N)",
