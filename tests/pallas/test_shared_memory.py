@@ -2,17 +2,15 @@
 (or accepted) on an H100 with JAX 0.11.2, and the 7B defaults it picks at 1 to 64 rows.
 
 A miss shows on the GPU only, as "Shared memory size limit exceeded" when the program compiles
-(batch 64 decode and the inline q/k/v kernel did, before this estimate).
+(batch 64 decode and a q/k/v kernel with A tiles beside W did, before this estimate).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from loraswitch_jax.pallas import _routed_kernels, fused_projections, lora_shrink, stacked_matmul
-from loraswitch_jax.pallas._tiles import SHARED_MEMORY_BYTES, shared_memory_bytes
+from loraswitch_jax.pallas import fused_projections, lora_shrink, stacked_matmul
+from loraswitch_jax.pallas._blocks import SHARED_MEMORY_BYTES, shared_memory_bytes
 from loraswitch_jax.pallas.stacked_matmul import BlockSizes
 
 ST3 = dict(split_k=1, num_warps=4, num_stages=3)
@@ -21,7 +19,8 @@ ST3 = dict(split_k=1, num_warps=4, num_stages=3)
 @pytest.mark.parametrize("blocks,block_m,branches,measured,compiled", [
     # gate/up, 64 rows: "requested 245760, available: 232448"
     (BlockSizes(block_n=128, block_k=128, **ST3), 64, ((128, 128),), 245760, False),
-    # q/k/v with the inline shrink (two rank-16 slots), 16 rows: "requested 270336"
+    # q/k/v with two rank-16 A tiles beside each W tile (the removed inline shrink), 16 rows:
+    # "requested 270336"
     (BlockSizes(block_n=128, block_k=128, **ST3), 16, ((128, 32),) * 3, 270336, False),
     # q/k/v, 16 rows: the measured default, compiled and ran
     (BlockSizes(block_n=128, block_k=128, **ST3), 16, ((128,),) * 3, None, True),
@@ -37,8 +36,8 @@ def test_estimate_matches_the_gpu(blocks, block_m, branches, measured, compiled)
 
 @pytest.mark.parametrize("m", [1, 8, 17, 32, 33, 64])
 def test_llama_7b_defaults_fit_at_every_batch(m):
-    """Every default block size for Llama-2-7B shapes fits, for every padded row count, also
-    with the inline shrink's A tiles; and 16-row defaults stay the measured ones."""
+    """Every default block size for Llama-2-7B shapes fits, for every padded row count; and
+    16-row defaults stay the measured ones."""
     rows = min(64, max(16, 1 << (m - 1).bit_length()))
     for k, n in ((4096, 4096), (11008, 4096), (4096, 11008)):
         bs = stacked_matmul.default_block_sizes(m, k, n)
@@ -52,17 +51,3 @@ def test_llama_7b_defaults_fit_at_every_batch(m):
     shrink = lora_shrink.default_shrink_block_sizes(4096, 16, rows, projections=3)
     assert shared_memory_bytes(shrink, rows, ((16,),) * 3) <= SHARED_MEMORY_BYTES
 
-
-def test_inline_shrink_blocks_make_room_for_a_tiles():
-    """The inline kernels' defaults (two rank-16 slots per adapted projection) fit, where the
-    plain defaults would not (the 270336 B request above)."""
-    a = jax.ShapeDtypeStruct((32, 8, 4096, 16), jnp.bfloat16)
-    sw = jax.ShapeDtypeStruct((1, 2), jnp.float32)
-    inline = (a, sw, None)
-    plain = fused_projections.default_qkv_block_sizes(1, 4096, 4096, 4096)
-    fitted = _routed_kernels._fit_inline(plain, 1, (inline,) * 3, one_branch=False)
-    assert fitted.block_k < plain.block_k
-    assert shared_memory_bytes(fitted, 16, ((fitted.block_n, 32),) * 3) <= SHARED_MEMORY_BYTES
-    gate_up = fused_projections.default_gate_up_block_sizes(1, 4096, 11008)
-    fitted = _routed_kernels._fit_inline(gate_up, 1, (inline,) * 2, one_branch=True)
-    assert shared_memory_bytes(fitted, 16, ((fitted.block_n,) * 2 + (64,),)) <= SHARED_MEMORY_BYTES

@@ -9,6 +9,7 @@ shapes only (no weights are allocated).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -29,45 +30,41 @@ def adapter_shapes(mode):
     return jax.eval_shape(lambda: lj.init_adapter(CFG, acfg, jax.random.key(1), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("mode,strategy,shrink,batch", [
-    (None, "auto", "auto", 1),
-    (None, "auto", "auto", 40),  # rows padded to 64
-    ("switch", "fused", "pallas", 1),
-    ("switch", "fused", "pallas-split", 1),
-    ("switch", "fused", "epilogue", 1),
-    ("switch", "fused", "rows", 1),  # lora_expand="rows"
-    ("switch", "fused", "epilogue", 64),
-    ("switch", "fused", "inline", 1),
-    ("switch", "fused", "xla", 8),
-    ("switch", "fused", "pallas", 64),
-    ("switch", "merge", "auto", 1),
-    ("layerwise", "auto", "auto", 8),
-    ("lora", "auto", "auto", 1),
+@pytest.mark.parametrize("mode,strategy,batch", [
+    (None, "fused", 1),
+    (None, "fused", 40),  # rows padded to 64
+    ("switch", "fused", 1),  # gather slots, expansion in registers
+    ("switch", "fused", 8),  # dense slots, expansion by dots
+    ("switch", "fused", 64),
+    ("switch", "merge", 1),
+    ("layerwise", "fused", 8),
+    ("lora", "fused", 1),
 ])
-def test_generation_lowers_for_gpu(mode, strategy, shrink, batch):
+def test_generation_lowers_for_gpu(mode, strategy, batch):
     params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
     gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(), switch_strategy=strategy,
-                            impl=Impl(backend="pallas", lora_shrink=shrink)
-                            if shrink != "rows" else Impl(backend="pallas", lora_expand="rows"))
+                            impl=Impl(backend="pallas"))
     tokens = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     lowered = generate_batch.trace(params, adapter_shapes(mode), tokens, lengths, jax.random.key(0),
-                              cfg=CFG, gen=gen, cache_len=64, stream=None)
+                                   cfg=CFG, gen=gen, cache_len=64, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
-    assert "decode_attention" in text  # the kernel by default (ops._DEFAULT_ATTENTION)
+    assert "decode_attention" in text  # the kernel wherever it tiles the cache (pallas/tuned.py)
+    if mode == "switch" and strategy == "fused":
+        assert "lora_shrink_group3" in text and "lora_shrink_group2" in text  # q/k/v, gate/up
+        assert bool(re.search(r"routed_\w+_st\d_rows", text)) == (batch == 1)
 
 
 @pytest.mark.parametrize("mode", [None, "switch"])
-def test_xla_attention_on_request(mode):
-    """``Impl(attention="xla")``: the decode step attends with XLA's attention over
-    ``cache[layer]`` instead of the decode-attention kernel, at 7B widths."""
+def test_xla_attention_where_the_kernel_does_not_tile(mode):
+    """A cache length that is not a multiple of 16: the decode step attends with XLA's attention
+    over ``cache[layer]`` instead of the decode-attention kernel, at 7B widths."""
     params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
-    gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(),
-                            impl=Impl(backend="pallas", attention="xla"))
+    gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(), impl=Impl(backend="pallas"))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     lowered = generate_batch.trace(params, adapter_shapes(mode), tokens,
-                              jax.ShapeDtypeStruct((2,), jnp.int32), jax.random.key(0), cfg=CFG,
-                              gen=gen, cache_len=64, stream=None)
+                                   jax.ShapeDtypeStruct((2,), jnp.int32), jax.random.key(0),
+                                   cfg=CFG, gen=gen, cache_len=60, stream=None)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "decode_attention" not in text

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas.fused_projections import (
     BlockSizes,
     default_gate_up_block_sizes,
@@ -59,7 +60,7 @@ CASES = [(m, dtype, bias) for m in (1, 3, 17) for dtype in (jnp.float32, jnp.bfl
 def test_qkv_matches_reference(m, dtype, bias):
     x, ws, bs = qkv_operands(m, dtype, seed=m * 10 + bias, bias=bias)
     for layer in (0, LAYERS - 1):  # the first and the last layer
-        got = qkv_matmul(x, *ws, layer, *bs, interpret=True)
+        got = qkv_matmul(x, *ws, layer, *bs, interpret=INTERPRET)
         ref = qkv_matmul_reference(x, *ws, layer, *bs)
         for g, r, n in zip(got, ref, (NQ, NKV, NKV)):
             assert g.shape == (m, n) and g.dtype == dtype
@@ -70,7 +71,7 @@ def test_qkv_matches_reference(m, dtype, bias):
 def test_gate_up_matches_reference(m, dtype, bias):
     x, ws, bs = gate_up_operands(m, dtype, seed=m * 10 + bias, bias=bias)
     for layer in (0, LAYERS - 1):
-        got = gate_up_matmul(x, *ws, layer, *bs, interpret=True)
+        got = gate_up_matmul(x, *ws, layer, *bs, interpret=INTERPRET)
         assert got.shape == (m, F) and got.dtype == dtype
         assert rel_err(got, gate_up_matmul_reference(x, *ws, layer, *bs)) < TOL[dtype]
 
@@ -85,11 +86,11 @@ BLOCKS = [BlockSizes(block_n=16, block_k=16, split_k=1, num_warps=8, num_stages=
 @pytest.mark.parametrize("block_sizes", BLOCKS)
 def test_explicit_block_sizes(block_sizes):
     x, ws, bs = qkv_operands(5, jnp.float32, seed=1, bias=True)
-    got = qkv_matmul(x, *ws, 1, *bs, block_sizes=block_sizes, interpret=True)
+    got = qkv_matmul(x, *ws, 1, *bs, block_sizes=block_sizes, interpret=INTERPRET)
     for g, r in zip(got, qkv_matmul_reference(x, *ws, 1, *bs)):
         assert rel_err(g, r) < 1e-5
     x, ws, bs = gate_up_operands(5, jnp.float32, seed=2, bias=True)
-    got = gate_up_matmul(x, *ws, 1, *bs, block_sizes=block_sizes, interpret=True)
+    got = gate_up_matmul(x, *ws, 1, *bs, block_sizes=block_sizes, interpret=INTERPRET)
     assert rel_err(got, gate_up_matmul_reference(x, *ws, 1, *bs)) < 1e-5
 
 
@@ -97,7 +98,7 @@ def test_multi_head_shapes():
     """Nkv == Nq (Llama-2-7B's layout) and one block per projection."""
     x, ws, _ = qkv_operands(2, jnp.float32, seed=3, nq=32, nkv=32)
     bs = BlockSizes(block_n=32, block_k=32, split_k=1)
-    got = qkv_matmul(x, *ws, 2, block_sizes=bs, interpret=True)
+    got = qkv_matmul(x, *ws, 2, block_sizes=bs, interpret=INTERPRET)
     for g, r in zip(got, qkv_matmul_reference(x, *ws, 2)):
         assert rel_err(g, r) < 1e-5
 
@@ -116,8 +117,8 @@ def test_traced_layer_inside_a_loop():
 
         return jax.jit(lambda h: jax.lax.fori_loop(0, LAYERS, body, h))(x)
 
-    got = run(lambda *a: qkv_matmul(*a, interpret=True),
-              lambda *a: gate_up_matmul(*a, interpret=True))
+    got = run(lambda *a: qkv_matmul(*a, interpret=INTERPRET),
+              lambda *a: gate_up_matmul(*a, interpret=INTERPRET))
     assert rel_err(got, run(qkv_matmul_reference, gate_up_matmul_reference)) < 1e-5
 
 
@@ -140,41 +141,41 @@ def test_supports():
 def test_rejects_bad_operands():
     x, (wq, wk, wv), (bq, _, bv) = qkv_operands(2, jnp.float32, seed=7, bias=True)
     with pytest.raises(ValueError, match="expected x"):
-        qkv_matmul(x[0], wq, wk, wv, 0, interpret=True)
+        qkv_matmul(x[0], wq, wk, wv, 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"expected w_k \[L, K=48"):
-        qkv_matmul(x[:, :48], wq[:, :48], wk, wv, 0, interpret=True)
+        qkv_matmul(x[:, :48], wq[:, :48], wk, wv, 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="one shape"):
-        qkv_matmul(x, wq, wk, wv[..., :16], 0, interpret=True)
+        qkv_matmul(x, wq, wk, wv[..., :16], 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="layer counts"):
-        qkv_matmul(x, wq, wk[:2], wv[:2], 0, interpret=True)
+        qkv_matmul(x, wq, wk[:2], wv[:2], 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="multiples of 16"):
-        qkv_matmul(x, wq[..., :40], wk, wv, 0, interpret=True)
+        qkv_matmul(x, wq[..., :40], wk, wv, 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="all of b_q"):
-        qkv_matmul(x, wq, wk, wv, 0, bq, interpret=True)
+        qkv_matmul(x, wq, wk, wv, 0, bq, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"expected b_k \[L, N\]"):
-        qkv_matmul(x, wq, wk, wv, 0, bq, bq, bv, interpret=True)
+        qkv_matmul(x, wq, wk, wv, 0, bq, bq, bv, interpret=INTERPRET)
     with pytest.raises(ValueError, match="out of range"):
-        qkv_matmul(x, wq, wk, wv, LAYERS, interpret=True)
+        qkv_matmul(x, wq, wk, wv, LAYERS, interpret=INTERPRET)
     with pytest.raises(ValueError, match="does not tile Nkv"):
         qkv_matmul(x, wq, wk, wv, 0, block_sizes=BlockSizes(block_n=64, block_k=16),
-                   interpret=True)
+                   interpret=INTERPRET)
     with pytest.raises(ValueError, match="does not tile K"):
         qkv_matmul(x, wq, wk, wv, 0, block_sizes=BlockSizes(block_n=16, block_k=64, split_k=2),
-                   interpret=True)
+                   interpret=INTERPRET)
     with pytest.raises(ValueError, match="powers of two"):
         qkv_matmul(x, wq, wk, wv, 0, block_sizes=BlockSizes(block_n=48, block_k=16),
-                   interpret=True)
+                   interpret=INTERPRET)
 
     x, (wg, wu), (bg, bu) = gate_up_operands(2, jnp.float32, seed=8, bias=True)
     with pytest.raises(ValueError, match="one shape"):
-        gate_up_matmul(x, wg, wu[..., :32], 0, interpret=True)
+        gate_up_matmul(x, wg, wu[..., :32], 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="both b_gate and b_up"):
-        gate_up_matmul(x, wg, wu, 0, bg, interpret=True)
+        gate_up_matmul(x, wg, wu, 0, bg, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"expected b_up \[L, N\]"):
-        gate_up_matmul(x, wg, wu, 0, bg, bu[:, :32], interpret=True)
+        gate_up_matmul(x, wg, wu, 0, bg, bu[:, :32], interpret=INTERPRET)
     with pytest.raises(ValueError, match="does not tile F"):
         gate_up_matmul(x, wg, wu, 0, block_sizes=BlockSizes(block_n=64, block_k=16),
-                       interpret=True)
+                       interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("m", [1, 40])

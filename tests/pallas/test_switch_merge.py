@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas.switch_merge import (
     BlockSizes,
     default_block_sizes,
@@ -63,7 +64,7 @@ def test_matches_reference(case, w_dtype, ad_dtype):
     w_base, a, b = operands(L, K, N, E, r, first_layer, w_dtype, ad_dtype, seed=case)
     ids, gates = jnp.array(ids, jnp.int32), jnp.array(gates, jnp.float32)
     got = switch_merge(w_base, poisoned(w_base, first_layer), a, b, ids, gates,
-                       first_layer=first_layer, block_sizes=bs, interpret=True)
+                       first_layer=first_layer, block_sizes=bs, interpret=INTERPRET)
     want = reference(w_base, a, b, ids, gates, first_layer=first_layer)
     assert got.shape == (L - first_layer, K, N) and got.dtype == w_dtype
     assert np.isfinite(np.asarray(got, np.float32)).all(), "some elements were not written"
@@ -97,7 +98,7 @@ def test_many_switches_do_not_drift(dtype):
     def switch(w_work, i):
         ids, gates = route(i)
         return switch_merge(w_base, w_work, a, b, ids, gates, first_layer=first_layer,
-                            block_sizes=bs, interpret=True)
+                            block_sizes=bs, interpret=INTERPRET)
 
     run = jax.jit(lambda w: jax.lax.fori_loop(0, 1000, lambda i, w: switch(w, i), w),
                   donate_argnums=0)
@@ -115,7 +116,7 @@ def test_whole_model_working_copy_keeps_unadapted_layers():
     w_base, a, b = operands(L, 32, 48, 8, 16, first_layer, jnp.float32, jnp.float32, seed=4)
     ids, gates = jnp.array([7, 2], jnp.int32), jnp.array([0.6, 0.4], jnp.float32)
     work = jnp.asarray(np.full(w_base.shape, np.nan, np.float32)).at[0].set(w_base[0])
-    got = switch_merge(w_base, work, a, b, ids, gates, first_layer=first_layer, interpret=True)
+    got = switch_merge(w_base, work, a, b, ids, gates, first_layer=first_layer, interpret=INTERPRET)
     assert got.shape == w_base.shape
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(w_base[0]))
     want = reference(w_base, a, b, ids, gates, first_layer=first_layer)
@@ -127,7 +128,7 @@ def test_write_flag_false_leaves_the_working_copy():
     w_base, a, b = operands(2, 32, 48, 4, 16, 0, jnp.float32, jnp.float32, seed=12)
     ids, gates = jnp.array([3, 0], jnp.int32), jnp.array([0.9, 0.1], jnp.float32)
     merge = jax.jit(lambda w_work, write: switch_merge(
-        w_base, w_work, a, b, ids, gates, first_layer=0, write=write, interpret=True))
+        w_base, w_work, a, b, ids, gates, first_layer=0, write=write, interpret=INTERPRET))
     work = jnp.full(w_base.shape, 7.0, jnp.float32)
     np.testing.assert_array_equal(np.asarray(merge(work, False)), np.asarray(work))
     want = reference(w_base, a, b, ids, gates, first_layer=0)
@@ -138,7 +139,7 @@ def test_donated_working_copy():
     w_base, a, b = operands(2, 32, 48, 4, 16, 0, jnp.bfloat16, jnp.bfloat16, seed=3)
     ids, gates = jnp.array([3, 0], jnp.int32), jnp.array([0.9, 0.1], jnp.float32)
     merge = jax.jit(lambda w_work, ids, gates: switch_merge(
-        w_base, w_work, a, b, ids, gates, first_layer=0, interpret=True), donate_argnums=0)
+        w_base, w_work, a, b, ids, gates, first_layer=0, interpret=INTERPRET), donate_argnums=0)
     got = merge(poisoned(w_base, 0), ids, gates)
     want = reference(w_base, a, b, ids, gates, first_layer=0)
     assert rel_err(got, want) < TOL[jnp.bfloat16]
@@ -170,7 +171,7 @@ def test_traced_out_of_range_ids_are_clamped():
     w_base, a, b = operands(2, 16, 16, 4, 16, 0, jnp.float32, jnp.float32, seed=4)
     ids, gates = jnp.array([9, -3], jnp.int32), jnp.array([0.5, 0.5], jnp.float32)
     got = jax.jit(lambda ids: switch_merge(w_base, poisoned(w_base, 0), a, b, ids, gates,
-                                           first_layer=0, interpret=True))(ids)
+                                           first_layer=0, interpret=INTERPRET))(ids)
     clamped = jnp.array([3, 0], jnp.int32)
     want = reference(w_base, a, b, clamped, gates, first_layer=0)
     assert rel_err(got, want) < TOL[jnp.float32]
@@ -216,6 +217,6 @@ def test_rejects_bad_input(message):
     w_base, a, b = operands(3, 32, 32, 4, 16, 1, jnp.float32, jnp.float32, seed=6)
     good = dict(w_base=w_base, w_work=poisoned(w_base, 1), a=a, b=b, first_layer=1,
                 expert_ids=jnp.array([3, 1], jnp.int32), gates=jnp.array([0.5, 0.5]))
-    switch_merge(**good, interpret=True)  # the baseline is accepted
+    switch_merge(**good, interpret=INTERPRET)  # the baseline is accepted
     with pytest.raises(ValueError, match=re.escape(message)):
-        switch_merge(**{**good, **BAD_INPUTS[message](w_base, a, b)}, interpret=True)
+        switch_merge(**{**good, **BAD_INPUTS[message](w_base, a, b)}, interpret=INTERPRET)

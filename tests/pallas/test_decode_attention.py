@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas.decode_attention import (
     AttentionBlocks,
     decode_attention,
@@ -42,7 +43,7 @@ def test_matches_reference(b, h, kv, s, hd, lengths, dtype, blocks):
     rng = np.random.default_rng(b * 100 + h + s)
     q, k, v = operands(rng, b, h, kv, s, hd, dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
-    got = decode_attention(q, k, v, 2, lengths, blocks=blocks, interpret=True)
+    got = decode_attention(q, k, v, 2, lengths, blocks=blocks, interpret=INTERPRET)
     want = decode_attention_reference(q, k, v, 2, lengths)
     assert got.shape == (b, h * hd) and got.dtype == dtype
     assert rel_err(got, want) < TOL[dtype]
@@ -59,7 +60,7 @@ def test_traced_layer_and_lengths_inside_a_loop():
             return acc + attend(q, k, v, layer, lengths)
         return jax.jit(lambda: jax.lax.fori_loop(0, 3, body, jnp.zeros((2, 64))))()
 
-    got = run(lambda *a: decode_attention(*a, interpret=True))
+    got = run(lambda *a: decode_attention(*a, interpret=INTERPRET))
     assert rel_err(got, run(decode_attention_reference)) < 1e-5
 
 
@@ -87,21 +88,21 @@ def test_rejects_bad_input():
     q, k, v = operands(rng, 2, 4, 2, 32, 16, jnp.float32)
     lengths = jnp.asarray([3, 4], jnp.int32)
     with pytest.raises(ValueError, match="does not match"):
-        decode_attention(q[:, :3], k, v, 0, lengths, interpret=True)
+        decode_attention(q[:, :3], k, v, 0, lengths, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"expected lengths \[B=2\]"):
-        decode_attention(q, k, v, 0, lengths[:1], interpret=True)
+        decode_attention(q, k, v, 0, lengths[:1], interpret=INTERPRET)
     with pytest.raises(ValueError, match="layer 3 out of range"):
-        decode_attention(q, k, v, 3, lengths, interpret=True)
+        decode_attention(q, k, v, 3, lengths, interpret=INTERPRET)
     with pytest.raises(ValueError, match="S % 16"):
-        decode_attention(q, k[:, :, :30], v[:, :, :30], 0, lengths, interpret=True)
+        decode_attention(q, k[:, :, :30], v[:, :, :30], 0, lengths, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_s must be"):
         AttentionBlocks(block_s=24)
     with pytest.raises(ValueError, match="num_splits must be"):
         AttentionBlocks(num_splits=0)
     with pytest.raises(ValueError, match="must divide S=32"):
-        decode_attention(q, k, v, 0, lengths, blocks=AttentionBlocks(block_s=64), interpret=True)
+        decode_attention(q, k, v, 0, lengths, blocks=AttentionBlocks(block_s=64), interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"lengths must be in \[1, S=32\]"):
-        decode_attention(q, k, v, 0, jnp.asarray([0, 4], jnp.int32), interpret=True)
+        decode_attention(q, k, v, 0, jnp.asarray([0, 4], jnp.int32), interpret=INTERPRET)
 
 
 def test_traced_length_past_the_cache_reads_no_further():
@@ -110,5 +111,5 @@ def test_traced_length_past_the_cache_reads_no_further():
     rng = np.random.default_rng(4)
     q, k, v = operands(rng, 2, 4, 2, 32, 16, jnp.float32)
     lengths = jnp.asarray([33, 40], jnp.int32)
-    got = jax.jit(lambda n: decode_attention(q, k, v, 1, n, interpret=True))(lengths)
+    got = jax.jit(lambda n: decode_attention(q, k, v, 1, n, interpret=INTERPRET))(lengths)
     assert rel_err(got, decode_attention_reference(q, k, v, 1, lengths)) < 1e-5

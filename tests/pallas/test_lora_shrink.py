@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
-from loraswitch_jax.pallas._tiles import row_blocks
+from tests.pallas.interpret import INTERPRET
+from loraswitch_jax.pallas._blocks import row_blocks
 from loraswitch_jax.pallas.lora_shrink import (
     ShrinkBlockSizes,
     default_shrink_block_sizes,
@@ -103,7 +104,7 @@ def test_lora_shrink_group_matches_reference(m, e, k, dtype, ranks, blocks):
     x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     a = tuple(lora_stacks(rng, e, N, dtype, rank=r)[0] for r in ranks)
     got = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
-                            interpret=True)
+                            interpret=INTERPRET)
     ref = lora_shrink_group_reference(x, a, ADAPTED - 1, slot_experts, slot_weights)
     assert len(got) == len(a)
     for g, r, rank in zip(got, ref, ranks):
@@ -111,12 +112,12 @@ def test_lora_shrink_group_matches_reference(m, e, k, dtype, ranks, blocks):
         assert rel_err(g, r) < TOL[dtype]
     # Spread over more programs (split K): the same values up to float32 summation order.
     split = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
-                              split=True, interpret=True)
+                              split=True, interpret=INTERPRET)
     for g, r in zip(split, ref):
         assert rel_err(g, r) < TOL[dtype]
     # The kernels' own layout: packed, rows padded to the row block, the same values.
     raw = lora_shrink_group(x, a, ADAPTED - 1, slot_experts, slot_weights, block_sizes=blocks,
-                            packed=True, interpret=True)
+                            packed=True, interpret=INTERPRET)
     for g, r in zip(raw, got):
         assert g.xa.shape == (row_blocks(m)[1], slot_experts.shape[0] * r.shape[2])
         np.testing.assert_array_equal(g.xa[:m].reshape(r.shape), r)
@@ -192,7 +193,7 @@ def test_rejects_bad_input():
         lora_shrink(x, a, 1, slot_experts.at[0].set(-1), slot_weights)
 
     def group(a=(a, a), adapted_layer=1, slot_weights=slot_weights, **blocks):
-        return lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, interpret=True,
+        return lora_shrink_group(x, a, adapted_layer, slot_experts, slot_weights, interpret=INTERPRET,
                                  **blocks)
 
     with pytest.raises(ValueError, match="at least one a stack"):

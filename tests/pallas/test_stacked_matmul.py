@@ -9,6 +9,7 @@ import pytest
 
 import loraswitch_jax as lj
 from tests.helpers import rel_err
+from tests.pallas.interpret import IMPL, INTERPRET
 from loraswitch_jax.pallas.stacked_matmul import (
     BlockSizes,
     default_block_sizes,
@@ -31,7 +32,7 @@ def operands(m, k, n, layers, dtype, seed):
 def test_matches_reference(m, k, n, dtype):
     x, w = operands(m, k, n, 3, dtype, seed=m * 1000 + k + n)
     for layer in (0, 2):  # the first and the last layer
-        got = stacked_matmul(x, w, layer, interpret=True)
+        got = stacked_matmul(x, w, layer, interpret=INTERPRET)
         assert got.shape == (m, n) and got.dtype == dtype
         assert rel_err(got, stacked_matmul_reference(x, w, layer)) < TOL[dtype]
 
@@ -40,7 +41,7 @@ def test_matches_reference(m, k, n, dtype):
                                          BlockSizes(block_n=32, block_k=32, split_k=4)])
 def test_explicit_block_sizes(block_sizes):
     x, w = operands(5, 128, 64, 2, jnp.float32, seed=1)
-    got = stacked_matmul(x, w, 1, block_sizes=block_sizes, interpret=True)
+    got = stacked_matmul(x, w, 1, block_sizes=block_sizes, interpret=INTERPRET)
     assert rel_err(got, stacked_matmul_reference(x, w, 1)) < 1e-5
 
 
@@ -54,7 +55,7 @@ def test_traced_layer_inside_a_loop():
 
         return jax.jit(lambda h: jax.lax.fori_loop(0, 4, body, h))(x)
 
-    got = run(lambda h, w, layer: stacked_matmul(h, w, layer, interpret=True))
+    got = run(lambda h, w, layer: stacked_matmul(h, w, layer, interpret=INTERPRET))
     assert rel_err(got, run(stacked_matmul_reference)) < 1e-5
 
 
@@ -67,9 +68,9 @@ def test_default_block_sizes_tile_llama_shapes():
 def test_rejects_mismatched_shapes():
     x, w = operands(2, 64, 32, 2, jnp.float32, seed=3)
     with pytest.raises(ValueError, match="expected x"):
-        stacked_matmul(x[:, :48], w, 0, interpret=True)
+        stacked_matmul(x[:, :48], w, 0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="does not tile"):
-        stacked_matmul(x, w, 0, block_sizes=BlockSizes(block_n=64, block_k=16), interpret=True)
+        stacked_matmul(x, w, 0, block_sizes=BlockSizes(block_n=64, block_k=16), interpret=INTERPRET)
 
 
 def test_unknown_impl():
@@ -83,5 +84,5 @@ def test_generation_with_interpreted_kernels(llama3_case, prompts):
     gen = lj.GenerateConfig(max_new_tokens=6, stop_tokens=(), impl="xla")
     want = lj.generate(params, cfg, prompts, gen).tokens
     got = lj.generate(params, cfg, prompts, lj.GenerateConfig(
-        max_new_tokens=6, stop_tokens=(), impl="pallas_interpret")).tokens
+        max_new_tokens=6, stop_tokens=(), impl=IMPL)).tokens
     np.testing.assert_array_equal(got, want)

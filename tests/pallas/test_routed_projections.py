@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.pallas.lora_shrink import (
     ShrinkBlockSizes,
@@ -43,7 +44,7 @@ from loraswitch_jax.pallas.routed_projections import (
     supports,
 )
 from loraswitch_jax.router import Route
-from tests.test_lora_shrink import (
+from tests.pallas.test_lora_shrink import (
     ADAPTED,
     K,
     LAYERS,
@@ -58,7 +59,7 @@ from tests.test_lora_shrink import (
 )
 
 BLOCKS16 = BlockSizes(block_n=16, block_k=16, split_k=1)
-INTERPRET16 = dict(block_sizes=BLOCKS16, interpret=True)
+INTERPRET16 = dict(block_sizes=BLOCKS16, interpret=INTERPRET)
 
 
 def stack(rng, n, dtype, k=K):
@@ -95,13 +96,13 @@ def test_routed_matmul_matches_reference(m, e, k, dtype, bias, split_k, inline):
         if inline:
             got = routed_matmul_inline_shrink(x, w, layer, a, b, adapted, slot_experts,
                                               slot_weights, *biases, block_sizes=blocks,
-                                              interpret=True)
+                                              interpret=INTERPRET)
             ref = routed_matmul_inline_shrink_reference(x, w, layer, a, b, adapted, slot_experts,
                                                         slot_weights, *biases)
         else:
             xa = lora_shrink(x, a, adapted, slot_experts, slot_weights)
             got = routed_matmul(x, w, layer, xa, b, adapted, slot_experts, *biases,
-                                block_sizes=blocks, interpret=True)
+                                block_sizes=blocks, interpret=INTERPRET)
             ref = routed_matmul_reference(x, w, layer, xa, b, adapted, slot_experts, *biases)
         assert got.shape == (m, N) and got.dtype == dtype
         assert rel_err(got, ref) < TOL[dtype]
@@ -137,14 +138,14 @@ def test_routed_qkv_matches_reference(m, e, k, adapted, dtype, bias, split_k, in
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
     if inline:
         got = routed_qkv_matmul_inline_shrink(x, *ws, 2, as_, bs, 1, slot_experts, slot_weights,
-                                              biases, block_sizes=blocks, interpret=True)
+                                              biases, block_sizes=blocks, interpret=INTERPRET)
         ref = routed_qkv_matmul_inline_shrink_reference(x, *ws, 2, as_, bs, 1, slot_experts,
                                                         slot_weights, biases)
     else:
         xas = [None if a is None else lora_shrink(x, a, 1, slot_experts, slot_weights)
                for a in as_]
         got = routed_qkv_matmul(x, *ws, 2, xas, bs, 1, slot_experts, biases, block_sizes=blocks,
-                                interpret=True)
+                                interpret=INTERPRET)
         ref = routed_qkv_matmul_reference(x, *ws, 2, xas, bs, 1, slot_experts, biases)
     for g, r, n in zip(got, ref, (NQ, NKV, NKV)):
         assert g.shape == (m, n) and g.dtype == dtype
@@ -169,14 +170,14 @@ def test_routed_gate_up_matches_reference(m, e, k, adapted, dtype, bias, split_k
     if inline:
         got = routed_gate_up_matmul_inline_shrink(x, *ws, 1, as_, bs, 0, slot_experts,
                                                   slot_weights, *biases, block_sizes=blocks,
-                                                  interpret=True)
+                                                  interpret=INTERPRET)
         ref = routed_gate_up_matmul_inline_shrink_reference(x, *ws, 1, as_, bs, 0, slot_experts,
                                                             slot_weights, *biases)
     else:
         xas = [None if a is None else lora_shrink(x, a, 0, slot_experts, slot_weights)
                for a in as_]
         got = routed_gate_up_matmul(x, *ws, 1, xas, bs, 0, slot_experts, *biases,
-                                    block_sizes=blocks, interpret=True)
+                                    block_sizes=blocks, interpret=INTERPRET)
         ref = routed_gate_up_matmul_reference(x, *ws, 1, xas, bs, 0, slot_experts, *biases)
     assert got.shape == (m, N) and got.dtype == dtype
     assert rel_err(got, ref) < TOL[dtype]
@@ -196,7 +197,7 @@ def test_slots_shrink_expand_equal_lora_delta(m, k, e):
     a, b = lora_stacks(rng, e, N, jnp.float32)
     slot_experts, slot_weights = route_slots(ids, gates, e, SCALE)
     xa = lora_shrink(x, a, 1, slot_experts, slot_weights)
-    got = routed_matmul(x, w, 2, xa, b, 1, slot_experts, block_sizes=BLOCKS16, interpret=True)
+    got = routed_matmul(x, w, 2, xa, b, 1, slot_experts, block_sizes=BLOCKS16, interpret=INTERPRET)
     delta = lora_delta(x[None], a[1], b[1], Route(ids[None], gates[None]), SCALE)[0]
     assert rel_err(got - x @ w[2], delta) < 1e-5
 
@@ -209,7 +210,7 @@ def shrink_xla(x, as_, *route):
 def shrink_pallas(x, as_, *route, packed=False, split=False):
     """``lora_shrink_group`` of the stacks in ``as_`` (``None`` stays ``None``)."""
     xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, split=split,
-                                 packed=packed, interpret=True))
+                                 packed=packed, interpret=INTERPRET))
     return [None if a is None else next(xas) for a in as_]
 
 
@@ -370,12 +371,12 @@ def test_split_shrink_partial_sums_are_added_up_in_the_kernel(dtype):
     slot_experts, slot_weights = route_slots(ids, gates, e, SCALE)
     a, b = lora_stacks(rng, e, N, dtype, k=k)
     w = stack(rng, N, dtype, k=k)
-    (xa,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, interpret=True)
+    (xa,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, interpret=INTERPRET)
     ref = routed_matmul_reference(x, w, 2, xa, b, 1, slot_experts)
     for split_k, partial in ((2, True), (4, True), (1, False)):
         (raw,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, packed=True,
                                    block_sizes=ShrinkBlockSizes(block_k=16, split_k=split_k),
-                                   interpret=True)
+                                   interpret=INTERPRET)
         assert raw.partial == partial
         if partial:
             assert raw.xa.shape == (split_k, 16, m * 2 * RANK) and raw.xa.dtype == jnp.float32
@@ -383,7 +384,7 @@ def test_split_shrink_partial_sums_are_added_up_in_the_kernel(dtype):
         assert rel_err(got, ref) < TOL[dtype]
     x48 = x[:, :48]
     (raw,) = lora_shrink_group(x48, (a[:, :, :48],), 1, slot_experts, slot_weights,
-                               packed=True, interpret=True,
+                               packed=True, interpret=INTERPRET,
                                block_sizes=ShrinkBlockSizes(block_k=16, split_k=3))
     assert not raw.partial and raw.xa.dtype == dtype
 
@@ -407,7 +408,7 @@ def test_expansion_spread_over_the_splits(m, e, k, split_k):
     xa = lora_shrink(x, a, 1, slot_experts, slot_weights)
     (partial,) = lora_shrink_group(x, (a,), 1, slot_experts, slot_weights, packed=True,
                                    block_sizes=ShrinkBlockSizes(block_k=16, split_k=2),
-                                   interpret=True)
+                                   interpret=INTERPRET)
     assert partial.partial
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
     # Gather slots of few rows may also expand row by row in registers ("rows").
@@ -415,13 +416,13 @@ def test_expansion_spread_over_the_splits(m, e, k, split_k):
     ref = routed_matmul_reference(x, w, 2, xa, b, 1, slot_experts)
     for given, expand in itertools.product((xa, partial), expands):
         got = routed_matmul(x, w, 2, given, b, 1, slot_experts, block_sizes=blocks,
-                            expand=expand, interpret=True)
+                            expand=expand, interpret=INTERPRET)
         assert rel_err(got, ref) < TOL[jnp.float32], expand
     xag = lora_shrink(x, ag, 1, slot_experts, slot_weights)
     ref = routed_gate_up_matmul_reference(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts)
     for expand in expands:
         got = routed_gate_up_matmul(x, w, wg, 2, (xa, xag), (b, bg), 1, slot_experts,
-                                    block_sizes=blocks, expand=expand, interpret=True)
+                                    block_sizes=blocks, expand=expand, interpret=INTERPRET)
         assert rel_err(got, ref) < TOL[jnp.float32], expand
 
 
@@ -459,17 +460,17 @@ def test_down_shrink_in_the_gate_up_epilogue(m, e, k, dtype, expand):
     assert rel_err(got, ref) < TOL[dtype]
     with pytest.raises(ValueError, match="a stack"):
         routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts,
-                              down_shrink=(ad[:, :, :16], slot_weights), interpret=True)
+                              down_shrink=(ad[:, :, :16], slot_weights), interpret=INTERPRET)
     with pytest.raises(ValueError, match="split_k == 1"):
         routed_gate_up_matmul(x, wg, wu, 2, xas, (bg, bu), 1, slot_experts,
-                              down_shrink=(ad, slot_weights), interpret=True,
+                              down_shrink=(ad, slot_weights), interpret=INTERPRET,
                               block_sizes=BlockSizes(block_n=16, block_k=16, split_k=3))
 
 
 def test_slot_groups_are_blocks_in_order():
     """The epilogue's slot groups: in order, each a power-of-two block of columns, at most 128
     wide."""
-    from loraswitch_jax.pallas._tiles import slot_groups
+    from loraswitch_jax.pallas._slots import slot_groups
 
     assert slot_groups(8, 16) == [(0, 8)]
     assert slot_groups(6, 16) == [(0, 4), (4, 2)]
@@ -502,7 +503,7 @@ def test_rejects_bad_input():
 
     def call(**changes):
         args = dict(x=x, w=w, layer=2, xa=xa, b=b, adapted_layer=1, slot_experts=slot_experts,
-                    block_sizes=BLOCKS16, interpret=True) | changes
+                    block_sizes=BLOCKS16, interpret=INTERPRET) | changes
         return routed_matmul(**args)
 
     with pytest.raises(ValueError, match="layer 3 out of range"):
@@ -545,23 +546,23 @@ def test_rejects_bad_input():
         call(block_sizes=BlockSizes(block_n=32, block_k=16))
     with pytest.raises(ValueError, match="same"):
         routed_matmul_inline_shrink(x, w, 2, a[:, :4], b, 1, slot_experts, slot_weights,
-                                    block_sizes=BLOCKS16, interpret=True)
+                                    block_sizes=BLOCKS16, interpret=INTERPRET)
     with pytest.raises(ValueError, match="expected slot_weights"):
         routed_matmul_inline_shrink(x, w, 2, a, b, 1, slot_experts, slot_weights[:1],
-                                    block_sizes=BLOCKS16, interpret=True)
+                                    block_sizes=BLOCKS16, interpret=INTERPRET)
 
     ws = (w, w[..., :32], w[..., :32])
     with pytest.raises(ValueError, match="expected 3 xas"):
-        routed_qkv_matmul(x, *ws, 0, (xa,), (b,), 0, slot_experts, interpret=True)
+        routed_qkv_matmul(x, *ws, 0, (xa,), (b,), 0, slot_experts, interpret=INTERPRET)
     with pytest.raises(ValueError, match="pass both its xa and its b stack"):
         routed_qkv_matmul(x, *ws, 0, (xa, None, None), (None, None, None), 0, slot_experts,
-                          block_sizes=BLOCKS16, interpret=True)
+                          block_sizes=BLOCKS16, interpret=INTERPRET)
     with pytest.raises(ValueError, match="different"):
         routed_qkv_matmul(x, *ws, 0, (xa, None, xa), (b, None, b[:1, :, :, :32]), 0, slot_experts,
-                          block_sizes=BLOCKS16, interpret=True)
+                          block_sizes=BLOCKS16, interpret=INTERPRET)
     with pytest.raises(ValueError, match="one shape"):
         routed_gate_up_matmul(x, w, w[..., :64], 0, (None, None), (None, None), 0, slot_experts,
-                              block_sizes=BLOCKS16, interpret=True)
+                              block_sizes=BLOCKS16, interpret=INTERPRET)
 
     with pytest.raises(ValueError, match="expected 3 as_"):
         routed_qkv_matmul_inline_shrink(x, *ws, 0, (a,), (b,), 0, slot_experts, slot_weights)
