@@ -8,7 +8,6 @@ operands come from ``test_lora_shrink``'s helpers.
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
@@ -30,16 +29,10 @@ from loraswitch_jax.pallas.routed_projections import (
     MAX_EXPAND_ROWS,
     BlockSizes,
     routed_gate_up_matmul,
-    routed_gate_up_matmul_inline_shrink,
-    routed_gate_up_matmul_inline_shrink_reference,
     routed_gate_up_matmul_reference,
     routed_matmul,
-    routed_matmul_inline_shrink,
-    routed_matmul_inline_shrink_reference,
     routed_matmul_reference,
     routed_qkv_matmul,
-    routed_qkv_matmul_inline_shrink,
-    routed_qkv_matmul_inline_shrink_reference,
     routed_qkv_matmul_reference,
     supports,
 )
@@ -70,40 +63,30 @@ def stack(rng, n, dtype, k=K):
 # Kernels against references
 
 # (M, E, k): gather (M k < E) and dense (M k >= E) slots; 70 rows take two row blocks of 64.
-# inline: the shrink inside the kernel (a and slot weights in), else an xa from lora_shrink.
 MATMUL_CASES = [
-    (1, 8, 2, jnp.float32, True, None, False),  # default block sizes
-    (1, 128, 1, jnp.bfloat16, False, 1, False),
-    (5, 8, 2, jnp.bfloat16, True, 1, False),
-    (5, 8, 1, jnp.float32, False, 3, False),
-    (17, 128, 2, jnp.float32, True, 3, False),
-    (70, 8, 2, jnp.float32, True, 1, False),
-    (1, 128, 2, jnp.bfloat16, True, 1, True),
-    (5, 8, 1, jnp.float32, False, 3, True),  # gather, every split expands its own K chunk
-    (70, 8, 2, jnp.float32, False, 3, True),
+    (1, 8, 2, jnp.float32, True, None),  # default block sizes
+    (1, 128, 1, jnp.bfloat16, False, 1),
+    (1, 128, 2, jnp.bfloat16, True, 1),
+    (5, 8, 2, jnp.bfloat16, True, 1),
+    (5, 8, 1, jnp.float32, False, 3),  # gather, slots spread over the splits
+    (17, 128, 2, jnp.float32, True, 3),
+    (70, 8, 2, jnp.float32, True, 1),
 ]
 
 
-@pytest.mark.parametrize("m,e,k,dtype,bias,split_k,inline", MATMUL_CASES)
-def test_routed_matmul_matches_reference(m, e, k, dtype, bias, split_k, inline):
-    rng = np.random.default_rng(1000 * m + 10 * e + k + (split_k or 0) + 500 * inline)
+@pytest.mark.parametrize("m,e,k,dtype,bias,split_k", MATMUL_CASES)
+def test_routed_matmul_matches_reference(m, e, k, dtype, bias, split_k):
+    rng = np.random.default_rng(1000 * m + 10 * e + k + (split_k or 0))
     x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     w = stack(rng, N, dtype)
     a, b = lora_stacks(rng, e, N, dtype)
     biases = (normal(rng, (LAYERS, N), dtype),) if bias else ()
     blocks = None if split_k is None else BlockSizes(block_n=16, block_k=16, split_k=split_k)
     for layer, adapted in ((LAYERS - 1, ADAPTED - 1), (1, 0)):
-        if inline:
-            got = routed_matmul_inline_shrink(x, w, layer, a, b, adapted, slot_experts,
-                                              slot_weights, *biases, block_sizes=blocks,
-                                              interpret=INTERPRET)
-            ref = routed_matmul_inline_shrink_reference(x, w, layer, a, b, adapted, slot_experts,
-                                                        slot_weights, *biases)
-        else:
-            xa = lora_shrink(x, a, adapted, slot_experts, slot_weights)
-            got = routed_matmul(x, w, layer, xa, b, adapted, slot_experts, *biases,
-                                block_sizes=blocks, interpret=INTERPRET)
-            ref = routed_matmul_reference(x, w, layer, xa, b, adapted, slot_experts, *biases)
+        xa = lora_shrink(x, a, adapted, slot_experts, slot_weights)
+        got = routed_matmul(x, w, layer, xa, b, adapted, slot_experts, *biases,
+                            block_sizes=blocks, interpret=INTERPRET)
+        ref = routed_matmul_reference(x, w, layer, xa, b, adapted, slot_experts, *biases)
         assert got.shape == (m, N) and got.dtype == dtype
         assert rel_err(got, ref) < TOL[dtype]
 
@@ -119,66 +102,49 @@ def adapted_stacks(rng, e, ns, adapted, dtype):
             [b if has else None for (_, b), has in zip(stacks, adapted)])
 
 
-# adapted: which of q, k, v carry a LoRA term; k: experts per row; inline: as in MATMUL_CASES.
-@pytest.mark.parametrize("m,e,k,adapted,dtype,bias,split_k,inline", [
-    (1, 8, 2, (True, True, True), jnp.bfloat16, True, 1, False),
-    (5, 8, 2, (True, False, True), jnp.float32, True, 3, False),
-    (17, 128, 2, (False, True, False), jnp.bfloat16, False, 1, False),
-    (5, 8, 2, (False, False, False), jnp.float32, True, 1, False),
-    (1, 128, 2, (True, True, True), jnp.bfloat16, True, 1, True),  # gather
-    (5, 8, 1, (True, False, True), jnp.float32, True, 3, True),  # gather
-    (5, 8, 2, (False, True, False), jnp.float32, False, 1, True),  # dense
+# adapted: which of q, k, v carry a LoRA term; k: experts per row.
+@pytest.mark.parametrize("m,e,k,adapted,dtype,bias,split_k", [
+    (1, 8, 2, (True, True, True), jnp.bfloat16, True, 1),
+    (1, 128, 2, (True, True, True), jnp.bfloat16, True, 1),  # gather
+    (5, 8, 2, (True, False, True), jnp.float32, True, 3),
+    (5, 8, 1, (True, False, True), jnp.float32, True, 3),  # gather
+    (17, 128, 2, (False, True, False), jnp.bfloat16, False, 1),
+    (5, 8, 2, (False, False, False), jnp.float32, True, 1),
 ])
-def test_routed_qkv_matches_reference(m, e, k, adapted, dtype, bias, split_k, inline):
-    rng = np.random.default_rng(2000 * m + e + split_k + 10 * k + 500 * inline)
+def test_routed_qkv_matches_reference(m, e, k, adapted, dtype, bias, split_k):
+    rng = np.random.default_rng(2000 * m + e + split_k + 10 * k)
     x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     ws = [stack(rng, n, dtype) for n in (NQ, NKV, NKV)]
     biases = tuple(normal(rng, (LAYERS, n), dtype) if bias else None for n in (NQ, NKV, NKV))
     as_, bs = adapted_stacks(rng, e, (NQ, NKV, NKV), adapted, dtype)
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
-    if inline:
-        got = routed_qkv_matmul_inline_shrink(x, *ws, 2, as_, bs, 1, slot_experts, slot_weights,
-                                              biases, block_sizes=blocks, interpret=INTERPRET)
-        ref = routed_qkv_matmul_inline_shrink_reference(x, *ws, 2, as_, bs, 1, slot_experts,
-                                                        slot_weights, biases)
-    else:
-        xas = [None if a is None else lora_shrink(x, a, 1, slot_experts, slot_weights)
-               for a in as_]
-        got = routed_qkv_matmul(x, *ws, 2, xas, bs, 1, slot_experts, biases, block_sizes=blocks,
-                                interpret=INTERPRET)
-        ref = routed_qkv_matmul_reference(x, *ws, 2, xas, bs, 1, slot_experts, biases)
+    xas = [None if a is None else lora_shrink(x, a, 1, slot_experts, slot_weights) for a in as_]
+    got = routed_qkv_matmul(x, *ws, 2, xas, bs, 1, slot_experts, biases, block_sizes=blocks,
+                            interpret=INTERPRET)
+    ref = routed_qkv_matmul_reference(x, *ws, 2, xas, bs, 1, slot_experts, biases)
     for g, r, n in zip(got, ref, (NQ, NKV, NKV)):
         assert g.shape == (m, n) and g.dtype == dtype
         assert rel_err(g, r) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m,e,k,adapted,dtype,bias,split_k,inline", [
-    (1, 8, 2, (True, True), jnp.float32, True, 1, False),
-    (5, 8, 2, (True, False), jnp.bfloat16, False, 1, False),
-    (17, 128, 2, (False, True), jnp.float32, True, 3, False),
-    (1, 8, 1, (True, True), jnp.float32, True, 1, True),  # gather
-    (17, 8, 2, (False, True), jnp.bfloat16, False, 3, True),  # dense
-    (3, 128, 2, (True, False), jnp.bfloat16, True, 1, True),  # gather
+@pytest.mark.parametrize("m,e,k,adapted,dtype,bias,split_k", [
+    (1, 8, 2, (True, True), jnp.float32, True, 1),
+    (1, 8, 1, (True, True), jnp.float32, True, 1),  # gather
+    (5, 8, 2, (True, False), jnp.bfloat16, False, 1),
+    (17, 128, 2, (False, True), jnp.float32, True, 3),
+    (17, 8, 2, (False, True), jnp.bfloat16, False, 3),  # dense
 ])
-def test_routed_gate_up_matches_reference(m, e, k, adapted, dtype, bias, split_k, inline):
-    rng = np.random.default_rng(3000 * m + e + split_k + 10 * k + 500 * inline)
+def test_routed_gate_up_matches_reference(m, e, k, adapted, dtype, bias, split_k):
+    rng = np.random.default_rng(3000 * m + e + split_k + 10 * k)
     x, slot_experts, slot_weights = slots_and_x(rng, m, k, e, dtype)
     ws = [stack(rng, N, dtype) for _ in range(2)]
     biases = tuple(normal(rng, (LAYERS, N), dtype) if bias else None for _ in range(2))
     as_, bs = adapted_stacks(rng, e, (N, N), adapted, dtype)
     blocks = BlockSizes(block_n=16, block_k=16, split_k=split_k)
-    if inline:
-        got = routed_gate_up_matmul_inline_shrink(x, *ws, 1, as_, bs, 0, slot_experts,
-                                                  slot_weights, *biases, block_sizes=blocks,
-                                                  interpret=INTERPRET)
-        ref = routed_gate_up_matmul_inline_shrink_reference(x, *ws, 1, as_, bs, 0, slot_experts,
-                                                            slot_weights, *biases)
-    else:
-        xas = [None if a is None else lora_shrink(x, a, 0, slot_experts, slot_weights)
-               for a in as_]
-        got = routed_gate_up_matmul(x, *ws, 1, xas, bs, 0, slot_experts, *biases,
-                                    block_sizes=blocks, interpret=INTERPRET)
-        ref = routed_gate_up_matmul_reference(x, *ws, 1, xas, bs, 0, slot_experts, *biases)
+    xas = [None if a is None else lora_shrink(x, a, 0, slot_experts, slot_weights) for a in as_]
+    got = routed_gate_up_matmul(x, *ws, 1, xas, bs, 0, slot_experts, *biases, block_sizes=blocks,
+                                interpret=INTERPRET)
+    ref = routed_gate_up_matmul_reference(x, *ws, 1, xas, bs, 0, slot_experts, *biases)
     assert got.shape == (m, N) and got.dtype == dtype
     assert rel_err(got, ref) < TOL[dtype]
 
@@ -207,42 +173,40 @@ def shrink_xla(x, as_, *route):
     return [None if a is None else lora_shrink(x, a, *route) for a in as_]
 
 
-def shrink_pallas(x, as_, *route, packed=False, split=False):
-    """``lora_shrink_group`` of the stacks in ``as_`` (``None`` stays ``None``)."""
-    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, split=split,
-                                 packed=packed, interpret=INTERPRET))
+def shrink_pallas(x, as_, *route):
+    """``lora_shrink_group`` of the stacks in ``as_``, packed as ops hands it on (``None`` stays
+    ``None``)."""
+    xas = iter(lora_shrink_group(x, [a for a in as_ if a is not None], *route, packed=True,
+                                 interpret=INTERPRET))
     return [None if a is None else next(xas) for a in as_]
 
 
-def via_xa(shrink):
-    """The inline-shrink kernels' signatures served by ``shrink`` and the kernels taking ``xa``."""
+def via_xa(shrink, qkv_op, gate_up_op, matmul_op, **kw):
+    """Projections taking ``(a, slot_weights)``: ``shrink`` then the kernels (or references)
+    that take ``xa``."""
 
     def qkv(x, wq, wk, wv, layer, as_, bs, adapted, slot_experts, slot_weights):
         xas = shrink(x, as_, adapted, slot_experts, slot_weights)
-        return routed_qkv_matmul(x, wq, wk, wv, layer, xas, bs, adapted, slot_experts,
-                                 **INTERPRET16)
+        return qkv_op(x, wq, wk, wv, layer, xas, bs, adapted, slot_experts, **kw)
 
     def gate_up(x, wg, wu, layer, as_, bs, adapted, slot_experts, slot_weights):
         xas = shrink(x, as_, adapted, slot_experts, slot_weights)
-        return routed_gate_up_matmul(x, wg, wu, layer, xas, bs, adapted, slot_experts,
-                                     **INTERPRET16)
+        return gate_up_op(x, wg, wu, layer, xas, bs, adapted, slot_experts, **kw)
 
     def matmul(x, w, layer, a, b, adapted, slot_experts, slot_weights):
         (xa,) = shrink(x, (a,), adapted, slot_experts, slot_weights)
-        return routed_matmul(x, w, layer, xa, b, adapted, slot_experts, **INTERPRET16)
+        return matmul_op(x, w, layer, xa, b, adapted, slot_experts, **kw)
 
     return qkv, gate_up, matmul
 
 
+KERNELS = (routed_qkv_matmul, routed_gate_up_matmul, routed_matmul)
+REFERENCES = (routed_qkv_matmul_reference, routed_gate_up_matmul_reference,
+              routed_matmul_reference)
 SHRINK_PLACEMENTS = {
-    "xla": lambda: via_xa(shrink_xla),
-    "pallas": lambda: via_xa(shrink_pallas),
-    # The shrink's own padded [Mp, S r] output handed on as is (what ops does).
-    "pallas-packed": lambda: via_xa(functools.partial(shrink_pallas, packed=True)),
-    "pallas-split": lambda: via_xa(functools.partial(shrink_pallas, packed=True, split=True)),
-    "inline": lambda: tuple(functools.partial(f, **INTERPRET16) for f in (
-        routed_qkv_matmul_inline_shrink, routed_gate_up_matmul_inline_shrink,
-        routed_matmul_inline_shrink)),
+    "xla": lambda: via_xa(shrink_xla, *KERNELS, **INTERPRET16),  # ops' shrink under dropout
+    # The grouped shrink's own padded [Mp, S r] output handed on as is (what ops does).
+    "pallas-packed": lambda: via_xa(shrink_pallas, *KERNELS, **INTERPRET16),
 }
 
 
@@ -278,8 +242,7 @@ def test_traced_layers_and_routes_inside_a_loop(shrink):
         return jax.jit(forward)(x, ids, gates)
 
     got = run(*SHRINK_PLACEMENTS[shrink]())
-    ref = run(routed_qkv_matmul_inline_shrink_reference,
-              routed_gate_up_matmul_inline_shrink_reference, routed_matmul_inline_shrink_reference)
+    ref = run(*via_xa(shrink_xla, *REFERENCES))
     assert rel_err(got, ref) < 1e-5
 
 
@@ -308,12 +271,12 @@ def test_lowers_to_triton():
                                               slot_experts,
                                               down_shrink=(a[..., :128, :], xa[..., 0] * 1.0))
         act = act + act3 + xa_down.xa.sum()
-        six = (layer, six_experts, six_weights)
-        y2 = routed_matmul_inline_shrink(x, w, layer, a, b, *six)
-        q2, _, _ = routed_qkv_matmul_inline_shrink(x, w, w, w, layer, (a, None, a), (b, None, b),
-                                                   *six, (w[:, 0], None, None))
-        act2 = routed_gate_up_matmul_inline_shrink(x, w, w, layer, (a, a), (b, b), *six,
-                                                   block_sizes=split2)
+        xa6 = lora_shrink(x, a, layer, six_experts, six_weights)
+        y2 = routed_matmul(x, w, layer, xa6, b, layer, six_experts)
+        q2, _, _ = routed_qkv_matmul(x, w, w, w, layer, (xa6, None, xa6), (b, None, b), layer,
+                                     six_experts, (w[:, 0], None, None))
+        act2 = routed_gate_up_matmul(x, w, w, layer, (xa6, xa6), (b, b), layer, six_experts,
+                                     block_sizes=split2)
         return q + y + act + y2 + q2 + act2
 
     hlo = jax.jit(step).trace(
@@ -544,12 +507,6 @@ def test_rejects_bad_input():
         call(x=x[:, :40], w=w[:, :40])
     with pytest.raises(ValueError, match="does not tile N"):
         call(block_sizes=BlockSizes(block_n=32, block_k=16))
-    with pytest.raises(ValueError, match="same"):
-        routed_matmul_inline_shrink(x, w, 2, a[:, :4], b, 1, slot_experts, slot_weights,
-                                    block_sizes=BLOCKS16, interpret=INTERPRET)
-    with pytest.raises(ValueError, match="expected slot_weights"):
-        routed_matmul_inline_shrink(x, w, 2, a, b, 1, slot_experts, slot_weights[:1],
-                                    block_sizes=BLOCKS16, interpret=INTERPRET)
 
     ws = (w, w[..., :32], w[..., :32])
     with pytest.raises(ValueError, match="expected 3 xas"):
@@ -563,15 +520,3 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="one shape"):
         routed_gate_up_matmul(x, w, w[..., :64], 0, (None, None), (None, None), 0, slot_experts,
                               block_sizes=BLOCKS16, interpret=INTERPRET)
-
-    with pytest.raises(ValueError, match="expected 3 as_"):
-        routed_qkv_matmul_inline_shrink(x, *ws, 0, (a,), (b,), 0, slot_experts, slot_weights)
-    with pytest.raises(ValueError, match="wq: pass both its a and its b stack"):
-        routed_qkv_matmul_inline_shrink(x, *ws, 0, (a, None, None), (None, None, None), 0,
-                                        slot_experts, slot_weights, **INTERPRET16)
-    with pytest.raises(ValueError, match=r"expected the a stack of w_up \[La, E, K=48, r\]"):
-        routed_gate_up_matmul_inline_shrink(x, w, w, 0, (None, a[:, :, :32]), (None, b), 0,
-                                            slot_experts, slot_weights, **INTERPRET16)
-    with pytest.raises(ValueError, match="adapted_layer 2 out of range"):
-        routed_gate_up_matmul_inline_shrink(x, w, w, 0, (a, None), (b, None), ADAPTED,
-                                            slot_experts, slot_weights, **INTERPRET16)
