@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
+from loraswitch_jax import ops
+from loraswitch_jax.ops import Impl, LoraTerm, resolve_impl
+from loraswitch_jax.router import Route
+from loraswitch_jax.switch import STRATEGIES, init_merged, merge_route, resolve_strategy
 from tests.helpers import rel_err
-from loraswitch_jax.ops import Impl, resolve_impl
-from loraswitch_jax.switch import init_merged, merge_route, resolve_strategy
+from tests.pallas.interpret import IMPL
 
-# 3 layers, d 64, MLP 160: every projection tiles by 16, so "pallas_interpret" runs every kernel
+# 3 layers, d 64, MLP 160: every projection tiles by 16, so the Pallas impl runs every kernel
 # (the demo's MLP width, 172, would send gate, up and down to XLA).
 CFG = dataclasses.replace(lj.PRESETS["demo"], num_hidden_layers=3, intermediate_size=160)
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [200, 3, 3, 17]]
@@ -39,7 +42,7 @@ def adapter(mode: str, *, router_layer: int = 1, num_experts: int = 8, top_k: in
     return dataclasses.replace(ad, b=b)
 
 
-def greedy(params, ad, prompts, impl, strategy="auto", n=10):
+def greedy(params, ad, prompts, impl, strategy="fused", n=10):
     gen = lj.GenerateConfig(max_new_tokens=n, impl=impl, switch_strategy=strategy, stop_tokens=())
     return lj.generate(params, CFG, prompts, gen, adapter=ad).as_lists()
 
@@ -49,8 +52,7 @@ def test_adapters_change_the_tokens(params):
     assert greedy(params, ad, PROMPTS[:1], "xla") != greedy(params, None, PROMPTS[:1], "xla")
 
 
-@pytest.mark.parametrize("impl,strategy", [("xla", "merge"), ("pallas_interpret", "merge"),
-                                           ("pallas_interpret", "fused")])
+@pytest.mark.parametrize("impl,strategy", [("xla", "merge"), (IMPL, "merge"), (IMPL, "fused")])
 def test_switch_strategies_equal_the_jnp_path(params, impl, strategy):
     ad = adapter("switch")
     want = greedy(params, ad, PROMPTS[:1], "xla", "fused")
@@ -61,24 +63,38 @@ def test_switch_strategies_equal_the_jnp_path(params, impl, strategy):
 def test_fused_kernels_equal_the_jnp_path_on_a_batch(params, mode):
     """Rows of different lengths, each with its own routes, through the routed kernels."""
     ad = adapter(mode, router_layer=0)
-    assert greedy(params, ad, PROMPTS, "pallas_interpret") == greedy(params, ad, PROMPTS, "xla")
+    assert greedy(params, ad, PROMPTS, IMPL) == greedy(params, ad, PROMPTS, "xla")
 
 
-@pytest.mark.parametrize("shrink,expand", [("xla", "auto"), ("pallas", "auto"),
-                                           ("epilogue", "auto"), ("epilogue", "rows"),
-                                           ("inline", "auto")])
-def test_every_shrink_placement_equals_the_jnp_path(params, shrink, expand):
-    """x A as XLA ops, one Pallas launch per input group (down's in the gate/up kernel with
-    "epilogue"), or inside the projection kernels; (x A) B by dots or row by row ("rows")."""
-    ad = adapter("switch", router_layer=0, targets=("q", "k", "o", "gate", "up", "down"))
-    impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
-    assert greedy(params, ad, PROMPTS[:2], impl) == greedy(params, ad, PROMPTS[:2], "xla")
+def test_dropout_takes_the_xla_shrink():
+    """Under dropout each projection's branch reads its own dropped-out x: the routed kernels
+    take x A from XLA then, and equal the jnp path with the same masks (q/k/v and the MLP)."""
+    rng = np.random.default_rng(0)
+    d, f, e, r, layers = 32, 48, 4, 16, 2
+    w = {p: jnp.asarray(rng.normal(size=(layers, i, o)) * i**-0.5, jnp.float32)
+         for p, (i, o) in {"q": (d, d), "k": (d, d), "v": (d, d), "gate": (d, f), "up": (d, f),
+                           "down": (f, d)}.items()}
+    a = {p: jnp.asarray(rng.normal(size=(layers, e) + v.shape[1:2] + (r,)), jnp.float32)
+         for p, v in w.items()}
+    b = {p: jnp.asarray(rng.normal(size=(layers, e, r) + v.shape[2:]), jnp.float32)
+         for p, v in w.items()}
+    x = jnp.asarray(rng.normal(size=(2, 3, d)), jnp.float32)
+    route = Route(jnp.asarray(rng.integers(0, e, (2, 3, 2)), jnp.int32),
+                  jnp.full((2, 3, 2), 0.5, jnp.float32))
+    lora = LoraTerm(a, b, 1, route, scale=0.5, dropout=0.3, dropout_key=jax.random.key(3))
+
+    def run(impl):
+        q, k, v = ops.qkv_linear(x, (w["q"], w["k"], w["v"]), 1, (None,) * 3, impl, lora)
+        y = ops.mlp(x, w["gate"], w["up"], w["down"], 1, (None,) * 3, impl, lora)
+        return jnp.concatenate([q, k, v, y], axis=-1)
+
+    assert rel_err(run(resolve_impl(IMPL)), run(resolve_impl("xla"))) < 1e-5
 
 
 def test_partial_targets_through_the_kernels(params):
     """Only some projections adapted: the fused kernels mix adapted and plain outputs."""
     ad = adapter("switch", targets=("q", "v", "up", "down"), router_layer=0)
-    assert greedy(params, ad, PROMPTS, "pallas_interpret") == greedy(params, ad, PROMPTS, "xla")
+    assert greedy(params, ad, PROMPTS, IMPL) == greedy(params, ad, PROMPTS, "xla")
 
 
 def test_decode_logits_match_across_impls(params):
@@ -90,11 +106,50 @@ def test_decode_logits_match_across_impls(params):
     _, cache = lj.prefill(params, cache, tokens, lengths, CFG, adapter=ad)
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     want, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl="xla")
-    for shrink, expand in (("xla", "auto"), ("pallas", "auto"), ("pallas-split", "auto"),
-                           ("epilogue", "auto"), ("epilogue", "rows"), ("inline", "auto")):
-        impl = Impl(backend="pallas", interpret=True, lora_shrink=shrink, lora_expand=expand)
-        got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=impl)
-        assert rel_err(got, want) < 1e-5, (shrink, expand)
+    got, _ = step(params, cache, jnp.array([11, 12]), cfg=CFG, adapter=ad, impl=IMPL)
+    assert rel_err(got, want) < 1e-5
+
+
+def kernel_names(fn, *args) -> list[str]:
+    """The names of the Pallas kernels ``fn(*args)`` launches, in program order."""
+    names = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                named = eqn.params.get("name_and_src_info") or eqn.params.get("name")
+                names.append(str(getattr(named, "name", named)))
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+def test_the_decode_step_takes_the_tuned_kernel_paths(params):
+    """A switch decode step of two rows (gather slots), all projections adapted: per layer one
+    split grouped shrink for q/k/v, one for o and one for gate/up (down's x A rides in the gate/up
+    kernel's epilogue), routed projections expanding in registers, and the decode-attention
+    kernel (pallas/tuned.py)."""
+    ad = adapter("switch", router_layer=0)
+    cache = lj.init_cache(CFG, 2, 16, jnp.float32)
+    _, cache = lj.prefill(params, cache, jnp.array([[5, 6, 7], [9, 1, 2]], jnp.int32),
+                          jnp.array([3, 2], jnp.int32), CFG, adapter=ad)
+    names = kernel_names(lambda p, c, t: lj.decode_step(p, c, t, cfg=CFG, adapter=ad,
+                                                        impl=Impl(backend="pallas")),
+                         params, cache, jnp.array([11, 12]))
+    per_layer = CFG.num_hidden_layers
+    count = lambda prefix: sum(n.startswith(prefix) for n in names)  # noqa: E731
+    assert count("lora_shrink_group3_") == per_layer  # q, k, v
+    assert count("lora_shrink_group2_") == per_layer  # gate, up
+    assert count("lora_shrink_group1_") == per_layer  # o; none for down
+    assert count("routed_gate_up_matmul") == per_layer
+    assert count("routed_matmul") == 2 * per_layer  # o and down
+    assert count("decode_attention") == per_layer
+    assert all(n.endswith("_rows") for n in names if n.startswith("routed_"))
 
 
 def test_merge_skips_a_repeated_route(params):
@@ -115,7 +170,7 @@ def test_merge_skips_a_repeated_route(params):
 def test_merged_weights_are_base_plus_the_route(params):
     ad = adapter("switch", router_layer=1)
     ids, gates = jnp.array([7, 0], jnp.int32), jnp.array([0.6, 0.4], jnp.float32)
-    for impl in map(resolve_impl, ("xla", "pallas_interpret")):
+    for impl in map(resolve_impl, ("xla", IMPL)):
         merged = merge_route(init_merged(params.layers, ad), params.layers, ad, ids, gates, impl)
         for p in ad.config.targets:
             w, a, b = (np.asarray(x, np.float64) for x in (params.layers.weight(p), ad.a[p], ad.b[p]))
@@ -126,13 +181,14 @@ def test_merged_weights_are_base_plus_the_route(params):
 
 
 def test_resolve_strategy():
-    assert resolve_strategy("auto", 1) in ("fused", "merge")
-    assert resolve_strategy("auto", 64) == "fused"
+    assert STRATEGIES == ("fused", "merge")
+    assert lj.GenerateConfig().switch_strategy == "fused"
+    assert resolve_strategy("fused", 64) == "fused"
     assert resolve_strategy("merge", 1) == "merge"
     with pytest.raises(ValueError, match="batch size 1"):
         resolve_strategy("merge", 2)
-    with pytest.raises(ValueError, match="unknown switch strategy"):
-        resolve_strategy("swap", 1)
+    with pytest.raises(ValueError, match="unknown switch strategy 'auto'"):
+        resolve_strategy("auto", 1)
 
 
 def test_bad_strategy_requests(params):
@@ -148,13 +204,14 @@ def test_bad_strategy_requests(params):
 
 
 def test_impl_values():
+    assert [f.name for f in dataclasses.fields(Impl)] == ["backend", "interpret"]
+    assert Impl() == Impl(backend="pallas", interpret=False)
     assert resolve_impl("pallas_interpret") == Impl(backend="pallas", interpret=True)
+    assert resolve_impl("pallas") == Impl()
     assert resolve_impl("xla").xla and resolve_impl("auto").xla  # no GPU here
-    assert Impl().shrink in ("xla", "pallas", "pallas-split", "epilogue", "inline")
-    with pytest.raises(ValueError, match="unknown lora_shrink"):
-        Impl(lora_shrink="gpu")
-    assert Impl().expand in ("dot", "rows")
-    with pytest.raises(ValueError, match="unknown lora_expand"):
-        Impl(lora_expand="registers")
     with pytest.raises(ValueError, match="unknown backend"):
         Impl(backend="triton")
+    with pytest.raises(ValueError, match="interpret must be a bool"):
+        Impl(interpret="yes")
+    with pytest.raises(ValueError, match="unknown impl"):
+        resolve_impl("inline")
