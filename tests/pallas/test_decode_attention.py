@@ -1,4 +1,4 @@
-"""The decode-attention kernel (interpret mode) against its jnp reference (``layers.attention``).
+"""The decode-attention kernel against its jnp reference, and that against the model's attention.
 
 Interpret mode starts the outputs as NaN, so a split no program writes fails the comparison.
 Caches are random in every slot, the slots past each length too, so reading one shows.
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from loraswitch_jax.layers import attention
 from tests.helpers import rel_err
 from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas.decode_attention import (
@@ -47,6 +48,17 @@ def test_matches_reference(b, h, kv, s, hd, lengths, dtype, blocks):
     want = decode_attention_reference(q, k, v, 2, lengths)
     assert got.shape == (b, h * hd) and got.dtype == dtype
     assert rel_err(got, want) < TOL[dtype]
+
+
+def test_reference_is_the_models_attention():
+    """The kernel module's own jnp reference equals ``layers.attention`` over ``cache[layer]``
+    masked to the valid slots (GQA, ragged lengths)."""
+    rng = np.random.default_rng(7)
+    q, k, v = operands(rng, 3, 8, 2, 48, 32, jnp.float32)
+    lengths = jnp.asarray([1, 48, 17], jnp.int32)
+    visible = jnp.arange(48)[None, :] < lengths[:, None]
+    want = attention(q[:, None], k[1], v[1], visible[:, None, :])[:, 0]
+    assert rel_err(decode_attention_reference(q, k, v, 1, lengths), want) < 1e-6
 
 
 def test_traced_layer_and_lengths_inside_a_loop():
