@@ -1,4 +1,4 @@
-"""Block sizes, row padding and the shared-memory fit of the Pallas kernels (private to ``pallas``).
+"""Block sizes, row padding and the shared-memory fit of the kernels (private to ``pallas``).
 
 Triton loads and dots need power-of-two block sizes (48 rows fail to lower) and tensor-core dots
 need every dimension ``>= 16``: rows are padded to a power of two ``>= 16``, and default blocks
@@ -28,7 +28,6 @@ __all__ = [
     "row_blocks",
     "shared_memory_bytes",
 ]
-
 
 
 MAX_BLOCK_M = 64  # rows per program of the routed kernels; not measured (decode fits in one)

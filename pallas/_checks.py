@@ -18,7 +18,6 @@ __all__ = [
 ]
 
 
-
 def is_concrete(a) -> bool:
     """Whether ``a`` has values now (not a tracer)."""
     return not isinstance(a, jax.core.Tracer)

@@ -1,4 +1,5 @@
-"""Expert slots side by side: the packed shrink layout and slot groups, one dot for several slots (private to ``pallas``).
+"""Expert slots side by side (private to ``pallas``): the packed layout of a shrink's output and
+groups of slots that one dot covers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ __all__ = [
     "slot_rows_tile",
     "summable_partials",
 ]
-
 
 
 GROUP_COLUMNS = 128  # columns of slots (S r) one dot of an expansion or a shrink covers, at most
@@ -53,7 +53,8 @@ MAX_SUMMED_PARTIALS = 16  # a kernel loads all partial sums of a slot as one blo
 
 
 def summable_partials(split_k: int) -> bool:
-    """Whether the routed kernels can add up ``split_k`` partial sums themselves: one block load, so a power of two (Triton block sizes) and at most :data:`MAX_SUMMED_PARTIALS`."""
+    """Whether the routed kernels can add up ``split_k`` partial sums themselves: one block load,
+    so a power of two (Triton block sizes) and at most :data:`MAX_SUMMED_PARTIALS`."""
     return split_k == 1 or (is_block(split_k * 16) and split_k <= MAX_SUMMED_PARTIALS)
 
 

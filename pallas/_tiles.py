@@ -1,4 +1,4 @@
-"""The K loop, its tile loads and the ``pallas_call`` specs of the Pallas kernels (private to ``pallas``).
+"""The K loop, its tile loads and the ``pallas_call`` specs of the kernels (private to ``pallas``).
 
 Every kernel reads stacked operands in place (weights ``[L, K, N]``, LoRA experts
 ``[La, E, K, r]`` and ``[La, E, r, N]``) at indices passed as data, so one compile serves every
@@ -23,7 +23,6 @@ __all__ = [
     "weight_tile",
     "whole",
 ]
-
 
 
 SCALAR = pl.BlockSpec((), lambda *_: ())

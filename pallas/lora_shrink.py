@@ -222,8 +222,9 @@ def _check_shrink_blocks(bs: ShrinkBlockSizes, k: int) -> None:
 def _shrink_group_kernel(adapted_ref, slots_ref, x_ref, sw_ref, *refs, block_k, k_per_split):
     # Program (p, s, j, m): x_ref [block_m, K] (row block m); sw_ref [block_m], slot s's weights
     # on these rows; a refs [La, E, K, r_p] whole (in HBM); o refs [block_m, r_p]: slot s's
-    # columns of projection p's packed xa (float32 partial sums of split j when split_k > 1). It streams K chunk j of
-    # a_p[adapted, slot_experts[s]] once; other projections' outputs are left to their programs.
+    # columns of projection p's packed xa (float32 partial sums of split j when split_k > 1). It
+    # streams K chunk j of a_p[adapted, slot_experts[s]] once; other projections' outputs are left
+    # to their programs.
     a_refs, o_refs = refs[:len(refs) // 2], refs[len(refs) // 2:]
     p, slot, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from tests.helpers import VOCAB, rel_err
+from tests.helpers import rel_err
 from loraswitch_jax import AdapterConfig, AdapterError
 from loraswitch_jax.adapters import LORA_METHODS, check_adapter, lora_delta, lora_method
 from loraswitch_jax.generate import prefill_chunk
