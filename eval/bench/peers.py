@@ -10,18 +10,18 @@ Hugging Face ``transformers`` ``LlamaForCausalLM`` with random bf16 weights of o
   mixlora    MixLoRA (``mixlora`` 0.2.3): LoRA on the attention projections, a top-2 of 8 LoRA
              experts on the MLP projections per layer, rank 16, ``act_fn="silu"``; eager
 
-Each is timed as ``loraswitch_jax.eval.bench_adapters`` times ours: a generation of 1 new token
+Each is timed as :mod:`.adapters` times ours: a generation of 1 new token
 and one of N, interleaved; ``(median(T_N) - median(T_1)) / (N - 1)`` is one decode step. LoRA
 ``B`` matrices are filled with small random values (no path may skip a zero adapter). A peer whose
 package is missing is skipped with the reason; ``--ours FILE`` adds the batch-1 rows of a
-``bench_adapters`` JSON to the table. Writes JSON, Markdown and a PNG after every peer.
+JSON of :mod:`.adapters` to the table. Writes JSON, Markdown and a PNG after every peer.
 
 On the GPU machine (no network) ``mixlora`` travels as a wheel::
 
-    python -m loraswitch_jax.eval.peers --download-wheels wheels      # here, with network
+    python -m loraswitch_jax.eval.bench.peers --download-wheels wheels  # here, with network
     pip install --no-deps wheels/*.whl                                  # there
-    python -m loraswitch_jax.eval.peers --out eval/results/peers \\
-        --ours eval/results/adapters/bench_adapters_issue4.json
+    python -m loraswitch_jax.eval.bench.peers --out eval/results/peers \\
+        --ours eval/results/adapters/llama2-7b_e8_r16_ctx1024.json
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import time
 import traceback
 
 from loraswitch_jax.config import PRESETS, LlamaConfig
-from loraswitch_jax.eval.bench_decode import write_report  # imports jax; touches no device
+from loraswitch_jax.eval.bench.harness import log, write_report  # jax, no device use
 
 __all__ = ["PEERS", "PeersConfig", "download_wheels", "main", "ours_rows", "parse_args",
            "skip_reason"]
@@ -66,12 +66,6 @@ DESCRIPTION = {
 MIXLORA_VERSION = "0.2.3"
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 B_STD = 1e-3
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
-
 
 @dataclasses.dataclass(frozen=True)
 class PeersConfig:
@@ -261,7 +255,7 @@ def bench_peer(peer: str, pc: PeersConfig, device: str) -> dict:
 
 # ------------------------------------------------------------------------------------ report
 def ours_rows(path: str, preset: str, context: int) -> list[dict]:
-    """Batch-1 rows of a ``bench_adapters`` JSON at ``preset`` and ``context`` (E 8, k 2)."""
+    """Batch-1 rows of an adapter-benchmark JSON at ``preset`` and ``context`` (E 8, k 2)."""
     with open(path) as f:
         report = json.load(f)
     device = report["environment"]["device_kind"]
@@ -334,7 +328,8 @@ def plot(report: dict, path: str) -> None:
 
 def write_outputs(report: dict, folder: str) -> str:
     """JSON, Markdown and PNG under ``folder``; returns the Markdown."""
-    return write_report(report, os.path.join(folder, f"peers_{report['args']['preset']}"),
+    args = report["args"]
+    return write_report(report, os.path.join(folder, f"{args['preset']}_ctx{args['context']}"),
                         markdown, plot)
 
 
@@ -397,7 +392,7 @@ def main(pc: PeersConfig) -> dict:
         report["results"].append(row)
         write_outputs(report, pc.out)
     table = write_outputs(report, pc.out)
-    log(f"wrote {pc.out}/peers_{pc.preset}.json, .md, .png")
+    log(f"wrote {pc.out}/{pc.preset}_ctx{pc.context}.json, .md, .png")
     print(table, flush=True)
     return report
 
@@ -412,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, str | None]:
     """The run's config and the ``--download-wheels`` folder (None: run the peers)."""
     d = PeersConfig()
     p = argparse.ArgumentParser(
-        prog="python -m loraswitch_jax.eval.peers",
+        prog="python -m loraswitch_jax.eval.bench.peers",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -423,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, str | None]:
                    help="N: decode = (T_N - T_1) / (N - 1)")
     p.add_argument("--reps", type=int, default=d.reps)
     p.add_argument("--ours", default=None, metavar="FILE",
-                   help="a bench_adapters JSON whose batch-1 rows join the table")
+                   help="an adapter-benchmark JSON whose batch-1 rows join the table")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--download-wheels", default=None, metavar="DIR",

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: device time per kernel, from a profiler trace.
 
-``bench_adapters`` says how long a step takes; this says what the device did meanwhile. For one
-configuration (a mode of ``bench_adapters``, a preset, a batch, a context) it compiles the same
+:mod:`.adapters` says how long a step takes; this says what the device did meanwhile. For one
+configuration (a mode of :mod:`.adapter_cases`, a preset, a batch, a context) it compiles the same
 generate program, traces a run of 1 new token and one of N with ``jax.profiler``, and reads the
 kernels off the device's stream tracks of each trace's Perfetto JSON. Per decode step
 (``(N-token run - 1-token run) / (N - 1)``, as the benchmark times it):
@@ -14,10 +14,10 @@ kernels off the device's stream tracks of each trace's Perfetto JSON. Per decode
 Run on a GPU (a CPU trace has no device stream tracks; ``--allow-host`` reads the host's XLA
 threads instead, and ``--impl xla`` runs every mode on XLA, for a dry run)::
 
-    python -m loraswitch_jax.eval.profile_step --mode backbone switch-fused --batch 1 \
+    python -m loraswitch_jax.eval.bench.profile --mode backbone switch-fused --batch 1 \
         --out eval/results/profile
 
-Writes ``profile_step.json``, ``.md`` and ``.png`` (stacked device time per mode and group).
+Writes ``<preset>_b<batch>_ctx<context>.json``, ``.md`` and ``.png`` (stacked device time per mode and group).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -38,8 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraswitch_jax.config import PRESETS
-from loraswitch_jax.eval.bench_adapters import MODES, Case, _make_adapter, model_config
-from loraswitch_jax.eval.bench_decode import _environment, build_params, log, write_report
+from loraswitch_jax.eval.bench.adapter_cases import (
+    MODES,
+    Case,
+    cache_len,
+    make_adapter,
+    model_config,
+)
+from loraswitch_jax.eval.bench.harness import build_params, environment, log, write_report
 from loraswitch_jax.generate import GenerateConfig, generate_batch
 from loraswitch_jax.sampling import Sampler
 
@@ -155,20 +162,21 @@ def profile_mode(mode_name: str, params, pc: ProfileConfig) -> dict:
     mode = MODES[mode_name]
     case = Case(pc.preset, mode_name, pc.batch, pc.context)
     n = pc.new_tokens
-    cache_len = -(-(pc.context + n) // 64) * 64
-    cfg = model_config(pc.preset, cache_len)
+    length = cache_len(pc.context, n)
+    cfg = model_config(pc.preset, length)
     key = jax.random.fold_in(jax.random.key(pc.seed), pc.batch)
     acfg = case.adapter_config()
-    adapter = None if acfg is None else _make_adapter(cfg, acfg, key)
+    adapter = None if acfg is None else make_adapter(cfg, acfg, key)
     rng = np.random.default_rng(pc.seed + pc.batch)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (pc.batch, pc.context), np.int32))
     lengths = jnp.full((pc.batch,), pc.context, jnp.int32)
     args = (params, adapter, tokens, lengths, key)
+    strategy = {} if mode.strategy is None else {"switch_strategy": mode.strategy}
     gen = GenerateConfig(max_new_tokens=n, sampler=Sampler(temperature=1.0), stop_tokens=(),
-                         cache_len=cache_len, impl=mode.kernels(mode.impl if pc.impl == "mode" else pc.impl),
-                         switch_strategy=mode.strategy)
-    run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=cache_len,
-                          stream=None).compile()
+                         cache_len=length, impl=mode.impl if pc.impl == "mode" else pc.impl,
+                         **strategy)
+    run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=length,
+                               stream=None).compile()
     with tempfile.TemporaryDirectory() as tmp:
         ev1, wall1 = _trace_events(lambda: run(*args, jnp.int32(1)), os.path.join(tmp, "one"))
         evn, walln = _trace_events(lambda: run(*args, jnp.int32(n)), os.path.join(tmp, "many"))
@@ -177,7 +185,8 @@ def profile_mode(mode_name: str, params, pc: ProfileConfig) -> dict:
     wall = 1e6 * (walln - wall1) / (n - 1)
     log(f"  {mode_name}: {wall:.0f} us/step wall, {busy:.0f} us busy "
         f"({sum(g['launches'] for g in groups.values()):.0f} launches)")
-    return {"mode": mode_name, "tracks": track_names(evn, pc.allow_host), "wall_us": wall, "busy_us": busy, "idle_us": wall - busy,
+    return {"mode": mode_name, "tracks": track_names(evn, pc.allow_host), "wall_us": wall,
+            "busy_us": busy, "idle_us": wall - busy,
             "launches": sum(g["launches"] for g in groups.values()), "groups": groups}
 
 
@@ -239,23 +248,24 @@ def plot(report: dict, path: str, top: int = 8) -> None:
 
 
 def main(pc: ProfileConfig) -> dict:
-    cfg = model_config(pc.preset, -(-(pc.context + pc.new_tokens) // 64) * 64)
+    """Profile every mode of ``pc`` on one set of weights; write and print the report."""
+    cfg = model_config(pc.preset, cache_len(pc.context, pc.new_tokens))
     params = build_params(cfg, jax.random.key(pc.seed))
-    report = {"args": dataclasses.asdict(pc), "environment": _environment(), "modes": []}
+    report = {"args": dataclasses.asdict(pc), "environment": environment(), "modes": []}
     for mode in pc.modes:
         log(f"profiling {mode} (batch {pc.batch}, {pc.preset}, context {pc.context})")
         report["modes"].append(profile_mode(mode, params, pc))
-        table = write_report(report, os.path.join(pc.out, "profile_step"), markdown, plot)
+        table = write_report(report, os.path.join(pc.out, f"{pc.preset}_b{pc.batch}_ctx{pc.context}"), markdown, plot)
     print(table)
     return report
 
 
 def parse_args(argv: list[str] | None = None) -> ProfileConfig:
     d = ProfileConfig()
-    p = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.profile_step",
+    p = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.bench.profile",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", nargs="+", default=list(d.modes), help="bench_adapters modes")
+    p.add_argument("--mode", nargs="+", default=list(d.modes), help="modes of the adapter benchmark")
     p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--context", type=int, default=d.context)
@@ -268,8 +278,9 @@ def parse_args(argv: list[str] | None = None) -> ProfileConfig:
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
     return ProfileConfig(modes=tuple(a.mode), preset=a.preset, batch=a.batch, context=a.context,
-                         new_tokens=a.new_tokens, impl=a.impl, allow_host=a.allow_host, seed=a.seed, out=a.out)
+                         new_tokens=a.new_tokens, impl=a.impl, allow_host=a.allow_host,
+                         seed=a.seed, out=a.out)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_args(sys.argv[1:]))

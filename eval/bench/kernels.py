@@ -5,10 +5,11 @@ on an NVIDIA GPU) at Llama-2-7B shapes: it checks each kernel's output against i
 (bf16: relative error below 1e-2) and reports the median time and the bytes moved per second as
 a fraction of the measured copy bandwidth.
 
-    python -m loraswitch_jax.eval.check_kernels --out eval/results/kernels        # GPU
-    python -m loraswitch_jax.eval.check_kernels --small --interpret --out /tmp/k  # CPU smoke run
+    python -m loraswitch_jax.eval.bench.kernels --out eval/results/kernels        # GPU
+    python -m loraswitch_jax.eval.bench.kernels --small --interpret --out /tmp/k  # CPU smoke run
 
-Writes ``check_kernels.json`` and ``check_kernels.md`` (device, JAX version and date included).
+Writes ``check_7b.json`` and ``check_7b.md`` (``check_small.*`` with ``--small``; device, JAX
+version and date included). Block sizes are tuned by :mod:`.kernel_sweep`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import statistics
+import sys
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loraswitch_jax.eval.bench_decode import _environment, _time_calls, log, measure_bandwidth
+from loraswitch_jax.eval.bench.harness import (
+    environment,
+    log,
+    measure_bandwidth,
+    reserve_device_memory,
+    time_calls,
+    write_report,
+)
 from loraswitch_jax.pallas import decode_attention as attention
 from loraswitch_jax.pallas import fused_projections as fused
 from loraswitch_jax.pallas import lora_shrink as shrink
@@ -33,7 +41,7 @@ from loraswitch_jax.pallas import routed_projections as routed
 from loraswitch_jax.pallas import stacked_matmul as stacked
 from loraswitch_jax.pallas import switch_merge as merge
 
-__all__ = ["Shapes", "check", "main"]
+__all__ = ["SMALL", "KernelsConfig", "Shapes", "check", "main", "parse_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +92,7 @@ def check(name: str, run: Callable[[], object], reference: Callable[[], object],
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
     err = max(_rel_err(g, w) for g, w in zip(got, want))
-    seconds = statistics.median(_time_calls(run, reps, warmup=2))
+    seconds = statistics.median(time_calls(run, reps, warmup=2))
     row = {"kernel": name, "rel_err": err, "ok": err < 1e-2, "us": 1e6 * seconds,
            "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
     row["of_copy_bw"] = None if not copy_gbps else row["gbps"] / copy_gbps
@@ -191,7 +199,7 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                           lambda f_=qkv_args: routed.routed_qkv_matmul_reference(*f_()),
                           one_layer(w["q"], w["k"], w["v"]) + lora_bytes("q", "k", "v")))
 
-        # The two other placements of x A: one launch per input group, and inline (gather only).
+        # x A as its own launch, one per group of projections sharing an input.
         sg = jax.jit(functools.partial(shrink.lora_shrink_group, interpret=interpret))
         group = (a["q"], a["k"], a["v"])
         cases.append((f"lora_shrink_group q,k,v M={m} E={E}",
@@ -199,17 +207,6 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
                       lambda xm=xm, slots=slots, weights=weights: shrink.lora_shrink_group_reference(
                           xm, group, layer, slots, weights),
                       touched * 3 * a["q"][0, 0].size * 2))
-        if m * s.top_k < E:
-            ri = jax.jit(functools.partial(routed.routed_qkv_matmul_inline_shrink,
-                                           interpret=interpret))
-            inline_args = lambda xm=xm, slots=slots, weights=weights: (  # noqa: E731
-                xm, w["q"], w["k"], w["v"], layer, (a["q"], a["k"], a["v"]),
-                (b["q"], b["k"], b["v"]), layer, slots, weights)
-            cases.append((f"routed_qkv_matmul_inline_shrink M={m} E={E}",
-                          lambda f_=inline_args: ri(*f_()),
-                          lambda f_=inline_args: routed.routed_qkv_matmul_inline_shrink_reference(
-                              *f_()),
-                          one_layer(w["q"], w["k"], w["v"]) + 2 * lora_bytes("q", "k", "v")))
 
     ids, gates = _route(next(keys), 1, s)
     ids, gates = ids[0], 2.0 * gates[0]
@@ -274,54 +271,72 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(report: dict, folder: str) -> str:
-    """``check_kernels.json`` and ``.md`` in ``folder`` (each replaced whole); returns the table."""
-    os.makedirs(folder, exist_ok=True)
-    table = markdown(report)
-    for name, text in (("check_kernels.json", json.dumps(report, indent=2)),
-                       ("check_kernels.md", table + "\n")):
-        path = os.path.join(folder, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    return table
+@dataclasses.dataclass(frozen=True)
+class KernelsConfig:
+    """What to check: ``small`` shapes (CPU smoke runs), Pallas ``interpret`` mode, timed
+    ``reps``, ``only`` the kernels whose name contains one of these texts."""
+
+    out: str = "eval/results/kernels"
+    small: bool = False
+    interpret: bool = False
+    reps: int = 20
+    only: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.reps < 1:
+            raise ValueError(f"KernelsConfig.reps must be >= 1, got {self.reps}")
+
+    @property
+    def stem(self) -> str:
+        return os.path.join(self.out, "check_small" if self.small else "check_7b")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="eval/results/kernels")
-    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
-                        help="check only the kernels whose name contains one of these")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    env = _environment()
-    shapes = SMALL if args.small else Shapes()
+def main(kc: KernelsConfig) -> dict:
+    """Check (and time) every selected kernel, writing the report after each; return it.
+
+    Raises SystemExit when no kernel is selected or some kernel differs from its reference."""
+    reserve_device_memory()
+    env = environment()
+    shapes = SMALL if kc.small else Shapes()
     log(f"{env['device_kind']} ({env['platform']}), JAX {env['jax']}; {shapes}")
     bandwidth = None if env["platform"] == "cpu" else measure_bandwidth(2.0, 10, jax.random.key(1))
     copy_gbps = bandwidth["copy_gbps"] if bandwidth else None
     report = {"environment": env, "shapes": dataclasses.asdict(shapes), "bandwidth": bandwidth,
-              "interpret": args.interpret, "rows": []}
-    for case in _cases(shapes, args.interpret, jax.random.key(0)):
-        if args.only and not any(text in case[0] for text in args.only):
+              "interpret": kc.interpret, "rows": []}
+    for case in _cases(shapes, kc.interpret, jax.random.key(0)):
+        if kc.only and not any(text in case[0] for text in kc.only):
             continue
         try:
-            row = check(*case, reps=args.reps, copy_gbps=copy_gbps)
+            row = check(*case, reps=kc.reps, copy_gbps=copy_gbps)
         except Exception as e:  # noqa: BLE001 - one kernel's failure must not hide the others
             log(f"{case[0]}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
             row = {"kernel": case[0], "error": f"{type(e).__name__}: {e}"[:500], "ok": False}
         report["rows"].append(row)
-        table = _write(report, args.out)  # after every kernel: a run cut short keeps its rows
+        # After every kernel: a run cut short keeps its rows.
+        table = write_report(report, kc.stem, markdown, None)
     rows = report["rows"]
     if not rows:
-        raise SystemExit(f"no kernel name contains any of {args.only}")
+        raise SystemExit(f"no kernel name contains any of {list(kc.only)}")
     print(table, flush=True)
     if not all(row["ok"] for row in rows):
         raise SystemExit("some kernels differ from their references (see the table)")
     return report
 
 
+def parse_args(argv: list[str] | None = None) -> KernelsConfig:
+    d = KernelsConfig()
+    parser = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.bench.kernels",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=d.out)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
+    parser.add_argument("--reps", type=int, default=d.reps)
+    parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                        help="check only the kernels whose name contains one of these")
+    a = parser.parse_args(argv)
+    return KernelsConfig(out=a.out, small=a.small, interpret=a.interpret, reps=a.reps,
+                         only=tuple(a.only))
+
+
 if __name__ == "__main__":
-    main()
+    main(parse_args(sys.argv[1:]))

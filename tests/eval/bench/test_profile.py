@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from loraswitch_jax.eval import profile_step
-from loraswitch_jax.eval.profile_step import kernel_group, kernel_times, per_step, track_names
+from loraswitch_jax.eval.bench import profile
+from loraswitch_jax.eval.bench.profile import kernel_group, kernel_times, per_step, track_names
 
 
 def meta(pid, tid, process, thread):
@@ -73,23 +73,23 @@ def test_per_step_subtracts_the_one_token_run():
 
 def test_rejects_bad_config():
     with pytest.raises(ValueError, match="unknown modes"):
-        profile_step.ProfileConfig(modes=("nope",))
+        profile.ProfileConfig(modes=("nope",))
     with pytest.raises(ValueError, match="impl must be"):
-        profile_step.ProfileConfig(impl="cuda")
+        profile.ProfileConfig(impl="cuda")
     with pytest.raises(ValueError, match="new_tokens >= 2"):
-        profile_step.ProfileConfig(new_tokens=1)
+        profile.ProfileConfig(new_tokens=1)
 
 
 def test_cpu_dry_run_writes_the_report(tmp_path):
-    pc = profile_step.parse_args(["--preset", "demo", "--impl", "xla", "--allow-host",
+    pc = profile.parse_args(["--preset", "demo", "--impl", "xla", "--allow-host",
                                   "--context", "16", "--new-tokens", "3", "--mode", "backbone",
                                   "--out", str(tmp_path)])
-    report = profile_step.main(pc)
+    report = profile.main(pc)
     (row,) = report["modes"]
     # Wall time per step is a difference of two short CPU runs here: finite, of either sign.
     assert row["mode"] == "backbone" and math.isfinite(row["wall_us"]) and row["groups"]
     assert all(t.startswith("tf_XLA") for t in row["tracks"])
-    saved = json.loads((tmp_path / "profile_step.json").read_text())
+    saved = json.loads((tmp_path / "demo_b1_ctx16.json").read_text())
     assert saved["modes"][0]["groups"] == row["groups"]
-    assert (tmp_path / "profile_step.md").read_text().startswith("Device time per decode step")
-    assert (tmp_path / "profile_step.png").stat().st_size > 0
+    assert (tmp_path / "demo_b1_ctx16.md").read_text().startswith("Device time per decode step")
+    assert (tmp_path / "demo_b1_ctx16.png").stat().st_size > 0
