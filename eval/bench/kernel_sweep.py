@@ -65,7 +65,7 @@ from loraswitch_jax.pallas.stacked_matmul import default_block_sizes, stacked_ma
 __all__ = ["SweepConfig", "main", "parse_args"]
 
 # Best stacked_matmul blocks of the first sweep (eval/results/archive/kernels/
-# sweep_stacked_matmul.txt): the starting point of the separate-launch rows.
+# stacked_matmul_blocks.txt): the starting point of the separate-launch rows.
 PREVIOUS_BEST = {
     (4096, 4096): BlockSizes(block_n=128, block_k=128, split_k=4),
     (4096, 11008): BlockSizes(block_n=64, block_k=128, split_k=1),
