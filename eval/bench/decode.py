@@ -209,7 +209,8 @@ def bench_decode_step(params: LlamaParams, cfg: LlamaConfig, batch: int, bc: Dec
 
 # ---------------------------------------------------------------------------------- generate
 def bench_generate(params: LlamaParams, cfg: LlamaConfig, batch: int, bc: DecodeConfig) -> dict:
-    """``generate_batch`` with N1 and N2 new tokens, interleaved; the difference is N2 - N1 steps."""
+    """``generate_batch`` with N1 and N2 new tokens, interleaved: the difference is N2 - N1
+    decode steps."""
     rng = np.random.default_rng(bc.seed + batch)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, bc.context), dtype=np.int32))
     lengths = jnp.full((batch,), bc.context, jnp.int32)

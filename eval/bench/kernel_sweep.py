@@ -165,7 +165,8 @@ class Sweeper:
         out = []
         for bs, (exe, csecs) in built.items():
             if time.perf_counter() > deadline:
-                print(f"  {group.name}: budget spent, {len(bss) - len(out)} configs left", flush=True)
+                print(f"  {group.name}: budget spent, {len(bss) - len(out)} configs left",
+                      flush=True)
                 break
             if isinstance(exe, Exception):
                 print(f"  {group.name} {variant} {bs} failed: {str(exe).splitlines()[0][:160]}")
@@ -207,7 +208,8 @@ class Sweeper:
         layer = self.cfg.layers // 2 + 1
         got = jax.jit(lambda x, ws: group.fused(x, ws, layer, bs, self.cfg.small))(x, ws)
         ref = jax.jit(lambda x, ws: group.reference(x, ws, layer))(x, ws)
-        errs = [float(jnp.max(jnp.abs(g.astype(F32) - r.astype(F32))) / jnp.max(jnp.abs(r.astype(F32))))
+        errs = [float(jnp.max(jnp.abs(g.astype(F32) - r.astype(F32)))
+                      / jnp.max(jnp.abs(r.astype(F32))))
                 for g, r in zip(got, ref)]
         return max(errs)
 
@@ -231,7 +233,8 @@ def write_table(stem, env, bw, records, summary):
              f"{bw['read_Bps'] / 1e12:.3f} TB/s; harness `{env['harness']}`: times per call "
              f"inside a fori_loop over {env['layers']} stacked layers (layer index as data) "
              "unless marked 'no loop'.")
-    lines = [f"# Projection kernels, {env['device_kind']}, JAX {env['jax']}, {env['date'][:10]}", "",
+    title = f"# Projection kernels, {env['device_kind']}, JAX {env['jax']}, {env['date'][:10]}"
+    lines = [title, "",
              intro, "",
              "| group | M | variant | blocks (n k split warps stages) | us | TB/s | frac copy |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -441,7 +444,8 @@ def layer_phase(sw: Sweeper, cfg: SweepConfig, summary, best_stacked, deadline):
             BlockSizes(**summary["qkv"]["best"]), best[sq],
             BlockSizes(**summary["gate_up"]["best"]), best[sd], True),
     }
-    built = sw.compile_many({k: in_loop(op, cfg.layers, sw.passes, cfg.harness) for k, op in plans.items()},
+    built = sw.compile_many({k: in_loop(op, cfg.layers, sw.passes, cfg.harness)
+                             for k, op in plans.items()},
                             x, ws)
     for label, (exe, csecs) in built.items():
         if isinstance(exe, Exception) or time.perf_counter() > deadline:

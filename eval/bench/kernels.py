@@ -103,14 +103,14 @@ def check(name: str, run: Callable[[], object], reference: Callable[[], object],
 
 def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callable, int]]:
     """(name, kernel call, reference call, bytes the kernel must move) for every kernel; the
-    decode-attention kernel first, as the one not yet checked on a GPU (a run cut short by its
-    time limit still checks it)."""
+    decode-attention kernel first (a run cut short by its time limit still checks it)."""
     keys = iter(jax.random.split(key, 64))
     L, d, f, E, r = s.layers, s.d, s.f, s.num_experts, s.rank
     layer = jnp.int32(L - 1)  # data, as in decode; the last layer
     w = {"q": _normal(next(keys), (L, d, d), d**-0.5), "k": _normal(next(keys), (L, d, d), d**-0.5),
          "v": _normal(next(keys), (L, d, d), d**-0.5), "o": _normal(next(keys), (L, d, d), d**-0.5),
-         "gate": _normal(next(keys), (L, d, f), d**-0.5), "up": _normal(next(keys), (L, d, f), d**-0.5),
+         "gate": _normal(next(keys), (L, d, f), d**-0.5),
+         "up": _normal(next(keys), (L, d, f), d**-0.5),
          "down": _normal(next(keys), (L, f, d), f**-0.5)}
     a = {p: _normal(next(keys), (L, E, v.shape[1], r), v.shape[1] ** -0.5) for p, v in w.items()}
     b = {p: _normal(next(keys), (L, E, r, v.shape[2]), 0.05) for p, v in w.items()}
@@ -203,9 +203,10 @@ def _cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callable, Callabl
         sg = jax.jit(functools.partial(shrink.lora_shrink_group, interpret=interpret))
         group = (a["q"], a["k"], a["v"])
         cases.append((f"lora_shrink_group q,k,v M={m} E={E}",
-                      lambda xm=xm, slots=slots, weights=weights: sg(xm, group, layer, slots, weights),
-                      lambda xm=xm, slots=slots, weights=weights: shrink.lora_shrink_group_reference(
+                      lambda xm=xm, slots=slots, weights=weights: sg(
                           xm, group, layer, slots, weights),
+                      lambda xm=xm, slots=slots, weights=weights:
+                          shrink.lora_shrink_group_reference(xm, group, layer, slots, weights),
                       touched * 3 * a["q"][0, 0].size * 2))
 
     ids, gates = _route(next(keys), 1, s)
@@ -243,8 +244,8 @@ def _attention_cases(s: Shapes, interpret: bool, key) -> list[tuple[str, Callabl
         read = 2 * int(lengths.sum()) * s.kv_heads * s.head_dim * 2  # valid keys and values
         cases.append((f"decode_attention B={batch}",
                       lambda q=q, kc=kc, vc=vc, lengths=lengths: attend(q, kc, vc, layer, lengths),
-                      lambda q=q, kc=kc, vc=vc, lengths=lengths: attention.decode_attention_reference(
-                          q, kc, vc, layer, lengths),
+                      lambda q=q, kc=kc, vc=vc, lengths=lengths:
+                          attention.decode_attention_reference(q, kc, vc, layer, lengths),
                       read))
     return cases
 

@@ -17,7 +17,8 @@ threads instead, and ``--impl xla`` runs every mode on XLA, for a dry run)::
     python -m loraswitch_jax.eval.bench.profile --mode backbone switch-fused --batch 1 \
         --out eval/results/profile
 
-Writes ``<preset>_b<batch>_ctx<context>.json``, ``.md`` and ``.png`` (stacked device time per mode and group).
+Writes ``<preset>_b<batch>_ctx<context>.json``, ``.md`` and ``.png`` (stacked device time per
+mode and group).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def main(pc: ProfileConfig) -> dict:
     for mode in pc.modes:
         log(f"profiling {mode} (batch {pc.batch}, {pc.preset}, context {pc.context})")
         report["modes"].append(profile_mode(mode, params, pc))
-        table = write_report(report, os.path.join(pc.out, f"{pc.preset}_b{pc.batch}_ctx{pc.context}"), markdown, plot)
+        stem = os.path.join(pc.out, f"{pc.preset}_b{pc.batch}_ctx{pc.context}")
+        table = write_report(report, stem, markdown, plot)
     print(table)
     return report
 
@@ -265,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> ProfileConfig:
     p = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.bench.profile",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", nargs="+", default=list(d.modes), help="modes of the adapter benchmark")
+    p.add_argument("--mode", nargs="+", default=list(d.modes),
+                   help="modes of the adapter benchmark")
     p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--context", type=int, default=d.context)
