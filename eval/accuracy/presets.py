@@ -116,8 +116,8 @@ PRESETS: dict[str, Preset] = {
         heldout_bytes=6_000, items_per_task=24, eval_batch_size=32, generate_tokens=40,
         bootstrap_resamples=1000),
     # CPU smoke test (2 cores): ~0.9M params; ~6 minutes end to end; +-10-point task intervals.
-    # E=16 rather than 32 here: above 16 experts the adapters take the grouped (ragged_dot)
-    # product, which on a CPU measured 7x slower to train and 9x slower to score.
+    # E=16 rather than 32, as in the committed cpu results: E 32 then took the grouped
+    # (ragged_dot) product, no longer chosen, 7x slower to train and 9x to score on a CPU.
     "cpu": Preset(
         name="cpu", model=byte_llama(128, 4, 4, 4, 344, 512), seq_len=256, batch_size=8,
         pretrain=OptimConfig(lr=3e-3, warmup_steps=20, steps=300, weight_decay=0.1, b2=0.95),

@@ -359,6 +359,8 @@ def test_micro_experiment_writes_report(tmp_path):
     assert "resample whole source units" in (out / "report.md").read_text()
     assert "resampling source units" in saved["statement"]
     assert saved["bootstrap_units"] == {"heldout": "text", "tasks": "unit"}
+    assert {who: set(g) for who, g in saved["generations"].items()} == \
+        {who: set(experiment.PROMPTS) for who in ("backbone", "switch")}
     assert saved["data"]["tasks"]["qa"]["baselines"]["stem"] is not None  # headword contexts
     # Every window's domain and text are saved, so the intervals can be recomputed.
     scores = np.load(out / "scores.npz")
