@@ -55,7 +55,7 @@ from loraswitch_jax.adapters import Adapter, AdapterConfig, init_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.eval.accuracy import scoring
 from loraswitch_jax.eval.accuracy.inputs import (Corpus, EvalSet, encode_bytes, eval_set,
-                                               load_corpus, mixture_examples)
+                                                 load_corpus, mixture_examples)
 from loraswitch_jax.eval.accuracy.presets import (BOS, EOS, MAIN, PRESETS, Preset, adapter_config,
                                                   count_params)
 from loraswitch_jax.eval.accuracy.pretrain import pretrain
@@ -133,7 +133,7 @@ def evaluate(params: LlamaParams, cfg: LlamaConfig, adapter: Adapter | None, dat
     return out
 
 
-# ---- the statement ---------------------------------------------------------------------------
+# ---- outputs ---------------------------------------------------------------------------------
 
 def _jsonable(x):
     if isinstance(x, dict):

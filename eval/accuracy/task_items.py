@@ -80,8 +80,6 @@ def place(task: str, drafts: list[dict], seed: int, max_items: int | None) -> li
     return items
 
 
-# ---- answers seen in training text ----------------------------------------------------------
-
 # ---- definition -----------------------------------------------------------------------------
 
 _DICTIONARY_UNIT = re.compile(r"(.+?) \((n|v|adj|adv)\.\): (.*)", re.S)
@@ -373,6 +371,3 @@ def qa_drafts(faq_rows: Sequence[Mapping], doc_rows: Sequence[Mapping], seed: in
                                "distractors": distractors})
                 break
     return drafts, leak
-
-
-# ---- files, baselines, command line ---------------------------------------------------------
