@@ -134,7 +134,7 @@ def _train_command(args) -> int:
 
 
 def _demo_command(args) -> int:
-    from loraswitch_jax.eval.accuracy import demo
+    from loraswitch_jax.eval.accuracy.experiment import demo
 
     demo(args.out, progress=not args.quiet)
     return 0

@@ -1,5 +1,6 @@
-"""The lm_eval client (eval/lm_eval_client.py) against direct computations with forward/generate,
-and end to end through ``lm_eval.simple_evaluate`` on a local task (tests/data/lm_eval/)."""
+"""The lm_eval client (eval/accuracy/lm_eval_client.py) against direct computations with forward
+and generate, and end to end through ``lm_eval.simple_evaluate`` on a local task
+(tests/data/lm_eval/)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import loraswitch_jax as lj  # noqa: E402
-from tests.helpers import jit_forward, random_params  # noqa: E402
-from loraswitch_jax.eval.lm_eval_client import LoraSwitchLM  # noqa: E402
+from loraswitch_jax.eval.accuracy.lm_eval_client import LoraSwitchLM  # noqa: E402
 from loraswitch_jax.tokenizer import byte_tokenizer  # noqa: E402
+from tests.helpers import jit_forward, random_params  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 TASK = "loraswitch_tiny_mc"
 TASK_DIR = os.path.join(REPO, "tests", "data", "lm_eval")
 # Byte tokenizer ids: 0-255 bytes, 256 <s>, 257 </s>, 258 <pad> (as the demo preset).

@@ -5,7 +5,7 @@ Importing this module registers :class:`LoraSwitchLM` as the ``loraswitch`` mode
 points nor imports modules named by ``--include_path`` (that flag adds task YAML folders). So run
 its command line through this module, which registers the model first::
 
-    python -m loraswitch_jax.eval.lm_eval_client --model loraswitch \\
+    python -m loraswitch_jax.eval.accuracy.lm_eval_client --model loraswitch \\
         --model_args model=DIR,adapter=ADIR,dtype=bfloat16,batch_size=8 \\
         --tasks TASKS --include_path TASK_YAML_DIR
 
@@ -22,7 +22,7 @@ From Python, pass an instance (or ``model="loraswitch"`` once this module is imp
 
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from loraswitch_jax.eval.lm_eval_client import LoraSwitchLM
+    from loraswitch_jax.eval.accuracy.lm_eval_client import LoraSwitchLM
 
     lm = LoraSwitchLM.load(model="DIR", adapter="ADIR")   # or LoraSwitchLM(params, cfg, tokenizer)
     lm_eval.simple_evaluate(model=lm, tasks=["my_task"],

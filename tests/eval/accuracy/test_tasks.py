@@ -1,186 +1,17 @@
-"""Corpus extraction, held-out split, task items and baselines: no network, no apt, no dpkg."""
+"""Task items, the leak filter, baselines, task files and the bundled sample."""
 
 from __future__ import annotations
 
 import collections
-import gzip
 import hashlib
 import json
 import os
 import random
-import struct
-import zlib
 
 import pytest
 
-from loraswitch_jax.eval import corpus, tasks
+from loraswitch_jax.eval.accuracy import domains, leakage, markup, task_items, tasks
 from loraswitch_jax.samples import sample_path
-
-# ---- split ---------------------------------------------------------------------------------
-
-
-def test_heldout_split_is_deterministic_and_hits_its_fraction():
-    keys = [f"library/module_{i}.rst" for i in range(20000)]
-    first = [corpus.is_heldout("docs", k) for k in keys]
-    assert first == [corpus.is_heldout("docs", k) for k in keys]
-    assert 0.14 < sum(first) / len(keys) < 0.16  # docs: 15 %
-    tenth = [corpus.is_heldout("docs", k, 0.1) for k in keys]
-    assert 0.09 < sum(tenth) / len(keys) < 0.11
-    # A smaller fraction holds out a subset: growing the share never moves a unit back.
-    assert all(f for f, t in zip(first, tenth) if t)
-    other = [corpus.is_heldout("code", k, 0.15) for k in keys]  # the domain is hashed too
-    assert 0.14 < sum(other) / len(keys) < 0.16 and other != first
-
-
-# ---- WordNet -------------------------------------------------------------------------------
-
-HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
-NOUN = ('00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 ~ 00002137 n 0000 ~ 04431553 n 0000 '
-        '| that which is perceived or known or inferred to have its own distinct existence '
-        '(living or nonliving)  \n')
-ADJ = ('00022437 00 s 02 dead-on(a) 0 caf\u00e9_au_lait 0 002 & 00021766 a 0000 ;u 07075172 n '
-       '0000 | accurate and to the point; "a dead-on feel for characterization"; "she avoids '
-       'big scenes"  \n')
-
-
-def test_wordnet_line_parser():
-    assert corpus.parse_wordnet_line(HEADER) is None
-    noun = corpus.parse_wordnet_line(NOUN)
-    assert (noun.key, noun.pos, noun.lemmas) == ("noun.Tops:00001740", "n", ("entity",))
-    assert noun.text.startswith("entity (n.): that which is perceived")
-    adj = corpus.parse_wordnet_line(ADJ)
-    assert adj.lemmas == ("dead-on", "caf\u00e9 au lait") and adj.lexname == "adj.all"
-    definition, examples = corpus.split_gloss(adj.gloss)
-    assert definition == "accurate and to the point"
-    assert examples == ["a dead-on feel for characterization", "she avoids big scenes"]
-    with pytest.raises(ValueError, match="not a WordNet data line"):
-        corpus.parse_wordnet_line("00001740 03 n 01 entity 0 000\n")
-
-
-def test_dictionary_units_read_latin1_and_skip_headers(tmp_path):
-    folder = tmp_path / "usr" / "share" / "wordnet"
-    folder.mkdir(parents=True)
-    for name in ("noun", "verb", "adj", "adv"):
-        lines = HEADER * 3 + {"noun": NOUN, "adj": ADJ}.get(name, "")
-        (folder / f"data.{name}").write_bytes(lines.encode("latin-1"))
-    units = corpus.dictionary_units(str(tmp_path))
-    assert [u.key for u in units] == ["noun.Tops:00001740", "adj.all:00022437"]
-    assert units[1].text.startswith("dead-on, caf\u00e9 au lait (adj.): accurate")
-
-
-# ---- R lazy-load database ------------------------------------------------------------------
-
-class _RWriter:
-    """R's XDR serialization (version 3) of the few types an R data database holds."""
-
-    def __init__(self):
-        self.symbols: list[str] = []
-
-    def char(self, value: str | None) -> bytes:
-        if value is None:
-            return struct.pack(">ii", 9, -1)  # NA_character_
-        raw = value.encode("utf-8")
-        return struct.pack(">ii", 9 | (8 << 12), len(raw)) + raw  # UTF-8 flag in the levels
-
-    def vector(self, kind: int, body: bytes, n: int, names: list[str] | None = None) -> bytes:
-        out = struct.pack(">ii", kind | (1 << 9 if names else 0), n) + body
-        if names:  # attributes: a pairlist cell tagged with the symbol "names"
-            out += struct.pack(">i", 2 | (1 << 10)) + self.symbol("names")
-            out += self.strings(names) + struct.pack(">i", 254)
-        return out
-
-    def symbol(self, name: str) -> bytes:
-        if name in self.symbols:  # later uses are references into the symbol table
-            return struct.pack(">i", ((self.symbols.index(name) + 1) << 8) | 255)
-        self.symbols.append(name)
-        return struct.pack(">i", 1) + self.char(name)
-
-    def strings(self, values, names=None) -> bytes:
-        return self.vector(16, b"".join(map(self.char, values)), len(values), names)
-
-    def ints(self, values, kind: int = 13) -> bytes:
-        return self.vector(kind, struct.pack(f">{len(values)}i", *values), len(values))
-
-    def list(self, items: list[bytes], names=None) -> bytes:
-        return self.vector(19, b"".join(items), len(items), names)
-
-    @staticmethod
-    def header() -> bytes:
-        return b"X\n" + struct.pack(">iiii", 3, 0x040201, 0x030500, 5) + b"UTF-8"
-
-
-def _write_rdata(stem: str, variables: dict[str, list]) -> None:
-    blobs, offsets = b"", []
-    for lines in variables.values():
-        raw = _RWriter.header() + _RWriter().strings(lines)
-        blob = struct.pack(">I", len(raw)) + zlib.compress(raw)
-        offsets.append([len(blobs), len(blob)])
-        blobs += blob
-    w = _RWriter()
-    index = _RWriter.header() + w.list(
-        [w.list([w.ints(o) for o in offsets], names=list(variables)), w.list([]),
-         w.ints([1], kind=10)], names=["variables", "references", "compressed"])
-    with open(f"{stem}.rdx", "wb") as f:
-        f.write(gzip.compress(index))
-    with open(f"{stem}.rdb", "wb") as f:
-        f.write(blobs)
-
-
-def test_read_rdata_on_a_constructed_database(tmp_path):
-    stem = str(tmp_path / "Rdata")
-    _write_rdata(stem, {"emma": ["EMMA", "", "By Jane Austen", None, "caf\u00e9"],
-                        "persuasion": ["PERSUASION"]})
-    data = corpus.read_rdata(stem)
-    assert data == {"emma": ["EMMA", "", "By Jane Austen", None, "caf\u00e9"],
-                    "persuasion": ["PERSUASION"]}
-
-
-def test_read_rdata_reports_a_damaged_file(tmp_path):
-    stem = str(tmp_path / "Rdata")
-    (tmp_path / "Rdata.rdx").write_bytes(b"not gzip")
-    (tmp_path / "Rdata.rdb").write_bytes(b"")
-    with pytest.raises(corpus.CorpusError, match="cannot read the R database"):
-        corpus.read_rdata(stem)
-
-
-def test_literature_units_are_blocks_of_20_paragraphs(tmp_path):
-    folder = tmp_path / "usr/lib/R/site-library/janeaustenr/data"
-    folder.mkdir(parents=True)
-    lines = []
-    for p in range(45):
-        lines += [f"Paragraph {p} starts here and", "goes on a little.", ""]
-    _write_rdata(str(folder / "Rdata"), {"emma": lines})
-    units = corpus.literature_units(str(tmp_path))
-    assert [u.key for u in units] == ["emma:0000", "emma:0001", "emma:0002"]
-    paragraphs = units[1].text.split("\n\n")
-    assert len(paragraphs) == 20
-    assert paragraphs[0] == "Paragraph 20 starts here and goes on a little."
-
-
-# ---- text helpers --------------------------------------------------------------------------
-
-def test_split_sentences_keeps_abbreviations_and_quotes():
-    text = ('Mr. Knightley, a sensible man, was a visitor. "Oh!" cried Emma, "it is so." '
-            'She said no more.\nThey walked on.')
-    assert corpus.split_sentences(text) == [
-        "Mr. Knightley, a sensible man, was a visitor.", '"Oh!" cried Emma, "it is so."',
-        "She said no more.", "They walked on."]
-
-
-def test_markup_cleaners():
-    assert corpus.clean_rst("Use :func:`len` or :meth:`~dict.get`, see `docs <https://x>`_, "
-                            "``x + 1`` and *text*.") == \
-        "Use len or dict.get, see docs, x + 1 and text."
-    assert corpus.clean_pod("Use C<< $a <=> $b >> or C<sort>, see L<perlfunc/sort> and "
-                            "L<the FAQ|perlfaq4>, C<$x E<lt> 3>.") == \
-        "Use $a <=> $b or sort, see perlfunc/sort and the FAQ, $x < 3."
-
-
-def test_fetch_debs_names_the_missing_packages(tmp_path):
-    (tmp_path / "wordnet-base_1%3a3.0-37_all.deb").write_bytes(b"")
-    with pytest.raises(corpus.CorpusError, match="no .deb for perl-doc, debian-faq"):
-        corpus.fetch_debs(["wordnet-base", "perl-doc", "debian-faq"], str(tmp_path / "cache"),
-                          from_debs=str(tmp_path))
 
 
 # ---- task builders -------------------------------------------------------------------------
@@ -198,7 +29,7 @@ def _check_items(items, task):
     for item in items:
         assert item["task"] == task and len(item["options"]) == 4
         assert len(set(item["options"])) == 4 and 0 <= item["answer"] < 4
-        assert item["unit"].split(":")[0] in corpus.DOMAINS
+        assert item["unit"].split(":")[0] in domains.DOMAINS
     counts = collections.Counter(item["answer"] for item in items)
     assert max(counts[p] for p in range(4)) - min(counts[p] for p in range(4)) <= 1
 
@@ -215,7 +46,7 @@ def _dictionary_rows(rng):
 
 def test_definition_items():
     rows = _dictionary_rows(random.Random(0))
-    items = tasks.definition_items(rows, seed=0)
+    items = task_items.definition_items(rows, seed=0)
     _check_items(items, "definition")
     by_key = {r["key"]: r for r in rows}
     for item in items:
@@ -226,22 +57,22 @@ def test_definition_items():
         assert by_key[key]["text"].split("): ", 1)[1].startswith(answer) and '"' not in answer
         marker = "move" if pos == "v" else "thing"  # same part of speech only
         assert all(o.startswith(marker) for o in item["options"])
-    assert tasks.definition_items(rows, seed=0) == items
-    assert tasks.definition_items(rows, seed=1) != items
-    assert len(tasks.definition_items(rows, seed=0, max_items=10)) == 10
+    assert task_items.definition_items(rows, seed=0) == items
+    assert task_items.definition_items(rows, seed=1) != items
+    assert len(task_items.definition_items(rows, seed=0, max_items=10)) == 10
 
 
 def test_headword_stems():
-    assert tasks.headword_stems("runner") == ("run",)  # suffix, then the doubled consonant
-    assert tasks.headword_stems("idealization") == ("ideal",)
-    assert tasks.headword_stems("constitutionally") == ("constitut",)  # two suffixes at most
-    assert tasks.headword_stems("hisser") == ("hiss",)  # a final ss stays
-    assert tasks.headword_stems("Freedom of the Seas") == ("freedom", "seas")  # no "of", "the"
-    assert tasks.headword_stems("upside-down cake") == ("upsid", "down", "cake")
-    assert tasks.headword_stems("so") == ()  # words of 1-2 letters carry no stem
-    assert tasks.shared_stems(("run",), "someone who runs") == 1
-    assert tasks.shared_stems(("run",), "to prune a tree") == 0  # a word must start with it
-    assert tasks.shared_stems(("upsid", "down", "cake"), "a cake turned upside down") == 3
+    assert task_items.headword_stems("runner") == ("run",)  # suffix, then the doubled consonant
+    assert task_items.headword_stems("idealization") == ("ideal",)
+    assert task_items.headword_stems("constitutionally") == ("constitut",)  # two suffixes at most
+    assert task_items.headword_stems("hisser") == ("hiss",)  # a final ss stays
+    assert task_items.headword_stems("Freedom of the Seas") == ("freedom", "seas")  # no "of", "the"
+    assert task_items.headword_stems("upside-down cake") == ("upsid", "down", "cake")
+    assert task_items.headword_stems("so") == ()  # words of 1-2 letters carry no stem
+    assert task_items.shared_stems(("run",), "someone who runs") == 1
+    assert task_items.shared_stems(("run",), "to prune a tree") == 0  # a word must start with it
+    assert task_items.shared_stems(("upsid", "down", "cake"), "a cake turned upside down") == 3
 
 
 def test_hard_definitions_drop_the_headword_stem():
@@ -254,17 +85,17 @@ def test_hard_definitions_drop_the_headword_stem():
               "text": "runner (n.): thing someone who runs from the house to the river"},
              {"key": "noun.artifact:99999997",
               "text": "walker (n.): thing a person who walks by the garden"}]
-    items = tasks.definition_items(rows, hard=True, seed=0)
+    items = task_items.definition_items(rows, hard=True, seed=0)
     _check_items(items, "definition_hard")
     item = next(i for i in items if i["context"] == "gardening (n.):")
     distractors = [o for k, o in enumerate(item["options"]) if k != item["answer"]]
     assert not any("garden" in o for o in distractors)
     assert not {"runner (n.):", "walker (n.):"} & {i["context"] for i in items}
     for item in items:  # no option shares a stem: the stem baseline is chance
-        stems = tasks.headword_stems(item["context"].rsplit(" (", 1)[0])
-        assert not any(tasks.shared_stems(stems, o) for o in item["options"])
+        stems = task_items.headword_stems(item["context"].rsplit(" (", 1)[0])
+        assert not any(task_items.shared_stems(stems, o) for o in item["options"])
     assert tasks.baselines(items)["stem"] == 0.25
-    easy = tasks.definition_items(rows, seed=0)  # the easy variant keeps the cue ...
+    easy = task_items.definition_items(rows, seed=0)  # the easy variant keeps the cue ...
     assert {"runner (n.):", "walker (n.):"} < {i["context"] for i in easy}
     assert tasks.baselines(easy)["stem"] > 0.25  # ... and its stem baseline shows it
 
@@ -284,13 +115,13 @@ def _literature_rows(rng):
 
 def test_next_sentence_items_follow_the_length_rule():
     rows = _literature_rows(random.Random(2))
-    items = tasks.next_sentence_items(rows, seed=0)
+    items = task_items.next_sentence_items(rows, seed=0)
     _check_items(items, "next_sentence")
     texts = {r["key"]: r["text"] for r in rows}
     for item in items:
         row_key, paragraph, index = item["id"].split("/")[1:]
         assert item["unit"] == f"literature:{row_key}"  # the block, shared by its paragraphs
-        sentences = corpus.split_sentences(texts[row_key].split("\n\n")[int(paragraph)])
+        sentences = markup.split_sentences(texts[row_key].split("\n\n")[int(paragraph)])
         answer = item["options"][item["answer"]]
         assert answer == sentences[int(index)]
         assert item["context"].endswith(sentences[int(index) - 1])
@@ -329,7 +160,7 @@ DOC_RST = """\
 
 
 def test_doc_questions_from_rst():
-    found = tasks.doc_questions("library/textwrap.rst", DOC_RST)
+    found = task_items.doc_questions("library/textwrap.rst", DOC_RST)
     assert found == [
         ("library/textwrap.rst#textwrap.wrap",
          'What does `textwrap.wrap(text, width=70, *, initial_indent="", max_lines=None)` do?',
@@ -351,7 +182,7 @@ def test_qa_items_pool_faq_and_docs():
             "text": f"Q: How do I do thing {i}?\nA: (contributed by someone)\n\n"
                     f"{_phrase(rng, rng.randint(8, 20)).capitalize()}.\n\n    code();\n"}
            for i in range(12)]
-    items = tasks.qa_items(faq, [{"key": "library/textwrap.rst", "text": DOC_RST}], seed=0)
+    items = task_items.qa_items(faq, [{"key": "library/textwrap.rst", "text": DOC_RST}], seed=0)
     _check_items(items, "qa")
     assert collections.Counter(i["source"] == "python-docs" for i in items) == {False: 12,
                                                                                 True: 4}
@@ -370,7 +201,7 @@ def test_qa_items_pool_faq_and_docs():
 # ---- answers repeated in training text ------------------------------------------------------
 
 def test_training_text_leak_rule():
-    training = tasks.TrainingText([
+    training = leakage.TrainingText([
         'def median_high(data):\n    """Return the HIGH median\n    of data."""',
         "Wraps the single paragraph in ``text`` so every line is at most width long, and more.",
         "the first text ends with one two three four",
@@ -388,12 +219,12 @@ def test_training_text_leak_rule():
         "ends with one two three four five six seven eight",  # would span two texts
     ]  # a text of 8 words or more: leaked when at least half its words are in found shingles
     assert training.leaked(texts) == [True, False, False, True, True, True, False, False]
-    assert tasks.TrainingText([]).leaked(texts) == [False] * len(texts)
+    assert leakage.TrainingText([]).leaked(texts) == [False] * len(texts)
 
 
 def _write_corpus(folder, heldout: dict, train: dict):
     for split, rows_by_domain in (("heldout", heldout), ("train", train)):
-        for domain in corpus.DOMAINS:
+        for domain in domains.DOMAINS:
             rows = rows_by_domain.get(domain, [])
             with open(folder / f"{domain}.{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps({"domain": domain, **row}) + "\n" for row in rows)
@@ -408,7 +239,7 @@ def test_build_tasks_drops_answers_copied_into_training_text(tmp_path):
                "literature": _literature_rows(random.Random(2)), "qa": faq,
                "docs": [{"key": "library/textwrap.rst", "text": DOC_RST}]}
     filler = [{"key": "x.py", "text": "def nothing():\n    return 'none of these words'\n"}]
-    _write_corpus(tmp_path, heldout, {domain: filler for domain in corpus.DOMAINS})
+    _write_corpus(tmp_path, heldout, {domain: filler for domain in domains.DOMAINS})
     clean, clean_filters = tasks.build_tasks(str(tmp_path))
     assert all(f["leak_filter"]["dropped"] == 0 for f in clean_filters.values())
     copied = next(i for i in clean["qa"] if i["id"].startswith("qa/perlfaq"))
@@ -416,13 +247,13 @@ def test_build_tasks_drops_answers_copied_into_training_text(tmp_path):
     # A stdlib docstring repeats the FAQ answer: other case, line breaks and indentation.
     words = answer.upper().split()
     docstring = "\n    ".join(" ".join(words[i:i + 5]) for i in range(0, len(words), 5))
-    _write_corpus(tmp_path, heldout, {**{d: filler for d in corpus.DOMAINS},
+    _write_corpus(tmp_path, heldout, {**{d: filler for d in domains.DOMAINS},
                                       "code": [{"key": "copy.py", "text": f'"""{docstring}"""'}]})
     items, filters = tasks.build_tasks(str(tmp_path))
     assert filters["qa"] == {"leak_filter": {"checked": len(clean["qa"]), "dropped": 1}}
     assert {i["id"] for i in items["qa"]} == {i["id"] for i in clean["qa"]} - {copied["id"]}
     assert not any(answer in i["options"] for i in items["qa"])  # nor a distractor
-    alone = tasks.qa_items(faq, heldout["docs"], training=tasks.TrainingText([docstring]))
+    alone = task_items.qa_items(faq, heldout["docs"], training=leakage.TrainingText([docstring]))
     assert {i["id"] for i in alone} == {i["id"] for i in items["qa"]}
     assert items["definition"] == clean["definition"]  # the other tasks are untouched
     manifest = tasks.write_tasks(items, str(tmp_path / "tasks"), filters)
@@ -455,7 +286,7 @@ def test_baselines_on_hand_made_items():
 
 
 def test_write_and_load_items_round_trip(tmp_path):
-    items = tasks.definition_items(_dictionary_rows(random.Random(4)), seed=0)
+    items = task_items.definition_items(_dictionary_rows(random.Random(4)), seed=0)
     manifest = tasks.write_tasks({"definition": items}, str(tmp_path))
     assert tasks.load_items(str(tmp_path / "definition.jsonl")) == items
     assert manifest["definition"]["items"] == len(items)
@@ -463,10 +294,10 @@ def test_write_and_load_items_round_trip(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "x", "options": ["a", "a", "b", "c"], "answer": 0,
                                "unit": "u"}))
-    with pytest.raises(tasks.TaskError, match="bad.jsonl:1"):
+    with pytest.raises(task_items.TaskError, match="bad.jsonl:1"):
         tasks.load_items(str(bad))
     bad.write_text(json.dumps({"context": "x", "options": ["a", "b", "c", "d"], "answer": 0}))
-    with pytest.raises(tasks.TaskError, match="source unit"):
+    with pytest.raises(task_items.TaskError, match="source unit"):
         tasks.load_items(str(bad))
 
 
@@ -477,11 +308,11 @@ def test_bundled_sample_loads():
     for name, digest in manifest["files"].items():
         with open(os.path.join(folder, name), "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest, name
-    for domain in corpus.DOMAINS:
+    for domain in domains.DOMAINS:
         for split in ("train", "heldout"):
-            rows = corpus.read_units(os.path.join(folder, f"{domain}.{split}.jsonl"))
+            rows = domains.read_units(os.path.join(folder, f"{domain}.{split}.jsonl"))
             assert rows and all(set(r) == {"domain", "key", "text"} for r in rows)
-            assert all(corpus.is_heldout(domain, r["key"]) == (split == "heldout") for r in rows)
+            assert all(domains.is_heldout(domain, r["key"]) == (split == "heldout") for r in rows)
         for notice in manifest["domains"][domain]["notices"]:
             assert os.path.getsize(os.path.join(folder, notice)) > 500
     for task in tasks.TASKS:
@@ -493,15 +324,16 @@ def test_bundled_sample_loads():
         assert (info["baselines"]["stem"] is None) == (not task.startswith("definition"))
     hard = tasks.load_items(os.path.join(folder, "tasks", "definition_hard.jsonl"))
     for item in hard:
-        stems = tasks.headword_stems(item["context"].rsplit(" (", 1)[0])
-        assert not any(tasks.shared_stems(stems, o) for o in item["options"]), item["id"]
+        stems = task_items.headword_stems(item["context"].rsplit(" (", 1)[0])
+        assert not any(task_items.shared_stems(stems, o) for o in item["options"]), item["id"]
     assert manifest["tasks"]["definition_hard"]["baselines"]["stem"] == 0.25
     assert manifest["tasks"]["definition"]["baselines"]["stem"] > 0.4
     # Items come from the full corpus, whose training text holds the sample's: no answer is in it.
-    training = tasks.TrainingText(row["text"] for domain in corpus.DOMAINS for row in
-                                  corpus.read_units(os.path.join(folder, f"{domain}.train.jsonl")))
+    training = leakage.TrainingText(row["text"] for domain in domains.DOMAINS for row in
+                                  domains.read_units(os.path.join(folder, f"{domain}.train.jsonl")))
     for task in tasks.TASKS:
         items = tasks.load_items(os.path.join(folder, "tasks", f"{task}.jsonl"))
         assert not any(training.leaked([item["options"][item["answer"]] for item in items]))
         leak = manifest["tasks"][task]["leak_filter"]
         assert 0 <= leak["dropped"] < leak["checked"]
+

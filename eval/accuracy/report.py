@@ -1,7 +1,8 @@
 """The accuracy experiment's report: the plain statement, Markdown tables, plots and a summary.
 
-Everything here reads the ``report`` dict that ``loraswitch_jax.eval.accuracy.run`` builds (and
-writes as ``report.json``), so a report can be re-rendered without re-running the experiment.
+Everything here reads the ``report`` dict that ``loraswitch_jax.eval.accuracy.experiment.run``
+builds (and writes as ``report.json``), so a report can be re-rendered without re-running the
+experiment.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from loraswitch_jax.eval.accuracy.presets import MAIN
+
 __all__ = ["markdown", "plots", "statement", "summary"]
 
-MAIN = ("lora", "layerwise", "switch")
-# The trivial rules of eval/tasks.py's baselines(); "stem" is None for tasks without a headword.
+# The trivial rules of tasks.py's baselines(); "stem" is None for tasks without a headword.
 BASELINES = ("longest", "shortest", "overlap", "stem")
 # "switch matches layerwise": |switch - layerwise| held-out loss within 10 % of what layerwise
 # gains over the backbone (a margin tied to the adapter effect, not to the loss itself, which

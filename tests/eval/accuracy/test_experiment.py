@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from loraswitch_jax.eval import accuracy, scoring
+from loraswitch_jax.eval.accuracy import experiment, inputs, presets, scoring, statistics
 from loraswitch_jax.samples import sample_path
 from loraswitch_jax.tokenizer import byte_tokenizer
 from loraswitch_jax.train.data import DataConfig, TrainBatches
 from loraswitch_jax.train.step import OptimConfig
 
-TINY = accuracy.byte_llama(32, 2, 2, 2, 64, 128)
+TINY = presets.byte_llama(32, 2, 2, 2, 64, 128)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def test_option_logprob_matches_forward(model, use_adapter):
               "answer": 0},
              {"context": "Q: Why? A:",
               "options": ["because", "nothing", "it is so good", "no idea"], "answer": 2}]
-    seqs, num_bytes, truncated = scoring.choice_sequences(items, accuracy.encode_bytes,
-                                                          accuracy.BOS, max_len=64)
+    seqs, num_bytes, truncated = scoring.choice_sequences(items, inputs.encode_bytes,
+                                                          presets.BOS, max_len=64)
     scores = scoring.score_sequences(params, TINY, seqs, adapter=adapter, batch_size=3, max_len=64)
     cs = scoring.choice_scores(scores, num_bytes, items, truncated)
     for i, item in enumerate(items):
-        context = [accuracy.BOS, *item["context"].encode()]
+        context = [presets.BOS, *item["context"].encode()]
         for j, option in enumerate(item["options"]):
             tokens = np.array(context + list((" " + option).encode()), np.int32)
             want = _direct_logprob(params, adapter, tokens, len(context))
@@ -86,11 +86,11 @@ def test_per_byte_normalisation_can_flip_the_choice():
 
 def test_long_context_keeps_bos_newest_bytes_and_whole_option():
     item = {"context": "abcdefghij" * 10, "options": ["xyz", "u", "vv", "w"], "answer": 0}
-    seqs, num_bytes, truncated = scoring.choice_sequences([item], accuracy.encode_bytes,
-                                                          accuracy.BOS, max_len=16)
+    seqs, num_bytes, truncated = scoring.choice_sequences([item], inputs.encode_bytes,
+                                                          presets.BOS, max_len=16)
     assert truncated == 1
     first = seqs[0]
-    assert first.tokens.size == 16 and first.tokens[0] == accuracy.BOS
+    assert first.tokens.size == 16 and first.tokens[0] == presets.BOS
     assert bytes(first.tokens[-4:].tolist()) == b" xyz"
     assert bytes(first.tokens[1:-4].tolist()) == item["context"].encode()[-11:]
     assert first.targets.sum() == 4 and num_bytes[0, 0] == 3  # " xyz" scored, "xyz" normalises
@@ -98,14 +98,14 @@ def test_long_context_keeps_bos_newest_bytes_and_whole_option():
 
 def test_heldout_windows_cover_every_byte_once(model):
     params, _ = model
-    texts = [accuracy.encode_bytes("x" * n) for n in (1, 30, 31, 95)] + [np.zeros(0, np.int32)]
-    windows, owner = scoring.heldout_sequences(texts, accuracy.BOS, max_len=32)
+    texts = [inputs.encode_bytes("x" * n) for n in (1, 30, 31, 95)] + [np.zeros(0, np.int32)]
+    windows, owner = scoring.heldout_sequences(texts, presets.BOS, max_len=32)
     assert all(w.tokens.size <= 32 for w in windows)
     scores = scoring.score_sequences(params, TINY, windows, max_len=32)
     size = np.bincount(owner, weights=scores.count, minlength=len(texts))
     np.testing.assert_array_equal(size, [1, 30, 31, 95, 0])
     # A text that fits one window scores like the direct computation.
-    tokens = np.concatenate([[accuracy.BOS], texts[1]]).astype(np.int32)
+    tokens = np.concatenate([[presets.BOS], texts[1]]).astype(np.int32)
     assert scores.logprob[owner == 1].sum() == pytest.approx(
         _direct_logprob(params, None, tokens, 1), rel=1e-5)
 
@@ -113,16 +113,16 @@ def test_heldout_windows_cover_every_byte_once(model):
 def test_spread_windows_cover_texts_before_repeating_one():
     owner = np.array([0] * 10 + [1] * 2 + [2])  # a long text and two short ones
     size = np.full(owner.size, 100)
-    keep = accuracy.spread_windows(owner, size, budget=300, seed=0, name="t")
+    keep = inputs.spread_windows(owner, size, budget=300, seed=0, name="t")
     assert sorted(owner[keep].tolist()) == [0, 1, 2]  # one window of each text first
-    keep = accuracy.spread_windows(owner, size, budget=550, seed=0, name="t")
+    keep = inputs.spread_windows(owner, size, budget=550, seed=0, name="t")
     assert sorted(owner[keep].tolist()) == [0, 0, 0, 1, 1, 2]  # second windows, then a third
     assert len(set(keep.tolist())) == len(keep)
 
 
 def test_encode_bytes_is_the_byte_tokenizer():
     text = "naïve café — def f(x):\n\treturn x"
-    assert accuracy.encode_bytes(text).tolist() == byte_tokenizer().encode(
+    assert inputs.encode_bytes(text).tolist() == byte_tokenizer().encode(
         text, add_special_tokens=False)
 
 
@@ -205,8 +205,8 @@ def test_compare_draws_heldout_texts():
     a, b = {"nll": nll_a, "size": size, "tasks": {}}, {"nll": nll_b, "size": size, "tasks": {}}
 
     def widths(window_text):
-        data = accuracy.EvalSet([], domain, window_text, [], {}, {}, {}, {}, {})
-        out = accuracy.compare(a, b, data, ("x", "y"), resamples=500, seed=0)
+        data = inputs.EvalSet([], domain, window_text, [], {}, {}, {}, {}, {})
+        out = statistics.compare(a, b, data, ("x", "y"), resamples=500, seed=0)
         cells = [out["heldout_mean"], *out["heldout_by_domain"].values()]
         return np.array([c["ci"][1] - c["ci"][0] for c in cells])
 
@@ -217,7 +217,7 @@ def test_task_strata_join_tasks_that_share_units():
     units = [np.array(["s1", "s2"]), np.array(["s3"]), np.array(["s2", "s4", "s4"]),
              np.array(["f1"])]
     # The first and third tasks share s2; each other task is its own stratum.
-    assert accuracy._task_strata(units).tolist() == [0, 0, 1, 0, 0, 0, 3]
+    assert statistics.task_strata(units).tolist() == [0, 0, 1, 0, 0, 0, 3]
 
 
 def _choices(right: np.ndarray) -> scoring.ChoiceScores:
@@ -241,9 +241,9 @@ def test_compare_draws_task_units():
     b = {**held, "tasks": {t: _choices(~a_right[t]) for t in names}}
 
     def widths(item_unit):
-        data = accuracy.EvalSet([], np.zeros(4, int), np.arange(4), [], {}, {}, {}, item_unit,
+        data = inputs.EvalSet([], np.zeros(4, int), np.arange(4), [], {}, {}, {}, item_unit,
                                 {})
-        out = accuracy.compare(a, b, data, ("x",), resamples=500, seed=0)
+        out = statistics.compare(a, b, data, ("x",), resamples=500, seed=0)
         assert out["acc_norm_by_task"]["definition"]["diff"] == pytest.approx(
             2 * a_right["definition"].mean() - 1)
         cells = [out["tasks_mean_acc_norm"], *out["acc_norm_by_task"].values()]
@@ -260,19 +260,19 @@ def _budget_preset(**kw):
     one_step = OptimConfig(steps=1, warmup_steps=0)
     base = dict(name="t", model=TINY, seq_len=64, batch_size=4, pretrain=one_step,
                 finetune=one_step, num_experts=8, expert_rank=4)
-    return accuracy.Preset(**{**base, **kw})
+    return presets.Preset(**{**base, **kw})
 
 
 def test_equal_budgets():
     preset = _budget_preset()
-    V = accuracy.Variant
+    V = presets.Variant
     counts = {}
     for v in (V(name="lora", mode="lora"), V(name="layerwise", mode="layerwise"),
               V(name="switch", mode="switch"), V(name="e32", mode="switch", num_experts=32),
               V(name="k1", mode="switch", top_k=1),
               V(name="half", mode="switch", router_layer=1)):
-        acfg, exact = accuracy.adapter_config(preset, v)
-        counts[v.name] = (acfg, exact, accuracy.count_params(TINY, acfg))
+        acfg, exact = presets.adapter_config(preset, v)
+        counts[v.name] = (acfg, exact, presets.count_params(TINY, acfg))
     lora, layerwise, switch = (counts[k][0] for k in ("lora", "layerwise", "switch"))
     assert (lora.rank, layerwise.rank, switch.rank) == (32, 4, 4)
     assert lora.scale == layerwise.scale == switch.scale == preset.lora_scale
@@ -284,11 +284,12 @@ def test_equal_budgets():
     assert counts["switch"][2]["routers"] == d * 8
     assert counts["layerwise"][2]["routers"] == L * d * 8
     assert counts["lora"][2]["routers"] == 0
-    # Direct count from real arrays agrees.
-    real = lj.init_adapter(TINY, switch, jax.random.key(0))
-    assert real.num_params() == counts["switch"][2]["total"]
+    # Every leaf of the adapter counted (not only A, B and the router) agrees; shapes only: an
+    # eager init_adapter costs seconds of op-by-op compiles and has the same shapes.
+    whole = jax.eval_shape(lambda: lj.init_adapter(TINY, switch, jax.random.key(0)))
+    assert whole.num_params() == counts["switch"][2]["total"]
     # A budget that cannot be split evenly rounds the rank up and says so.
-    acfg, exact = accuracy.adapter_config(preset, V(name="e128", mode="switch", num_experts=128))
+    acfg, exact = presets.adapter_config(preset, V(name="e128", mode="switch", num_experts=128))
     assert acfg.rank == 1 and not exact
 
 
@@ -300,7 +301,7 @@ DOMAIN_TEXT = {
 
 
 def _tiny_corpus(root):
-    """A corpus folder in eval/corpus.py's layout with three tasks of eight items."""
+    """A corpus folder in eval/accuracy/corpus.py's layout with three tasks of eight items."""
     os.makedirs(os.path.join(root, "tasks"))
     for domain, make in DOMAIN_TEXT.items():
         for split, ids in (("train", range(60)), ("heldout", range(100, 106))):
@@ -322,15 +323,15 @@ def _tiny_corpus(root):
 def test_micro_experiment_writes_report(tmp_path):
     corpus = tmp_path / "corpus"
     _tiny_corpus(str(corpus))
-    preset = accuracy.Preset(
+    preset = presets.Preset(
         name="micro", model=TINY, seq_len=32, batch_size=4,
         pretrain=OptimConfig(lr=3e-3, warmup_steps=1, steps=4),
         finetune=OptimConfig(lr=3e-3, warmup_steps=1, steps=3), num_experts=4, expert_rank=2,
         heldout_bytes=300, items_per_task=6, eval_batch_size=8, generate_tokens=2,
         bootstrap_resamples=50,
-        ablations=(accuracy.Variant(name="switch router_layer=1", mode="switch", router_layer=1),))
+        ablations=(presets.Variant(name="switch router_layer=1", mode="switch", router_layer=1),))
     out = tmp_path / "out"
-    report = accuracy.run(str(corpus), preset, str(out), seed=0, progress=False)
+    report = experiment.run(str(corpus), preset, str(out), seed=0, progress=False)
     for name in ("report.json", "report.md", "scores.npz", "heldout.png", "tasks.png",
                  "curves.png", "routing.png", "ablations.png"):
         assert (out / name).stat().st_size > 0, name
@@ -359,6 +360,8 @@ def test_micro_experiment_writes_report(tmp_path):
     assert "resample whole source units" in (out / "report.md").read_text()
     assert "resampling source units" in saved["statement"]
     assert saved["bootstrap_units"] == {"heldout": "text", "tasks": "unit"}
+    assert {who: set(g) for who, g in saved["generations"].items()} == \
+        {who: set(experiment.PROMPTS) for who in ("backbone", "switch")}
     assert saved["data"]["tasks"]["qa"]["baselines"]["stem"] is not None  # headword contexts
     # Every window's domain and text are saved, so the intervals can be recomputed.
     scores = np.load(out / "scores.npz")
@@ -376,11 +379,11 @@ def test_micro_experiment_writes_report(tmp_path):
 def test_demo_preset_fits_the_bundled_sample():
     """``loraswitch demo`` (the README's main job) must not stop at the fresh-text check: its
     pretraining plus fine-tuning steps fit one pass over the bundled sample."""
-    p = accuracy.PRESETS["demo"]
-    corpus = accuracy.load_corpus(sample_path("mixture"), p, 0)
+    p = presets.PRESETS["demo"]
+    corpus = inputs.load_corpus(sample_path("mixture"), p, 0)
     dcfg = DataConfig(path=sample_path("mixture"), format="jsonl", seq_len=p.seq_len,
                       batch_size=p.batch_size, seed=0)
-    batches = TrainBatches(accuracy.mixture_examples(corpus), dcfg).batches_per_epoch
-    accuracy.check_fresh_text(p, batches)
+    batches = TrainBatches(inputs.mixture_examples(corpus), dcfg).batches_per_epoch
+    experiment.check_fresh_text(p, batches)
     with pytest.raises(ValueError, match="fine-tuning would reuse text"):
-        accuracy.check_fresh_text(p, p.pretrain.steps + p.finetune.steps - 1)
+        experiment.check_fresh_text(p, p.pretrain.steps + p.finetune.steps - 1)
