@@ -26,11 +26,24 @@ import numpy as np
 from flax import nnx
 
 from loraswitch_jax.adapter_io import load_adapter as _read_adapter
-from loraswitch_jax.adapters import Adapter, AdapterConfig, AdapterError, check_adapter, init_adapter
+from loraswitch_jax.adapters import (
+    Adapter,
+    AdapterConfig,
+    AdapterError,
+    check_adapter,
+    init_adapter,
+)
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.generate import GenerateConfig, Generation, generate, generate_batch
 from loraswitch_jax.llama import forward
-from loraswitch_jax.params import BIAS_FIELD, PROJECTIONS, WEIGHT_FIELD, LayerParams, LlamaParams, init_params
+from loraswitch_jax.params import (
+    BIAS_FIELD,
+    PROJECTIONS,
+    WEIGHT_FIELD,
+    LayerParams,
+    LlamaParams,
+    init_params,
+)
 from loraswitch_jax.router import balance_loss
 from loraswitch_jax.train.loss import token_cross_entropy
 from loraswitch_jax.weights import WeightsError, load_params
@@ -113,7 +126,9 @@ def _check_params(params: LlamaParams, cfg: LlamaConfig) -> None:
             raise WeightsError(f"params.{name} {state} (a model of another config?)")
         got, expected = tuple(got_leaves[path].shape), tuple(want_leaves[path].shape)
         if got != expected:
-            raise WeightsError(f"params.{name} has shape {got}, expected {expected} for this config")
+            raise WeightsError(
+                f"params.{name} has shape {got}, expected {expected} for this config"
+            )
 
 
 class Llama(nnx.Module):
@@ -131,7 +146,8 @@ class Llama(nnx.Module):
         self.config = cfg
         self.embed = _variable(Frozen, params.embed, "embed")
         self.final_norm = _variable(Frozen, params.final_norm, "final_norm")
-        self.lm_head = None if params.lm_head is None else _variable(Frozen, params.lm_head, "lm_head")
+        tied = params.lm_head is None
+        self.lm_head = None if tied else _variable(Frozen, params.lm_head, "lm_head")
         fields = {k: v for k, v in vars(params.layers).items() if v is not None}
         self.layers = nnx.Dict({k: _variable(Frozen, v, k) for k, v in fields.items()})
 
@@ -157,8 +173,9 @@ class Llama(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array, **forward_kwargs) -> jax.Array:
-        """Logits ``[B, T, V]`` float32 of ``tokens [B, T]``: :func:`loraswitch_jax.forward`, whose
-        keyword arguments (``positions``, ``segment_ids``, ``scan_layers``, ``impl``) pass through."""
+        """Logits ``[B, T, V]`` float32 of ``tokens [B, T]``: :func:`loraswitch_jax.forward`,
+        whose keyword arguments (``positions``, ``segment_ids``, ``scan_layers``, ``impl``) pass
+        through."""
         _check_tokens(tokens)
         return forward(self.to_functional(), tokens, self.config, **forward_kwargs)
 
@@ -195,6 +212,10 @@ class AdapterModule(nnx.Module):
         self.router = None if adapter.router is None else _variable(
             nnx.LoRAParam, adapter.router, f"router.{adapter.config.mode}")
 
+    @classmethod
+    def from_functional(cls, adapter: Adapter) -> AdapterModule:
+        return cls(adapter)
+
     def to_functional(self) -> Adapter:
         """The core's :class:`Adapter` over this module's own arrays."""
         return Adapter(
@@ -228,7 +249,9 @@ class AdaptedLlama(nnx.Module):
 
     # ------------------------------------------------------------------ between the two worlds
     @classmethod
-    def from_functional(cls, params: LlamaParams, cfg: LlamaConfig, adapter: Adapter) -> AdaptedLlama:
+    def from_functional(
+        cls, params: LlamaParams, cfg: LlamaConfig, adapter: Adapter
+    ) -> AdaptedLlama:
         return cls(params, cfg, adapter)
 
     @classmethod
