@@ -119,8 +119,11 @@ def _check_params(params: LlamaParams, cfg: LlamaConfig) -> None:
     want = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype=params.dtype))
     got_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     want_leaves = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-    for path in want_leaves.keys() | got_leaves.keys():
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
+    def keystr(path) -> str:
+        return jax.tree_util.keystr(path, simple=True, separator=".")
+
+    for path in sorted(want_leaves.keys() | got_leaves.keys(), key=keystr):
+        name = keystr(path)
         if path not in got_leaves or path not in want_leaves:
             state = "is missing" if path not in got_leaves else "is not in this config"
             raise WeightsError(f"params.{name} {state} (a model of another config?)")
