@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+from flax import linen, nnx
 
 import loraswitch_jax as lj
 from loraswitch_jax.generate import prepare_prompts
@@ -128,6 +128,16 @@ def test_logical_axes_give_partition_specs_of_every_variable():
     assert flat[("lora", "b", "down")].get_value() == jax.P("layers", "experts", "rank", "embed")
     assert flat[("lora", "router")].get_value() == jax.P("layers", "embed", "experts")
     assert isinstance(model.backbone.layers["wq"], Frozen)
+
+    # Mapped to mesh axes by rules, the specs place every array (here on a one-device mesh).
+    mesh = jax.make_mesh((1,), ("tensor",))
+    rules = [(n, "tensor" if n in ("heads", "kv_heads", "mlp") else None)
+             for n in {n for axes in LOGICAL_AXES.values() for n in axes}]
+    with linen.logical_axis_rules(rules):
+        shardings = nnx.get_named_sharding(nnx.state(model), mesh)
+    nnx.update(model, jax.device_put(nnx.state(model), shardings))
+    assert model.backbone.layers["wo"].get_value().sharding.spec == jax.P(None, "tensor", None)
+    assert model.lora.a["q"].get_value().sharding.spec == jax.P(None, None, None, None)
 
 
 def test_default_filters_differentiate_and_optimize_the_adapter_only():
@@ -319,8 +329,6 @@ def test_readme_from_flax_example(tmp_path, monkeypatch):
     """The README's "From Flax" blocks as written (kept in step with the README by hand)."""
     monkeypatch.chdir(tmp_path)
     import os
-
-    from flax import linen
 
     # A Hugging Face Llama folder; here the random demo model, written first (no download).
     cfg = lj.PRESETS["demo"]
