@@ -294,7 +294,7 @@ def load_adapter(
         acfg.validate_for(shape_cfg)
     expected = _expected_shapes(acfg, shape_cfg)
 
-    np_dtype = None if dtype is None else np_dtype(dtype)
+    host_dtype = None if dtype is None else np_dtype(dtype)
     path = os.path.join(folder, ADAPTER_TENSORS)
     with TensorFile(path) as f:
         _check_names(path, f.names(), expected)
@@ -306,7 +306,7 @@ def load_adapter(
             }
         for name, want in expected.items():
             check_shape(path, name, f.shape(name), want)
-        values = {name: jnp.asarray(f.read(name, np_dtype)) for name in expected}
+        values = {name: jnp.asarray(f.read(name, host_dtype)) for name in expected}
     adapter = Adapter(
         config=acfg,
         a={proj: values[f"a.{proj}"] for proj in acfg.targets},

@@ -203,20 +203,20 @@ def import_peft(folder: str | os.PathLike, cfg: LlamaConfig, dtype=jnp.float32) 
 
         first = min(layer for layer, _ in found)
         targets = tuple(p for p in PROJECTIONS if any(q == p for _, q in found))
-        np_dtype = np_dtype(dtype)
+        host_dtype = np_dtype(dtype)
         a, b = {}, {}
         for proj in targets:
             d_in, d_out = projection_shape(cfg, proj)
-            a_np = np.zeros((L - first, 1, d_in, r), np_dtype)
-            b_np = np.zeros((L - first, 1, r, d_out), np_dtype)
+            a_np = np.zeros((L - first, 1, d_in, r), host_dtype)
+            b_np = np.zeros((L - first, 1, r, d_out), host_dtype)
             for layer in range(first, L):
                 halves = found.get((layer, proj))
                 if halves is None:
                     continue  # not adapted in the file: B = 0 adds nothing
                 check_shape(path, halves["A"], f.shape(halves["A"]), (r, d_in))
                 check_shape(path, halves["B"], f.shape(halves["B"]), (d_out, r))
-                a_np[layer - first, 0] = f.read(halves["A"], np_dtype).T
-                b_np[layer - first, 0] = f.read(halves["B"], np_dtype).T
+                a_np[layer - first, 0] = f.read(halves["A"], host_dtype).T
+                b_np[layer - first, 0] = f.read(halves["B"], host_dtype).T
             a[proj], b[proj] = jnp.asarray(a_np), jnp.asarray(b_np)
 
     acfg = AdapterConfig.lora(

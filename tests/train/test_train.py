@@ -124,9 +124,9 @@ MULTI_DEVICE = textwrap.dedent("""
     results = {}
     for name, extra in (("one", ["data_parallel=1"]), ("four", ["data_parallel=4"]),
                         ("fsdp", ["data_parallel=4", "fsdp=true"])):
-        tc = load_train_config(None, [f"out_dir={out}/{name}", "data.seq_len=64", "data.batch_size=8",
-                                      "optim.steps=3", "optim.warmup_steps=1", "eval_every=3",
-                                      "eval_batches=2", *extra])
+        tc = load_train_config(None, [f"out_dir={out}/{name}", "data.seq_len=32", "data.batch_size=8",
+                                      "optim.steps=2", "optim.warmup_steps=1", "eval_every=2",
+                                      "eval_batches=1", *extra])
         train(tc, progress=False)
         with open(f"{out}/{name}/metrics.jsonl") as f:
             results[name] = [json.loads(line) for line in f]
