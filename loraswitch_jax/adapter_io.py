@@ -116,13 +116,13 @@ def host_array(x) -> np.ndarray:
 def read_config(folder: str) -> dict:
     """The JSON object in ``folder``'s ``adapter_config.json``; AdapterError if absent or bad."""
     path = os.path.join(folder, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise AdapterError(f"no {ADAPTER_CONFIG} in {folder!r}")
-    with open(path) as f:
-        try:
+    try:
+        with open(path) as f:
             meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise AdapterError(f"{path} is not valid JSON: {e}") from e
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise AdapterError(f"no {ADAPTER_CONFIG} in {folder!r}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
         raise AdapterError(f"{path} holds a {type(meta).__name__}, expected a JSON object")
     return meta
