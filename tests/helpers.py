@@ -38,18 +38,22 @@ def random_params(cfg: lj.LlamaConfig, seed: int, dtype) -> lj.LlamaParams:
     )
 
 
-def make_adapter(cfg: lj.LlamaConfig, seed: int = 0, std: float = 0.3, **kwargs) -> lj.Adapter:
-    """An adapter with random ``B`` and router (zero and small at init), so it changes outputs."""
-    kwargs = {"rank": 4, "alpha": 8.0, **kwargs}
-    lora = kwargs.pop("lora", False)
-    acfg = lj.AdapterConfig.lora(**kwargs) if lora else lj.AdapterConfig(**kwargs)
-    adapter = lj.init_adapter(cfg, acfg, jax.random.key(seed))
+def trained_like(adapter: lj.Adapter, seed: int, std: float = 0.3) -> lj.Adapter:
+    """``B`` (zero at init) and the router made random, so adapters change the outputs."""
     rng = np.random.RandomState(seed)
     b = {p: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype) for p, x in adapter.b.items()}
     router = adapter.router
     if router is not None:
         router = jnp.asarray(3.0 * rng.standard_normal(router.shape), router.dtype)
     return dataclasses.replace(adapter, b=b, router=router)
+
+
+def make_adapter(cfg: lj.LlamaConfig, seed: int = 0, std: float = 0.3, **kwargs) -> lj.Adapter:
+    """A :func:`trained_like` adapter of rank 4, alpha 8; ``lora=True`` for a single LoRA."""
+    kwargs = {"rank": 4, "alpha": 8.0, **kwargs}
+    lora = kwargs.pop("lora", False)
+    acfg = lj.AdapterConfig.lora(**kwargs) if lora else lj.AdapterConfig(**kwargs)
+    return trained_like(lj.init_adapter(cfg, acfg, jax.random.key(seed)), seed, std)
 
 
 def logits(params, cfg, tokens, adapter=None) -> np.ndarray:
