@@ -31,14 +31,15 @@ from loraswitch_jax.params import (
     projection_shape,
 )
 
-__all__ = ["WeightsError", "load_params", "save_params", "hf_tensor_names"]
+__all__ = ["HF_MODULE", "WeightsError", "hf_tensor_names", "load_params", "np_dtype", "save_params"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters write that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_HF_MODULE = {
+# Our projection name -> its module path inside a Hugging Face decoder layer.
+HF_MODULE = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
     "v": "self_attn.v_proj",
@@ -53,7 +54,8 @@ class WeightsError(ValueError):
     """Weight files are missing, incomplete or do not match the config."""
 
 
-def _np_dtype(dtype) -> np.dtype:
+def np_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a JAX dtype (bfloat16 through ml_dtypes)."""
     dtype = jnp.dtype(dtype)
     return np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
 
@@ -69,9 +71,9 @@ def _layer_entries(cfg: LlamaConfig) -> Iterator[tuple[str, str, tuple[int, ...]
     yield "mlp_norm", "post_attention_layernorm.weight", (d,), False
     for proj in PROJECTIONS:
         d_in, d_out = projection_shape(cfg, proj)
-        yield WEIGHT_FIELD[proj], f"{_HF_MODULE[proj]}.weight", (d_out, d_in), True
+        yield WEIGHT_FIELD[proj], f"{HF_MODULE[proj]}.weight", (d_out, d_in), True
         if _has_bias(cfg, proj):
-            yield BIAS_FIELD[proj], f"{_HF_MODULE[proj]}.bias", (d_out,), False
+            yield BIAS_FIELD[proj], f"{HF_MODULE[proj]}.bias", (d_out,), False
 
 
 def hf_tensor_names(cfg: LlamaConfig) -> list[str]:
@@ -186,29 +188,29 @@ def load_params(
         )
 
     with _Reader(files) as reader:
-        params = _read_params(reader, cfg, _np_dtype(dtype), put)
+        params = _read_params(reader, cfg, np_dtype(dtype), put)
     return params, cfg
 
 
-def _read_params(reader: _Reader, cfg: LlamaConfig, np_dtype: np.dtype, put) -> LlamaParams:
+def _read_params(reader: _Reader, cfg: LlamaConfig, host_dtype: np.dtype, put) -> LlamaParams:
     L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     layer_fields = {}
     for field, suffix, shape, transpose in _layer_entries(cfg):
         stacked_shape = (L, *(shape[::-1] if transpose else shape))
-        buf = np.empty(stacked_shape, np_dtype)
+        buf = np.empty(stacked_shape, host_dtype)
         for layer in range(L):
-            t = reader.read(f"model.layers.{layer}.{suffix}", shape, np_dtype)
+            t = reader.read(f"model.layers.{layer}.{suffix}", shape, host_dtype)
             buf[layer] = t.T if transpose else t
         layer_fields[field] = put(buf)
         del buf
-    embed = put(reader.read("model.embed_tokens.weight", (V, d), np_dtype))
+    embed = put(reader.read("model.embed_tokens.weight", (V, d), host_dtype))
     lm_head = None
     if not cfg.tie_word_embeddings:
-        lm_head = put(np.ascontiguousarray(reader.read("lm_head.weight", (V, d), np_dtype).T))
+        lm_head = put(np.ascontiguousarray(reader.read("lm_head.weight", (V, d), host_dtype).T))
     return LlamaParams(
         embed=embed,
         layers=LayerParams(**layer_fields),
-        final_norm=put(reader.read("model.norm.weight", (d,), np_dtype)),
+        final_norm=put(reader.read("model.norm.weight", (d,), host_dtype)),
         lm_head=lm_head,
     )
 

@@ -1,7 +1,8 @@
-"""Helpers the tests share: tolerances, a cached jitted forward, random params of any config."""
+"""Helpers the tests share: tolerances, a cached jitted forward, random params and adapters."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,3 +36,35 @@ def random_params(cfg: lj.LlamaConfig, seed: int, dtype) -> lj.LlamaParams:
     return jax.tree.map(
         lambda x: jnp.asarray(WEIGHT_STD * rng.standard_normal(x.shape), dtype), abstract
     )
+
+
+def trained_like(adapter: lj.Adapter, seed: int, std: float = 0.3) -> lj.Adapter:
+    """``B`` (zero at init) and the router made random, so adapters change the outputs."""
+    rng = np.random.RandomState(seed)
+    b = {p: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype) for p, x in adapter.b.items()}
+    router = adapter.router
+    if router is not None:
+        router = jnp.asarray(3.0 * rng.standard_normal(router.shape), router.dtype)
+    return dataclasses.replace(adapter, b=b, router=router)
+
+
+def make_adapter(cfg: lj.LlamaConfig, seed: int = 0, std: float = 0.3, **kwargs) -> lj.Adapter:
+    """A :func:`trained_like` adapter of rank 4, alpha 8; ``lora=True`` for a single LoRA."""
+    kwargs = {"rank": 4, "alpha": 8.0, **kwargs}
+    lora = kwargs.pop("lora", False)
+    acfg = lj.AdapterConfig.lora(**kwargs) if lora else lj.AdapterConfig(**kwargs)
+    return trained_like(lj.init_adapter(cfg, acfg, jax.random.key(seed)), seed, std)
+
+
+def logits(params, cfg, tokens, adapter=None) -> np.ndarray:
+    """The jitted forward's logits on host."""
+    return np.asarray(jit_forward()(params, jnp.asarray(tokens), cfg, adapter=adapter))
+
+
+def assert_adapters_equal(got: lj.Adapter, want: lj.Adapter):
+    """Same config, tree, dtypes and values, bit for bit."""
+    assert got.config == want.config
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -79,7 +79,7 @@ def test_packed_rows_equal_separate_sequences(case, tokens):
     packed = np.concatenate([a, b])[None]
     segments = np.repeat([[0, 1]], [15, 25], axis=1)
     positions = np.concatenate([np.arange(15), np.arange(25)])[None]
-    logits = lj.forward(
+    logits = jit_forward()(
         case.params, jnp.asarray(packed), case.cfg,
         positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments),
     )

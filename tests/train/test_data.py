@@ -6,7 +6,6 @@ import json
 import os
 
 import datasets
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from loraswitch_jax.train.data import (
     TrainBatches,
     load_data,
 )
+from tests.helpers import jit_forward, random_params
 
 BOS, EOS = 256, 257  # the byte tokenizer's <s>, </s>
 TOK = byte_tokenizer()
@@ -211,13 +211,14 @@ def test_batches_run_through_the_model_without_nans(tmp_path):
     mcfg = lj.LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                           bos_token_id=BOS, eos_token_id=EOS)
-    params = lj.init_params(mcfg, jax.random.key(0), dtype=jnp.float32)
-    logits = lj.forward(params, batch["tokens"], mcfg, positions=batch["positions"],
-                        segment_ids=batch["segment_ids"])
+    params = random_params(mcfg, 0, jnp.float32)
+    logits = jit_forward()(params, jnp.asarray(batch["tokens"]), mcfg,
+                           positions=jnp.asarray(batch["positions"]),
+                           segment_ids=jnp.asarray(batch["segment_ids"]))
     assert np.isfinite(np.asarray(logits)).all()
     # Packing is exact: a segment's logits equal those of the example run alone.
     b, i, j = next(segments(batch))
-    alone = lj.forward(params, batch["tokens"][b:b + 1, i:j], mcfg)
+    alone = jit_forward()(params, jnp.asarray(batch["tokens"][b:b + 1, i:j]), mcfg)
     np.testing.assert_allclose(logits[b, i:j], alone[0], atol=1e-5)
 
 
