@@ -107,7 +107,7 @@ def shared_slots(route: Route, num_experts: int, scale: float,
     """The routed kernels' expert slots (``lora_shrink.route_slots``) of a route that every
     adapted layer shares (switch and lora modes), for :class:`LoraTerm`'s ``slots``: built once
     per step instead of once per projection group, where each build cost small launches of its
-    own (96 per batch-8 decode step of a 7B model: eval/results/profile/profile_step_b8.md).
+    own (96 per batch-8 decode step of a 7B model: eval/results/profile/llama2-7b_b8_ctx1024.md).
     ``None`` where no routed kernel runs (XLA)."""
     if impl.xla:
         return None

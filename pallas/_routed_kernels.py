@@ -231,7 +231,7 @@ def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num
     each one waits for the memory operations before it and holds back those after it, and a
     load-dot-atomic chain per slot ran the 8 dense slots of batch 8 one after another (the
     routed gate/up kernel took 18.5 us more per layer than the plain one on an H100; one slot,
-    3.9 us: eval/results/profile/profile_step_b8.md). Only the ``num_rows`` real rows are added
+    3.9 us: eval/results/profile/llama2-7b_b8_ctx1024.md). Only the ``num_rows`` real rows are added
     (at decode most rows are padding, and the adds of all programs meet at one place);
     interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
     are 0)."""

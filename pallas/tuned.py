@@ -52,8 +52,9 @@ DEFAULTS: tuple[Tuned, ...] = (
                  "1.121x in an earlier run)",
         ratio="epilogue/pallas-split 0.966 at batch 8, 0.972 at batch 32; pallas-split/pallas "
               "0.902 at batch 1",
-        source="eval/results/adapters/bench_adapters_issue4{,_shrink,_attention_split,_expand,"
-               "_epilogue}.md",
+        source="eval/results/archive/adapters/{slot_major_shrink_inline_b1-64,"
+               "shrink_xla_vs_grouped,attention_kernel_split_shrink,expand_placement_b1-8,"
+               "down_shrink_epilogue}.md",
     ),
     Tuned(
         what="decode attention (ops.cached_attention, where decode_attention.supports)",
@@ -61,7 +62,7 @@ DEFAULTS: tuple[Tuned, ...] = (
         measured="backbone 5.585 vs XLA attention 6.108 ms/token at batch 1; 12.01 vs 13.86 at "
                  "batch 32",
         ratio="0.914x at batch 1, 0.867x at batch 32",
-        source="eval/results/adapters/bench_adapters_issue4_attention_split.md",
+        source="eval/results/archive/adapters/attention_kernel_split_shrink.md",
     ),
     Tuned(
         what="expansion (x A) B in the routed kernels (gather slots, <= MAX_EXPAND_ROWS rows; "
@@ -70,18 +71,18 @@ DEFAULTS: tuple[Tuned, ...] = (
         measured="switch decode at batch 1: rows (registers, loads before the K loop) 1.123x vs "
                  "dot (tensor-core dots after it) 1.144x",
         ratio="0.982",
-        source="eval/results/adapters/bench_adapters_issue4_dense.md",
+        source="eval/results/archive/adapters/dense_slots_rows_expand.md",
     ),
     Tuned(
         what="expansion groups spread over the K splits, unrolled up to UNROLLED_GROUPS dots "
              "and UNROLLED_BYTES of operands per program, a loop beyond",
         default="192 KiB",
         measured="spreading: switch decode 1.134x -> 1.125x at batch 1, 1.315x -> 1.261x at "
-                 "batch 8 (bench_adapters_issue4_expand.md); 4 unrolled dense groups of split "
-                 "float32 xa, 384 KiB, failed to compile at 7B, E 128, batch 64; 4 groups of "
+                 "batch 8 (archive/adapters/expand_placement_b1-8.md); 4 unrolled dense groups "
+                 "of split float32 xa, 384 KiB, failed to compile at 7B, E 128, batch 64; 4 groups of "
                  "bf16 xa, 192 KiB (q/k/v at E 32, batch 64), compiled and ran",
         ratio="0.992 at batch 1, 0.959 at batch 8; the cap: compiles vs not",
-        source="eval/results/suite/suite_7b_e128_b64/",
+        source="eval/results/suite/7b_e128_b64.md",
     ),
     Tuned(
         what="switch adapter decode strategy (GenerateConfig.switch_strategy)",
@@ -89,7 +90,7 @@ DEFAULTS: tuple[Tuned, ...] = (
         measured="record run, batch 1: switch-fused 1.131x, switch-merge 2.751x the backbone "
                  "(routes change every step; merge serves batch 1 only)",
         ratio="fused/merge 0.411",
-        source="eval/results/adapters/bench_adapters_issue4_final.md",
+        source="eval/results/adapters/llama2-7b_e8_r16_ctx1024.md",
     ),
     Tuned(
         what="SGMM merge kernel blocks (switch_merge.default_block_sizes heuristic: 128 columns "
@@ -98,7 +99,7 @@ DEFAULTS: tuple[Tuned, ...] = (
         measured="merge alone at 7B: 10.31-10.67 ms, 0.99-1.03 of copy bandwidth over six runs "
                  "(10.44 ms, 1.01 in the record run)",
         ratio="1.01 of copy bandwidth",
-        source="eval/results/adapters/bench_adapters_issue4_final.md",
+        source="eval/results/adapters/llama2-7b_e8_r16_ctx1024.md",
     ),
     Tuned(
         what="jnp LoRA product (adapters.lora_method): gather if tokens * k < E, else dense",
@@ -116,8 +117,8 @@ DEFAULTS: tuple[Tuned, ...] = (
                  "own dot, no loop: 16.7 us); (11008,4096): 38.3-41.6 us vs 47.4 us for the old "
                  "heuristic n64 k256 s1; (4096,11008): 39.8 us",
         ratio="(11008,4096) 0.81-0.88 of the heuristic's time; 0.80-0.83 of copy bandwidth",
-        source="eval/results/kernels/sweep_projections_run{1_loop,2_unrolled}.md, "
-               "eval/results/decode/sweep_stacked_matmul.txt",
+        source="eval/results/kernels/sweep_{loop,unrolled}.md, "
+               "eval/results/archive/kernels/stacked_matmul_blocks.txt",
     ),
     Tuned(
         what="fused_projections blocks (_TUNED_QKV, _TUNED_GATE_UP), Llama-2-7B",
@@ -126,7 +127,7 @@ DEFAULTS: tuple[Tuned, ...] = (
                  "unrolled, no loop: 43.2 us); gate_up: 68.7-70.6 us vs 76.2 us for two "
                  "stacked_matmul calls and SiLU, split_k 2: 75.6 us",
         ratio="qkv 0.89-0.90, gate_up 0.90-0.93 of the separate calls' time",
-        source="eval/results/kernels/sweep_projections_run{1_loop,2_unrolled}.md",
+        source="eval/results/kernels/sweep_{loop,unrolled}.md",
     ),
     Tuned(
         what="shared-memory estimate (_blocks.shared_memory_bytes; defaults shrunk to fit 227 KiB)",

@@ -18,7 +18,7 @@ MAX_NEW = 20  # greedy tokens compared with transformers
 
 @functools.cache
 def jit_forward():
-    return jax.jit(lj.forward, static_argnames=("cfg", "scan_layers"))
+    return jax.jit(lj.forward, static_argnames=("cfg", "scan_layers", "return_routing", "impl"))
 
 
 def rel_err(got, ref) -> float:
@@ -56,9 +56,9 @@ def make_adapter(cfg: lj.LlamaConfig, seed: int = 0, std: float = 0.3, **kwargs)
     return trained_like(lj.init_adapter(cfg, acfg, jax.random.key(seed)), seed, std)
 
 
-def logits(params, cfg, tokens, adapter=None) -> np.ndarray:
+def logits(params, cfg, tokens, adapter=None, **kwargs) -> np.ndarray:
     """The jitted forward's logits on host."""
-    return np.asarray(jit_forward()(params, jnp.asarray(tokens), cfg, adapter=adapter))
+    return np.asarray(jit_forward()(params, jnp.asarray(tokens), cfg, adapter=adapter, **kwargs))
 
 
 def assert_adapters_equal(got: lj.Adapter, want: lj.Adapter):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from tests.helpers import rel_err
+from tests.helpers import jit_forward, logits, make_adapter, rel_err, trained_like
 from loraswitch_jax import AdapterConfig, AdapterError
 from loraswitch_jax.adapters import LORA_METHODS, check_adapter, lora_delta, lora_method
 from loraswitch_jax.generate import prefill_chunk
@@ -23,28 +22,8 @@ def model(llama3_case):
     return llama3_case.params, llama3_case.cfg
 
 
-def trained_like(adapter: lj.Adapter, seed: int, std: float = 0.3) -> lj.Adapter:
-    """``B`` (zero at init) and the router made random, so adapters change the outputs."""
-    rng = np.random.RandomState(seed)
-    b = {p: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype) for p, x in adapter.b.items()}
-    router = adapter.router
-    if router is not None:
-        router = jnp.asarray(3.0 * rng.standard_normal(router.shape), router.dtype)
-    return dataclasses.replace(adapter, b=b, router=router)
-
-
 def make(cfg, seed=0, **kwargs) -> lj.Adapter:
-    acfg = AdapterConfig(rank=4, alpha=8.0, **kwargs)
-    return trained_like(lj.init_adapter(cfg, acfg, jax.random.key(seed)), seed)
-
-
-@functools.cache
-def jit_forward():
-    return jax.jit(lj.forward, static_argnames=("cfg", "scan_layers", "return_routing", "impl"))
-
-
-def logits(params, cfg, tokens, adapter=None, **kwargs):
-    return np.asarray(jit_forward()(params, jnp.asarray(tokens), cfg, adapter=adapter, **kwargs))
+    return make_adapter(cfg, seed, **kwargs)
 
 
 # ------------------------------------------------------------------------------ config
@@ -181,11 +160,13 @@ def test_routing_outputs(model, tokens):
     params, cfg = model
     for mode, n in (("switch", 1), ("layerwise", cfg.num_hidden_layers)):
         adapter = make(cfg, mode=mode, num_experts=8)
-        _, routing = jit_forward()(params, jnp.asarray(tokens), cfg, adapter=adapter, return_routing=True)
+        _, routing = jit_forward()(params, jnp.asarray(tokens), cfg, adapter=adapter,
+                                   return_routing=True)
         assert routing.probs.shape == (n, *tokens.shape, 8)
         assert routing.expert_ids.shape == (n, *tokens.shape, 2)
         np.testing.assert_allclose(routing.probs.sum(-1), 1.0, atol=1e-5)
-    _, routing = jit_forward()(params, jnp.asarray(tokens), cfg, adapter=make(cfg, mode="lora", num_experts=1, top_k=1), return_routing=True)
+    lora = make(cfg, mode="lora", num_experts=1, top_k=1)
+    _, routing = jit_forward()(params, jnp.asarray(tokens), cfg, adapter=lora, return_routing=True)
     assert routing is None
 
 

@@ -7,8 +7,8 @@ reprlib, pprint), one per line as ``{"text": ..., "source": "Lib/<module>.py"}``
 ``ast.get_source_segment`` (80 to 6000 characters each). License: PSF License, see
 ``LICENSE-PSF.txt`` beside it.
 
-``mixture/``: a ~1.2 MB sample of the evaluation corpus (``loraswitch_jax.eval.corpus``) for the
-offline pipeline demo: five domains (code, docs, dictionary, literature, qa), each split into
+``mixture/``: a ~1.2 MB sample of the evaluation corpus (``loraswitch_jax.eval.accuracy.corpus``)
+for the offline pipeline demo: five domains (code, docs, dictionary, literature, qa), each split into
 ``{domain}.train.jsonl`` / ``{domain}.heldout.jsonl``, multiple-choice items built from the
 held-out units in ``tasks/``, the sources' license notices in ``LICENSES/`` and a ``manifest.json``
 with package versions and sha256 hashes.
