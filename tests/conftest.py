@@ -5,6 +5,12 @@ session."""
 from __future__ import annotations
 
 import dataclasses
+import os
+
+# Every test process sees 8 CPU host devices, so the mesh tests run in it; the others use the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 
 import jax.numpy as jnp
 import numpy as np
