@@ -14,16 +14,14 @@ delete to resume from the one before.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointError", "Checkpointer", "NonFiniteStateError", "nonfinite_leaves",
-           "state_checksums"]
+__all__ = ["CheckpointError", "Checkpointer", "NonFiniteStateError", "identity_diff",
+           "nonfinite_leaves", "state_checksums"]
 
 
 class CheckpointError(RuntimeError):
@@ -31,43 +29,80 @@ class CheckpointError(RuntimeError):
 
 
 class NonFiniteStateError(ValueError):
-    """A state with NaN or infinite values was given to :meth:`Checkpointer.save` (not saved)."""
+    """A state with NaN or infinite values was given to :meth:`Checkpointer.save` (not saved).
+
+    Attributes:
+      leaves: the paths of the non-finite leaves.
+    """
+
+    def __init__(self, leaves: list[str]):
+        super().__init__(f"non-finite values in {', '.join(leaves[:4])}; not saved")
+        self.leaves = leaves
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as a flat uint32 array (one word per element of 1, 2 or 4 bytes)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = x.dtype.itemsize
+    if size >= 4:  # 8-byte elements become 2 words
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    small = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[size])
+    return small.astype(jnp.uint32).reshape(-1)
 
 
 @jax.jit
-def _finite_flags(tree) -> list[jax.Array]:
-    """One bool per leaf: all its values finite (non-float leaves always are)."""
-    return [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-            for x in jax.tree.leaves(tree)]
+def _integrity(tree) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Per leaf: all values finite, and two wrapping uint32 sums of its words: plain and weighted
+    by the odd numbers ``2i + 1``.
 
-
-def nonfinite_leaves(tree) -> list[str]:
-    """The paths (``jax.tree_util.keystr``) of the leaves of ``tree`` holding NaN or inf.
-
-    One jitted reduction and one small transfer: call it where the host syncs anyway.
+    Integer sums are exact in any reduction order (the same on any device or sharding), and a
+    flipped bit ``k`` of word ``i`` changes them by ``2**k`` and ``(2i + 1) 2**k``, never 0 mod
+    ``2**32``: every single-bit error shows; the weights also catch swapped words.
     """
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    flags = jax.device_get(_finite_flags(tree))
-    return [p for p, ok in zip(paths, flags) if not ok]
-
-
-def state_checksums(tree) -> dict[str, str]:
-    """``{leaf path: blake2b of dtype, shape and bytes}`` of the host copy of ``tree``."""
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
-        x = np.ascontiguousarray(x)
-        h = hashlib.blake2b(f"{x.dtype.str}{x.shape}".encode(), digest_size=16)
-        h.update(x.view(np.uint8).reshape(-1) if x.size else b"")
-        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    out = []
+    for x in jax.tree.leaves(tree):
+        finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+        w = _words(x)
+        odd = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        out.append((finite, jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * odd, dtype=jnp.uint32)))
     return out
 
 
-def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def _integrity_report(tree) -> tuple[list[str], dict[str, str]]:
+    """``(paths of non-finite leaves, {path: dtype, shape and checksum})`` of ``tree``.
+
+    One jitted pass over the arrays on their devices and a transfer of 3 scalars per leaf: call
+    it where the host syncs anyway (a save, a restore).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = jax.device_get(_integrity(tree))
+    bad, sums = [], {}
+    for (path, x), (finite, s1, s2) in zip(flat, values):
+        key = jax.tree_util.keystr(path)
+        if not finite:
+            bad.append(key)
+        sums[key] = f"{jnp.dtype(x.dtype).name}{list(x.shape)}:{int(s1):08x}{int(s2):08x}"
+    return bad, sums
+
+
+def nonfinite_leaves(tree) -> list[str]:
+    """The paths (``jax.tree_util.keystr``) of the leaves of ``tree`` holding NaN or inf."""
+    return _integrity_report(tree)[0]
+
+
+def state_checksums(tree) -> dict[str, str]:
+    """``{leaf path: "dtype[shape]:checksum"}``: what :meth:`Checkpointer.save` stores."""
+    return _integrity_report(tree)[1]
+
+
+def identity_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``["key.path: checkpoint A vs now B", ...]`` for the values that differ."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
+            out += identity_diff(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: checkpoint {a!r} vs now {b!r}")
     return out
@@ -116,13 +151,11 @@ class Checkpointer:
         """
         if not force and step % self.save_every:
             return False
-        bad = nonfinite_leaves(state)
+        bad, checksums = _integrity_report(state)
         if bad:
-            raise NonFiniteStateError(
-                f"refusing to save checkpoint {step}: non-finite values in {', '.join(bad[:4])}"
-            )
+            raise NonFiniteStateError(bad)
         meta = {"identity": self.identity, "data_state": data_state, "step": int(step),
-                "checksums": state_checksums(state)}
+                "checksums": checksums}
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -141,7 +174,7 @@ class Checkpointer:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged folders
             raise self._damaged(step, f"{type(e).__name__}: {e}") from e
-        diff = _diff(meta["identity"], self.identity)
+        diff = identity_diff(meta["identity"], self.identity)
         if diff:
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} was written by another config:\n  "
@@ -174,14 +207,13 @@ class Checkpointer:
             raise self._damaged(step, f"{type(e).__name__}: {e}") from e
         state = restored["state"]
         # Checkpoints written before checksums existed have none: the finiteness check remains.
+        bad, now = _integrity_report(state)
         saved = meta.get("checksums")
         if saved is not None:
-            now = state_checksums(state)
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if changed:
                 raise self._damaged(step, "arrays differ from the checksums saved with them: "
                                           + ", ".join(changed[:4]))
-        bad = nonfinite_leaves(state)
         if bad:
             raise self._damaged(step, "non-finite values in " + ", ".join(bad[:4]))
         if int(state.step) != step:

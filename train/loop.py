@@ -34,7 +34,9 @@ from loraswitch_jax.adapters import check_adapter, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.params import LlamaParams, init_params
 from loraswitch_jax.tokenizer import Tokenizer, byte_tokenizer
-from loraswitch_jax.train.checkpoints import Checkpointer, CheckpointError, nonfinite_leaves
+from loraswitch_jax.train.checkpoints import (
+    Checkpointer, CheckpointError, NonFiniteStateError, identity_diff, nonfinite_leaves,
+)
 from loraswitch_jax.train.config import ConfigFileError, TrainConfig
 from loraswitch_jax.train.data import DataState, EvalBatches, TrainBatches, load_data
 from loraswitch_jax.train.step import TrainState, eval_step, init_state, train_step
@@ -213,10 +215,11 @@ def finished_summary(tc: TrainConfig) -> dict | None:
         return None
     if not os.path.isdir(os.path.join(tc.out_dir, "adapter")):
         return None
-    if "identity" in summary and summary["identity"] != json.loads(json.dumps(tc.identity())):
+    diff = identity_diff(summary.get("identity", {}), json.loads(json.dumps(tc.identity())))
+    if "identity" in summary and diff:
         raise CheckpointError(
-            f"{tc.out_dir} holds a finished run of another config (see {path}): use another "
-            "output folder, or the same config"
+            f"{tc.out_dir} holds a finished run of another config ({path}):\n  " + "\n  ".join(diff)
+            + "\nuse another output folder, or the same config"
         )
     return summary
 
@@ -355,14 +358,13 @@ def _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, pr
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 # The data state after this step's batches: a resume continues with the next ones.
-                force = step + 1 == tc.optim.steps
-                if force or (step + 1) % tc.save_every == 0:
-                    # This step's update can be non-finite while its loss (of the state before) is
-                    # not: check the state itself before it can replace a good checkpoint.
-                    bad = nonfinite_leaves(state)
-                    if bad:
-                        raise _diverged(step + 1, "non-finite state in " + ", ".join(bad[:4]), ckpt)
-                    ckpt.save(step + 1, state, train_batches.state().to_dict(), force=force)
+                # The step's update can be non-finite while its loss (of the state before) is
+                # not: save checks the state itself before it can replace a good checkpoint.
+                try:
+                    ckpt.save(step + 1, state, train_batches.state().to_dict(),
+                              force=step + 1 == tc.optim.steps)
+                except NonFiniteStateError as e:
+                    raise _diverged(step + 1, "non-finite state in " + ", ".join(e.leaves[:4]), ckpt) from e
                 bar.update(1)
                 if (step + 1) % tc.log_every == 0 or step + 1 == end:
                     post = {"loss": f"{record['loss']:.3f}", "aux": f"{record['aux']:.3f}"}
