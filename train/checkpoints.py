@@ -15,6 +15,7 @@ delete to resume from the one before.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,32 @@ def state_checksums(tree) -> dict[str, str]:
     return _integrity_report(tree)[1]
 
 
+def _quiet_abandoned_reads() -> None:
+    """Drop the "Event loop is closed" reports of a failed orbax restore (only those).
+
+    Orbax runs a restore on a private event loop and closes it on the first error; the reads
+    still in flight then report to the closed loop, through ``sys.unraisablehook``, as dozens of
+    tracebacks (seconds later) that bury the one line saying which checkpoint is damaged.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    """An orbax/tensorstore error in one short line (they append kilobytes of specs)."""
+    text = str(e).split("\n")[0].split(" [tensorstore_spec")[0].strip()
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def identity_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """``["key.path: checkpoint A vs now B", ...]`` for the values that differ."""
     out = []
@@ -173,7 +200,8 @@ class Checkpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged folders
-            raise self._damaged(step, f"{type(e).__name__}: {e}") from e
+            _quiet_abandoned_reads()
+            raise self._damaged(step, _short(e)) from e
         diff = identity_diff(meta["identity"], self.identity)
         if diff:
             raise CheckpointError(
@@ -204,7 +232,8 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
         except Exception as e:  # noqa: BLE001
-            raise self._damaged(step, f"{type(e).__name__}: {e}") from e
+            _quiet_abandoned_reads()
+            raise self._damaged(step, _short(e)) from e
         state = restored["state"]
         # Checkpoints written before checksums existed have none: the finiteness check remains.
         bad, now = _integrity_report(state)

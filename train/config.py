@@ -64,9 +64,11 @@ class TrainConfig:
                 raise ConfigFileError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigFileError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-        for name in ("eval_every", "save_every", "keep", "log_every", "init_seed", "eval_batches",
-                     "data_parallel"):
-            value, low = getattr(self, name), 0 if name in ("init_seed", "eval_batches", "data_parallel") else 1
+        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):
+            raise ConfigFileError(f"init_seed must be an integer, got {self.init_seed!r}")
+        for name, low in (("eval_every", 1), ("save_every", 1), ("keep", 1), ("log_every", 1),
+                          ("eval_batches", 0), ("data_parallel", 0)):
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigFileError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.fsdp, bool):

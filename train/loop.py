@@ -244,7 +244,8 @@ def _diverged(step: int, what: str, ckpt: Checkpointer) -> TrainingDiverged:
             if latest is not None else "no checkpoint was written")
     return TrainingDiverged(
         f"training diverged at step {step}: {what}; nothing saved after it, {kept}; lower "
-        "optim.lr (or raise data.batch_size / optim.grad_accum) and train again",
+        "optim.lr (or lower optim.clip_norm) and train into a new "
+        "out_dir (a changed config does not resume these checkpoints)",
         step,
     )
 
