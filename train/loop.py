@@ -250,13 +250,13 @@ def _diverged(step: int, what: str, ckpt: Checkpointer) -> TrainingDiverged:
     )
 
 
-def _interrupted(step: int, ckpt: Checkpointer, tc: TrainConfig) -> TrainingInterrupted:
+def _interrupted(step: int | None, ckpt: Checkpointer, tc: TrainConfig) -> TrainingInterrupted:
     latest = ckpt.latest_step()
     if latest is None:
         then = f"no checkpoint yet (save_every={tc.save_every}): a rerun starts over"
     else:
         then = f"a rerun with the same config resumes from step {latest} ({ckpt.step_dir(latest)})"
-    return TrainingInterrupted(f"interrupted at step {step}; {then}")
+    return TrainingInterrupted(f"interrupted{'' if step is None else f' at step {step}'}; {then}")
 
 
 def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -314,6 +314,11 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
     ckpt = Checkpointer(os.path.join(tc.out_dir, "checkpoints"), tc.identity(), tc.save_every, tc.keep)
     try:
         return _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, progress)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        ckpt.close()  # Ctrl-C outside the steps (restore, first eval, export)
+        raise _interrupted(None, ckpt, tc) from e
     finally:
         ckpt.close()
 
@@ -339,13 +344,14 @@ def _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, pr
     end = tc.optim.steps if stop_after is None else min(tc.optim.steps, start + stop_after)
     bar = tqdm(total=tc.optim.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    step = start
+    at = None  # the step in progress, for the Ctrl-C message
     try:
         with open(metrics_path, "a") as log:
             if start == 0:  # the starting point of the held-out curve
                 initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
                 log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
             for step in range(start, end):
+                at = step + 1
                 batch = put_train(_stack_micro(train_batches, tc.optim.grad_accum))
                 state, metrics = train_step(state, params, batch, cfg=cfg, oc=tc.optim)
                 # The loop already brings every step's metrics to the host: checking them is free.
@@ -374,7 +380,7 @@ def _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, pr
                     bar.set_postfix(post)
     except KeyboardInterrupt as e:
         ckpt.close()  # finishes a save in flight, so latest_step is what a rerun restores
-        raise _interrupted(step + 1, ckpt, tc) from e
+        raise _interrupted(at, ckpt, tc) from e
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

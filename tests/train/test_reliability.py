@@ -298,3 +298,13 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsy
     monkeypatch.undo()
     train(small_config(tmp_path), progress=False)
     assert read_metrics(tmp_path)[-1]["step"] == 12
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_over(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)  # the held-out loss of step 0
+    with pytest.raises(TrainingInterrupted, match=r"^interrupted; no checkpoint yet \(save_every=4\): "
+                       "a rerun starts over$"):
+        train(small_config(tmp_path), progress=False)
