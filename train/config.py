@@ -121,7 +121,8 @@ def _check_type(cls, name: str, value, where: str) -> None:
     """Refuse a JSON value of the wrong kind for a field annotated ``int``, ``float``, ``str``,
     ``bool``, ``tuple[...]`` or one of them ``| None``, naming the field and the expected type."""
     t = typing.get_type_hints(cls)[name]
-    args = typing.get_args(t) if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else (t,)
+    union = isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union
+    args = typing.get_args(t) if union else (t,)
     if value is None and type(None) in args:
         return
     kinds = [a for a in args if a is not type(None)]

@@ -13,7 +13,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import loraswitch_jax as lj
 from loraswitch_jax.cli import main as cli_main
 from loraswitch_jax.tokenizer import byte_tokenizer
 from loraswitch_jax.train import loop
@@ -71,7 +70,6 @@ def _poison_after(step_no: int, monkeypatch):
     def poisoned(state, *args, **kwargs):
         state, metrics = real(state, *args, **kwargs)
         if int(state.step) >= step_no:
-            state = jax.tree.map(lambda x: x, state)
             adapter = jax.tree.map(lambda x: x * np.float32("nan"), state.adapter)
             state = type(state)(step=state.step, adapter=adapter, opt_state=state.opt_state, rng=state.rng)
         return state, metrics
@@ -94,7 +92,7 @@ def test_a_non_finite_state_never_replaces_good_checkpoints(tmp_path, monkeypatc
 def _rewrite_state(step_dir, mutate):
     """Replace a checkpoint's ``state`` files by an orbax save of ``mutate(state)`` (a damaged copy
     written in orbax's own format, independent of its file layout)."""
-    tmp = os.path.join(os.path.dirname(step_dir), "..", "rewrite")
+    tmp = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "rewrite")
     step = int(os.path.basename(step_dir))
     reader = ocp.CheckpointManager(os.path.dirname(step_dir))
     state = reader.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -243,16 +241,21 @@ def test_cli_config_type_error_is_one_line(capsys):
     assert err == "loraswitch: error: optim.lr must be a number, got 'abc' (str)"
 
 
+def _load(path):
+    return load_data(DataConfig(path=path, seq_len=8, batch_size=2), byte_tokenizer(), bos_id=256,
+                     eos_id=257)
+
+
 def test_an_empty_data_file_is_named(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match=f"the data file '{empty}' is empty"):
-        load_data(DataConfig(path=empty, seq_len=8, batch_size=2), byte_tokenizer(), bos_id=256, eos_id=257)
+        _load(empty)
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     with pytest.raises(DataError, match=f"all 2 data files at '{tmp_path}' are empty"):
-        load_data(DataConfig(path=tmp_path, seq_len=8, batch_size=2), byte_tokenizer(), bos_id=256, eos_id=257)
+        _load(tmp_path)
     (tmp_path / "text.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
-    data = load_data(DataConfig(path=tmp_path, seq_len=8, batch_size=2), byte_tokenizer(), bos_id=256, eos_id=257)
+    data = _load(tmp_path)
     assert len(data.train) == 1  # empty files beside others are skipped
 
 
