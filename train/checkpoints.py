@@ -14,8 +14,11 @@ delete to resume from the one before.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +100,34 @@ def state_checksums(tree) -> dict[str, str]:
     return _integrity_report(tree)[1]
 
 
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Hold a Ctrl-C until the block ends, then raise it; a second Ctrl-C interrupts at once.
+
+    A save interrupted inside orbax's wait is finished by its thread anyway, after orbax has
+    logged a traceback and dropped the step from its list: the step a rerun resumes from would
+    be misreported. Saves take about a second, so holding the first Ctrl-C costs little.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def _quiet_abandoned_reads() -> None:
     """Drop the "Event loop is closed" reports of a failed orbax restore (only those).
 
@@ -154,6 +185,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def reload(self) -> None:
+        """Re-read the steps on disk (orbax caches them)."""
+        self._manager.reload()
+
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
@@ -171,7 +206,8 @@ class Checkpointer:
         )
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Save if ``step`` is due (or ``force``); returns whether it saved. Blocks until written.
+        """Save if ``step`` is due (or ``force``); returns whether it saved. Blocks until written;
+        a Ctrl-C meanwhile is raised once the checkpoint is whole.
 
         Raises:
           NonFiniteStateError: ``state`` holds NaN or inf (nothing written, nothing rotated out).
@@ -183,12 +219,13 @@ class Checkpointer:
             raise NonFiniteStateError(bad)
         meta = {"identity": self.identity, "data_state": data_state, "step": int(step),
                 "checksums": checksums}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        with _hold_ctrl_c():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self._manager.wait_until_finished()
         return True
 
     def check_identity(self, step: int) -> dict:

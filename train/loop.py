@@ -251,6 +251,7 @@ def _diverged(step: int, what: str, ckpt: Checkpointer) -> TrainingDiverged:
 
 
 def _interrupted(step: int | None, ckpt: Checkpointer, tc: TrainConfig) -> TrainingInterrupted:
+    ckpt.reload()  # what is on disk is what a rerun restores
     latest = ckpt.latest_step()
     if latest is None:
         then = f"no checkpoint yet (save_every={tc.save_every}): a rerun starts over"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 
 import jax
@@ -311,3 +312,23 @@ def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_over(tmp_path, m
     with pytest.raises(TrainingInterrupted, match=r"^interrupted; no checkpoint yet \(save_every=4\): "
                        "a rerun starts over$"):
         train(small_config(tmp_path), progress=False)
+
+
+def test_ctrl_c_during_a_save_lets_it_finish(tmp_path, monkeypatch, capsys):
+    """A real SIGINT while checkpoint 8 is written: the checkpoint completes, then the run stops
+    and names step 8 (orbax alone would log a traceback and misreport the latest step)."""
+    real_save = ocp.CheckpointManager.save
+
+    def save_with_ctrl_c(self, step, *args, **kwargs):
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 8; .* resumes from step 8 \("):
+        train(small_config(tmp_path), progress=False)
+    assert steps_on_disk(tmp_path) == [4, 8]
+    monkeypatch.undo()
+    train(small_config(tmp_path), progress=False)
+    assert "resumed from step 8" in capsys.readouterr().out
+    assert read_metrics(tmp_path)[-1]["step"] == 12
