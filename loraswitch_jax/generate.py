@@ -150,7 +150,10 @@ def _prompt_rows(prompts) -> list[np.ndarray]:
                     raise GenerationError(
                         f"prompt {i} holds {what}, not an integer token id: {PROMPTS_FORM}"
                     )
-            rows.append(np.array(p, np.int64))
+            try:
+                rows.append(np.array(p, np.int64))
+            except OverflowError:
+                raise GenerationError(f"prompt {i} has a token id beyond int64: {PROMPTS_FORM}") from None
         elif _is_int(p):
             raise GenerationError(
                 f"prompts is a flat list of ints: {PROMPTS_FORM}; for one prompt, wrap it: [ids]"

@@ -242,6 +242,7 @@ REFUSED = {
     "bool array": (np.array([[True, False]]), "holds bool values"),
     "float array": ([np.array([1.0, 2.0])], "holds float64 values"),
     "a string": ("hello", "prompts is a str"),
+    "huge id": ([[1, 2**70]], "beyond int64"),
 }
 
 
