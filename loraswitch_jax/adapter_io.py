@@ -18,8 +18,9 @@
   :func:`loraswitch_jax.weights.save_params`.
 
 PEFT's LoRA format is :mod:`loraswitch_jax.peft_io`; it shares the folder helpers below.
-Writes go to a temporary folder inside the target folder and are renamed into place one file at a
-time (tensors first, config last), so a crash leaves whole files, never a truncated one.
+Writes go to a temporary folder beside the target, which then replaces the target folder by one
+rename (:func:`loraswitch_jax.weights.write_folder_atomic`): a crash leaves the old complete
+folder or the new one, never new tensors beside an old config.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import jax
@@ -41,7 +40,7 @@ from safetensors.numpy import save_file
 from loraswitch_jax.adapters import Adapter, AdapterConfig, AdapterError, check_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.params import WEIGHT_FIELD, LlamaParams, projection_shape
-from loraswitch_jax.weights import np_dtype, save_params
+from loraswitch_jax.weights import interrupted_save, np_dtype, save_params, write_folder_atomic
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -79,18 +78,22 @@ _SHAPE_FIELDS = (
 # ------------------------------------------------------------------------------ folders (both formats)
 
 
+# Files an adapter folder's writer replaces (ours and peft's), so that no stale half stays.
+_ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "adapter_model.safetensors")
+
+
 def write_folder(folder: str, writers: dict[str, Callable[[str], None]]) -> None:
-    """Run ``writers[fn](path)`` into a temporary folder, then rename each file into ``folder``
-    in the given order (one atomic rename per file)."""
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+    """Run ``writers[fn](path)`` into a temporary sibling folder that then replaces ``folder`` as a
+    whole (:func:`~loraswitch_jax.weights.write_folder_atomic`); other files in it are kept."""
+
+    def write(tmp):
+        for fn, write_one in writers.items():
+            write_one(os.path.join(tmp, fn))
+
     try:
-        for fn, write in writers.items():
-            write(os.path.join(tmp, fn))
-        for fn in writers:
-            os.replace(os.path.join(tmp, fn), os.path.join(folder, fn))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_folder_atomic(folder, write, owned=lambda fn: fn in _ADAPTER_FILES)
+    except NotADirectoryError as e:
+        raise AdapterError(str(e)) from None
 
 
 def json_writer(obj) -> Callable[[str], None]:
@@ -116,6 +119,9 @@ def host_array(x) -> np.ndarray:
 def read_config(folder: str) -> dict:
     """The JSON object in ``folder``'s ``adapter_config.json``; AdapterError if absent or bad."""
     path = os.path.join(folder, ADAPTER_CONFIG)
+    hint = interrupted_save(folder)
+    if hint:
+        raise AdapterError(hint)
     try:
         with open(path) as f:
             meta = json.load(f)

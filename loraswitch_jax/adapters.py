@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +96,15 @@ class AdapterConfig:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise AdapterError(f"{name} must be an integer, got {value!r}")
         for name in ("alpha", "dropout"):
-            if not isinstance(getattr(self, name), (int, float)):
-                raise AdapterError(f"{name} must be a number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            # NaN or infinity would pass the range checks below and make every logit NaN.
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise AdapterError(f"AdapterConfig.{name} must be a finite number, got {value!r}")
+        if not self.alpha > 0:
+            raise AdapterError(
+                f"AdapterConfig.alpha must be > 0 (the adapter output is scaled by alpha / rank), "
+                f"got {self.alpha!r}"
+            )
         if self.rank < 1:
             raise AdapterError(f"rank must be >= 1, got {self.rank=}")
         if self.num_experts < 1:

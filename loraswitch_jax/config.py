@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -18,6 +19,20 @@ __all__ = ["ConfigError", "LlamaConfig", "RopeScaling", "PRESETS"]
 
 class ConfigError(ValueError):
     """A config value is unknown, missing or inconsistent."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (a bool is not one; NaN and infinities are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(owner: str, name: str, value) -> None:
+    if not _is_number(value):
+        raise ConfigError(f"{owner}.{name} must be a finite number, got {value!r}")
 
 
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -34,6 +49,13 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_number("RopeScaling", name, getattr(self, name))
+        if not _is_int(self.original_max_position_embeddings):
+            raise ConfigError(
+                "RopeScaling.original_max_position_embeddings must be an integer, got "
+                f"{self.original_max_position_embeddings!r}"
+            )
         if self.rope_type not in ("linear", "llama3"):
             raise ConfigError(
                 f"unsupported rope scaling type {self.rope_type!r}; supported: 'linear', 'llama3'"
@@ -94,8 +116,17 @@ class LlamaConfig:
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim is not None and not _is_int(self.head_dim):
+            raise ConfigError(f"head_dim must be a positive even integer or None, got {self.head_dim!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            _check_number("LlamaConfig", name, getattr(self, name))
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -114,8 +145,12 @@ class LlamaConfig:
             raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps=}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta=}")
-        if isinstance(self.eos_token_id, int):
+        if _is_int(self.eos_token_id):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        if self.eos_token_id is not None and not isinstance(self.eos_token_id, (list, tuple)):
+            raise ConfigError(
+                f"eos_token_id must be an integer or a list of integers, got {self.eos_token_id!r}"
+            )
         object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id or ()))
         for name, ids in (
             ("bos_token_id", (self.bos_token_id,)),
@@ -123,6 +158,8 @@ class LlamaConfig:
             ("pad_token_id", (self.pad_token_id,)),
         ):
             for token in ids:
+                if token is not None and not _is_int(token):
+                    raise ConfigError(f"{name} must hold integer token ids, got {token!r}")
                 if token is not None and not 0 <= token < self.vocab_size:
                     raise ConfigError(f"{name}={token} is outside the vocabulary [0, {self.vocab_size})")
 
@@ -172,8 +209,12 @@ class LlamaConfig:
         rope_params = dict(hf.get("rope_parameters") or {})
         rope_theta = hf.get("rope_theta", rope_params.pop("rope_theta", 10000.0))
         rope_params.pop("rope_theta", None)
+        if not _is_number(rope_theta):
+            raise ConfigError(f"config.json key 'rope_theta' must be a finite number, got {rope_theta!r}")
         scaling = hf.get("rope_scaling") or rope_params or None
         rope_scaling = None
+        if scaling and not isinstance(scaling, dict):
+            raise ConfigError(f"config.json key 'rope_scaling' must be an object or null, got {scaling!r}")
         if scaling:
             scaling = dict(scaling)
             rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
@@ -185,33 +226,43 @@ class LlamaConfig:
                 if "factor" not in scaling:
                     raise ConfigError(f"rope scaling {rope_type!r} needs a 'factor'")
                 fields = {f.name for f in dataclasses.fields(RopeScaling)}
+                for key in fields & set(scaling):
+                    kind = "int" if key == "original_max_position_embeddings" else "number"
+                    _hf_value(scaling, key, kind, where="rope_scaling.")
                 rope_scaling = RopeScaling(
                     rope_type=rope_type, **{k: v for k, v in scaling.items() if k in fields}
                 )
 
         eos = hf.get("eos_token_id", 2)
-        head_dim = hf.get("head_dim")
+        if eos is not None and not (_is_int(eos) or (
+                isinstance(eos, list) and all(_is_int(t) for t in eos))):
+            raise ConfigError(
+                f"config.json key 'eos_token_id' must be an integer, a list of integers or null, "
+                f"got {eos!r}"
+            )
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=head_dim,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            vocab_size=_hf_value(hf, "vocab_size", "int"),
+            hidden_size=_hf_value(hf, "hidden_size", "int"),
+            intermediate_size=_hf_value(hf, "intermediate_size", "int"),
+            num_hidden_layers=_hf_value(hf, "num_hidden_layers", "int"),
+            num_attention_heads=_hf_value(hf, "num_attention_heads", "int"),
+            num_key_value_heads=_hf_value(hf, "num_key_value_heads", "int", None)
+            or hf["num_attention_heads"],
+            head_dim=_hf_value(hf, "head_dim", "int", None),
+            max_position_embeddings=_hf_value(hf, "max_position_embeddings", "int", 4096),
+            rms_norm_eps=float(_hf_value(hf, "rms_norm_eps", "number", 1e-5)),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple([eos] if isinstance(eos, int) else (eos or ())),
-            pad_token_id=hf.get("pad_token_id"),
+            tie_word_embeddings=_hf_value(hf, "tie_word_embeddings", "bool", False),
+            attention_bias=_hf_value(hf, "attention_bias", "bool", False),
+            mlp_bias=_hf_value(hf, "mlp_bias", "bool", False),
+            bos_token_id=_hf_value(hf, "bos_token_id", "int", None),
+            eos_token_id=tuple([eos] if _is_int(eos) else (eos or ())),
+            pad_token_id=_hf_value(hf, "pad_token_id", "int", None),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` dict (classic ``rope_theta`` + ``rope_scaling`` spelling)."""
         eos = list(self.eos_token_id)
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -246,12 +297,34 @@ class LlamaConfig:
                 hf = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path} holds a {type(hf).__name__}, expected a JSON object")
         return cls.from_hf_dict(hf)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
+
+
+_HF_KINDS = {
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _hf_value(hf: dict[str, Any], key: str, kind: str, default: Any = ..., where: str = "") -> Any:
+    """``hf[key]`` checked to be of ``kind`` (``null`` gives ``default``); ConfigError names the key."""
+    value = hf.get(key)
+    if value is None:
+        if default is ...:
+            raise ConfigError(f"config.json is missing required key {where}{key!r}")
+        return default
+    check, expected = _HF_KINDS[kind]
+    if not check(value):
+        raise ConfigError(f"config.json key {where + key!r} must be {expected}, got {value!r}")
+    return value
 
 
 PRESETS: dict[str, LlamaConfig] = {

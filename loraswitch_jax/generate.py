@@ -68,8 +68,27 @@ class GenerateConfig:
     prefill_tokens: int | None = 8192
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise GenerationError(
+                f"GenerateConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
+        if not isinstance(self.sampler, Sampler):
+            raise GenerationError(f"GenerateConfig.sampler must be a Sampler, got {self.sampler!r}")
+        if self.cache_len is not None and (not _is_int(self.cache_len) or self.cache_len < 1):
+            raise GenerationError(
+                f"GenerateConfig.cache_len must be an integer >= 1 or None, got {self.cache_len!r}"
+            )
+        stop = self.stop_tokens
+        if _is_int(stop):
+            stop = (stop,)
+        if stop is not None:
+            if not isinstance(stop, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in stop):
+                raise GenerationError(
+                    "GenerateConfig.stop_tokens must be None or a tuple of token ids >= 0, "
+                    f"got {self.stop_tokens!r}"
+                )
+            # A tuple of Python ints: hashable, so the config stays a static jit argument.
+            object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stop))
         if self.prefill_tokens is not None and (
                 not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 16):
             raise GenerationError(f"prefill_tokens must be >= 16 or None, got {self.prefill_tokens}")
@@ -93,6 +112,57 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer; a bool is not a token id."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+PROMPTS_FORM = (
+    "expected a list of prompts, each a list, tuple or 1-D array of integer token ids "
+    "(e.g. [[1, 2, 3], [4, 5]]), or a 2-D integer array with one prompt per row"
+)
+
+
+def _prompt_rows(prompts) -> list[np.ndarray]:
+    """The prompts as 1-D arrays, refusing every form but :data:`PROMPTS_FORM`'s two.
+
+    A flat list of ints or a 1-D array is refused, not guessed: it could be one prompt or many
+    one-token prompts.
+    """
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            hint = "; for one prompt, wrap it: [ids]" if prompts.ndim == 1 else ""
+            raise GenerationError(f"prompts is a {prompts.ndim}-D array: {PROMPTS_FORM}{hint}")
+        return list(np.asarray(prompts))
+    if not isinstance(prompts, (list, tuple)):
+        raise GenerationError(f"prompts is a {type(prompts).__name__}: {PROMPTS_FORM}")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (np.ndarray, jax.Array)):
+            if p.ndim != 1:
+                raise GenerationError(f"prompt {i} is a {p.ndim}-D array: {PROMPTS_FORM}")
+            rows.append(np.asarray(p))
+        elif isinstance(p, (list, tuple)):
+            for t in p:
+                if not _is_int(t):
+                    nested = isinstance(t, (list, tuple, np.ndarray, jax.Array))
+                    what = "a nested sequence" if nested else repr(t)
+                    raise GenerationError(
+                        f"prompt {i} holds {what}, not an integer token id: {PROMPTS_FORM}"
+                    )
+            try:
+                rows.append(np.array(p, np.int64))
+            except OverflowError:
+                raise GenerationError(f"prompt {i} has a token id beyond int64: {PROMPTS_FORM}") from None
+        elif _is_int(p):
+            raise GenerationError(
+                f"prompts is a flat list of ints: {PROMPTS_FORM}; for one prompt, wrap it: [ids]"
+            )
+        else:
+            raise GenerationError(f"prompt {i} is a {type(p).__name__}: {PROMPTS_FORM}")
+    return rows
+
+
 def _bucket(n: int, cap: int) -> int:
     """Pad prompt lengths to powers of two (>= 8) so a few compiled shapes serve all prompts."""
     return min(max(8, 1 << (n - 1).bit_length()), cap)
@@ -102,16 +172,18 @@ def prepare_prompts(
     prompts: Sequence[Sequence[int]] | np.ndarray, cfg: LlamaConfig, max_new_tokens: int,
     cache_len: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate and right-pad prompts. Returns ``(tokens [B, T], lengths [B], cache_len)``."""
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
-        prompts = [prompts]
-    rows = [np.asarray(p).reshape(-1) for p in prompts]
+    """Validate and right-pad prompts. Returns ``(tokens [B, T], lengths [B], cache_len)``.
+
+    ``prompts``: a list of sequences (each a list, tuple or 1-D array of ints) or a 2-D integer
+    array, one prompt per row; anything else raises :class:`GenerationError`.
+    """
+    rows = _prompt_rows(prompts)
     if not rows:
         raise GenerationError("no prompts given")
     for i, row in enumerate(rows):
         if row.size == 0:
             raise GenerationError(f"prompt {i} is empty; it needs at least one token")
-        if not np.issubdtype(row.dtype, np.integer):
+        if row.dtype == np.bool_ or not np.issubdtype(row.dtype, np.integer):
             raise GenerationError(f"prompt {i} holds {row.dtype} values, not integer token ids")
         bad = row[(row < 0) | (row >= cfg.vocab_size)]
         if bad.size:
@@ -227,17 +299,27 @@ def generate(
     Args:
       params: model weights (their dtype is the compute dtype).
       cfg: the model config.
-      prompts: token ids, one sequence per prompt; lengths may differ.
+      prompts: a list of prompts, each a list, tuple or 1-D array of integer token ids (lengths
+        may differ), or a 2-D integer array with one prompt per row. A flat list of ints or a
+        1-D array is refused (one prompt or many? wrap one prompt as ``[ids]``).
       gen: sampler, stop tokens, length limits.
       adapter: LoRA or mixture adapters; each token routes itself (``None``: the backbone).
       seed: sampling seed (ignored by greedy decoding).
       stream: called on the host as ``stream(step, tokens [B])`` after each step, in order.
 
     Raises:
-      GenerationError: empty prompts, ids outside the vocabulary, or a prompt plus
-        ``max_new_tokens`` longer than the cache.
+      GenerationError: prompts not in the form above, empty prompts, ids (or stop tokens)
+        outside the vocabulary, or a prompt plus ``max_new_tokens`` longer than the cache.
     """
+    if not isinstance(gen, GenerateConfig):
+        raise GenerationError(f"gen must be a GenerateConfig, got {type(gen).__name__}")
     tokens, lengths, cache_len = prepare_prompts(prompts, cfg, gen.max_new_tokens, gen.cache_len)
+    outside = [t for t in gen.stop_tokens or () if t >= cfg.vocab_size]
+    if outside:
+        raise GenerationError(
+            f"GenerateConfig.stop_tokens holds {outside[0]}, outside the vocabulary "
+            f"[0, {cfg.vocab_size}): the model can never generate it, so it would never stop"
+        )
     if adapter is not None:
         check_adapter(adapter, cfg)
     _check_strategy(gen.switch_strategy, adapter, len(tokens))

@@ -8,6 +8,11 @@ Three entry points share one layer function:
   logits of each sequence's last real token.
 * :func:`decode_step`: appends one token per sequence.
 
+Inputs are checked where their values are concrete (an eager call): token ids inside the
+vocabulary, adapter shapes that fit the model, room in the cache. Inside ``jax.jit`` the values
+are traced and only shapes and dtypes are checked; the caller guarantees the rest (as
+:func:`loraswitch_jax.generate` does), so that the decode loop never waits on the host.
+
 Layers run either under ``lax.scan`` (compact programs; XLA copies each layer's weights out of the
 stacked arrays first) or unrolled with static slices, which XLA reads in place. Decode is memory
 bound, so it always unrolls: the scanned version measured 2.7x slower on an H100 (DESIGN.md §2).
@@ -19,9 +24,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from loraswitch_jax import ops
-from loraswitch_jax.adapters import Adapter
+from loraswitch_jax.adapters import Adapter, check_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_inv_freq
@@ -197,9 +203,60 @@ def _logits(params: LlamaParams, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 
+# ------------------------------------------------------------------------------ input checks
+
+
+def _concrete(*xs) -> bool:
+    """Whether every ``x`` holds values (an eager call), not a ``jit`` tracer's placeholders."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
 def _check_adapter_fits(adapter: Adapter | None, cfg: LlamaConfig) -> None:
+    # Shapes are static even under jit: always checked (a 3-layer adapter on a 2-layer model).
     if adapter is not None:
-        adapter.config.validate_for(cfg)
+        check_adapter(adapter, cfg)
+
+
+def _check_tokens(tokens, cfg: LlamaConfig, where: str, ndim: int) -> None:
+    """``tokens`` of rank ``ndim`` and an integer dtype; ids in ``[0, V)`` when concrete."""
+    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+    if shape is None or len(shape) != ndim:
+        want = "[B, T]" if ndim == 2 else "[B]"
+        raise ValueError(f"{where}: tokens must be an integer array {want}, got shape {shape}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{where}: tokens must hold integer ids, got dtype {dtype}")
+    if _concrete(tokens):
+        ids = np.asarray(tokens)
+        bad = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))
+        if bad.size:
+            at = tuple(int(i) for i in bad[0])
+            raise ValueError(
+                f"{where}: token id {int(ids[at])} at {list(at)} is outside the vocabulary "
+                f"[0, {cfg.vocab_size}) (an embedding lookup would silently clamp it)"
+            )
+
+
+def _check_room(cache: KVCache, tokens, lengths, where: str) -> None:
+    """Batch sizes agree; when concrete, ``0 <= lengths <= T`` and the real tokens fit the cache."""
+    B, T = tokens.shape
+    if cache.batch_size != B or tuple(lengths.shape) != (B,):
+        raise ValueError(
+            f"{where}: tokens {tuple(tokens.shape)}, lengths {tuple(lengths.shape)} and a cache "
+            f"of batch {cache.batch_size} disagree on the batch size"
+        )
+    if not _concrete(cache.lengths, lengths):
+        return
+    have, add = np.asarray(cache.lengths), np.asarray(lengths)
+    if ((add < 0) | (add > T)).any():
+        raise ValueError(f"{where}: lengths must be in [0, {T}] (the tokens' width), got {add.tolist()}")
+    over = np.flatnonzero(have + add > cache.max_len)
+    if over.size:
+        b = int(over[0])
+        raise ValueError(
+            f"{where}: sequence {b} would hold {int(have[b] + add[b])} tokens ({int(have[b])} cached "
+            f"+ {int(add[b])} new), more than the cache's {cache.max_len} slots; "
+            "make the cache longer (init_cache max_len)"
+        )
 
 
 def forward(
@@ -224,7 +281,13 @@ def forward(
       scan_layers: ``lax.scan`` over layers (compact; training) or unrolled.
       dropout_key: enables the adapter's dropout (training).
       return_routing: also return the routers' :class:`Routing` (``None`` without routers).
+
+    Raises:
+      ValueError: ``tokens`` is not an integer ``[B, T]`` array, holds ids outside the
+        vocabulary (checked when concrete; under ``jit`` the caller guarantees it), or the
+        adapter's shapes do not fit ``cfg`` (an ``AdapterError``).
     """
+    _check_tokens(tokens, cfg, "forward", ndim=2)
     _check_adapter_fits(adapter, cfg)
     B, T = tokens.shape
     if positions is None:
@@ -253,8 +316,15 @@ def extend(
     """Append ``tokens [B, T]`` (right-padded; ``lengths [B]`` real tokens each) to ``cache``.
 
     Returns the float32 logits ``[B, V]`` of each sequence's last appended token and the cache
-    with ``lengths`` advanced. The caller guarantees ``cache.lengths + T <= cache.max_len``.
+    with ``lengths`` advanced. Padding slots past the cache's end are dropped.
+
+    Raises:
+      ValueError: token ids outside the vocabulary, ``lengths`` outside ``[0, T]`` or real tokens
+        past the cache's end (``cache.lengths + lengths > cache.max_len``). Checked when the
+        values are concrete; under ``jit`` they are traced and the caller guarantees them.
     """
+    _check_tokens(tokens, cfg, "extend", ndim=2)
+    _check_room(cache, tokens, lengths, "extend")
     logits, cache, _ = _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl)
     return logits, cache
 
@@ -291,7 +361,13 @@ def prefill(
     ``[B, H, chunk, cache_len]`` float32 (64 prompts of 1024 tokens at once need ~10 GB a layer).
     The logits, the lengths and every cache slot a query can see equal those of one pass (the
     padding slots past each length may differ; decoding overwrites them before they are seen).
+
+    Raises:
+      ValueError: as :func:`extend` (ids, lengths and cache room are checked when concrete;
+        inside ``jit`` the caller guarantees them).
     """
+    _check_tokens(tokens, cfg, "prefill", ndim=2)
+    _check_room(cache, tokens, lengths, "prefill")
     B, T = tokens.shape
     if chunk is None or chunk >= T:
         return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter,
@@ -330,8 +406,15 @@ def decode_step(
     Memory bound, so weights must be read in place, and the layers are unrolled: with
     ``impl="xla"`` static slices are read in place in a jitted step but copied inside a
     ``while_loop``; ``"pallas"`` kernels read ``w[layer]`` in place everywhere.
+
+    Raises:
+      ValueError: ids outside the vocabulary or a full cache, checked only when the values are
+        concrete (an eager call); in a jitted step they are traced, the step adds no host sync,
+        and the caller guarantees ``cache.lengths < cache.max_len``.
     """
+    _check_tokens(tokens, cfg, "decode_step", ndim=1)
     ones = jnp.ones(tokens.shape, jnp.int32)
+    _check_room(cache, tokens[:, None], ones, "decode_step")
     return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, adapter=adapter,
                   impl=impl)
 
@@ -349,7 +432,9 @@ def decode_step_merged(
     """:func:`decode_step` with the ``merge`` strategy (batch 1, switch adapter): the token's
     route is merged into ``merged`` (skipped when it repeats), then the adapted layers run as
     the plain backbone over the merged weights. Returns the updated ``merged`` too."""
+    _check_tokens(tokens, cfg, "decode_step_merged", ndim=1)
     if tokens.shape != (1,):
         raise ValueError(f"the merge strategy decodes one sequence at a time, got {tokens.shape=}")
     ones = jnp.ones(tokens.shape, jnp.int32)
+    _check_room(cache, tokens[:, None], ones, "decode_step_merged")
     return _extend(params, cache, tokens[:, None], ones, cfg, False, adapter, impl, merged)

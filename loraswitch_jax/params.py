@@ -21,6 +21,8 @@ __all__ = [
     "PROJECTIONS",
     "WEIGHT_FIELD",
     "BIAS_FIELD",
+    "check_params",
+    "floating_dtype",
     "init_params",
     "projection_shape",
 ]
@@ -97,8 +99,54 @@ def projection_shape(cfg: LlamaConfig, proj: str) -> tuple[int, int]:
     return shapes[proj]
 
 
+def floating_dtype(dtype, where: str) -> jnp.dtype:
+    """``dtype`` as a JAX dtype; ValueError unless it is floating (integer weights round to 0)."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"{where} must be a floating dtype, got {dtype!r}") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{where} must be a floating dtype such as bfloat16 or float32, got {dtype.name}"
+        )
+    return dtype
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...] | None]:
+    """Leaf path (``"layers.wq"``) -> the shape ``cfg`` gives it (``None``: the leaf is absent)."""
+    L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    shapes = {"embed": (V, d), "final_norm": (d,),
+              "lm_head": None if cfg.tie_word_embeddings else (d, V),
+              "layers.attn_norm": (L, d), "layers.mlp_norm": (L, d)}
+    for p in PROJECTIONS:
+        d_in, d_out = projection_shape(cfg, p)
+        shapes[f"layers.{WEIGHT_FIELD[p]}"] = (L, d_in, d_out)
+        bias = cfg.attention_bias if p in ("q", "k", "v", "o") else cfg.mlp_bias
+        shapes[f"layers.{BIAS_FIELD[p]}"] = (L, d_out) if bias else None
+    return shapes
+
+
+def check_params(params: LlamaParams, cfg: LlamaConfig) -> None:
+    """Raise ValueError naming the first leaf whose shape (or presence) does not fit ``cfg``."""
+    for path, want in expected_shapes(cfg).items():
+        owner = params
+        for part in path.split("."):
+            owner = getattr(owner, part)
+        got = None if owner is None else tuple(owner.shape)
+        if got != want:
+            raise ValueError(
+                f"params.{path} has shape {got}, but the config expects {want} "
+                f"(None: no such leaf); were the params made for another config?"
+            )
+
+
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, std: float = 0.02) -> LlamaParams:
-    """Random weights (normal, ``std``), unit norms, zero biases; for tests, demos and benchmarks."""
+    """Random weights (normal, ``std``), unit norms, zero biases; for tests, demos and benchmarks.
+
+    Raises:
+      ValueError: ``dtype`` is not floating.
+    """
+    dtype = floating_dtype(dtype, "init_params dtype")
     L = cfg.num_hidden_layers
     keys = iter(jax.random.split(key, 16))
 

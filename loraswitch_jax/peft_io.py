@@ -152,6 +152,13 @@ def _check_peft_config(conf: dict, folder: str) -> None:
     for key in ("r", "lora_alpha"):
         if key not in conf:
             raise AdapterError(f"{ADAPTER_CONFIG} in {folder!r} has no {key!r}")
+    r, alpha = conf["r"], conf["lora_alpha"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"{ADAPTER_CONFIG} in {folder!r}: 'r' must be an integer >= 1, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(
+            f"{ADAPTER_CONFIG} in {folder!r}: 'lora_alpha' must be a finite number, got {alpha!r}"
+        )
 
 
 def import_peft(folder: str | os.PathLike, cfg: LlamaConfig, dtype=jnp.float32) -> Adapter:

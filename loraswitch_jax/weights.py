@@ -3,15 +3,19 @@
 Loading reads one tensor at a time from memory-mapped files into one preallocated stacked host
 buffer per parameter, moves that buffer to the device and frees it: host memory never holds two
 copies of the model. Saving writes one layer at a time, sharded with an index above
-``max_shard_bytes``, into a temporary folder that is renamed into place at the end.
+``max_shard_bytes``, into a temporary sibling folder that replaces the destination by one rename
+(:func:`write_folder_atomic`): at every instant the path holds the old complete folder or the new.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -28,10 +32,21 @@ from loraswitch_jax.params import (
     WEIGHT_FIELD,
     LayerParams,
     LlamaParams,
+    check_params,
+    floating_dtype,
     projection_shape,
 )
 
-__all__ = ["HF_MODULE", "WeightsError", "hf_tensor_names", "load_params", "np_dtype", "save_params"]
+__all__ = [
+    "HF_MODULE",
+    "WeightsError",
+    "hf_tensor_names",
+    "interrupted_save",
+    "load_params",
+    "np_dtype",
+    "save_params",
+    "write_folder_atomic",
+]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -170,9 +185,17 @@ def load_params(
 
     Raises:
       WeightsError: a file or tensor is missing, unexpected or of the wrong shape; the message
-        names it.
+        names it. Also a folder that an interrupted save left only as its moved-aside copy.
+      ValueError: ``dtype`` is not floating.
     """
     folder = os.fspath(folder)
+    try:
+        host_dtype = np_dtype(floating_dtype(dtype, "load_params dtype"))
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    hint = interrupted_save(folder)
+    if hint:
+        raise WeightsError(hint)
     cfg = cfg or LlamaConfig.from_pretrained(folder)
     files = _tensor_files(folder)
     expected = hf_tensor_names(cfg)
@@ -188,7 +211,7 @@ def load_params(
         )
 
     with _Reader(files) as reader:
-        params = _read_params(reader, cfg, np_dtype(dtype), put)
+        params = _read_params(reader, cfg, host_dtype, put)
     return params, cfg
 
 
@@ -242,46 +265,31 @@ def _is_weight_file(fn: str) -> bool:
     return fn in (SINGLE_FILE, INDEX_FILE) or (fn.startswith("model-") and fn.endswith(".safetensors"))
 
 
-def _swap_in(tmp: str, folder: str) -> None:
-    """Replace ``folder``'s weights and config by ``tmp``'s, so that no mix of old and new stays.
-
-    Old weight files (any layout) move aside first and come back if moving in fails; renames
-    within one folder are cheap, so the window of an incomplete folder is milliseconds.
-    """
-    aside = tempfile.mkdtemp(prefix=".replaced-", dir=folder)
-    moved_aside, moved_in = [], []
-    try:
-        for fn in os.listdir(folder):
-            if _is_weight_file(fn):
-                os.replace(os.path.join(folder, fn), os.path.join(aside, fn))
-                moved_aside.append(fn)
-        for fn in os.listdir(tmp):
-            os.replace(os.path.join(tmp, fn), os.path.join(folder, fn))
-            moved_in.append(fn)
-    except BaseException:
-        for fn in moved_in:
-            if _is_weight_file(fn):
-                os.remove(os.path.join(folder, fn))
-        for fn in moved_aside:
-            os.replace(os.path.join(aside, fn), os.path.join(folder, fn))
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def save_params(
     params: LlamaParams,
     cfg: LlamaConfig,
     folder: str | os.PathLike,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> None:
-    """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``)."""
+    """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``).
+
+    The folder is replaced as a whole (:func:`write_folder_atomic`); other files in it (a
+    tokenizer, say) are kept, earlier weight files of any layout are not.
+
+    Raises:
+      WeightsError: a leaf's shape (or presence) does not match ``cfg``; nothing is written.
+    """
     folder = os.fspath(folder)
     if (params.lm_head is None) != cfg.tie_word_embeddings:
         raise WeightsError(
             f"params {'lack' if params.lm_head is None else 'have'} an lm_head but "
             f"{cfg.tie_word_embeddings=}"
         )
+    try:
+        check_params(params, cfg)
+        floating_dtype(params.dtype, "save_params: the params' dtype")
+    except ValueError as e:  # found before writing, not at load time
+        raise WeightsError(f"cannot save to {folder!r}: {e}") from None
     entries = list(_hf_tensors(params, cfg))
     shards, current, size = [], [], 0
     for entry in entries:
@@ -292,9 +300,7 @@ def save_params(
         size += entry[2]
     shards.append(current)
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
-    try:
+    def write(tmp: str) -> None:
         names = (
             [SINGLE_FILE]
             if len(shards) == 1
@@ -310,6 +316,166 @@ def save_params(
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         cfg.save_pretrained(tmp)
-        _swap_in(tmp, folder)
-    finally:
+
+    write_folder_atomic(folder, write, owned=lambda fn: _is_weight_file(fn) or fn == "config.json")
+
+
+# ------------------------------------------------------------------------------ atomic folders
+
+_SAVING, _ASIDE = ".saving-", ".replaced-"
+# Leftovers of another host older than this process cannot be a save in progress that we know of.
+_PROCESS_START = time.time()
+
+
+def _usual_mode(directory: bool) -> int:
+    """``0666 & ~umask`` for files, ``0777 & ~umask`` for folders (what ``open`` would give)."""
+    mask = os.umask(0)  # the umask is read by setting it; restore it at once
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def _sibling(folder: str, kind: str) -> str:
+    """A new empty folder beside ``folder``, named after it, this host and this process."""
+    parent, name = os.path.split(folder)
+    prefix = f".{name}{kind}{os.getpid()}@{socket.gethostname()}-"
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
+def _leftovers(folder: str, kind: str) -> list[tuple[str, int, str]]:
+    """``(path, pid, host)`` of every ``kind`` sibling of ``folder`` an earlier write made."""
+    parent, name = os.path.split(folder)
+    pattern = re.compile(re.escape(f".{name}{kind}") + r"(\d+)@(.*)-[^-]*")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    for fn in entries:
+        m = pattern.fullmatch(fn)
+        if m:
+            found.append((os.path.join(parent, fn), int(m.group(1)), m.group(2)))
+    return found
+
+
+def _is_stale(path: str, pid: int, host: str) -> bool:
+    """Whether the writer of leftover ``path`` is gone (pid dead here; else older than us)."""
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    try:
+        return os.lstat(path).st_mtime < _PROCESS_START
+    except OSError:
+        return False
+
+
+def _remove_leftovers(folder: str) -> None:
+    """Remove what interrupted writes to ``folder`` left beside it (their writers are gone)."""
+    for kind in (_SAVING, _ASIDE):
+        for path, pid, host in _leftovers(folder, kind):
+            if _is_stale(path, pid, host):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def interrupted_save(folder: str | os.PathLike) -> str | None:
+    """A message when ``folder`` is missing because a save was interrupted between its two
+    renames (the previous version is in an aside-folder beside it); ``None`` otherwise."""
+    folder = os.path.realpath(os.fspath(folder))
+    if os.path.exists(folder):
+        return None
+    asides = [path for path, _, _ in _leftovers(folder, _ASIDE)]
+    if not asides:
+        return None
+    return (
+        f"{folder!r} is missing: a save to it was interrupted, and its previous version is in "
+        f"{asides[0]!r}; rename that folder back to {folder!r} (or save again)"
+    )
+
+
+def _carry_over(old: str, new: str, owned: Callable[[str], bool]) -> None:
+    """Hard-link (or copy) into ``new`` the entries of ``old`` this writer does not own."""
+    present = set(os.listdir(new))
+    for fn in os.listdir(old):
+        if fn in present or owned(fn) or fn.startswith((_SAVING, _ASIDE)):
+            continue  # ours, replaced; or a leftover of the in-folder temp layout of old versions
+        src, dst = os.path.join(old, fn), os.path.join(new, fn)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def write_folder_atomic(
+    folder: str | os.PathLike,
+    write: Callable[[str], None],
+    owned: Callable[[str], bool] = lambda fn: True,
+) -> None:
+    """Replace ``folder`` as a whole by what ``write(tmp)`` puts into a new sibling folder.
+
+    ``write`` fills the temporary folder; the entries of the old folder that ``owned`` does not
+    claim (and ``write`` did not write) are carried over by hard link. Then one rename swaps the
+    folders: the old one moves aside, the new one takes its path, the old one is removed. At every
+    instant the path holds the old complete folder or the new one; a crash between the two
+    renames leaves no folder and the old one aside (:func:`interrupted_save` says so). Files get
+    the usual mode (``0666 & ~umask``), a new folder ``0777 & ~umask``, a replaced one its old
+    mode. Leftovers of interrupted earlier writes (whose process is gone) are removed after the
+    swap.
+    """
+    folder = os.path.realpath(os.fspath(folder))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot write a folder at {folder!r}: a file is there")
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = _sibling(folder, _SAVING)
+    try:
+        write(tmp)
+        file_mode = _usual_mode(directory=False)
+        for fn in os.listdir(tmp):  # safetensors writes 0600; a saved model is for every user
+            path = os.path.join(tmp, fn)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.chmod(path, file_mode)
+        existed = os.path.isdir(folder)
+        if existed:
+            _carry_over(folder, tmp, owned)
+        os.chmod(tmp, os.stat(folder).st_mode & 0o7777 if existed else _usual_mode(directory=True))
+        _swap(tmp, folder, existed)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _remove_leftovers(folder)
+
+
+def _swap(tmp: str, folder: str, existed: bool) -> None:
+    """Rename ``tmp`` to ``folder``, moving an existing ``folder`` aside first."""
+    if not existed:
+        os.rename(tmp, folder)
+        return
+    cwd = os.getcwd()
+    aside = _sibling(folder, _ASIDE)  # empty: rename(2) replaces an empty folder
+    os.rename(folder, aside)
+    try:
+        os.rename(tmp, folder)
+    except BaseException:
+        os.rename(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    if cwd == folder or cwd.startswith(folder + os.sep):
+        # The process' working folder moved aside with the old folder: follow the path.
+        try:
+            os.chdir(cwd)
+        except OSError:
+            os.chdir(folder)
