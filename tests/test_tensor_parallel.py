@@ -221,3 +221,17 @@ def test_kv_heads_fewer_than_tensor_are_replicated_by_the_stated_rule():
     # One device, expanded heads: the same attention, so the same logits.
     got = jax.jit(lambda p, a: lj.forward(p, TOKENS, CFG, adapter=a))(p, a)
     assert rel_err(got, reference_forward()[MODES.index("switch")]) < TOL
+
+
+def test_one_all_reduce_per_sub_layer_and_none_for_adapters():
+    """A decode step at tensor=4 has 2 all-reduces a layer (after o, after down), with or without
+    an adapter, and no other collective: the row-parallel adapter terms ride on the layer's own."""
+    mesh = MeshConfig(tensor=4)
+    cache = jax.eval_shape(lambda: parallel.init_cache(CFG, 2, 16, jnp.float32, mesh=mesh))
+    for mode, impl in (("backbone", "xla"), ("layerwise", "xla"), ("switch", "pallas_interpret")):
+        step = jax.jit(lambda p, c, tok, a: parallel.decode_step(p, c, tok, CFG, mesh=mesh,
+                                                                 adapter=a, impl=impl))
+        text = step.lower(params(), cache, jnp.zeros((2,), jnp.int32), adapter(mode)).as_text()
+        assert text.count("stablehlo.all_reduce") == 2 * CFG.num_hidden_layers, mode
+        for other in ("all_gather", "all_to_all", "collective_permute", "reduce_scatter"):
+            assert other not in text, (mode, other)
