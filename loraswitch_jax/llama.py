@@ -51,6 +51,7 @@ def _layer(
     route: Route | None = None,
     dropout_key: jax.Array | None = None,
     slots: tuple[jax.Array, jax.Array] | None = None,
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
     """Decoder layer ``layer`` of the stacked ``layers`` on ``h [B, T, d]``.
 
@@ -59,9 +60,13 @@ def _layer(
     projections add the routed LoRA term for ``route`` (switch/lora) or for this layer's own
     route (layerwise; returned as ``(probs, expert_ids)`` for the balance loss). ``slots``: the
     routed kernels' slots of a shared ``route`` (``ops.shared_slots``), built once for all layers.
+    ``tensor_axis``: inside ``shard_map``, the mesh axis of a Megatron split (``parallel``):
+    head counts come from the local widths, and o and down sum their partials (adapter terms
+    included) with one ``psum`` each, their bias added once after it.
     """
     B, T, _ = h.shape
-    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hd = cfg.head_dim
+    H, KV = layers.wq.shape[-1] // hd, layers.wk.shape[-1] // hd  # local heads under a split
     inv_freq = rope_inv_freq(cfg)
     x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
 
@@ -76,8 +81,12 @@ def _layer(
                             scale=acfg.scale, dropout=acfg.dropout, dropout_key=dropout_key,
                             slots=None if acfg.mode == "layerwise" else slots)
 
-    def linear(x, proj):
-        return ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl, lora, proj)
+    def row_parallel(y_fn, bias):
+        # Partials of a row-parallel projection summed over shards; the bias once, after.
+        if tensor_axis is None:
+            return y_fn(bias)
+        y = jax.lax.psum(y_fn(None), tensor_axis)
+        return y if bias is None else y + bias[layer].astype(y.dtype)
 
     # q, k and v share their input: one fused launch on the GPU, adapter terms included.
     q, k, v = ops.qkv_linear(
@@ -98,12 +107,14 @@ def _layer(
             lengths=cache.lengths,
         )
         attended = ops.cached_attention(q, cache.k, cache.v, layer, positions, mask, impl)
-    h = h + linear(attended, "o")
+    h = h + row_parallel(lambda b: ops.stacked_linear(attended, layers.wo, layer, b, impl, lora,
+                                                      "o"), layers.bo)
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU, then down.
-    h = h + ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
-                    tuple(layers.bias(p) for p in ("gate", "up", "down")), impl, lora)
+    h = h + row_parallel(lambda b: ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
+                                           (layers.b_gate, layers.b_up, b), impl, lora),
+                         layers.b_down)
     return h, cache, routing
 
 
@@ -150,6 +161,7 @@ def _layers(
     adapter: Adapter | None = None,
     dropout_key: jax.Array | None = None,
     merged: MergedWeights | None = None,
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache | None, Routing | None, MergedWeights | None]:
     """All decoder layers: plain backbone up to the adapter's first layer, adapted after it.
 
@@ -164,7 +176,7 @@ def _layers(
         def step(h, cache, layer):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key,
-                          slots)
+                          slots, tensor_axis)
 
         return _layer_range(step, span, h, cache, scan_layers)
 
@@ -211,9 +223,10 @@ def _concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _check_adapter_fits(adapter: Adapter | None, cfg: LlamaConfig) -> None:
-    # Shapes are static even under jit: always checked (a 3-layer adapter on a 2-layer model).
-    if adapter is not None:
+def _check_adapter_fits(adapter: Adapter | None, cfg: LlamaConfig, tensor_axis=None) -> None:
+    # Shapes are static even under jit: always checked (a 3-layer adapter on a 2-layer model),
+    # except per shard, where they are local (``parallel.place`` checks them before splitting).
+    if adapter is not None and tensor_axis is None:
         check_adapter(adapter, cfg)
 
 
@@ -271,6 +284,7 @@ def forward(
     impl: str | ops.Impl = "xla",
     dropout_key: jax.Array | None = None,
     return_routing: bool = False,
+    tensor_axis: str | None = None,
 ) -> jax.Array | tuple[jax.Array, Routing | None]:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
 
@@ -281,6 +295,7 @@ def forward(
       scan_layers: ``lax.scan`` over layers (compact; training) or unrolled.
       dropout_key: enables the adapter's dropout (training).
       return_routing: also return the routers' :class:`Routing` (``None`` without routers).
+      tensor_axis: the tensor-parallel mesh axis when run per shard (``loraswitch_jax.parallel``).
 
     Raises:
       ValueError: ``tokens`` is not an integer ``[B, T]`` array, holds ids outside the
@@ -288,7 +303,7 @@ def forward(
         adapter's shapes do not fit ``cfg`` (an ``AdapterError``).
     """
     _check_tokens(tokens, cfg, "forward", ndim=2)
-    _check_adapter_fits(adapter, cfg)
+    _check_adapter_fits(adapter, cfg, tensor_axis)
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -297,7 +312,8 @@ def forward(
     mask = attention_mask(idx, idx, segment_ids, segment_ids)
     h = params.embed[tokens]
     h, _, routing, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
-                               ops.resolve_impl(impl), adapter, dropout_key)
+                               ops.resolve_impl(impl), adapter, dropout_key,
+                               tensor_axis=tensor_axis)
     logits = _logits(params, cfg, h)
     return (logits, routing) if return_routing else logits
 
@@ -312,6 +328,7 @@ def extend(
     scan_layers: bool,
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "xla",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Append ``tokens [B, T]`` (right-padded; ``lengths [B]`` real tokens each) to ``cache``.
 
@@ -325,19 +342,22 @@ def extend(
     """
     _check_tokens(tokens, cfg, "extend", ndim=2)
     _check_room(cache, tokens, lengths, "extend")
-    logits, cache, _ = _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl)
+    logits, cache, _ = _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl,
+                               tensor_axis=tensor_axis)
     return logits, cache
 
 
-def _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl, merged=None):
-    _check_adapter_fits(adapter, cfg)
+def _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl, merged=None,
+            tensor_axis=None):
+    _check_adapter_fits(adapter, cfg, tensor_axis)
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (B, cache.max_len))
     mask = attention_mask(positions, slots)
     h = params.embed[tokens]
     h, cache, _, merged = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers,
-                                  ops.resolve_impl(impl), adapter, merged=merged)
+                                  ops.resolve_impl(impl), adapter, merged=merged,
+                                  tensor_axis=tensor_axis)
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]  # [B, d]
     logits = _logits(params, cfg, last)
     return logits, KVCache(k=cache.k, v=cache.v, lengths=cache.lengths + lengths), merged
@@ -353,6 +373,7 @@ def prefill(
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "xla",
     chunk: int | None = None,
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work).
 
@@ -371,7 +392,7 @@ def prefill(
     B, T = tokens.shape
     if chunk is None or chunk >= T:
         return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter,
-                      impl=impl)
+                      impl=impl, tensor_axis=tensor_axis)
     if chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
     n = -(-T // chunk)
@@ -384,10 +405,10 @@ def prefill(
         # A prompt that ended in an earlier chunk appends nothing: its cache length stays, and
         # what this pass writes past it is overwritten by decoding before any query can see it.
         new, cache = extend(params, cache, piece, piece_lengths, cfg, scan_layers=True,
-                            adapter=adapter, impl=impl)
+                            adapter=adapter, impl=impl, tensor_axis=tensor_axis)
         return (cache, jnp.where((piece_lengths > 0)[:, None], new, logits)), None
 
-    logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    logits = jnp.zeros((B, params.output_embedding().shape[-1]), jnp.float32)  # local vocab
     (cache, logits), _ = jax.lax.scan(step, (cache, logits), jnp.arange(n))
     return logits, cache
 
@@ -400,6 +421,7 @@ def decode_step(
     *,
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "auto",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Append one token per sequence (``tokens [B]``); each token routes itself.
 
@@ -416,7 +438,7 @@ def decode_step(
     ones = jnp.ones(tokens.shape, jnp.int32)
     _check_room(cache, tokens[:, None], ones, "decode_step")
     return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, adapter=adapter,
-                  impl=impl)
+                  impl=impl, tensor_axis=tensor_axis)
 
 
 def decode_step_merged(
@@ -428,6 +450,7 @@ def decode_step_merged(
     *,
     adapter: Adapter,
     impl: str | ops.Impl = "auto",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache, MergedWeights]:
     """:func:`decode_step` with the ``merge`` strategy (batch 1, switch adapter): the token's
     route is merged into ``merged`` (skipped when it repeats), then the adapted layers run as
@@ -437,4 +460,5 @@ def decode_step_merged(
         raise ValueError(f"the merge strategy decodes one sequence at a time, got {tokens.shape=}")
     ones = jnp.ones(tokens.shape, jnp.int32)
     _check_room(cache, tokens[:, None], ones, "decode_step_merged")
-    return _extend(params, cache, tokens[:, None], ones, cfg, False, adapter, impl, merged)
+    return _extend(params, cache, tokens[:, None], ones, cfg, False, adapter, impl, merged,
+                   tensor_axis)
