@@ -55,6 +55,7 @@ def _layer(
     route: Route | None = None,
     dropout_key: jax.Array | None = None,
     slots: tuple[jax.Array, jax.Array] | None = None,
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
     """Decoder layer ``layer`` of the stacked ``layers`` on ``h [B, T, d]``.
 
@@ -63,9 +64,13 @@ def _layer(
     projections add the routed LoRA term for ``route`` (switch/lora) or for this layer's own
     route (layerwise; returned as ``(probs, expert_ids)`` for the balance loss). ``slots``: the
     routed kernels' slots of a shared ``route`` (``ops.shared_slots``), built once for all layers.
+    ``tensor_axis``: inside ``shard_map``, the mesh axis of a Megatron split (``parallel``):
+    head counts come from the local widths, and o and down sum their partials (adapter terms
+    included) with one ``psum`` each, their bias added once after it.
     """
     B, T, _ = h.shape
-    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hd = cfg.head_dim
+    H, KV = layers.wq.shape[-1] // hd, layers.wk.shape[-1] // hd  # local heads under a split
     inv_freq = rope_inv_freq(cfg)
     x = rms_norm(h, layers.attn_norm[layer], cfg.rms_norm_eps)
 
@@ -80,8 +85,12 @@ def _layer(
                             scale=acfg.scale, dropout=acfg.dropout, dropout_key=dropout_key,
                             slots=None if acfg.mode == "layerwise" else slots)
 
-    def linear(x, proj):
-        return ops.stacked_linear(x, layers.weight(proj), layer, layers.bias(proj), impl, lora, proj)
+    def row_parallel(y_fn, bias):
+        # Partials of a row-parallel projection summed over shards; the bias once, after.
+        if tensor_axis is None:
+            return y_fn(bias)
+        y = jax.lax.psum(y_fn(None), tensor_axis)
+        return y if bias is None else y + bias[layer].astype(y.dtype)
 
     # q, k and v share their input: one fused launch on the GPU, adapter terms included.
     q, k, v = ops.qkv_linear(
@@ -102,12 +111,14 @@ def _layer(
             lengths=cache.lengths,
         )
         attended = ops.cached_attention(q, cache.k, cache.v, layer, positions, mask, impl)
-    h = h + linear(attended, "o")
+    h = h + row_parallel(lambda b: ops.stacked_linear(attended, layers.wo, layer, b, impl, lora,
+                                                      "o"), layers.bo)
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU, then down.
-    h = h + ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
-                    tuple(layers.bias(p) for p in ("gate", "up", "down")), impl, lora)
+    h = h + row_parallel(lambda b: ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
+                                           (layers.b_gate, layers.b_up, b), impl, lora),
+                         layers.b_down)
     return h, cache, routing
 
 
@@ -161,6 +172,7 @@ def _layers(
     dropout_key: jax.Array | None = None,
     merged: MergedWeights | None = None,
     remat: str = "none",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache | None, Routing | None, MergedWeights | None]:
     """All decoder layers: plain backbone up to the adapter's first layer, adapted after it.
 
@@ -175,7 +187,7 @@ def _layers(
         def step(h, cache, layer):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key,
-                          slots)
+                          slots, tensor_axis)
 
         return _layer_range(step, span, h, cache, scan_layers, remat)
 
@@ -234,6 +246,7 @@ def forward(
     remat: str = "none",
     attention_chunk: int | None = 512,
     attention_impl: str = "xla",
+    tensor_axis: str | None = None,
 ) -> jax.Array | tuple[jax.Array, Routing | None]:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
 
@@ -249,6 +262,7 @@ def forward(
       attention_chunk: rows longer than this attend blockwise (``loraswitch_jax.attention``),
         never building the ``[B, H, T, T]`` scores; ``None``: always dense.
       attention_impl: ``"xla"`` or ``"cudnn"`` (GPU fused attention; no ``segment_ids``).
+      tensor_axis: the tensor-parallel mesh axis when run per shard (``loraswitch_jax.parallel``).
     """
     _check_adapter_fits(adapter, cfg)
     if remat not in REMAT_POLICIES:
@@ -270,7 +284,8 @@ def forward(
         mask = attention_mask(idx, idx, segment_ids, segment_ids)
     h = params.embed[tokens]
     h, _, routing, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
-                               ops.resolve_impl(impl), adapter, dropout_key, remat=remat)
+                               ops.resolve_impl(impl), adapter, dropout_key,
+                               tensor_axis=tensor_axis, remat=remat)
     logits = _logits(params, cfg, h)
     return (logits, routing) if return_routing else logits
 
@@ -285,17 +300,20 @@ def extend(
     scan_layers: bool,
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "xla",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Append ``tokens [B, T]`` (right-padded; ``lengths [B]`` real tokens each) to ``cache``.
 
     Returns the float32 logits ``[B, V]`` of each sequence's last appended token and the cache
     with ``lengths`` advanced. The caller guarantees ``cache.lengths + T <= cache.max_len``.
     """
-    logits, cache, _ = _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl)
+    logits, cache, _ = _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl,
+                               tensor_axis=tensor_axis)
     return logits, cache
 
 
-def _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl, merged=None):
+def _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl, merged=None,
+            tensor_axis=None):
     _check_adapter_fits(adapter, cfg)
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
@@ -303,7 +321,8 @@ def _extend(params, cache, tokens, lengths, cfg, scan_layers, adapter, impl, mer
     mask = attention_mask(positions, slots)
     h = params.embed[tokens]
     h, cache, _, merged = _layers(cfg, params.layers, h, positions, mask, cache, scan_layers,
-                                  ops.resolve_impl(impl), adapter, merged=merged)
+                                  ops.resolve_impl(impl), adapter, merged=merged,
+                                  tensor_axis=tensor_axis)
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]  # [B, d]
     logits = _logits(params, cfg, last)
     return logits, KVCache(k=cache.k, v=cache.v, lengths=cache.lengths + lengths), merged
@@ -319,6 +338,7 @@ def prefill(
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "xla",
     chunk: int | None = None,
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Append a batch of prompts (scanned layers: one compiled layer, fine for compute-bound work).
 
@@ -331,7 +351,7 @@ def prefill(
     B, T = tokens.shape
     if chunk is None or chunk >= T:
         return extend(params, cache, tokens, lengths, cfg, scan_layers=True, adapter=adapter,
-                      impl=impl)
+                      impl=impl, tensor_axis=tensor_axis)
     if chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
     n = -(-T // chunk)
@@ -344,10 +364,10 @@ def prefill(
         # A prompt that ended in an earlier chunk appends nothing: its cache length stays, and
         # what this pass writes past it is overwritten by decoding before any query can see it.
         new, cache = extend(params, cache, piece, piece_lengths, cfg, scan_layers=True,
-                            adapter=adapter, impl=impl)
+                            adapter=adapter, impl=impl, tensor_axis=tensor_axis)
         return (cache, jnp.where((piece_lengths > 0)[:, None], new, logits)), None
 
-    logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    logits = jnp.zeros((B, params.output_embedding().shape[-1]), jnp.float32)  # local vocab
     (cache, logits), _ = jax.lax.scan(step, (cache, logits), jnp.arange(n))
     return logits, cache
 
@@ -360,6 +380,7 @@ def decode_step(
     *,
     adapter: Adapter | None = None,
     impl: str | ops.Impl = "auto",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Append one token per sequence (``tokens [B]``); each token routes itself.
 
@@ -369,7 +390,7 @@ def decode_step(
     """
     ones = jnp.ones(tokens.shape, jnp.int32)
     return extend(params, cache, tokens[:, None], ones, cfg, scan_layers=False, adapter=adapter,
-                  impl=impl)
+                  impl=impl, tensor_axis=tensor_axis)
 
 
 def decode_step_merged(
@@ -381,6 +402,7 @@ def decode_step_merged(
     *,
     adapter: Adapter,
     impl: str | ops.Impl = "auto",
+    tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache, MergedWeights]:
     """:func:`decode_step` with the ``merge`` strategy (batch 1, switch adapter): the token's
     route is merged into ``merged`` (skipped when it repeats), then the adapted layers run as
@@ -388,4 +410,5 @@ def decode_step_merged(
     if tokens.shape != (1,):
         raise ValueError(f"the merge strategy decodes one sequence at a time, got {tokens.shape=}")
     ones = jnp.ones(tokens.shape, jnp.int32)
-    return _extend(params, cache, tokens[:, None], ones, cfg, False, adapter, impl, merged)
+    return _extend(params, cache, tokens[:, None], ones, cfg, False, adapter, impl, merged,
+                   tensor_axis)

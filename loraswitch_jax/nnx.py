@@ -10,8 +10,8 @@ user gets ``nnx.Optimizer``, ``nnx.jit``, ``nnx.split``/``merge`` and orbax chec
 Variable types choose what trains: backbone weights are :class:`Frozen` (not an ``nnx.Param``,
 so no default filter, optimizer or gradient reaches them); experts and routers are
 ``nnx.LoRAParam`` (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). Every variable records its
-logical axis names as ``out_sharding`` metadata (table :data:`LOGICAL_AXES`), so
-``nnx.get_partition_spec`` works; mapping them to mesh axes is the scale-out work's, and
+logical axis names as ``out_sharding`` metadata (the table ``sharding.LOGICAL_AXES``), so
+``nnx.get_partition_spec`` works; ``loraswitch_jax.sharding`` maps them to mesh axes, and
 variables are created with ``eager_sharding=False`` so that no mesh is needed here.
 """
 
@@ -37,14 +37,12 @@ from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.generate import GenerateConfig, Generation, generate, generate_batch
 from loraswitch_jax.llama import forward
 from loraswitch_jax.params import (
-    BIAS_FIELD,
-    PROJECTIONS,
-    WEIGHT_FIELD,
     LayerParams,
     LlamaParams,
     init_params,
 )
 from loraswitch_jax.router import balance_loss
+from loraswitch_jax.sharding import LOGICAL_AXES, logical_axes
 from loraswitch_jax.train.loss import token_cross_entropy
 from loraswitch_jax.weights import WeightsError, load_params
 
@@ -56,40 +54,6 @@ __all__ = [
     "Llama",
     "logical_axes",
 ]
-
-# Logical names of every axis, in one table; the scale-out work maps them to mesh axes.
-# "heads" is the flattened H * head_dim axis of q (and o's input), "kv_heads" KV * head_dim.
-_PROJECTION_AXES = {
-    "q": ("embed", "heads"),
-    "k": ("embed", "kv_heads"),
-    "v": ("embed", "kv_heads"),
-    "o": ("heads", "embed"),
-    "gate": ("embed", "mlp"),
-    "up": ("embed", "mlp"),
-    "down": ("mlp", "embed"),
-}
-LOGICAL_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "attn_norm": ("layers", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    **{WEIGHT_FIELD[p]: ("layers", *_PROJECTION_AXES[p]) for p in PROJECTIONS},
-    **{BIAS_FIELD[p]: ("layers", _PROJECTION_AXES[p][1]) for p in PROJECTIONS},
-    **{f"a.{p}": ("layers", "experts", _PROJECTION_AXES[p][0], "rank") for p in PROJECTIONS},
-    **{f"b.{p}": ("layers", "experts", "rank", _PROJECTION_AXES[p][1]) for p in PROJECTIONS},
-    "router.switch": ("embed", "experts"),
-    "router.layerwise": ("layers", "embed", "experts"),
-}
-
-
-def logical_axes(name: str) -> tuple[str, ...]:
-    """Logical axis names of a backbone field (``"wq"``), an expert factor (``"a.q"``, ``"b.q"``)
-    or a router (``"router.switch"``, ``"router.layerwise"``)."""
-    if name not in LOGICAL_AXES:
-        raise KeyError(f"no logical axes for {name!r}; known: {sorted(LOGICAL_AXES)}")
-    return LOGICAL_AXES[name]
-
 
 class Frozen(nnx.Variable):
     """A backbone weight: its own variable type, not an ``nnx.Param``, so ``nnx.grad``'s default
