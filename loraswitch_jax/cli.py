@@ -125,7 +125,11 @@ def _train_command(args) -> int:
         print(json.dumps(to_dict(tc), indent=2))
         return 0
     print(f"training a {tc.adapter.mode} adapter on {tc.model} with {tc.data.path} -> {tc.out_dir}")
-    summary = train(tc)
+    try:
+        summary = train(tc)
+    except KeyboardInterrupt as e:  # train's message names the checkpoint a rerun resumes from
+        print(f"loraswitch: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     last = summary["last"]
     print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; last loss {last.get('loss', float('nan')):.4f}"
           + (f", held-out loss {last['eval_loss']:.4f}" if last.get("eval_loss") is not None else "")

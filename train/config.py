@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
 
 from loraswitch_jax.adapters import AdapterConfig
+from loraswitch_jax.config import PRESETS
 from loraswitch_jax.train.data import DataConfig
 from loraswitch_jax.train.step import OptimConfig
 
@@ -57,13 +59,31 @@ class TrainConfig:
     fsdp: bool = False
 
     def __post_init__(self):
+        for name in ("model", "out_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigFileError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigFileError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-        for name in ("eval_every", "save_every", "keep", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigFileError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool):
+            raise ConfigFileError(f"init_seed must be an integer, got {self.init_seed!r}")
+        for name, low in (("eval_every", 1), ("save_every", 1), ("keep", 1), ("log_every", 1),
+                          ("eval_batches", 0), ("data_parallel", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigFileError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigFileError(f"fsdp must be true or false, got {self.fsdp!r}")
         if self.data is None:
             raise ConfigFileError("the config has no 'data' section (path, seq_len, batch_size, ...)")
+        preset = PRESETS.get(self.model)
+        if preset is not None and self.data.seq_len > preset.max_position_embeddings:
+            # Folders are checked when their config.json is read (train.loop.check_positions).
+            raise ConfigFileError(
+                f"data.seq_len {self.data.seq_len} is more than the model's "
+                f"max_position_embeddings ({preset.max_position_embeddings}, {self.model}): "
+                f"positions past it are never trained; set data.seq_len <= "
+                f"{preset.max_position_embeddings}"
+            )
 
     def identity(self) -> dict:
         """What a checkpoint must share with this config to be resumed."""
@@ -94,6 +114,44 @@ def _nested_type(cls, name: str):
     return t if dataclasses.is_dataclass(t) else None
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_type(cls, name: str, value, where: str) -> None:
+    """Refuse a JSON value of the wrong kind for a field annotated ``int``, ``float``, ``str``,
+    ``bool``, ``tuple[...]`` or one of them ``| None``, naming the field and the expected type."""
+    t = typing.get_type_hints(cls)[name]
+    union = isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union
+    args = typing.get_args(t) if union else (t,)
+    if value is None and type(None) in args:
+        return
+    kinds = [a for a in args if a is not type(None)]
+    ok, expected = False, []
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if origin is tuple:
+            expected.append("a list")
+            ok |= isinstance(value, (list, tuple))
+        elif kind in _TYPE_NAMES:
+            expected.append(_TYPE_NAMES[kind])
+            if kind is float:
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok and not math.isfinite(value):
+                    raise ConfigFileError(f"{where}{name} must be a finite number, got {value!r}")
+            elif kind is int:
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok |= isinstance(value, kind)
+        else:
+            return  # a type this check does not know: the class validates it
+    if not ok:
+        if type(None) in args:
+            expected.append("null")
+        raise ConfigFileError(
+            f"{where}{name} must be {' or '.join(expected)}, got {value!r} ({type(value).__name__})"
+        )
+
+
 def from_dict(cls, d: dict, where: str = ""):
     """Build dataclass ``cls`` from ``d``, recursing into nested dataclass fields."""
     if not isinstance(d, dict):
@@ -107,15 +165,20 @@ def from_dict(cls, d: dict, where: str = ""):
     kwargs = {}
     for name, value in d.items():
         nested = _nested_type(cls, name)
-        if nested is not None and isinstance(value, dict):
-            value = from_dict(nested, value, f"{where}{name}.")
-        elif isinstance(value, list):
-            value = tuple(value)
+        if nested is not None:
+            if isinstance(value, dict):
+                value = from_dict(nested, value, f"{where}{name}.")
+            elif value is not None:
+                raise ConfigFileError(f"{where}{name} must be a JSON object (a section), got {value!r}")
+        else:
+            _check_type(cls, name, value, where)
+            if isinstance(value, list):
+                value = tuple(value)
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigFileError(f"{where or 'config'}: {e}") from e
+    except TypeError as e:  # e.g. a required field missing
+        raise ConfigFileError(f"{where.rstrip('.') or 'config'}: {e}") from e
 
 
 def _parse_value(text: str):

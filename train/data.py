@@ -231,15 +231,21 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer, *, bos_id: int | None,
     import datasets
 
     kwargs = {"sample_by": cfg.sample_by} if cfg.builder == "text" else {}
+    # datasets fails on an empty file with a bare StopIteration or an Arrow message: name it.
+    files = [f for f in cfg.files if not _is_blank(f)]
+    if not files:
+        raise DataError(f"the data file {cfg.files[0]!r} is empty" if len(cfg.files) == 1 else
+                        f"all {len(cfg.files)} data files at {cfg.path!r} are empty")
     # The builder writes Arrow files to cache_dir; the dataset is read into memory, so the
     # folder can go at once and nothing lands in ~/.cache or beside the data.
     with tempfile.TemporaryDirectory(prefix="loraswitch_data_") as cache_dir:
         try:
-            ds = datasets.load_dataset(cfg.builder, data_files=list(cfg.files), split="train",
+            ds = datasets.load_dataset(cfg.builder, data_files=files, split="train",
                                        cache_dir=cache_dir, keep_in_memory=True, **kwargs)
-        except datasets.exceptions.DatasetGenerationError as e:
+        except (datasets.exceptions.DatasetGenerationError, StopIteration) as e:
             cause = e.__cause__ or e
-            raise DataError(f"cannot read {list(cfg.files)[:3]} as {cfg.builder}: {cause}") from e
+            raise DataError(f"cannot read {files[:3]} as {cfg.builder}: "
+                            f"{cause or type(cause).__name__}") from e
     _check_columns(ds, cfg)
     head, tail = [bos_id] * cfg.add_bos, [eos_id] * cfg.add_eos
     fields, holdout, split_field = cfg.fields, cfg.validation_fraction, cfg.split_key
@@ -271,6 +277,15 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer, *, bos_id: int | None,
     splits = DataSplits(examples.select(usable & ~is_val), examples.select(usable & is_val))
     log.info("%s: %d train / %d validation examples", cfg.path, *map(len, splits))
     return splits
+
+
+def _is_blank(path: str, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds nothing but whitespace (reads only up to its first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def _check_columns(ds: datasets.Dataset, cfg: DataConfig) -> None:

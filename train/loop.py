@@ -6,6 +6,12 @@ loss curve. Every step appends a line to ``metrics.jsonl`` (lines past a restore
 on resume); held-out loss is measured every ``eval_every`` steps; at the end the adapter is
 exported (``adapter/``) and the routers' expert usage is plotted (``usage.png``).
 
+Nothing good is lost: a non-finite loss, gradient norm, held-out loss or state stops the run with
+:class:`TrainingDiverged` before anything is saved (so no checkpoint is rotated out); a damaged
+checkpoint is refused on restore (``CheckpointError`` names the step folder to delete); a finished
+run (``summary.json`` and ``adapter/`` present) is left alone; Ctrl-C raises
+:class:`TrainingInterrupted` naming the checkpoint a rerun resumes from.
+
 Several devices: the batch is split over a ``data`` mesh axis; the frozen backbone is replicated,
 or sharded over the same axis with ``fsdp`` (XLA gathers each weight where it is used).
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -27,15 +34,44 @@ from loraswitch_jax.adapters import check_adapter, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.params import LlamaParams, init_params
 from loraswitch_jax.tokenizer import Tokenizer, byte_tokenizer
-from loraswitch_jax.train.checkpoints import Checkpointer
-from loraswitch_jax.train.config import TrainConfig
+from loraswitch_jax.train.checkpoints import (
+    Checkpointer, CheckpointError, NonFiniteStateError, identity_diff, nonfinite_leaves,
+)
+from loraswitch_jax.train.config import ConfigFileError, TrainConfig
 from loraswitch_jax.train.data import DataState, EvalBatches, TrainBatches, load_data
 from loraswitch_jax.train.step import TrainState, eval_step, init_state, train_step
 from loraswitch_jax.weights import load_params
 
-__all__ = ["load_model", "make_mesh", "train", "evaluate"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "evaluate", "finished_summary", "load_model",
+           "make_mesh", "train"]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient norm or the state became NaN or infinite; nothing was saved after it.
+
+    Attributes:
+      step: the optimizer step (1-based, as in ``metrics.jsonl``) whose values were not finite.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the checkpoint a rerun resumes from."""
+
+
+def check_positions(tc: TrainConfig, cfg: LlamaConfig) -> None:
+    """Refuse rows longer than the model's positions (generation refuses them too)."""
+    if tc.data.seq_len > cfg.max_position_embeddings:
+        raise ConfigFileError(
+            f"data.seq_len {tc.data.seq_len} is more than the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings}, {tc.model}): positions past it are never trained; "
+            f"set data.seq_len <= {cfg.max_position_embeddings}"
+        )
 
 
 def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
@@ -43,13 +79,16 @@ def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
     dtype = _DTYPES[tc.dtype]
     if tc.model in PRESETS:
         cfg = PRESETS[tc.model]
+        check_positions(tc, cfg)
         params = init_params(cfg, jax.random.key(tc.init_seed), dtype)
         return params, cfg, byte_tokenizer()
     if not os.path.isdir(tc.model):
         raise FileNotFoundError(
             f"model {tc.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder"
         )
-    params, cfg = load_params(tc.model, dtype=dtype)
+    cfg = LlamaConfig.from_pretrained(tc.model)
+    check_positions(tc, cfg)  # before reading the weights (gigabytes)
+    params, cfg = load_params(tc.model, cfg, dtype=dtype)
     return params, cfg, Tokenizer.from_pretrained(tc.model)
 
 
@@ -94,12 +133,32 @@ def _stack_micro(batches: TrainBatches, n: int) -> dict:
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
+def _read_metrics(path: str) -> list[dict]:
+    """The records of ``metrics.jsonl``; a torn last line (a kill mid-write) is dropped, with a note.
+
+    Raises:
+      ValueError: a line before the last is not JSON (the message names the file and line).
+    """
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i + 1 < len(lines):
+                raise ValueError(f"{path} line {i + 1} is not JSON ({e}); fix or delete the file "
+                                 "(it only holds the logged metrics)") from e
+            print(f"note: dropped the torn last line of {path} (a run killed while writing it)",
+                  file=sys.stderr)
+    return records
+
+
 def _truncate_metrics(path: str, step: int) -> None:
     """Drop lines logged after ``step`` (they belong to the part of a run that was lost)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    lines = [json.dumps(r) + "\n" for r in _read_metrics(path) if r["step"] <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(lines)
@@ -137,12 +196,99 @@ def usage_text(usage: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def finished_summary(tc: TrainConfig) -> dict | None:
+    """The summary of the finished run in ``tc.out_dir`` (None when it has not finished).
+
+    Finished: ``summary.json`` records ``tc.optim.steps`` steps and ``adapter/`` exists. The
+    config must match (checked against the summary and the latest checkpoint).
+
+    Raises:
+      CheckpointError: the folder holds a run of another config.
+    """
+    path = os.path.join(tc.out_dir, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):  # absent, or torn by a kill: not finished (export again)
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != tc.optim.steps:
+        return None
+    if not os.path.isdir(os.path.join(tc.out_dir, "adapter")):
+        return None
+    diff = identity_diff(summary.get("identity", {}), json.loads(json.dumps(tc.identity())))
+    if "identity" in summary and diff:
+        raise CheckpointError(
+            f"{tc.out_dir} holds a finished run of another config ({path}):\n  " + "\n  ".join(diff)
+            + "\nuse another output folder, or the same config"
+        )
+    return summary
+
+
+def _summarize(records: list[dict], end: int) -> tuple[dict, np.ndarray | None]:
+    """The record of step ``end`` and the mean expert usage over the logged steps ``<= end``."""
+    last = next((r for r in reversed(records) if r["step"] == end and "loss" in r), {})
+    usage = [np.asarray(r["usage"]) for r in records if "usage" in r and r["step"] <= end]
+    return last, (np.mean(usage, axis=0) if usage else None)
+
+
+def _check_finite(step: int, record: dict, ckpt: Checkpointer) -> None:
+    bad = {k: record.get(k) for k in ("loss", "aux", "grad_norm", "eval_loss")
+           if record.get(k) is not None and not np.isfinite(record[k])}
+    if bad:
+        raise _diverged(step, ", ".join(f"{k} {v}" for k, v in bad.items()), ckpt)
+
+
+def _diverged(step: int, what: str, ckpt: Checkpointer) -> TrainingDiverged:
+    latest = ckpt.latest_step()
+    kept = (f"the last checkpoint (step {latest}, {ckpt.step_dir(latest)}) is untouched"
+            if latest is not None else "no checkpoint was written")
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; nothing saved after it, {kept}; lower "
+        "optim.lr (or lower optim.clip_norm) and train into a new "
+        "out_dir (a changed config does not resume these checkpoints)",
+        step,
+    )
+
+
+def _interrupted(step: int | None, ckpt: Checkpointer, tc: TrainConfig) -> TrainingInterrupted:
+    ckpt.reload()  # what is on disk is what a rerun restores
+    latest = ckpt.latest_step()
+    if latest is None:
+        then = f"no checkpoint yet (save_every={tc.save_every}): a rerun starts over"
+    else:
+        then = f"a rerun with the same config resumes from step {latest} ({ckpt.step_dir(latest)})"
+    return TrainingInterrupted(f"interrupted{'' if step is None else f' at step {step}'}; {then}")
+
+
 def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) the adapter described by ``tc``; returns a summary dict.
 
     ``stop_after`` ends the run after that many optimizer steps (as a kill would; no final
-    export), for testing resumption.
+    export), for testing resumption. A finished run is not touched: its stored summary is
+    returned (with ``already_finished: True``).
+
+    Raises:
+      TrainingDiverged: a non-finite loss, gradient norm, held-out loss or state; the checkpoints
+        from before it are kept.
+      TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``); the message says where a rerun
+        resumes.
+      CheckpointError: the output folder's checkpoint is of another config or damaged (the
+        message names the step folder to delete).
     """
+    done = finished_summary(tc)
+    if done is not None:
+        ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
+        if os.path.isdir(ckpt_dir):  # same config as the checkpoints, too
+            probe = Checkpointer(ckpt_dir, tc.identity(), tc.save_every, tc.keep)
+            try:
+                if probe.latest_step() is not None:
+                    probe.check_identity(probe.latest_step())
+            finally:
+                probe.close()
+        print(f"already finished ({done['steps']} steps): summary in "
+              f"{os.path.join(tc.out_dir, 'summary.json')}, adapter in "
+              f"{os.path.join(tc.out_dir, 'adapter')}; nothing changed (another out_dir trains anew)")
+        return {**done, "already_finished": True}
     os.makedirs(tc.out_dir, exist_ok=True)
     params, cfg, tokenizer = load_model(tc)
     mesh = make_mesh(tc)
@@ -167,6 +313,19 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
     state = _place(init_state(adapter, tc.optim, tc.init_seed), mesh, lambda x: P())
 
     ckpt = Checkpointer(os.path.join(tc.out_dir, "checkpoints"), tc.identity(), tc.save_every, tc.keep)
+    try:
+        return _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, progress)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        ckpt.close()  # Ctrl-C outside the steps (restore, first eval, export)
+        raise _interrupted(None, ckpt, tc) from e
+    finally:
+        ckpt.close()
+
+
+def _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, progress) -> dict:
+    """The loop of :func:`train`, from restore to export (``ckpt`` closed by the caller)."""
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
     data_state = None
     if ckpt.latest_step() is not None:
@@ -184,46 +343,63 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
 
     start = int(state.step)
     end = tc.optim.steps if stop_after is None else min(tc.optim.steps, start + stop_after)
-    usage_sum, usage_n, last = None, 0, {}
     bar = tqdm(total=tc.optim.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    with open(metrics_path, "a") as log:
-        if start == 0:  # the starting point of the held-out curve
-            initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
-            log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
-        for step in range(start, end):
-            batch = put_train(_stack_micro(train_batches, tc.optim.grad_accum))
-            state, metrics = train_step(state, params, batch, cfg=cfg, oc=tc.optim)
-            m = jax.device_get(metrics)
-            record = {"step": step + 1, **{k: float(v) for k, v in m.items() if k != "usage"}}
-            if "usage" in m:
-                record["usage"] = np.round(m["usage"], 4).tolist()
-                usage_sum = m["usage"] if usage_sum is None else usage_sum + m["usage"]
-                usage_n += 1
-            if (step + 1) % tc.eval_every == 0 or step + 1 == tc.optim.steps:
-                record["eval_loss"] = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            # The data state after this step's batches: a resume continues with the next ones.
-            ckpt.save(step + 1, state, train_batches.state().to_dict(), force=step + 1 == tc.optim.steps)
-            last = record
-            bar.update(1)
-            if (step + 1) % tc.log_every == 0 or step + 1 == end:
-                post = {"loss": f"{record['loss']:.3f}", "aux": f"{record['aux']:.3f}"}
-                if record.get("eval_loss") is not None:
-                    post["eval"] = f"{record['eval_loss']:.3f}"
-                bar.set_postfix(post)
-    bar.close()
-    ckpt.close()
-    summary = {"steps": end, "seconds": time.perf_counter() - t0, "last": last}
+    at = None  # the step in progress, for the Ctrl-C message
+    try:
+        with open(metrics_path, "a") as log:
+            if start == 0:  # the starting point of the held-out curve
+                initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
+                log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
+            for step in range(start, end):
+                at = step + 1
+                batch = put_train(_stack_micro(train_batches, tc.optim.grad_accum))
+                state, metrics = train_step(state, params, batch, cfg=cfg, oc=tc.optim)
+                # The loop already brings every step's metrics to the host: checking them is free.
+                m = jax.device_get(metrics)
+                record = {"step": step + 1, **{k: float(v) for k, v in m.items() if k != "usage"}}
+                if "usage" in m:
+                    record["usage"] = np.round(m["usage"], 4).tolist()
+                if (step + 1) % tc.eval_every == 0 or step + 1 == tc.optim.steps:
+                    record["eval_loss"] = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
+                _check_finite(step + 1, record, ckpt)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                # The data state after this step's batches: a resume continues with the next ones.
+                # The step's update can be non-finite while its loss (of the state before) is
+                # not: save checks the state itself before it can replace a good checkpoint.
+                try:
+                    ckpt.save(step + 1, state, train_batches.state().to_dict(),
+                              force=step + 1 == tc.optim.steps)
+                except NonFiniteStateError as e:
+                    raise _diverged(step + 1, "non-finite state in " + ", ".join(e.leaves[:4]), ckpt) from e
+                bar.update(1)
+                if (step + 1) % tc.log_every == 0 or step + 1 == end:
+                    post = {"loss": f"{record['loss']:.3f}", "aux": f"{record['aux']:.3f}"}
+                    if record.get("eval_loss") is not None:
+                        post["eval"] = f"{record['eval_loss']:.3f}"
+                    bar.set_postfix(post)
+    except KeyboardInterrupt as e:
+        ckpt.close()  # finishes a save in flight, so latest_step is what a rerun restores
+        raise _interrupted(at, ckpt, tc) from e
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    last, usage = _summarize(_read_metrics(metrics_path), end)
+    summary = {"steps": end, "seconds": seconds, "last": last}
     if end < tc.optim.steps:
         return summary
+    bad = nonfinite_leaves(state.adapter)
+    if bad:  # e.g. restored from a finished run's last checkpoint; never export NaN
+        raise _diverged(end, "non-finite adapter in " + ", ".join(bad[:4]), ckpt)
     save_adapter(jax.device_get(state.adapter), os.path.join(tc.out_dir, "adapter"), cfg)
-    if usage_sum is not None:
-        usage = usage_sum / usage_n
+    if usage is not None:
         summary["usage"] = usage.tolist()
         _usage_plot(usage, tc.adapter.mode, os.path.join(tc.out_dir, "usage.png"))
         print("expert usage over the run (fraction of assignments):\n" + usage_text(usage))
-    with open(os.path.join(tc.out_dir, "summary.json"), "w") as f:
+    summary["identity"] = tc.identity()
+    path = os.path.join(tc.out_dir, "summary.json")
+    with open(path + ".tmp", "w") as f:  # summary.json marks the run finished: whole or absent
         json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
     return summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,17 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), int if f.type in (int, "int") else float
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise ValueError(f"optim.{f.name} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"optim.{f.name} must be finite, got {value!r}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and 0 <= self.min_lr_ratio <= 1
+                and self.weight_decay >= 0):
+            raise ValueError(f"need 0 <= b1, b2 < 1, 0 <= min_lr_ratio <= 1 and weight_decay >= 0; "
+                             f"got {self.b1=}, {self.b2=}, {self.min_lr_ratio=}, {self.weight_decay=}")
         if self.lr <= 0 or self.steps < 1 or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(
                 f"need lr > 0, steps >= 1 and 0 <= warmup_steps <= steps; got {self.lr=}, "
