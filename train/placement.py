@@ -11,6 +11,7 @@ each layer's weights inside the scanned layers and the reductions of the gradien
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -21,6 +22,7 @@ from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.sharding import (MeshConfig, MeshError, adapter_specs, batch_spec,
                                      check_tensor_fits, param_specs)
+from loraswitch_jax.train.step import STEP_STATIC, _train_step
 
 __all__ = ["Placement", "plan_placement"]
 
@@ -47,9 +49,22 @@ class Placement:
     eval_batch: NamedSharding
     replicated: NamedSharding
 
-    def put(self, tree, shardings):
-        """``tree`` placed by the matching shardings (a prefix tree of them)."""
-        return jax.device_put(tree, shardings)
+    @functools.cached_property
+    def train_step(self):
+        """``train.step.train_step`` jitted for this mesh: the new state comes out in the
+        shardings of :attr:`state` (so it is donated and fed back as is), metrics replicated.
+        The inputs must be placed already (:attr:`params`, :attr:`state`, :meth:`put_batch`):
+        jit reads their shardings (it takes no ``in_shardings`` beside keyword arguments)."""
+        return jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,),
+                       out_shardings=(self.state, self.replicated))
+
+    def put_batch(self, batch: dict) -> dict:
+        """A host train batch (``[A, B, T]`` leaves) on the mesh."""
+        return jax.device_put(batch, self.batch)
+
+    def put_eval_batch(self, batch: dict) -> dict:
+        """A host eval batch (``[B, T]`` leaves) on the mesh."""
+        return jax.device_put(batch, self.eval_batch)
 
 
 def _named(mesh: Mesh, specs):
