@@ -55,8 +55,8 @@ class Placement:
         shardings of :attr:`state` (so it is donated and fed back as is), metrics replicated.
         The inputs must be placed already (:attr:`params`, :attr:`state`, :meth:`put_batch`):
         jit reads their shardings (it takes no ``in_shardings`` beside keyword arguments)."""
-        return jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,),
-                       out_shardings=(self.state, self.replicated))
+        leaves, treedef = jax.tree.flatten(self.state)
+        return _jit_step(treedef, tuple(leaves), self.replicated)
 
     def put_batch(self, batch: dict) -> dict:
         """A host train batch (``[A, B, T]`` leaves) on the mesh."""
@@ -65,6 +65,13 @@ class Placement:
     def put_eval_batch(self, batch: dict) -> dict:
         """A host eval batch (``[B, T]`` leaves) on the mesh."""
         return jax.device_put(batch, self.eval_batch)
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_step(treedef, state_leaves: tuple, replicated: NamedSharding):
+    # One jitted step per mesh and state layout: runs on the same mesh share its compilations.
+    return jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,),
+                   out_shardings=(treedef.unflatten(state_leaves), replicated))
 
 
 def _named(mesh: Mesh, specs):
