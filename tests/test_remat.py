@@ -42,21 +42,23 @@ def test_every_policy_gives_the_gradients_of_no_remat(mode, scan_layers):
             assert rel_err(g, w) < 1e-6, remat
 
 
-def test_full_remat_needs_less_scratch_than_none():
+def test_full_remat_shrinks_the_compiled_train_steps_scratch():
+    """``temp_size_in_bytes`` of the compiled train step (abstract shapes: nothing allocated)."""
+    from loraswitch_jax.train.step import OptimConfig, init_state, train_step
+
     cfg = lj.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256,
                          num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024)
+    oc = OptimConfig()
     params = jax.eval_shape(lambda: lj.init_params(cfg, jax.random.key(0), jnp.float32))
-    adapter = jax.eval_shape(lambda: lj.init_adapter(
-        cfg, lj.AdapterConfig(mode="switch", rank=4, alpha=8.0, num_experts=4, top_k=2),
-        jax.random.key(1)))
-    tokens = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+    acfg = lj.AdapterConfig(mode="switch", rank=4, alpha=8.0, num_experts=4, top_k=2)
+    state = jax.eval_shape(lambda: init_state(lj.init_adapter(cfg, acfg, jax.random.key(1)), oc, 0))
+    batch = {k: jax.ShapeDtypeStruct((1, 2, 256), dt) for k, dt in (
+        ("tokens", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
+        ("segment_ids", jnp.int32), ("positions", jnp.int32))}
 
     def temp(remat):
-        def loss(adapter, params, tokens):
-            return jnp.mean(lj.forward(params, tokens, cfg, adapter=adapter, remat=remat))
-
-        compiled = jax.jit(jax.grad(loss)).lower(adapter, params, tokens).compile()
+        compiled = train_step.lower(state, params, batch, cfg=cfg, oc=oc, remat=remat).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     sizes = {remat: temp(remat) for remat in REMAT_POLICIES}
