@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
+from loraswitch_jax.cli import main as cli_main
 from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.train.config import ConfigFileError, load_train_config
 from loraswitch_jax.train.loop import train
@@ -137,9 +138,12 @@ def test_checkpoint_saved_on_fsdp4_resumes_on_tensor2(tmp_path):
         assert rel_err(x, y) < 1e-5
 
 
-def test_mesh_config_and_errors(tmp_path):
+def test_mesh_config_and_errors(tmp_path, capsys):
     tc = load_train_config(None, [f"out_dir={tmp_path}", "mesh=fsdp=2,tensor=2"])
     assert tc.mesh_config(8) == MeshConfig(fsdp=2, tensor=2)
+    assert cli_main(["train", "mesh=fsdp=2,tensor=2", "remat=full", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mesh"] == "fsdp=2,tensor=2" and printed["remat"] == "full"
     assert tc.remat == "dots" and tc.attention_chunk == 512  # the defaults
     legacy = load_train_config(None, [f"out_dir={tmp_path}", "data_parallel=4", "fsdp=true"])
     assert legacy.mesh_config(8) == MeshConfig(fsdp=4)
