@@ -44,7 +44,8 @@ class TrainConfig:
       mesh: axis sizes ``"data=2,fsdp=2,tensor=2"`` (``loraswitch_jax.sharding``): the batch's
         rows over ``data`` and ``fsdp``, the frozen backbone, adapter and optimizer state split
         over ``fsdp`` (and ``tensor``, Megatron). ``""``: ``data_parallel`` devices on ``data``
-        (0: all), or on ``fsdp`` with ``fsdp=true``; give ``mesh`` or those two, not both.
+        (0: all, or as many as divide ``data.batch_size``), or on ``fsdp`` with ``fsdp=true``;
+        give ``mesh`` or those two, not both.
       remat: what the backward keeps of each layer (``"none"``, ``"dots"``: weight matmul
         outputs, ``"full"``: layer inputs only); default ``"dots"``: attention and elementwise
         work is recomputed, the matmuls are not, and an 8B model's activations fit one GPU.
@@ -117,7 +118,9 @@ class TrainConfig:
         """The run's mesh sizes; ``n_devices`` (visible devices) sizes the legacy default."""
         if self.mesh:
             return MeshConfig.parse(self.mesh)
-        n = self.data_parallel or n_devices
+        n = self.data_parallel
+        if not n:  # all devices, or as many as divide the batch (a small batch on 8 devices)
+            n = max(d for d in range(1, n_devices + 1) if self.data.batch_size % d == 0)
         return MeshConfig(fsdp=n) if self.fsdp else MeshConfig(data=n)
 
     def identity(self) -> dict:

@@ -147,7 +147,9 @@ def test_mesh_config_and_errors(tmp_path, capsys):
     assert tc.remat == "dots" and tc.attention_chunk == 512  # the defaults
     legacy = load_train_config(None, [f"out_dir={tmp_path}", "data_parallel=4", "fsdp=true"])
     assert legacy.mesh_config(8) == MeshConfig(fsdp=4)
-    assert load_train_config(None, [f"out_dir={tmp_path}"]).mesh_config(8) == MeshConfig(data=8)
+    default = load_train_config(None, [f"out_dir={tmp_path}", "data.batch_size=12"])
+    assert default.mesh_config(8) == MeshConfig(data=6)  # all devices that divide the batch
+    assert default.mesh_config(1) == MeshConfig(data=1)
     for override, message in (
         ("mesh=fsdp=two", "mesh: mesh axis fsdp needs an integer size"),
         ("mesh=pipe=2", "mesh: bad mesh item 'pipe=2'"),
