@@ -94,6 +94,13 @@ def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
     return params, cfg, Tokenizer.from_pretrained(tc.model)
 
 
+def train_step(state: TrainState, params: LlamaParams, batch: dict, *, placement: Placement,
+               **kwargs) -> tuple[TrainState, dict]:
+    """``train.step.train_step`` as jitted for ``placement``'s mesh (``kwargs``: its static
+    arguments). The loop's one call of the step, also a seam for tests."""
+    return placement.train_step(state, params, batch, **kwargs)
+
+
 def make_placement(tc: TrainConfig, cfg: LlamaConfig, params: LlamaParams, state: TrainState
                    ) -> Placement:
     """The shardings of the run's mesh (``tc.mesh``, or the ``data_parallel``/``fsdp`` default)."""
@@ -335,9 +342,9 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
             for step in range(start, end):
                 at = step + 1
                 batch = placement.put_batch(_stack_micro(train_batches, tc.optim.grad_accum))
-                state, metrics = placement.train_step(state, params, batch, cfg=cfg, oc=tc.optim,
-                                                      remat=tc.remat,
-                                                      attention_chunk=tc.attention_chunk)
+                state, metrics = train_step(state, params, batch, placement=placement, cfg=cfg,
+                                            oc=tc.optim, remat=tc.remat,
+                                            attention_chunk=tc.attention_chunk)
                 # The loop already brings every step's metrics to the host: checking them is free.
                 m = jax.device_get(metrics)
                 record = {"step": step + 1, **{k: float(v) for k, v in m.items() if k != "usage"}}
