@@ -76,7 +76,12 @@ def _generate_command(args) -> int:
         max_new_tokens=args.max_new_tokens,
         sampler=Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         stop_tokens=None if not args.ignore_eos else (),
+        mesh=args.mesh,
     )
+    if gen.mesh is not None:  # KV heads replicated where needed, weights split over the mesh
+        from loraswitch_jax.parallel import place
+
+        params, _ = place(params, None, cfg, gen.mesh)
     tokens, lengths, cache_len = prepare_prompts(ids, cfg, gen.max_new_tokens, gen.cache_len)
     stream = _TextStream(tokenizer) if len(prompts) == 1 and not args.no_stream else None
     call_args = (params, None, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(args.seed))
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     g.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
     g.add_argument("--no-stream", action="store_true", help="print at the end (pure device loop)")
+    g.add_argument("--mesh", help="run over many devices, e.g. data=2,tensor=4 (axes data, fsdp, "
+                   "tensor; default: one device)")
     g.set_defaults(func=_generate_command)
 
     t = sub.add_parser("train", help="train adapters (resumes from the output folder's checkpoints)")

@@ -23,6 +23,7 @@ from loraswitch_jax.llama import decode_step, decode_step_merged, prefill
 from loraswitch_jax.ops import Impl
 from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.sampling import Sampler, sample
+from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.switch import STRATEGIES, init_merged, resolve_strategy
 
 __all__ = [
@@ -57,6 +58,8 @@ class GenerateConfig:
     batches are prefilled in chunks of the prompt (``llama.prefill``), a power of two of at
     least 16 tokens per prompt; ``None``: one pass. The default keeps 64 prompts of 1024 tokens
     of Llama-2-7B within an 80 GB GPU.
+    ``mesh``: a ``sharding.MeshConfig`` (or its text, ``"data=2,tensor=4"``) to run the model
+    over many devices (``loraswitch_jax.parallel``); ``None``: one device.
     """
 
     max_new_tokens: int = 32
@@ -66,8 +69,16 @@ class GenerateConfig:
     impl: str | Impl = "auto"
     switch_strategy: str = "fused"
     prefill_tokens: int | None = 8192
+    mesh: MeshConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.mesh, str):
+            try:
+                object.__setattr__(self, "mesh", MeshConfig.parse(self.mesh))
+            except MeshError as e:
+                raise GenerationError(f"mesh: {e}") from None
+        if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
+            raise GenerationError(f"mesh must be a MeshConfig, its text or None, got {self.mesh!r}")
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.prefill_tokens is not None and (
@@ -172,9 +183,10 @@ def generate_batch(params, adapter, tokens, lengths, key, steps=None, *, cfg, ge
     stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
     stop = jnp.asarray(stop_tokens if stop_tokens else [-1], jnp.int32)
 
-    cache = init_cache(cfg, B, cache_len, params.dtype)
-    logits, cache = prefill(params, cache, tokens, lengths, cfg, adapter=adapter,
-                            chunk=prefill_chunk(gen.prefill_tokens, B))
+    steps_ = _steps(gen.mesh)
+    cache = steps_.init_cache(cfg, B, cache_len, params.dtype)
+    logits, cache = steps_.prefill(params, cache, tokens, lengths, cfg, adapter=adapter,
+                                   chunk=prefill_chunk(gen.prefill_tokens, B))
 
     def emit(step, token, done, out):
         token = jnp.where(done, PAD, token)
@@ -197,16 +209,17 @@ def generate_batch(params, adapter, tokens, lengths, key, steps=None, *, cfg, ge
         # Finished rows keep decoding a harmless token (fixed shapes); their output stays PAD.
         token = jnp.where(token == PAD, 0, token)
         if merge:
-            logits, cache, merged = decode_step_merged(
+            logits, cache, merged = steps_.decode_step_merged(
                 params, cache, merged, token, cfg, adapter=adapter, impl=gen.impl
             )
         else:
-            logits, cache = decode_step(params, cache, token, cfg, adapter=adapter, impl=gen.impl)
+            logits, cache = steps_.decode_step(params, cache, token, cfg, adapter=adapter,
+                                               impl=gen.impl)
         token = sample(logits, jax.random.fold_in(key, step), gen.sampler)
         out, done = emit(step, token, done, out)
         return step + 1, jnp.where(done, PAD, token), cache, out, done, merged
 
-    merged = init_merged(params.layers, adapter) if merge else None
+    merged = steps_.init_merged(params.layers, adapter) if merge else None
     state = (jnp.int32(1), jnp.where(done, PAD, first), cache, out, done, merged)
     out = jax.lax.while_loop(cond, body, state)[3]
     return out
@@ -241,6 +254,13 @@ def generate(
     if adapter is not None:
         check_adapter(adapter, cfg)
     _check_strategy(gen.switch_strategy, adapter, len(tokens))
+    if gen.mesh is not None:
+        from loraswitch_jax import parallel
+
+        try:
+            params, adapter = parallel.place(params, adapter, cfg, gen.mesh)
+        except MeshError as e:
+            raise GenerationError(f"mesh {gen.mesh}: {e}") from None
     out = generate_batch(
         params, adapter, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, gen=gen, cache_len=cache_len, stream=stream,
@@ -249,6 +269,27 @@ def generate(
     stop_tokens = cfg.eos_token_id if gen.stop_tokens is None else gen.stop_tokens
     counts = np.array([_count(row, stop_tokens) for row in out], np.int32)
     return Generation(tokens=out, lengths=counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The model functions the loop calls: ``llama``'s, or ``parallel``'s bound to a mesh."""
+
+    init_cache: Callable
+    prefill: Callable
+    decode_step: Callable
+    decode_step_merged: Callable
+    init_merged: Callable
+
+
+def _steps(mesh: MeshConfig | None) -> _Steps:
+    if mesh is None:
+        return _Steps(init_cache, prefill, decode_step, decode_step_merged, init_merged)
+    from loraswitch_jax import parallel
+
+    return _Steps(*(functools.partial(f, mesh=mesh) for f in (
+        parallel.init_cache, parallel.prefill, parallel.decode_step,
+        parallel.decode_step_merged, parallel.init_merged)))
 
 
 def _check_strategy(strategy: str, adapter: Adapter | None, batch_size: int) -> None:

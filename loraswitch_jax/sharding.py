@@ -9,18 +9,13 @@ Mesh axes (``jax.make_mesh``), in this order:
 Every leaf has logical axis names (:data:`LOGICAL_AXES`, also the Flax face's metadata) and
 :data:`RULES` maps a logical axis to mesh axes:
 
-  ============ ============================ =================================================
-  logical      mesh axis                    why
-  ============ ============================ =================================================
-  batch        ``("data", "fsdp")``         rows; replicated when the batch does not divide
-  heads        ``"tensor"``                 q columns / o rows: column- then row-parallel
-  kv_heads     ``"tensor"``                 k, v columns and the cache's KV-head axis
-  mlp          ``"tensor"``                 gate/up columns, down rows
-  vocab        ``"tensor"``                 an untied lm_head only (vocab-parallel logits);
-                                            the embedding table is always replicated
-  embed        ``"fsdp"``                   weights when sharded over fsdp (training)
-  layers, experts, rank, length, head_dim   ``None``
-  ============ ============================ =================================================
+  * ``batch`` -> ``("data", "fsdp")``: rows (replicated when the batch does not divide).
+  * ``heads``, ``kv_heads``, ``mlp`` -> ``"tensor"``: q/k/v and gate/up columns, o and down rows,
+    the cache's KV-head axis.
+  * ``vocab`` -> ``"tensor"``: an untied ``lm_head`` only (vocab-parallel logits, gathered where
+    sampling reads them); the embedding table is always replicated (a lookup needs every row).
+  * ``embed`` -> ``"fsdp"``: weights, when sharded over fsdp (training; ``shard_fsdp=True``).
+  * ``layers``, ``experts``, ``rank``, ``length``, ``head_dim`` -> ``None``.
 
 So adapters follow their projection with no table of their own: ``A [La, E, d_in, r]`` of a
 column-parallel projection is replicated over ``tensor`` and its ``B`` split by output; a
