@@ -28,14 +28,24 @@ import numpy as np
 
 from loraswitch_jax import ops
 from loraswitch_jax.adapters import Adapter, check_adapter
+from loraswitch_jax.attention import ATTENTION_IMPLS, CausalMask, attend
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
-from loraswitch_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_inv_freq
+from loraswitch_jax.layers import apply_rope, attention_mask, rms_norm, rope_inv_freq
 from loraswitch_jax.params import LayerParams, LlamaParams
 from loraswitch_jax.router import Route, Routing, compute_route, constant_route
 from loraswitch_jax.switch import MergedWeights, merge_route, merged_layers
 
-__all__ = ["forward", "prefill", "decode_step", "decode_step_merged", "extend"]
+__all__ = ["REMAT_POLICIES", "forward", "prefill", "decode_step", "decode_step_merged", "extend"]
+
+# What the backward pass keeps of each layer's forward: everything ("none": no remat), the
+# outputs of weight matmuls ("dots"; attention and elementwise work is recomputed) or only the
+# layer's input ("full": the whole layer is recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def _layer(
@@ -44,7 +54,7 @@ def _layer(
     layer: int | jax.Array,
     h: jax.Array,
     positions: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | CausalMask,
     cache: KVCache | None,
     impl: ops.Impl,
     adapter: Adapter | None = None,
@@ -97,7 +107,7 @@ def _layer(
     k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
     v = v.reshape(B, T, KV, hd)
     if cache is None:
-        attended = attention(q, k, v, mask)
+        attended = attend(q, k, v, mask)
     else:
         # Scatter only the new tokens into the stacked cache; the rest stays in place.
         rows = jnp.arange(B)[:, None]
@@ -124,11 +134,17 @@ def _layer_range(
     h: jax.Array,
     cache: KVCache | None,
     scan_layers: bool,
+    remat: str = "none",
 ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
     """Layers ``span`` in order through ``step(h, cache, layer) -> (h, cache, routing)``, scanned
-    or unrolled; stacks the layerwise routing outputs."""
+    or unrolled; stacks the layerwise routing outputs. ``remat`` names a ``REMAT_POLICIES`` entry
+    applied to each layer."""
     if not span:
         return h, cache, None
+    if remat != "none":
+        # The layer index stays static when unrolled, so weights are still sliced in place.
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat],
+                              static_argnums=() if scan_layers else (2,))
 
     if scan_layers:
 
@@ -154,13 +170,14 @@ def _layers(
     layers: LayerParams,
     h: jax.Array,
     positions: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | CausalMask,
     cache: KVCache | None,
     scan_layers: bool,
     impl: ops.Impl,
     adapter: Adapter | None = None,
     dropout_key: jax.Array | None = None,
     merged: MergedWeights | None = None,
+    remat: str = "none",
     tensor_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache | None, Routing | None, MergedWeights | None]:
     """All decoder layers: plain backbone up to the adapter's first layer, adapted after it.
@@ -178,7 +195,7 @@ def _layers(
             return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key,
                           slots, tensor_axis)
 
-        return _layer_range(step, span, h, cache, scan_layers)
+        return _layer_range(step, span, h, cache, scan_layers, remat)
 
     if adapter is None:
         h, cache, _ = run(layers, range(L), h, cache=cache)
@@ -284,6 +301,9 @@ def forward(
     impl: str | ops.Impl = "xla",
     dropout_key: jax.Array | None = None,
     return_routing: bool = False,
+    remat: str = "none",
+    attention_chunk: int | None = 512,
+    attention_impl: str = "xla",
     tensor_axis: str | None = None,
 ) -> jax.Array | tuple[jax.Array, Routing | None]:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
@@ -295,6 +315,11 @@ def forward(
       scan_layers: ``lax.scan`` over layers (compact; training) or unrolled.
       dropout_key: enables the adapter's dropout (training).
       return_routing: also return the routers' :class:`Routing` (``None`` without routers).
+      remat: what the backward pass keeps of each layer (``REMAT_POLICIES``): ``"none"``
+        (everything), ``"dots"`` (weight matmul outputs) or ``"full"`` (only layer inputs).
+      attention_chunk: rows longer than this attend blockwise (``loraswitch_jax.attention``),
+        never building the ``[B, H, T, T]`` scores; ``None``: always dense.
+      attention_impl: ``"xla"`` or ``"cudnn"`` (GPU fused attention; no ``segment_ids``).
       tensor_axis: the tensor-parallel mesh axis when run per shard (``loraswitch_jax.parallel``).
 
     Raises:
@@ -304,16 +329,27 @@ def forward(
     """
     _check_tokens(tokens, cfg, "forward", ndim=2)
     _check_adapter_fits(adapter, cfg, tensor_axis)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat {remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {attention_impl!r}; expected one of "
+                         f"{ATTENTION_IMPLS}")
+    if attention_chunk is not None and not (isinstance(attention_chunk, int)
+                                            and attention_chunk >= 1):
+        raise ValueError(f"attention_chunk must be an int >= 1 or None, got {attention_chunk!r}")
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    # Causality follows the index in the row (positions restart inside packed rows).
-    idx = jnp.broadcast_to(jnp.arange(T), (B, T))
-    mask = attention_mask(idx, idx, segment_ids, segment_ids)
+    if attention_impl == "cudnn" or (attention_chunk is not None and T > attention_chunk):
+        mask = CausalMask(segment_ids, attention_chunk or T, attention_impl)
+    else:
+        # Causality follows the index in the row (positions restart inside packed rows).
+        idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = attention_mask(idx, idx, segment_ids, segment_ids)
     h = params.embed[tokens]
     h, _, routing, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
                                ops.resolve_impl(impl), adapter, dropout_key,
-                               tensor_axis=tensor_axis)
+                               tensor_axis=tensor_axis, remat=remat)
     logits = _logits(params, cfg, h)
     return (logits, routing) if return_routing else logits
 

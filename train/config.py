@@ -17,6 +17,8 @@ import typing
 
 from loraswitch_jax.adapters import AdapterConfig
 from loraswitch_jax.config import PRESETS
+from loraswitch_jax.llama import REMAT_POLICIES
+from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.train.data import DataConfig
 from loraswitch_jax.train.step import OptimConfig
 
@@ -39,8 +41,16 @@ class TrainConfig:
       eval_every / eval_batches: held-out loss every N steps on at most M batches (0: all).
       save_every / keep: checkpoint every N steps, keep the last K.
       log_every: metrics line (and progress-bar update) every N steps.
-      data_parallel: devices on the mesh's ``data`` axis (0: all); ``fsdp`` also shards the
-        frozen backbone's weights over that axis.
+      mesh: axis sizes ``"data=2,fsdp=2,tensor=2"`` (``loraswitch_jax.sharding``): the batch's
+        rows over ``data`` and ``fsdp``, the frozen backbone, adapter and optimizer state split
+        over ``fsdp`` (and ``tensor``, Megatron). ``""``: ``data_parallel`` devices on ``data``
+        (0: all, or as many as divide ``data.batch_size``), or on ``fsdp`` with ``fsdp=true``;
+        give ``mesh`` or those two, not both.
+      remat: what the backward keeps of each layer (``"none"``, ``"dots"``: weight matmul
+        outputs, ``"full"``: layer inputs only); default ``"dots"``: attention and elementwise
+        work is recomputed, the matmuls are not, and an 8B model's activations fit one GPU.
+      attention_chunk: rows longer than this attend blockwise, never holding ``T x T`` scores
+        (``null``: always dense).
     """
 
     model: str = "demo"
@@ -57,6 +67,9 @@ class TrainConfig:
     log_every: int = 10
     data_parallel: int = 0
     fsdp: bool = False
+    mesh: str = ""
+    remat: str = "dots"
+    attention_chunk: int | None = 512
 
     def __post_init__(self):
         for name in ("model", "out_dir"):
@@ -75,6 +88,22 @@ class TrainConfig:
             raise ConfigFileError(f"fsdp must be true or false, got {self.fsdp!r}")
         if self.data is None:
             raise ConfigFileError("the config has no 'data' section (path, seq_len, batch_size, ...)")
+        if not isinstance(self.mesh, str):
+            raise ConfigFileError(f"mesh must be a string like 'fsdp=2,tensor=2', got {self.mesh!r}")
+        if self.mesh:
+            try:
+                MeshConfig.parse(self.mesh)
+            except MeshError as e:
+                raise ConfigFileError(f"mesh: {e}") from None
+            if self.data_parallel or self.fsdp:
+                raise ConfigFileError("give mesh or data_parallel/fsdp, not both (mesh "
+                                      f"{self.mesh!r}, data_parallel={self.data_parallel}, "
+                                      f"fsdp={self.fsdp})")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigFileError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        chunk = self.attention_chunk
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ConfigFileError(f"attention_chunk must be an integer >= 1 or null, got {chunk!r}")
         preset = PRESETS.get(self.model)
         if preset is not None and self.data.seq_len > preset.max_position_embeddings:
             # Folders are checked when their config.json is read (train.loop.check_positions).
@@ -84,6 +113,15 @@ class TrainConfig:
                 f"positions past it are never trained; set data.seq_len <= "
                 f"{preset.max_position_embeddings}"
             )
+
+    def mesh_config(self, n_devices: int) -> MeshConfig:
+        """The run's mesh sizes; ``n_devices`` (visible devices) sizes the legacy default."""
+        if self.mesh:
+            return MeshConfig.parse(self.mesh)
+        n = self.data_parallel
+        if not n:  # all devices, or as many as divide the batch (a small batch on 8 devices)
+            n = max(d for d in range(1, n_devices + 1) if self.data.batch_size % d == 0)
+        return MeshConfig(fsdp=n) if self.fsdp else MeshConfig(data=n)
 
     def identity(self) -> dict:
         """What a checkpoint must share with this config to be resumed."""

@@ -12,8 +12,10 @@ checkpoint is refused on restore (``CheckpointError`` names the step folder to d
 run (``summary.json`` and ``adapter/`` present) is left alone; Ctrl-C raises
 :class:`TrainingInterrupted` naming the checkpoint a rerun resumes from.
 
-Several devices: the batch is split over a ``data`` mesh axis; the frozen backbone is replicated,
-or sharded over the same axis with ``fsdp`` (XLA gathers each weight where it is used).
+Several devices: one mesh of axes ``data``, ``fsdp``, ``tensor`` (``tc.mesh``; ``train.placement``):
+the batch's rows over ``data`` and ``fsdp``, the frozen backbone, adapter and optimizer state split
+over ``fsdp`` and ``tensor``; the step is jitted with those shardings and XLA's SPMD partitioner
+gathers each layer's weights where they are used.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from loraswitch_jax.adapter_io import save_adapter
@@ -39,11 +40,12 @@ from loraswitch_jax.train.checkpoints import (
 )
 from loraswitch_jax.train.config import ConfigFileError, TrainConfig
 from loraswitch_jax.train.data import DataState, EvalBatches, TrainBatches, load_data
-from loraswitch_jax.train.step import TrainState, eval_step, init_state, train_step
+from loraswitch_jax.train.placement import Placement, plan_placement
+from loraswitch_jax.train.step import TrainState, eval_step, init_state
 from loraswitch_jax.weights import load_params
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "evaluate", "finished_summary", "load_model",
-           "make_mesh", "train"]
+           "make_placement", "train"]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -92,38 +94,31 @@ def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
     return params, cfg, Tokenizer.from_pretrained(tc.model)
 
 
-def make_mesh(tc: TrainConfig) -> Mesh:
-    devices = jax.devices()
-    n = tc.data_parallel or len(devices)
-    if n > len(devices):
-        raise ValueError(f"data_parallel={n} but only {len(devices)} devices are visible")
-    if tc.data.batch_size % n:
-        raise ValueError(f"batch_size {tc.data.batch_size} is not divisible by {n} data-parallel devices")
-    return Mesh(np.array(devices[:n]), ("data",))
+def train_step(state: TrainState, params: LlamaParams, batch: dict, *, placement: Placement,
+               **kwargs) -> tuple[TrainState, dict]:
+    """``train.step.train_step`` as jitted for ``placement``'s mesh (``kwargs``: its static
+    arguments). The loop's one call of the step, also a seam for tests."""
+    return placement.train_step(state, params, batch, **kwargs)
 
 
-def _fsdp_spec(x: jax.Array, n: int) -> P:
-    """Shard the largest axis that ``n`` divides; replicate small or indivisible leaves."""
-    if x.size < 2**14:
-        return P()
-    axes = sorted(range(x.ndim), key=lambda i: -x.shape[i])
-    for i in axes:
-        if x.shape[i] % n == 0:
-            return P(*([None] * i + ["data"]))
-    return P()
+def make_placement(tc: TrainConfig, cfg: LlamaConfig, params: LlamaParams, state: TrainState
+                   ) -> Placement:
+    """The shardings of the run's mesh (``tc.mesh``, or the ``data_parallel``/``fsdp`` default)."""
+    if tc.data_parallel > jax.device_count():
+        raise ValueError(f"data_parallel={tc.data_parallel} but only {jax.device_count()} devices "
+                         "are visible")
+    return plan_placement(tc.mesh_config(jax.device_count()), cfg, params, state,
+                          tc.data.batch_size)
 
 
-def _place(tree, mesh: Mesh, spec_fn):
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec_fn(x))), tree)
-
-
-def evaluate(adapter, params, batches: EvalBatches, cfg: LlamaConfig, limit: int, put) -> float | None:
+def evaluate(adapter, params, batches: EvalBatches, cfg: LlamaConfig, limit: int, put, *,
+             attention_chunk: int | None = 512) -> float | None:
     """Mean held-out token cross-entropy over at most ``limit`` batches (0: all)."""
     ce, tokens = 0.0, 0.0
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
-        out = eval_step(adapter, params, put(batch), cfg=cfg)
+        out = eval_step(adapter, params, put(batch), cfg=cfg, attention_chunk=attention_chunk)
         ce, tokens = ce + float(out["ce_sum"]), tokens + float(out["tokens"])
     return ce / tokens if tokens else None
 
@@ -291,18 +286,6 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
         return {**done, "already_finished": True}
     os.makedirs(tc.out_dir, exist_ok=True)
     params, cfg, tokenizer = load_model(tc)
-    mesh = make_mesh(tc)
-    n_dev = mesh.devices.size
-    params = _place(params, mesh, (lambda x: _fsdp_spec(x, n_dev)) if tc.fsdp else (lambda x: P()))
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
-    eval_sharding = NamedSharding(mesh, P("data"))
-
-    def put_train(b):
-        return {k: jax.device_put(v, batch_sharding) for k, v in b.items()}
-
-    def put_eval(b):
-        return {k: jax.device_put(v, eval_sharding) for k, v in b.items()}
-
     data = load_data(tc.data, tokenizer, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
     if data.train.tokens.size and int(data.train.tokens.max()) >= cfg.vocab_size:
         raise ValueError(
@@ -310,11 +293,15 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
             f"vocabulary ({cfg.vocab_size}): tokenizer and model do not belong together"
         )
     adapter = init_adapter(cfg, tc.adapter, jax.random.key(tc.init_seed + 1))
-    state = _place(init_state(adapter, tc.optim, tc.init_seed), mesh, lambda x: P())
+    state = init_state(adapter, tc.optim, tc.init_seed)
+    placement = make_placement(tc, cfg, params, state)
+    params = jax.device_put(params, placement.params)
+    # A restore reads into these shardings: a checkpoint of one mesh resumes on another.
+    state = jax.device_put(state, placement.state)
 
     ckpt = Checkpointer(os.path.join(tc.out_dir, "checkpoints"), tc.identity(), tc.save_every, tc.keep)
     try:
-        return _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, progress)
+        return _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress)
     except KeyboardInterrupt as e:
         if isinstance(e, TrainingInterrupted):
             raise
@@ -324,7 +311,7 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
         ckpt.close()
 
 
-def _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, progress) -> dict:
+def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) -> dict:
     """The loop of :func:`train`, from restore to export (``ckpt`` closed by the caller)."""
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
     data_state = None
@@ -349,19 +336,24 @@ def _run(tc, ckpt, state, params, cfg, data, put_train, put_eval, stop_after, pr
     try:
         with open(metrics_path, "a") as log:
             if start == 0:  # the starting point of the held-out curve
-                initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
+                initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches,
+                                   placement.put_eval_batch, attention_chunk=tc.attention_chunk)
                 log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
             for step in range(start, end):
                 at = step + 1
-                batch = put_train(_stack_micro(train_batches, tc.optim.grad_accum))
-                state, metrics = train_step(state, params, batch, cfg=cfg, oc=tc.optim)
+                batch = placement.put_batch(_stack_micro(train_batches, tc.optim.grad_accum))
+                state, metrics = train_step(state, params, batch, placement=placement, cfg=cfg,
+                                            oc=tc.optim, remat=tc.remat,
+                                            attention_chunk=tc.attention_chunk)
                 # The loop already brings every step's metrics to the host: checking them is free.
                 m = jax.device_get(metrics)
                 record = {"step": step + 1, **{k: float(v) for k, v in m.items() if k != "usage"}}
                 if "usage" in m:
                     record["usage"] = np.round(m["usage"], 4).tolist()
                 if (step + 1) % tc.eval_every == 0 or step + 1 == tc.optim.steps:
-                    record["eval_loss"] = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches, put_eval)
+                    record["eval_loss"] = evaluate(
+                        state.adapter, params, eval_batches, cfg, tc.eval_batches,
+                        placement.put_eval_batch, attention_chunk=tc.attention_chunk)
                 _check_finite(step + 1, record, ckpt)
                 log.write(json.dumps(record) + "\n")
                 log.flush()

@@ -1,0 +1,118 @@
+"""Where a training run's arrays live on the mesh (``data``, ``fsdp``, ``tensor``).
+
+The rules are ``loraswitch_jax.sharding``'s, with weights split over ``fsdp`` (``shard_fsdp``):
+the frozen backbone by its logical axes (``embed`` over ``fsdp``, heads / FFN columns over
+``tensor``), the adapter by its projection's axes, the optimizer's moments like the adapter they
+track, scalars (step, counts, rng) replicated, and the batch's rows over ``(data, fsdp)``. The
+jitted step is given these as in/out shardings; XLA's SPMD partitioner inserts the gathers of
+each layer's weights inside the scanned layers and the reductions of the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from loraswitch_jax.adapters import Adapter
+from loraswitch_jax.config import LlamaConfig
+from loraswitch_jax.params import LlamaParams
+from loraswitch_jax.sharding import (MeshConfig, MeshError, adapter_specs, batch_spec,
+                                     check_tensor_fits, param_specs)
+from loraswitch_jax.train.step import STEP_STATIC, _train_step
+
+__all__ = ["Placement", "plan_placement"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """NamedShardings of a run's trees on ``mesh``.
+
+    Attributes:
+      mesh_config: the axis sizes.
+      mesh: the :class:`jax.sharding.Mesh`.
+      params: a :class:`LlamaParams` of shardings (the frozen backbone).
+      state: a ``TrainState`` of shardings (adapter, optimizer state, step, rng).
+      batch: the train batch's ``[A, B, T]`` leaves (rows over ``data`` and ``fsdp``).
+      eval_batch: the eval batch's ``[B, T]`` leaves.
+      replicated: scalars and metrics.
+    """
+
+    mesh_config: MeshConfig
+    mesh: Mesh
+    params: LlamaParams
+    state: object
+    batch: NamedSharding
+    eval_batch: NamedSharding
+    replicated: NamedSharding
+
+    @functools.cached_property
+    def train_step(self):
+        """``train.step.train_step`` jitted for this mesh: the new state comes out in the
+        shardings of :attr:`state` (so it is donated and fed back as is), metrics replicated.
+        The inputs must be placed already (:attr:`params`, :attr:`state`, :meth:`put_batch`):
+        jit reads their shardings (it takes no ``in_shardings`` beside keyword arguments)."""
+        leaves, treedef = jax.tree.flatten(self.state)
+        return _jit_step(treedef, tuple(leaves), self.replicated)
+
+    def put_batch(self, batch: dict) -> dict:
+        """A host train batch (``[A, B, T]`` leaves) on the mesh."""
+        return jax.device_put(batch, self.batch)
+
+    def put_eval_batch(self, batch: dict) -> dict:
+        """A host eval batch (``[B, T]`` leaves) on the mesh."""
+        return jax.device_put(batch, self.eval_batch)
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_step(treedef, state_leaves: tuple, replicated: NamedSharding):
+    # One jitted step per mesh and state layout: runs on the same mesh share its compilations.
+    return jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,),
+                   out_shardings=(treedef.unflatten(state_leaves), replicated))
+
+
+def _named(mesh: Mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def _state_specs(state, mc: MeshConfig):
+    """A TrainState of PartitionSpecs: every :class:`Adapter`-shaped subtree (the adapter, Adam's
+    moments) by the adapter rules, every other leaf (step, counts, rng) replicated."""
+    def spec(x):
+        if isinstance(x, Adapter):
+            return adapter_specs(x, mc, shard_fsdp=True)
+        return P()
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, Adapter))
+
+
+def plan_placement(mc: MeshConfig, cfg: LlamaConfig, params: LlamaParams, state,
+                   batch_size: int, *, devices: list | None = None) -> Placement:
+    """Shardings of ``params`` and the train ``state`` (arrays or shape structs) on mesh ``mc``.
+
+    Raises :class:`MeshError` when the mesh needs more devices than are visible, when ``tensor``
+    does not divide the heads, KV heads or FFN width, or when ``data * fsdp`` does not divide
+    ``batch_size``.
+    """
+    check_tensor_fits(cfg, mc)
+    if cfg.num_key_value_heads % mc.tensor:
+        raise MeshError(f"training splits KV heads over tensor: tensor={mc.tensor} does not "
+                        f"divide the {cfg.num_key_value_heads} KV heads")
+    rows = mc.data * mc.fsdp
+    if batch_size % rows:
+        raise MeshError(f"batch_size {batch_size} is not divisible by data * fsdp = {rows} "
+                        f"(mesh {mc})")
+    mesh = mc.make_mesh(devices)
+    row_spec = batch_spec(mc, batch_size, ndim=2)
+    return Placement(
+        mesh_config=mc,
+        mesh=mesh,
+        params=_named(mesh, param_specs(params, mc, shard_fsdp=True)),
+        state=_named(mesh, _state_specs(state, mc)),
+        batch=NamedSharding(mesh, P(None, *row_spec)),
+        eval_batch=NamedSharding(mesh, row_spec),
+        replicated=NamedSharding(mesh, P()),
+    )
