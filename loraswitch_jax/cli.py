@@ -157,7 +157,8 @@ def _init_command(args) -> int:
         raise FileExistsError(f"--out {args.out!r} is a file, not a folder")
     params = init_params(cfg, jax.random.key(args.seed), _DTYPES[args.dtype])
     save_params(params, cfg, args.out)
-    print(f"wrote a random {args.preset} model ({cfg.num_params() / 1e6:.2f}M parameters) to {args.out}")
+    print(f"wrote a random {args.preset} model ({cfg.num_params() / 1e6:.2f}M parameters) "
+          f"to {args.out}")
     if _byte_vocabulary(cfg):
         byte_tokenizer().save(args.out)
         print(f"with the byte tokenizer: loraswitch generate --model {args.out}")
@@ -224,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "equal budgets, score them, write a report with plots, and keep the "
                        f"backbone and adapters for `loraswitch generate` ({DEMO_TIME}).")
     d.add_argument("--out", default="runs/demo-pipeline",
-                   help="output folder: report, plots, backbone/ and adapters/ (default: %(default)s)")
+                   help="output folder: report, plots, backbone/ and adapters/ "
+                   "(default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo_command)
 

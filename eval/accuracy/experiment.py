@@ -28,7 +28,8 @@ Outputs in OUT: ``report.json`` (config, seeds, data hashes, timings, every numb
 per-item scores, with each window's domain and text and each item's source unit: enough to
 recompute every interval), plots
 (PNG); with ``save_models`` (``loraswitch demo``) also ``backbone/`` (the pretrained model as a
-Hugging Face folder with its byte tokenizer) and ``adapters/<name>/``. Everything is deterministic given the seed (up to floating-point reduction order on the
+Hugging Face folder with its byte tokenizer) and ``adapters/<name>/``. Everything is
+deterministic given the seed (up to floating-point reduction order on the
 device).
 
 Primary metric: held-out loss, which resolves differences far below what a few hundred
