@@ -1,18 +1,15 @@
-"""The ``loraswitch`` command line.
+"""The ``loraswitch`` command line: demo, generate, train, init.
 
-``loraswitch demo`` runs the whole pipeline offline on a bundled real-text sample: a tiny Llama
-pretrained briefly, a single LoRA, a per-layer MoE-LoRA and a LoRA-Switch adapter fine-tuned with
-equal parameter budgets, scored (held-out loss, multiple-choice accuracy), a report with plots.
-``loraswitch generate`` runs a Hugging Face Llama folder (``--model DIR``) or, without one, a small
-random-weight demo model that needs no download. ``loraswitch train`` trains adapters from a JSON config (default: a demo run on bundled data).
-``loraswitch init`` writes a random model folder
-of any preset (config.json, safetensors, tokenizer.json) for trying the rest offline.
+Errors a user can cause (a bad flag value, a missing or unreadable file, a path under a file, an
+output folder of another run) print one line, ``loraswitch: error: ...``, and exit with status 2;
+Ctrl-C prints one line and exits with 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -20,16 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loraswitch_jax.adapter_io import load_adapter
+from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.generate import PAD, GenerateConfig, generate_batch, prepare_prompts
 from loraswitch_jax.params import LlamaParams, init_params
 from loraswitch_jax.sampling import Sampler
+from loraswitch_jax.switch import STRATEGIES, resolve_strategy
 from loraswitch_jax.tokenizer import Tokenizer, byte_tokenizer
 from loraswitch_jax.weights import load_params, save_params
 
 __all__ = ["main"]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# Measured on a 2-core CPU (107 s and 38 s of CPU time); shown in --help and the README.
+DEMO_TIME = "about 2 minutes on a CPU"
+TRAIN_TIME = "about 40 s on a CPU"
 
 
 def _demo_model(dtype) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
@@ -55,36 +58,73 @@ class _TextStream:
             self.printed = text
 
 
+def _load_model(args, dtype) -> tuple[LlamaParams, LlamaConfig, Tokenizer, str]:
+    """The ``--model`` folder (or the demo model), its tokenizer checked before any weight loads."""
+    if not args.model:
+        params, cfg, tokenizer = _demo_model(dtype)
+        return params, cfg, tokenizer, "random-weight demo model (no --model given)"
+    cfg = LlamaConfig.from_pretrained(args.model)  # reads config.json only
+    if not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+        raise FileNotFoundError(
+            f"no tokenizer.json in {args.model!r}: copy the tokenizer.json of the model these "
+            "weights come from into that folder (`loraswitch init` writes one only for presets "
+            "with the byte vocabulary, e.g. --preset demo)")
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{os.path.join(args.model, 'tokenizer.json')} has {tokenizer.vocab_size} tokens but "
+            f"the model's vocab_size is {cfg.vocab_size}: the tokenizer is not this model's")
+    params, cfg = load_params(args.model, cfg, dtype=dtype)
+    return params, cfg, tokenizer, args.model
+
+
+def _load_adapter(args, cfg: LlamaConfig, batch_size: int) -> Adapter | None:
+    """``--adapter`` loaded and checked against the model and ``--switch-strategy``."""
+    if not args.adapter:
+        if args.switch_strategy == "merge":
+            raise ValueError("--switch-strategy merge needs a switch --adapter")
+        return None
+    adapter = load_adapter(args.adapter, cfg)
+    if args.switch_strategy == "merge":
+        if adapter.config.mode != "switch":
+            raise ValueError(f"--switch-strategy merge applies to switch adapters; "
+                             f"{args.adapter!r} holds a {adapter.config.mode!r} adapter")
+        resolve_strategy("merge", batch_size)
+    return adapter
+
+
 def _generate_command(args) -> int:
     dtype = _DTYPES[args.dtype]
     t0 = time.perf_counter()
-    if args.model:
-        params, cfg = load_params(args.model, dtype=dtype)
-        tokenizer = Tokenizer.from_pretrained(args.model)
-        source = args.model
-    else:
-        params, cfg, tokenizer = _demo_model(dtype)
-        source = "random-weight demo model (no --model given)"
-    jax.block_until_ready(params)
+    params, cfg, tokenizer, source = _load_model(args, dtype)
+    prompts = args.prompt or ["Once upon a time"]
+    adapter = _load_adapter(args, cfg, len(prompts))
+    jax.block_until_ready((params, adapter))
     load_s = time.perf_counter() - t0
     print(f"model: {source}  ({cfg.num_params() / 1e6:.2f}M parameters, {args.dtype}, "
           f"{jax.devices()[0].device_kind}) loaded in {load_s:.2f}s", flush=True)
+    if adapter is not None:
+        print(f"adapter: {args.adapter}  ({adapter.config.mode}, "
+              f"{adapter.config.num_experts} expert(s) of rank {adapter.config.rank}"
+              + (f", top-{adapter.config.top_k}, {args.switch_strategy}"
+                 if adapter.config.mode == "switch" else "") + ")", flush=True)
 
-    prompts = args.prompt or ["Once upon a time"]
     ids = [tokenizer.encode(p) for p in prompts]
     gen = GenerateConfig(
         max_new_tokens=args.max_new_tokens,
         sampler=Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         stop_tokens=None if not args.ignore_eos else (),
+        switch_strategy=args.switch_strategy,
         mesh=args.mesh,
     )
     if gen.mesh is not None:  # KV heads replicated where needed, weights split over the mesh
         from loraswitch_jax.parallel import place
 
-        params, _ = place(params, None, cfg, gen.mesh)
+        params, adapter = place(params, adapter, cfg, gen.mesh)
     tokens, lengths, cache_len = prepare_prompts(ids, cfg, gen.max_new_tokens, gen.cache_len)
     stream = _TextStream(tokenizer) if len(prompts) == 1 and not args.no_stream else None
-    call_args = (params, None, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(args.seed))
+    call_args = (params, adapter, jnp.asarray(tokens), jnp.asarray(lengths),
+                 jax.random.key(args.seed))
     static = dict(cfg=cfg, gen=gen, cache_len=cache_len, stream=stream)
 
     t0 = time.perf_counter()
@@ -111,13 +151,26 @@ def _generate_command(args) -> int:
     return 0
 
 
+def _byte_vocabulary(cfg: LlamaConfig) -> bool:
+    """Whether ``cfg``'s ids are :func:`byte_tokenizer`'s (bytes, then ``<s>``, ``</s>``, pad)."""
+    return cfg.vocab_size == 259 and cfg.bos_token_id == 256 and tuple(cfg.eos_token_id) == (257,)
+
+
 def _init_command(args) -> int:
     cfg = PRESETS[args.preset]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out!r} is a file, not a folder")
     params = init_params(cfg, jax.random.key(args.seed), _DTYPES[args.dtype])
     save_params(params, cfg, args.out)
-    if args.preset == "demo":
+    print(f"wrote a random {args.preset} model ({cfg.num_params() / 1e6:.2f}M parameters) "
+          f"to {args.out}")
+    if _byte_vocabulary(cfg):
         byte_tokenizer().save(args.out)
-    print(f"wrote a random {args.preset} model ({cfg.num_params() / 1e6:.2f}M parameters) to {args.out}")
+        print(f"with the byte tokenizer: loraswitch generate --model {args.out}")
+    else:
+        print(f"no tokenizer.json written: the {args.preset} preset's {cfg.vocab_size}-token "
+              f"vocabulary needs its own; copy a real {args.preset} tokenizer.json into "
+              f"{args.out} before `loraswitch generate --model {args.out}`")
     return 0
 
 
@@ -129,14 +182,18 @@ def _train_command(args) -> int:
     if args.print_config:
         print(json.dumps(to_dict(tc), indent=2))
         return 0
-    print(f"training a {tc.adapter.mode} adapter on {tc.model} with {tc.data.path} -> {tc.out_dir}")
+    print(f"training a {tc.adapter.mode} adapter on {tc.model} with {tc.data.path} -> "
+          f"{tc.out_dir}")
     try:
         summary = train(tc)
     except KeyboardInterrupt as e:  # train's message names the checkpoint a rerun resumes from
         print(f"loraswitch: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    if summary.get("already_finished"):
+        return 0  # train() said so in one line and changed nothing
     last = summary["last"]
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; last loss {last.get('loss', float('nan')):.4f}"
+    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; last loss "
+          f"{last.get('loss', float('nan')):.4f}"
           + (f", held-out loss {last['eval_loss']:.4f}" if last.get("eval_loss") is not None else "")
           + f"; adapter in {tc.out_dir}/adapter")
     return 0
@@ -149,54 +206,127 @@ def _demo_command(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraswitch", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+_EPILOG = f"""\
+commands (times measured on a 2-core CPU, after the install):
+  demo       the whole pipeline offline: pretrain a tiny Llama, fine-tune a LoRA,
+             a per-layer MoE-LoRA and a LoRA-Switch adapter, score them, write a
+             report, keep the models ({DEMO_TIME})
+  generate   text from a Llama folder (--model) or the random demo model,
+             optionally with an --adapter
+  train      fine-tune an adapter from a JSON config (default: a demo run,
+             {TRAIN_TIME})
+  init       write a random model folder of a preset, to try the rest offline
 
-    d = sub.add_parser("demo", help="the whole pipeline on the bundled sample (a few minutes on "
-                       "a CPU): pretrain, fine-tune three adapter kinds, evaluate, report")
-    d.add_argument("--out", default="runs/demo-pipeline", help="report folder")
+`loraswitch COMMAND --help` lists each command's flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraswitch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Dynamic LoRA adapters (mixture of LoRA experts, LoRA-Switch) for Llama in "
+                    "JAX: train, evaluate and generate.",
+        epilog=_EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help=f"the whole pipeline on the bundled sample ({DEMO_TIME})",
+                       description="Pretrain a tiny byte-level Llama on the bundled sample, "
+                       "fine-tune a LoRA, a per-layer MoE-LoRA and a LoRA-Switch adapter with "
+                       "equal budgets, score them, write a report with plots, and keep the "
+                       f"backbone and adapters for `loraswitch generate` ({DEMO_TIME}).")
+    d.add_argument("--out", default="runs/demo-pipeline",
+                   help="output folder: report, plots, backbone/ and adapters/ "
+                   "(default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo_command)
 
-    g = sub.add_parser("generate", help="generate text with a Llama model")
-    g.add_argument("--model", help="Hugging Face Llama folder (config.json, safetensors, "
-                   "tokenizer.json); default: a random-weight demo model")
-    g.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    g = sub.add_parser("generate", help="generate text with a Llama model (and an adapter)",
+                       description="Generate text with a Hugging Face Llama folder, or without "
+                       "--model a random-weight demo model (no download), optionally with an "
+                       "adapter saved by `loraswitch train` or `loraswitch demo`.")
+    g.add_argument("--model", metavar="DIR", help="Hugging Face Llama folder (config.json, "
+                   "safetensors, tokenizer.json); default: a random-weight demo model")
+    g.add_argument("--adapter", metavar="DIR", help="an adapter folder (adapter_config.json, "
+                   "adapter.safetensors) saved for this model")
+    g.add_argument("--switch-strategy", choices=STRATEGIES, default="fused",
+                   help="how a switch adapter is applied: fused (routed LoRA term inside the "
+                   "projections, any batch) or merge (experts merged into the weights when the "
+                   "route changes; one prompt) (default: %(default)s)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; default: "
+                   "'Once upon a time')")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per prompt (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16",
+                   help="weights and activations (default: %(default)s)")
     g.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
     g.add_argument("--no-stream", action="store_true", help="print at the end (pure device loop)")
     g.add_argument("--mesh", help="run over many devices, e.g. data=2,tensor=4 (axes data, fsdp, "
                    "tensor; default: one device)")
     g.set_defaults(func=_generate_command)
 
-    t = sub.add_parser("train", help="train adapters (resumes from the output folder's checkpoints)")
+    t = sub.add_parser("train", help="train adapters (resumes from the output folder's checkpoints)",
+                       description="Fine-tune an adapter on a frozen Llama from a JSON config "
+                       f"(default: a LoRA-Switch adapter on the demo model and bundled data, "
+                       f"{TRAIN_TIME}). A run resumes from the latest checkpoint in its out_dir.")
     t.add_argument("--config", help="JSON training config; default: the demo run on bundled data")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-3 adapter.num_experts=8 out_dir=runs/x")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train_command)
 
-    i = sub.add_parser("init", help="write a random-weight model folder of a preset")
-    i.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    i.add_argument("--out", required=True)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    i = sub.add_parser("init", help="write a random-weight model folder of a preset",
+                       description="Write a random-weight Hugging Face Llama folder of a preset's "
+                       "shape (config.json, safetensors; tokenizer.json for the byte-vocabulary "
+                       "demo preset), to try the rest offline.")
+    i.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="model shape (default: %(default)s)")
+    i.add_argument("--out", metavar="DIR", required=True, help="folder to write")
+    i.add_argument("--seed", type=int, default=0, help="initialisation seed (default: %(default)s)")
+    i.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16",
+                   help="weight dtype (default: %(default)s)")
     i.set_defaults(func=_init_command)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types a user causes: bad values and configs, files and folders, checkpoints."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    checkpoints = sys.modules.get("loraswitch_jax.train.checkpoints")  # loaded only by train
+    if checkpoints is not None:
+        errors += (checkpoints.CheckpointError,)
+    loop = sys.modules.get("loraswitch_jax.train.loop")
+    if loop is not None:
+        errors += (loop.TrainingDiverged,)  # its message names the step and the good checkpoint
+    return errors
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; OS errors as 'what: path' without the errno."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        where = repr(os.fspath(e.filename))
+        if e.filename2 is not None:
+            where += f" -> {os.fspath(e.filename2)!r}"
+        text = f"{e.strerror}: {where}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 2 for a user error, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors name the problem: no traceback
-        print(f"loraswitch: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("loraswitch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise  # a bug: keep the traceback
+        print(f"loraswitch: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

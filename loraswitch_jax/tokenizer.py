@@ -11,7 +11,11 @@ from collections.abc import Sequence
 
 import tokenizers
 
-__all__ = ["Tokenizer", "byte_tokenizer"]
+__all__ = ["Tokenizer", "TokenizerError", "byte_tokenizer"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file cannot be read (the message names it)."""
 
 
 class Tokenizer:
@@ -22,12 +26,21 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "Tokenizer":
+        """Read ``folder/tokenizer.json``.
+
+        Raises:
+          FileNotFoundError: there is none.
+          TokenizerError: it is not a tokenizer file (truncated, not JSON, unknown model type).
+        """
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"no tokenizer.json in {os.fspath(folder)!r}; pass a Tokenizer (or token ids) instead"
             )
-        return cls(tokenizers.Tokenizer.from_file(path))
+        try:
+            return cls(tokenizers.Tokenizer.from_file(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+            raise TokenizerError(f"{path} is not a valid tokenizer.json: {e}") from e
 
     @property
     def vocab_size(self) -> int:

@@ -439,6 +439,11 @@ def write_folder_atomic(
     folder = os.path.realpath(os.fspath(folder))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot write a folder at {folder!r}: a file is there")
+    parent = os.path.dirname(folder)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):  # makedirs would say "File exists"
+        raise NotADirectoryError(20, "Not a directory", folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     tmp = _sibling(folder, _SAVING)
     try:

@@ -161,6 +161,7 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 
 def _usage_plot(usage: np.ndarray, mode: str, path: str) -> None:
+    """Expert usage [layers or 1, E]: bars for one router, a heat map for one per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,13 +171,17 @@ def _usage_plot(usage: np.ndarray, mode: str, path: str) -> None:
     E = usage.shape[-1]
     if usage.shape[0] == 1:
         ax.bar(np.arange(E), usage[0])
+        ax.axhline(1 / E, color="k", lw=0.8, ls="--")
+        ax.set_ylabel("fraction of assignments")
+        ax.set_title(f"expert usage ({mode}); dashed: uniform")
     else:
-        im = ax.imshow(usage, aspect="auto", cmap="viridis")
-        fig.colorbar(im, ax=ax, label="fraction of assignments")
+        im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0)
+        fig.colorbar(im, ax=ax, label=f"fraction of assignments (uniform {1 / E:.2f})")
+        ax.set_yticks(np.arange(usage.shape[0]))
         ax.set_ylabel("adapted layer")
-    ax.axhline(1 / E, color="k", lw=0.8, ls="--") if usage.shape[0] == 1 else None
+        ax.set_title(f"expert usage ({mode})")
+    ax.set_xticks(np.arange(E))  # experts are whole numbers
     ax.set_xlabel("expert")
-    ax.set_title(f"expert usage ({mode}); dashed: uniform")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

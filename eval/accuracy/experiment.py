@@ -27,7 +27,9 @@ Outputs in OUT: ``report.json`` (config, seeds, data hashes, timings, every numb
 ``report.md`` (tables and a plain statement of the result), ``scores.npz`` (per-window and
 per-item scores, with each window's domain and text and each item's source unit: enough to
 recompute every interval), plots
-(PNG). Everything is deterministic given the seed (up to floating-point reduction order on the
+(PNG); with ``save_models`` (``loraswitch demo``) also ``backbone/`` (the pretrained model as a
+Hugging Face folder with its byte tokenizer) and ``adapters/<name>/``. Everything is
+deterministic given the seed (up to floating-point reduction order on the
 device).
 
 Primary metric: held-out loss, which resolves differences far below what a few hundred
@@ -42,6 +44,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -51,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from loraswitch_jax.adapter_io import save_adapter
 from loraswitch_jax.adapters import Adapter, AdapterConfig, init_adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.eval.accuracy import scoring
@@ -67,11 +71,14 @@ from loraswitch_jax.sampling import Sampler
 from loraswitch_jax.tokenizer import byte_tokenizer
 from loraswitch_jax.train.data import DataConfig, TrainBatches
 from loraswitch_jax.train.step import OptimConfig, init_state, train_step
+from loraswitch_jax.weights import save_params
 
-__all__ = ["PROMPTS", "SAMPLER", "check_fresh_text", "demo", "evaluate", "finetune", "main", "run"]
+__all__ = ["BACKBONE_DIR", "PROMPTS", "SAMPLER", "adapter_dir", "check_fresh_text", "demo",
+           "evaluate", "finetune", "generate_command", "main", "run"]
 
 PROMPTS = ("def ", "apparition (n.):", "Q: How do I", "It is a truth universally")
 SAMPLER = Sampler(temperature=0.8, top_k=20)  # seeded: the generations are reproducible
+BACKBONE_DIR = "backbone"  # run(save_models=True) keeps the pretrained model here
 
 
 # ---- fine-tuning and evaluation --------------------------------------------------------------
@@ -194,13 +201,16 @@ def check_fresh_text(p: Preset, batches_per_epoch: int) -> None:
 
 
 def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
-        progress: bool = True) -> dict:
+        progress: bool = True, save_models: bool = False) -> dict:
     """Run the whole experiment (module docstring) and write its outputs to ``out_dir``.
 
     Args:
       corpus_dir: a corpus folder (``corpus.py`` layout, with ``tasks/``).
       preset: a name in :data:`PRESETS` or a :class:`Preset`.
       seed: data subsets, shuffling, initialisation and bootstrap all derive from it.
+      save_models: also keep the pretrained backbone (``backbone/``: HF folder with the byte
+        tokenizer) and every fine-tuned adapter (``adapters/<name>/``), for
+        ``loraswitch generate`` (:func:`generate_command`).
     Returns:
       The report (also written as ``report.json``).
     """
@@ -224,6 +234,9 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
     # has not been trained on, the same batches for every adapter.
     stream = batches.state()
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(p.compute_dtype)), pre.params)
+    if save_models:
+        save_params(params, cfg, os.path.join(out_dir, BACKBONE_DIR))
+        byte_tokenizer().save(os.path.join(out_dir, BACKBONE_DIR))
 
     t = time.perf_counter()
     results = {"backbone": evaluate(params, cfg, None, data, corpus, p, progress=progress,
@@ -243,6 +256,8 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
                            "params": count_params(cfg, acfg), "finetune": record}
         if v.name == "switch":
             adapters["switch"] = adapter
+        if save_models:
+            save_adapter(adapter, adapter_dir(out_dir, v.name), cfg)
     for name, r in results.items():
         methods[name].update(summarise(r, data, corpus))
 
@@ -284,17 +299,33 @@ def run(corpus_dir: str, preset: str | Preset, out_dir: str, seed: int = 0,
     return report
 
 
-def demo(out_dir: str = "runs/accuracy-demo", progress: bool = True) -> dict:
+def adapter_dir(out_dir: str, name: str) -> str:
+    """Where :func:`run` with ``save_models`` keeps the adapter of variant ``name``."""
+    return os.path.join(out_dir, "adapters", name.replace(" ", "_"))
+
+
+def generate_command(out_dir: str, adapter: str = "switch", prompt: str = PROMPTS[0]) -> str:
+    """The ``loraswitch generate`` command over a run's saved backbone and one of its adapters."""
+    return shlex.join(["loraswitch", "generate", "--model", os.path.join(out_dir, BACKBONE_DIR),
+                       "--adapter", adapter_dir(out_dir, adapter), "--prompt", prompt])
+
+
+def demo(out_dir: str = "runs/demo-pipeline", progress: bool = True) -> dict:
     """The README's demo: the ``demo`` preset on the bundled sample (tiny model pretrained
-    briefly, three adapters fine-tuned and scored, a plot and a generation); prints a summary."""
+    briefly, three adapters fine-tuned and scored, a plot and a generation); prints a summary
+    and the command that generates with the kept backbone and adapters."""
     from loraswitch_jax.samples import sample_path
 
-    report = run(sample_path("mixture"), "demo", out_dir, progress=progress)
+    report = run(sample_path("mixture"), "demo", out_dir, progress=progress, save_models=True)
     print(summary(report))
     for who, outs in report["generations"].items():
         prompt = PROMPTS[0]
         print(f"\n{who} continues {prompt!r}: {outs[prompt]!r}")
     print(f"\nreport: {os.path.join(out_dir, 'report.md')} (plots beside it)")
+    print(f"backbone: {os.path.join(out_dir, BACKBONE_DIR)}; adapters: "
+          f"{', '.join(adapter_dir(out_dir, m) for m in MAIN)}")
+    print(f"generate with them (--adapter any of those; --temperature 0.8 --top-k 20 samples "
+          f"as above):\n  {generate_command(out_dir)}")
     return report
 
 

@@ -254,17 +254,27 @@ def plots(report: dict, out_dir: str) -> list[str]:
         plt.close(fig)
         files.append(name)
 
-    def smooth(x, n=10):
-        x = np.asarray(x)
-        n = max(1, min(n, len(x) // 5 or 1))
-        return np.convolve(x, np.ones(n) / n, mode="valid")
+    def window(x, n=10):
+        return max(1, min(n, len(x) // 5 or 1))
+
+    def smooth(x, n):
+        """Trailing moving average over n steps, plotted at the step each window ends on."""
+        x = np.asarray(x, np.float64)
+        return np.arange(n, len(x) + 1), np.convolve(x, np.ones(n) / n, mode="valid")
+
+    def averaged(title, n):
+        return title + (f"\n(each point: mean of the last {n} steps)" if n > 1 else "")
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax0.plot(smooth(report["backbone"]["pretrain"]["losses"]), color="k")
-    ax0.set(title="pretraining", xlabel="step", ylabel="train loss (nats/byte)")
+    pre = report["backbone"]["pretrain"]["losses"]
+    n = window(pre)
+    ax0.plot(*smooth(pre, n), color="k")
+    ax0.set(title=averaged("pretraining", n), xlabel="step", ylabel="train loss (nats/byte)")
+    n = window(m[MAIN[0]]["finetune"]["losses"])
     for name in MAIN:
-        ax1.plot(smooth(m[name]["finetune"]["losses"]), color=colors[name], label=name)
-    ax1.set(title="fine-tuning (same batches)", xlabel="step", ylabel="train loss (nats/byte)")
+        ax1.plot(*smooth(m[name]["finetune"]["losses"], n), color=colors[name], label=name)
+    ax1.set(title=averaged("fine-tuning (same batches)", n), xlabel="step",
+            ylabel="train loss (nats/byte)")
     ax1.legend()
     save(fig, "curves.png")
 
@@ -326,13 +336,15 @@ def plots(report: dict, out_dir: str) -> list[str]:
     routed = [k for k in ("layerwise", "switch") if "routing" in m[k]]
     if routed:
         fig, axes = plt.subplots(1, len(routed), figsize=(5 * len(routed), 3), squeeze=False)
-        for ax, name in zip(axes[0], routed):
-            usage = np.array(m[name]["routing"]["usage_by_domain"])
-            im = ax.imshow(usage, aspect="auto", cmap="viridis")
+        usages = [np.array(m[name]["routing"]["usage_by_domain"]) for name in routed]
+        vmax = max(float(u.max()) for u in usages)  # one colour scale for every panel
+        for ax, name, usage in zip(axes[0], routed, usages):
+            im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
             ax.set_yticks(np.arange(len(domains)), domains)
+            ax.set_xticks(np.arange(usage.shape[1]))
             ax.set(xlabel="expert", title=f"{name}: expert use per domain "
                    f"({m[name]['routing']['domain_expert_information_bits']:.3f} bits)")
-            fig.colorbar(im, ax=ax)
+            fig.colorbar(im, ax=ax, label="share of the domain's assignments")
         save(fig, "routing.png")
     return files
 

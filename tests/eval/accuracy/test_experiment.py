@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pathlib
+import shlex
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
+from loraswitch_jax import cli
 from loraswitch_jax.eval.accuracy import experiment, inputs, presets, scoring, statistics
 from loraswitch_jax.samples import sample_path
 from loraswitch_jax.tokenizer import byte_tokenizer
@@ -320,7 +323,7 @@ def _tiny_corpus(root):
         json.dump({"created": "test", "builder": "test"}, f)
 
 
-def test_micro_experiment_writes_report(tmp_path):
+def test_micro_experiment_writes_report(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     _tiny_corpus(str(corpus))
     preset = presets.Preset(
@@ -331,7 +334,8 @@ def test_micro_experiment_writes_report(tmp_path):
         bootstrap_resamples=50,
         ablations=(presets.Variant(name="switch router_layer=1", mode="switch", router_layer=1),))
     out = tmp_path / "out"
-    report = experiment.run(str(corpus), preset, str(out), seed=0, progress=False)
+    report = experiment.run(str(corpus), preset, str(out), seed=0, progress=False,
+                            save_models=True)
     for name in ("report.json", "report.md", "scores.npz", "heldout.png", "tasks.png",
                  "curves.png", "routing.png", "ablations.png"):
         assert (out / name).stat().st_size > 0, name
@@ -374,6 +378,15 @@ def test_micro_experiment_writes_report(tmp_path):
         texts = np.unique(text[domain == i])
         assert texts.size == saved["data"]["heldout_scored"][name]["texts"]
         assert not np.isin(texts, text[domain != i]).any()  # text numbers differ across domains
+    # The kept backbone and adapters generate from the command line, as ``demo`` prints it.
+    for name in ("lora", "layerwise", "switch", "switch router_layer=1"):
+        assert (pathlib.Path(experiment.adapter_dir(str(out), name)) / "adapter.safetensors").is_file()
+    argv = shlex.split(experiment.generate_command(str(out)))
+    assert argv[:2] == ["loraswitch", "generate"]
+    assert cli.main([*argv[1:], "--max-new-tokens", "3", "--no-stream"]) == 0
+    printed = capsys.readouterr().out
+    assert f"adapter: {experiment.adapter_dir(str(out), 'switch')}  (switch," in printed
+    assert "--- [0] def " in printed
 
 
 def test_demo_preset_fits_the_bundled_sample():
