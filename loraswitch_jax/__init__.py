@@ -1,7 +1,8 @@
 """loraswitch-jax: dynamic LoRA adapters (LoRA-Switch) for Llama in JAX.
 
 The public API in one namespace; kernels, training and evaluation live in
-``loraswitch_jax.pallas``, ``loraswitch_jax.train`` and ``loraswitch_jax.eval``.
+``loraswitch_jax.pallas``, ``loraswitch_jax.train`` and ``loraswitch_jax.eval``; the Flax NNX face
+in ``loraswitch_jax.nnx``; many devices in ``loraswitch_jax.sharding`` and ``loraswitch_jax.parallel``.
 """
 
 from loraswitch_jax.adapter_io import export_merged, load_adapter, merge_lora, save_adapter
@@ -14,6 +15,7 @@ from loraswitch_jax.params import PROJECTIONS, LayerParams, LlamaParams, init_pa
 from loraswitch_jax.peft_io import export_peft, import_peft
 from loraswitch_jax.router import Route, Routing, balance_loss, expert_usage
 from loraswitch_jax.sampling import Sampler
+from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.weights import WeightsError, load_params, save_params
 
 __all__ = [
@@ -41,6 +43,8 @@ __all__ = [
     "LayerParams",
     "LlamaConfig",
     "LlamaParams",
+    "MeshConfig",
+    "MeshError",
     "RopeScaling",
     "Sampler",
     "WeightsError",
