@@ -73,14 +73,8 @@ def _project(x, w, layer, b):
 
 
 def qkv_matmul_reference(
-    x: jax.Array,
-    wq: jax.Array,
-    wk: jax.Array,
-    wv: jax.Array,
-    layer: jax.Array | int,
-    b_q: jax.Array | None = None,
-    b_k: jax.Array | None = None,
-    b_v: jax.Array | None = None,
+    x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, layer: jax.Array | int,
+    b_q: jax.Array | None = None, b_k: jax.Array | None = None, b_v: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``x [M, K] @ w[layer] (+ b[layer])`` for ``w`` in ``wq, wk, wv``; float32 sums, ``x.dtype``."""
     return tuple(
@@ -89,12 +83,8 @@ def qkv_matmul_reference(
 
 
 def gate_up_matmul_reference(
-    x: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    layer: jax.Array | int,
-    b_gate: jax.Array | None = None,
-    b_up: jax.Array | None = None,
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: jax.Array | int,
+    b_gate: jax.Array | None = None, b_up: jax.Array | None = None,
 ) -> jax.Array:
     """SwiGLU input ``silu(x @ wg[layer] + bg) * (x @ wu[layer] + bu)`` in float32, ``x.dtype`` out."""
     gate = _project(x, w_gate, layer, b_gate)

@@ -181,11 +181,8 @@ def lora_shrink(
 
 
 def lora_shrink_group_reference(
-    x: jax.Array,
-    a: tuple[jax.Array, ...],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    slot_weights: jax.Array,
+    x: jax.Array, a: tuple[jax.Array, ...], adapted_layer: jax.Array | int,
+    slot_experts: jax.Array, slot_weights: jax.Array,
 ) -> tuple[jax.Array, ...]:
     """:func:`lora_shrink` of each ``[La, E, K, r]`` stack in ``a``."""
     return tuple(lora_shrink(x, a_p, adapted_layer, slot_experts, slot_weights) for a_p in a)

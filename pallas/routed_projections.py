@@ -86,14 +86,8 @@ def _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias):
 
 
 def routed_matmul_reference(
-    x: jax.Array,
-    w: jax.Array,
-    layer: jax.Array | int,
-    xa: jax.Array,
-    b: jax.Array,
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    bias: jax.Array | None = None,
+    x: jax.Array, w: jax.Array, layer: jax.Array | int, xa: jax.Array, b: jax.Array,
+    adapted_layer: jax.Array | int, slot_experts: jax.Array, bias: jax.Array | None = None,
 ) -> jax.Array:
     """``x @ w[layer] + sum_s xa[:, s] @ b[adapted_layer, slot_experts[s]] + bias[layer]``;
     float32 sums, ``x.dtype`` out."""
@@ -101,15 +95,10 @@ def routed_matmul_reference(
 
 
 def routed_qkv_matmul_reference(
-    x: jax.Array,
-    wq: jax.Array,
-    wk: jax.Array,
-    wv: jax.Array,
-    layer: jax.Array | int,
+    x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, layer: jax.Array | int,
     xas: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
     bs: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
+    adapted_layer: jax.Array | int, slot_experts: jax.Array,
     biases: tuple[jax.Array | None, ...] = (None, None, None),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`routed_matmul_reference` for each of ``q, k, v``; a ``None`` xa skips its LoRA."""
@@ -120,16 +109,10 @@ def routed_qkv_matmul_reference(
 
 
 def routed_gate_up_matmul_reference(
-    x: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    layer: jax.Array | int,
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: jax.Array | int,
     xas: tuple[jax.Array | None, jax.Array | None],
-    bs: tuple[jax.Array | None, jax.Array | None],
-    adapted_layer: jax.Array | int,
-    slot_experts: jax.Array,
-    b_gate: jax.Array | None = None,
-    b_up: jax.Array | None = None,
+    bs: tuple[jax.Array | None, jax.Array | None], adapted_layer: jax.Array | int,
+    slot_experts: jax.Array, b_gate: jax.Array | None = None, b_up: jax.Array | None = None,
     down_shrink: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``silu(gate) * up`` of the two routed projections, in float32, ``x.dtype`` out; with
