@@ -31,7 +31,7 @@ __all__ = ["main"]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Measured on a 2-core CPU (107 s and 38 s of CPU time); shown in --help and the README.
-DEMO_TIME = "about 2 minutes on a CPU"
+DEMO_TIME = "about a minute on a 2-core CPU"
 TRAIN_TIME = "about 40 s on a CPU"
 
 
