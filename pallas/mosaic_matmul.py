@@ -74,8 +74,8 @@ class MosaicBlocks:
                              f"{SWIZZLE_ELEMS}")
         if self.split_k < 1:
             raise ValueError(f"MosaicBlocks.split_k={self.split_k} must be >= 1")
-        if self.num_stages < 1:
-            raise ValueError(f"MosaicBlocks.num_stages={self.num_stages} must be >= 1")
+        if self.num_stages < 2:  # one buffer is still read by the wgmma in flight
+            raise ValueError(f"MosaicBlocks.num_stages={self.num_stages} must be >= 2")
 
     @property
     def name(self) -> str:
@@ -124,6 +124,8 @@ def _kernel(layer_ref, x_gmem, w_gmem, o_gmem, *, bs: MosaicBlocks, mp: int, k_c
     ni, si = lax.axis_index("n"), lax.axis_index("k")
     layer = layer_ref[0]
     swap = bs.form == "swap"
+    steps = k_chunk // bs.block_k
+    delay = min(1, steps - 1)  # keep one wgmma in flight; emit_pipeline wants stages > delay
     acc_shape = (bs.block_n, mp) if swap else (mp, bs.block_n)
 
     def step(_, x_smem, w_smem, acc_ref):
@@ -131,17 +133,17 @@ def _kernel(layer_ref, x_gmem, w_gmem, o_gmem, *, bs: MosaicBlocks, mp: int, k_c
             plgpu.wgmma(acc_ref, w_smem.transpose((1, 0)), x_smem.transpose((1, 0)))
         else:  # acc [64, block_n] += x [64, block_k] @ w [block_k, block_n]
             plgpu.wgmma(acc_ref, x_smem, w_smem)
-        plgpu.wgmma_wait(1)  # the previous step's wgmma is done: its buffers may be refilled
+        plgpu.wgmma_wait(delay)  # the previous step's wgmma is done: its buffers may be refilled
 
     def accumulate(acc_ref):
         plgpu.emit_pipeline(
             functools.partial(step, acc_ref=acc_ref),
-            grid=(k_chunk // bs.block_k,),
+            grid=(steps,),
             in_specs=[
                 plgpu.BlockSpec((mp, bs.block_k), lambda k: (0, k), transforms=_transforms(),
-                                delay_release=1),
+                                delay_release=delay),
                 plgpu.BlockSpec((bs.block_k, bs.block_n), lambda k: (k, 0),
-                                transforms=_transforms(), delay_release=1),
+                                transforms=_transforms(), delay_release=delay),
             ],
             max_concurrent_steps=bs.num_stages,
         )(x_gmem.at[:, pl.ds(si * k_chunk, k_chunk)],

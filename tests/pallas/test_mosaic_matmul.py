@@ -39,6 +39,7 @@ def operands(m, k, n, layers, dtype, seed):
     (1, 256, 128, dict(block_n=64, block_k=64, split_k=2, num_stages=2)),  # split K, 2 N blocks
     (13, 128, 192, dict(block_n=64, block_k=64, split_k=1, num_stages=3)),  # odd rows, 3 blocks
     (64, 384, 128, dict(block_n=128, block_k=128, split_k=1, num_stages=2)),  # full 64 rows
+    (5, 128, 64, dict(block_n=64, block_k=64, split_k=2, num_stages=4)),  # one K step a program
 ])
 def test_matches_reference(form, m, k, n, bs):
     x, w = operands(m, k, n, 3, jnp.bfloat16, seed=m * 1000 + k + n)
@@ -98,7 +99,7 @@ def test_supports_names_what_does_not_fit():
     ("block_n", dict(block_n=96, form="swap")),
     ("block_k", dict(block_k=96)),
     ("split_k", dict(split_k=0)),
-    ("num_stages", dict(num_stages=0)),
+    ("num_stages", dict(num_stages=1)),
 ])
 def test_blocks_validate(field, kwargs):
     with pytest.raises(ValueError, match=field):
