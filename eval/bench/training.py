@@ -1,11 +1,10 @@
 """Adapter training on one GPU: tokens/s, model FLOPs utilisation, peak memory, largest batch.
 
-Llama-3-8B shapes with random bf16 weights made on the device, sequence 2048, one GPU. Each run
-is ``ADAPTER:REMAT:BATCH[:ATTENTION]``: adapter ``switch`` (E 8, r 16, k 2), ``layerwise`` (the
-same budget: E 8, r 16, k 2 per layer) or ``lora`` (r 16), as :mod:`.adapter_cases` sets them;
-remat ``none``/``dots``/``full`` (``TrainConfig.remat``); batch an integer or ``max``; attention
-``xla`` (blockwise above ``--attention-chunk``) or ``cudnn``. ``mixlora:none|full:1|max`` runs the
-PyTorch peer (:mod:`.training_peers`; ``full``: Hugging Face gradient checkpointing).
+Llama-3-8B shapes, random bf16 weights made on the device, sequence 2048. A run is
+``ADAPTER:REMAT:BATCH[:ATTENTION]``: ``switch`` (E 8, r 16, k 2), ``layerwise`` (the same budget
+per layer) or ``lora`` (r 16), as :mod:`.adapter_cases` sets them; remat ``none``/``dots``/``full``
+(``TrainConfig.remat``); batch N or ``max``; attention ``xla`` (blockwise) or ``cudnn``.
+``mixlora:none|full:N|max`` is the PyTorch peer (:mod:`.training_peers`).
 
 Every run is the product's jitted ``train.step.train_step`` (AdamW on the adapter only, the
 backbone frozen) in a fresh subprocess, so that ``peak_bytes_in_use`` is its own and an OOM or a
@@ -13,12 +12,11 @@ crash is a row, not the end of the run. tokens/s: ``B * T`` over the median of t
 (after warmup, each synchronised). Model FLOPs per step (the backbone frozen, so its backward
 computes input gradients only; remat's recomputation is not counted)::
 
-    N_mm  = L (d (q + 2 kv) + q d + 3 d f) + d V      matmul weights of the layers and lm_head
-    F     = 4 N_mm B T                                 forward 2 N_mm B T + input-gradient 2 N_mm B T
-          + 6 L q B T^2                                causal attention: forward 2 T^2 q, backward 4 T^2 q
-          + 6 N_a B T                                  adapter weights a token uses (k routed experts,
-                                                       routers), forward + both gradients
-    MFU   = F / step_s / peak;  "PaLM convention": 6 N B T / step_s / peak, N = all weights
+    N_mm = L (d (q + 2 kv) + q d + 3 d f) + d V   matmul weights (layers and lm_head)
+    F    = 4 N_mm B T       forward 2 N_mm B T + input gradients 2 N_mm B T
+         + 6 L q B T^2      causal attention: forward 2 T^2 q, backward 4 T^2 q (per layer, row)
+         + 6 N_a B T        adapter weights a token uses (k experts, routers): forward, 2 grads
+    MFU  = F / step_s / peak;  "PaLM convention": 6 N B T / step_s / peak, N = all weights
 
 ``peak`` is the H200's dense bf16 spec, 989 TFLOP/s (``--peak-tflops``). The product's training
 path runs the mixtures densely (all ``E`` experts, ``lora_method``), ``E / k`` times the routed
@@ -27,8 +25,8 @@ adapter FLOPs counted here.
 Largest batch per policy: the compiled step's ``memory_analysis`` (arguments + outputs - aliased
 + temporaries) at batch 1 and 2 is linear in the batch; the largest ``B`` under the device's
 ``bytes_limit`` is predicted, then confirmed by one compile and run at that batch (``max``).
-``--budget-s`` skips the runs that would not finish in time (recorded as skipped); the JSON,
-Markdown and PNG are rewritten after every run. Examples::
+``--budget-s`` skips what would not finish in time (a skipped row); JSON, Markdown and PNG are
+rewritten after every run. Examples::
 
     python -m loraswitch_jax.eval.bench.training                      # the default runs, H200
     python -m loraswitch_jax.eval.bench.training --runs switch:dots:1:cudnn mixlora:none:1
@@ -43,21 +41,26 @@ import functools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 
-from loraswitch_jax.adapters import AdapterConfig
+import jax  # imported, never initialised here: the parent leaves the GPU to its workers
+import jax.numpy as jnp
+
+from loraswitch_jax import llama
+from loraswitch_jax.adapters import AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
-from loraswitch_jax.eval.bench.harness import log, write_report
-from loraswitch_jax.params import PROJECTIONS, projection_shape
+from loraswitch_jax.eval.bench.harness import failure, is_oom, log, write_report
+from loraswitch_jax.params import PROJECTIONS, init_params, projection_shape
+from loraswitch_jax.train import step
 
 __all__ = ["DEFAULT_RUNS", "H200_BF16_TFLOPS", "LLAMA3_8B", "BenchConfig", "Run", "main",
-           "model_config", "parse_args", "predict_batch", "step_flops"]
+           "model_config", "parse_args", "predict_batch", "step_flops", "timed_row", "work"]
 
 H200_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM spec, dense bf16 (no sparsity)
 # Llama-3-8B shapes; PRESETS["llama3-8b"] is used when the package has it.
@@ -88,7 +91,7 @@ class Run:
         allowed = ("none", "full") if self.adapter == "mixlora" else REMATS
         if self.remat not in allowed:
             raise ValueError(f"run remat {self.remat!r} is not one of {allowed} ({self.adapter})")
-        if self.attention not in ATTENTIONS or (self.adapter == "mixlora" and self.attention != "xla"):
+        if self.attention not in (("xla",) if self.adapter == "mixlora" else ATTENTIONS):
             raise ValueError(f"run attention {self.attention!r} is not one of {ATTENTIONS} "
                              "(mixlora: xla, i.e. its own)")
         if not isinstance(self.batch, int) or self.batch < 0:
@@ -147,11 +150,14 @@ class BenchConfig:
         if not self.runs:
             raise ValueError("no runs given")
         if min(self.seq, self.steps, self.attention_chunk, self.max_batch) < 1 or self.warmup < 0:
-            raise ValueError(f"need seq, steps, attention_chunk, max_batch >= 1, warmup >= 0: {self}")
+            raise ValueError(f"need seq, steps, attention_chunk, max_batch >= 1 and warmup >= 0: "
+                             f"{self}")
         if not (self.budget_s > 0 and self.peak_tflops > 0):
             raise ValueError(f"need budget_s > 0 and peak_tflops > 0: {self}")
         if self.bytes_limit is not None and self.bytes_limit < 1:
             raise ValueError(f"bytes_limit must be positive, got {self.bytes_limit}")
+        if self.ours is not None and not os.path.isfile(self.ours):
+            raise ValueError(f"--ours {self.ours!r} is not a file")
         if self.seq > model_config(self.preset).max_position_embeddings:
             raise ValueError(f"seq {self.seq} is more than {self.preset}'s positions")
 
@@ -168,18 +174,20 @@ def model_config(preset: str) -> LlamaConfig:
 def _adapter_active_params(cfg: LlamaConfig, run: Run) -> int:
     """Adapter weights one token uses: ``k`` experts of rank ``r`` on each target, and routers."""
     if run.adapter == "mixlora":  # LoRA on q k v o, k of E experts on gate up down, a gate a layer
-        per_layer = sum(RANK * sum(projection_shape(cfg, p)) * (BASE_TOP_K if p in ("gate", "up", "down") else 1)
-                        for p in PROJECTIONS)
+        per_layer = sum(RANK * sum(projection_shape(cfg, p))
+                        * (BASE_TOP_K if p in ("gate", "up", "down") else 1) for p in PROJECTIONS)
         return cfg.num_hidden_layers * (per_layer + cfg.hidden_size * BASE_EXPERTS)
     acfg = run.adapter_config()
     layers = acfg.num_adapted_layers(cfg)
-    lora = layers * acfg.top_k * sum(acfg.rank * sum(projection_shape(cfg, p)) for p in acfg.targets)
-    router = {"lora": 0, "switch": 1, "layerwise": layers}[acfg.mode] * cfg.hidden_size * acfg.num_experts
+    lora = layers * acfg.top_k * sum(acfg.rank * sum(projection_shape(cfg, p))
+                                     for p in acfg.targets)
+    routers = {"lora": 0, "switch": 1, "layerwise": layers}[acfg.mode]
+    router = routers * cfg.hidden_size * acfg.num_experts
     return lora + router
 
 
 def step_flops(cfg: LlamaConfig, run: Run, batch: int, seq: int) -> dict:
-    """Model FLOPs of one step of ``batch`` rows of ``seq`` tokens (the module docstring's formula)."""
+    """Model FLOPs of one step of ``batch`` rows of ``seq`` tokens (the module docstring's)."""
     d, q, kv, f, L = (cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size,
                       cfg.num_hidden_layers)
     n_mm = L * (d * (q + 2 * kv) + q * d + 3 * d * f) + d * cfg.vocab_size
@@ -192,7 +200,7 @@ def step_flops(cfg: LlamaConfig, run: Run, batch: int, seq: int) -> dict:
 
 
 def predict_batch(m1: int, m2: int, limit: int, cap: int) -> dict:
-    """Largest ``B`` with ``m1 + (B - 1) (m2 - m1) <= limit`` (bytes at batch 1 and 2), at most ``cap``."""
+    """Largest ``B <= cap`` with ``m1 + (B - 1) (m2 - m1) <= limit`` (bytes at batch 1, 2)."""
     slope = m2 - m1
     if slope <= 0:
         return {"bytes_b1": m1, "bytes_b2": m2, "error": "memory does not grow with the batch"}
@@ -205,12 +213,7 @@ def predict_batch(m1: int, m2: int, limit: int, cap: int) -> dict:
 def _random_params(cfg: LlamaConfig, key):
     """Random bf16 weights (std 0.02, unit norms) made on the device one array at a time, so
     that building them never holds a float32 copy beside them (the run's peak stays its own)."""
-    import jax
-    import jax.numpy as jnp
-
-    from loraswitch_jax.params import init_params
-
-    normal = jax.jit(lambda k, s: (0.02 * jax.random.normal(k, s, jnp.bfloat16)), static_argnums=1)
+    normal = jax.jit(lambda k, s: 0.02 * jax.random.normal(k, s, jnp.bfloat16), static_argnums=1)
     shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.bfloat16), key)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     out = [jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
@@ -221,14 +224,12 @@ def _random_params(cfg: LlamaConfig, key):
 def _batch(cfg: LlamaConfig, batch: int, seq: int, key=None) -> dict:
     """A ``[1, B, T]`` batch of random tokens (or its shapes when ``key`` is None); one sequence
     a row, so no ``segment_ids`` (the cudnn path refuses them; blockwise costs the same)."""
-    import jax
-    import jax.numpy as jnp
-
     shape = (1, batch, seq)
     if key is None:
         ints = jax.ShapeDtypeStruct(shape, jnp.int32)
-        return {"tokens": ints, "targets": ints, "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32),
-                "segment_ids": None, "positions": ints}
+        mask = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return {"tokens": ints, "targets": ints, "loss_mask": mask, "segment_ids": None,
+                "positions": ints}
     tokens = jax.random.randint(key, (1, batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
     return {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
             "loss_mask": jnp.ones(shape, jnp.float32), "segment_ids": None,
@@ -250,15 +251,7 @@ def _analysis(compiled) -> dict | None:
 
 def _work_jax(job: dict, row: dict) -> None:
     """One run of the product's train step; fills ``row`` as it goes (a failure keeps the rest)."""
-    import inspect
-    import statistics
-
-    import jax
-
-    from loraswitch_jax import llama
-    from loraswitch_jax.adapters import init_adapter
     from loraswitch_jax.eval.bench.harness import environment, peak_memory, reserve_device_memory
-    from loraswitch_jax.train import step
 
     reserve_device_memory()
     bench, run = job["bench"], Run(**job["run"])
@@ -267,7 +260,7 @@ def _work_jax(job: dict, row: dict) -> None:
     oc = step.OptimConfig(lr=1e-4, warmup_steps=0, steps=10_000)
     kwargs = dict(cfg=cfg, oc=oc, remat=run.remat, attention_chunk=bench["attention_chunk"])
     if run.attention != "xla":
-        if "attention_impl" in inspect.signature(step._train_step).parameters:
+        if "attention_impl" in step.STEP_STATIC:
             kwargs["attention_impl"] = run.attention
         else:  # this process only: the step's forward attends with cudnn
             step.forward = functools.partial(llama.forward, attention_impl=run.attention)
@@ -316,24 +309,29 @@ def _work_jax(job: dict, row: dict) -> None:
         jax.block_until_ready((state, metrics))
         if i >= bench["warmup"]:
             times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    flops = step_flops(cfg, run, batch, seq)
-    peak = bench["peak_tflops"] * 1e12
-    row |= {"status": "ok", "step_s": step_s, "step_s_all": times,
-            "tokens_per_s": batch * seq / step_s, "flops": flops,
-            "mfu": flops["model"] / step_s / peak, "mfu_palm": flops["palm_6nt"] / step_s / peak,
-            "loss": float(metrics["loss"]), "peak_bytes": peak_memory()}
+    row |= timed_row(times, bench, run, batch) | {"loss": float(metrics["loss"]),
+                                                  "peak_bytes": peak_memory()}
     if run.batch == 0:
         row["confirmed_batch"] = batch
     if job["predict"] and row["memory_analysis"]:  # after the peak: compiling may take scratch
         log(f"{run.name}: compiling batch 2 for the memory prediction")
-        row["prediction"] = predict(row["memory_analysis"]["total"])
+        try:
+            row["prediction"] = predict(row["memory_analysis"]["total"])
+        except Exception as e:  # noqa: BLE001 - the measured step stands without it
+            row["prediction"] = {"error": failure(e)}
+
+
+def timed_row(times: list[float], bench: dict, run: Run, batch: int) -> dict:
+    """A run's row from its step times: median step, tokens/s, FLOPs and both MFUs."""
+    cfg, seq, peak = model_config(bench["preset"]), bench["seq"], bench["peak_tflops"] * 1e12
+    step_s, flops = statistics.median(times), step_flops(cfg, run, batch, seq)
+    return {"status": "ok", "step_s": step_s, "step_s_all": times,
+            "tokens_per_s": batch * seq / step_s, "flops": flops,
+            "mfu": flops["model"] / step_s / peak, "mfu_palm": flops["palm_6nt"] / step_s / peak}
 
 
 def work(job: dict, result_path: str) -> None:
     """A worker process: one run, its row written to ``result_path`` whatever happens."""
-    from loraswitch_jax.eval.bench.harness import failure, is_oom
-
     row: dict = {}
     try:
         if job["run"]["adapter"] == "mixlora":
@@ -352,44 +350,22 @@ def work(job: dict, result_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ parent
-def _job(bc: BenchConfig, run: Run, batch: int, predict: bool, prediction: dict | None) -> dict:
-    return {"bench": {**dataclasses.asdict(bc), "runs": []}, "run": dataclasses.asdict(run),
-            "batch": batch, "predict": predict, "prediction": prediction}
-
-
 def _spawn(job: dict, timeout: float, cpu: bool) -> dict:
-    """Run one job in a fresh Python; its log streams through. A missing result is a crash."""
+    """Run one job in a fresh Python (its log goes to ours); no result file is a crash."""
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # see harness.reserve_device_memory
     if cpu:
         env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "row.json")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "loraswitch_jax.eval.bench.training", "--worker",
-             json.dumps(job), "--result", path],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail: list[str] = []
-
-        def pump():
-            for line in proc.stdout:
-                print("    " + line, end="", flush=True)
-                tail[:] = (tail + [line.rstrip()])[-15:]
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+        cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.training", "--worker",
+               json.dumps(job), "--result", path]
         try:
-            proc.wait(timeout=max(timeout, 1.0))
+            code = subprocess.run(cmd, env=env, timeout=max(timeout, 1.0)).returncode
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            reader.join(5)
-            return {"status": "timeout", "error": f"killed after {timeout:.0f}s (budget)",
-                    "log_tail": tail}
-        reader.join(5)
+            return {"status": "timeout", "error": f"killed after {timeout:.0f}s (--budget-s)"}
         if not os.path.exists(path):
-            return {"status": "crashed", "error": f"exit code {proc.returncode}, no result",
-                    "log_tail": tail}
+            return {"status": "crashed", "error": f"exit code {code} and no result (log above)"}
         with open(path) as f:
             return json.load(f)
 
@@ -405,7 +381,7 @@ def _resolve_max(run: Run, rows: list[dict], bc: BenchConfig) -> tuple[int, dict
                 return r["prediction"]["batch"], r["prediction"], ""
         return 0, None, ""
     sources = rows
-    if bc.ours and os.path.exists(bc.ours):
+    if bc.ours:
         with open(bc.ours) as f:
             sources = rows + json.load(f)["results"]
     ours = [r for r in sources if r.get("confirmed_batch") and r["run"]["adapter"] != "mixlora"]
@@ -433,14 +409,18 @@ def main(bc: BenchConfig) -> dict:
         batch, prediction, why = (run.batch, None, "") if run.batch else _resolve_max(
             run, report["results"], bc)
         if left < max(estimate, 1.0):
-            row |= {"status": "skipped", "error": f"budget: {left:.0f}s left, ~{estimate:.0f}s needed"}
+            row |= {"status": "skipped",
+                    "error": f"budget: {left:.0f}s left, ~{estimate:.0f}s needed"}
         elif why:
             row |= {"status": "skipped", "error": why}
         else:
-            log(f"[{i + 1}/{len(bc.runs)}] {run.name} batch {batch or 'to predict'} ({left:.0f}s left)")
+            log(f"[{i + 1}/{len(bc.runs)}] {run.name}, batch {batch or 'to predict'}, "
+                f"{left:.0f}s left")
             t0 = time.perf_counter()
             predict = run.batch == 1 and (run.adapter, run.remat, run.attention) in need_predict
-            row |= _spawn(_job(bc, run, batch, predict, prediction), left, bc.cpu)
+            job = {"bench": {**dataclasses.asdict(bc), "runs": []}, "run": row["run"],
+                   "batch": batch, "predict": predict, "prediction": prediction}
+            row |= _spawn(job, left, bc.cpu)
             row["wall_s"] = time.perf_counter() - t0
         env = row.pop("environment", None)
         if run.adapter == "mixlora":
@@ -448,20 +428,13 @@ def main(bc: BenchConfig) -> dict:
         else:
             report["environment"] = report["environment"] or env
         report["results"].append(row)
-        log(f"  {run.name}: {_summary(row)}")
+        log(f"{run.name}: {row.get('status')} {row.get('error', '')}")
         report["wall_s"] = time.perf_counter() - start
         write_report(report, bc.stem, markdown, plot)
     table = write_report(report, bc.stem, markdown, plot)
     log(f"wrote {bc.stem}.json, .md, .png")
     print(table, flush=True)
     return report
-
-
-def _summary(row: dict) -> str:
-    if row.get("status") != "ok":
-        return f"{row.get('status')}: {row.get('error', '')}"
-    return (f"batch {row['batch']}, {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.3f} "
-            f"(6NT {row['mfu_palm']:.3f}), peak {_gib(row.get('peak_bytes'))} GiB")
 
 
 # ------------------------------------------------------------------------------------ report
@@ -475,22 +448,24 @@ def _f(x, spec: str) -> str:
 
 def markdown(report: dict) -> str:
     env, a = report["environment"] or {}, report["args"]
-    lines = [f"Adapter training, `{a['preset']}` random bf16 weights, sequence {a['seq']}, one device: "
-             f"{env.get('device_kind', '?')}, JAX {env.get('jax', '?')}, {env.get('date', '?')[:10]}. "
-             f"MFU against {report['peak_tflops']:g} TFLOP/s (H200 dense bf16 spec); model FLOPs "
-             "= 4 N_mm B T + 6 L q B T^2 + 6 N_a B T (frozen base), PaLM = 6 N B T.", "",
+    lines = [f"Adapter training, `{a['preset']}` random bf16 weights, sequence {a['seq']}, one "
+             f"device: {env.get('device_kind', '?')}, JAX {env.get('jax', '?')}, "
+             f"{env.get('date', '?')[:10]}. MFU against {report['peak_tflops']:g} TFLOP/s (H200 "
+             "dense bf16 spec); model FLOPs 4 N_mm B T + 6 L q B T^2 + 6 N_a B T (frozen base), "
+             "PaLM 6 N B T.", "",
              "| run | batch | tokens/s | MFU | MFU 6NT | peak GiB | step s | compile s | status |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         lines.append(
             f"| {r['name']} | {r.get('batch') or '-'} | {_f(r.get('tokens_per_s'), '.0f')} "
-            f"| {_f(r.get('mfu'), '.3f')} | {_f(r.get('mfu_palm'), '.3f')} | {_gib(r.get('peak_bytes'))} "
+            f"| {_f(r.get('mfu'), '.3f')} | {_f(r.get('mfu_palm'), '.3f')} "
+            f"| {_gib(r.get('peak_bytes'))} "
             f"| {_f(r.get('step_s'), '.3f')} | {_f(r.get('compile_s'), '.0f')} "
             f"| {r.get('status')}{': ' + r['error'][:120] if r.get('error') else ''} |")
     preds = [r for r in report["results"] if r.get("prediction", {}).get("batch") is not None]
     if preds:
-        lines += ["", "| largest batch | predicted | confirmed | GiB/row | GiB at batch 1 | limit GiB |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| largest batch | predicted | confirmed | GiB/row | GiB at batch 1 "
+                  "| limit GiB |", "|---|---:|---:|---:|---:|---:|"]
         for r in preds:
             p = r["prediction"]
             lines.append(f"| {r['name']} | {p['batch']}{' (cap)' if p.get('capped') else ''} "
@@ -500,7 +475,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """tokens/s and peak memory per run."""
+    """tokens/s and peak memory per run (the peer in orange)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,15 +483,12 @@ def plot(report: dict, path: str) -> None:
 
     rows = [r for r in report["results"] if r.get("status") == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8))
-    labels = [f"{r['name']} b{r['batch']}" for r in rows]
-    for ax, key, xlabel in ((axes[0], "tokens_per_s", "tokens/s"),
-                            (axes[1], "peak_bytes", "peak GiB")):
-        vals = [(r.get(key) or 0) / (2**30 if key == "peak_bytes" else 1) for r in rows]
-        ax.barh(range(len(rows)), vals, color=["tab:blue" if r["run"]["adapter"] != "mixlora"
-                                               else "tab:orange" for r in rows])
-        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    colors = ["tab:orange" if r["run"]["adapter"] == "mixlora" else "tab:blue" for r in rows]
+    for ax, key, scale in ((axes[0], "tokens_per_s", 1), (axes[1], "peak_bytes", 2**30)):
+        ax.barh(range(len(rows)), [(r.get(key) or 0) / scale for r in rows], color=colors)
+        ax.set_yticks(range(len(rows)), [f"{r['name']} b{r['batch']}" for r in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set(xlabel=xlabel)
+        ax.set(xlabel="peak GiB" if scale > 1 else "tokens/s")
         ax.grid(True, axis="x", alpha=0.3)
     env = report["environment"] or {}
     fig.suptitle(f"adapter training, {report['args']['preset']}; {env.get('device_kind', '?')}",
@@ -538,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--seq", type=int, default=d.seq)
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps (median)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps after compiling")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
     p.add_argument("--budget-s", type=float, default=d.budget_s,
                    help="skip the runs that would not finish within this many seconds")
     p.add_argument("--attention-chunk", type=int, default=d.attention_chunk)

@@ -19,7 +19,6 @@ package is a skipped row (carry its wheel: ``python -m loraswitch_jax.eval.bench
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
@@ -59,7 +58,7 @@ def mixlora_trainables(model) -> list:
 def work_mixlora(job: dict, row: dict) -> None:
     """One MixLoRA training run of ``job`` (see :func:`.training.work`); fills ``row``."""
     from loraswitch_jax.eval.bench import peers
-    from loraswitch_jax.eval.bench.training import Run, model_config, step_flops
+    from loraswitch_jax.eval.bench.training import Run, model_config, timed_row
 
     bench, run = job["bench"], Run(**job["run"])
     device = peers.torch_device()
@@ -78,7 +77,11 @@ def work_mixlora(job: dict, row: dict) -> None:
                               experts=BASE_EXPERTS, top_k=BASE_TOP_K, dropout=0.05)
     trainable = mixlora_trainables(model)
     if run.remat == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(bench["seed"])
@@ -105,12 +108,7 @@ def work_mixlora(job: dict, row: dict) -> None:
         del out
         if i >= bench["warmup"]:
             times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    flops = step_flops(cfg, run, batch, seq)
-    peak = bench["peak_tflops"] * 1e12
-    row |= {"status": "ok", "step_s": step_s, "step_s_all": times,
-            "tokens_per_s": batch * seq / step_s, "flops": flops,
-            "mfu": flops["model"] / step_s / peak, "mfu_palm": flops["palm_6nt"] / step_s / peak,
+    row |= timed_row(times, bench, run, batch) | {
             "loss": loss,
             "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
             "reserved_bytes": torch.cuda.max_memory_reserved() if device == "cuda" else None}
