@@ -24,7 +24,7 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.training", "--small", "--cpu",
            "--runs", *RUNS, "--bytes-limit", "3e8", "--max-batch", "3", "--steps", "1",
-           "--warmup", "1", "--out", str(out)]
+           "--warmup", "0", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "demo_seq64.json") as f:
