@@ -6,11 +6,10 @@ per layer) or ``lora`` (r 16), as :mod:`.adapter_cases` sets them; remat ``none`
 (``TrainConfig.remat``); batch N or ``max``; attention ``xla`` (blockwise) or ``cudnn``.
 ``mixlora:none|full:N|max`` is the PyTorch peer (:mod:`.training_peers`).
 
-Every run is the product's jitted ``train.step.train_step`` (AdamW on the adapter only, the
-backbone frozen) in a fresh subprocess, so that ``peak_bytes_in_use`` is its own and an OOM or a
-crash is a row, not the end of the run. tokens/s: ``B * T`` over the median of the timed steps
-(after warmup, each synchronised). Model FLOPs per step (the backbone frozen, so its backward
-computes input gradients only; remat's recomputation is not counted)::
+Each run is the product's jitted ``train.step.train_step`` (AdamW on the adapter, the backbone
+frozen) in a fresh subprocess: ``peak_bytes_in_use`` is its own, an OOM or a crash is a row.
+tokens/s: ``B * T`` over the median synchronised step after warmup. Model FLOPs per step (the
+frozen backbone's backward computes input gradients only; remat's recomputation not counted)::
 
     N_mm = L (d (q + 2 kv) + q d + 3 d f) + d V   matmul weights (layers and lm_head)
     F    = 4 N_mm B T       forward 2 N_mm B T + input gradients 2 N_mm B T
@@ -18,9 +17,8 @@ computes input gradients only; remat's recomputation is not counted)::
          + 6 N_a B T        adapter weights a token uses (k experts, routers): forward, 2 grads
     MFU  = F / step_s / peak;  "PaLM convention": 6 N B T / step_s / peak, N = all weights
 
-``peak`` is the H200's dense bf16 spec, 989 TFLOP/s (``--peak-tflops``). The product's training
-path runs the mixtures densely (all ``E`` experts, ``lora_method``), ``E / k`` times the routed
-adapter FLOPs counted here.
+``peak``: the H200's dense bf16 spec, 989 TFLOP/s (``--peak-tflops``). The product's training path
+runs mixtures densely (all ``E`` experts, ``lora_method``): ``E / k`` times the adapter FLOPs here.
 
 Largest batch per policy: the compiled step's ``memory_analysis`` (arguments + outputs - aliased
 + temporaries) at batch 1 and 2 is linear in the batch; the largest ``B`` under the device's
@@ -28,9 +26,9 @@ Largest batch per policy: the compiled step's ``memory_analysis`` (arguments + o
 ``--budget-s`` skips what would not finish in time (a skipped row); JSON, Markdown and PNG are
 rewritten after every run. Examples::
 
-    python -m loraswitch_jax.eval.bench.training                      # the default runs, H200
+    python -m loraswitch_jax.eval.bench.training     # DEFAULT_RUNS, under 8 minutes on an H200
     python -m loraswitch_jax.eval.bench.training --runs switch:dots:1:cudnn mixlora:none:1
-    python -m loraswitch_jax.eval.bench.training --small --cpu        # seconds, on a CPU
+    python -m loraswitch_jax.eval.bench.training --small --cpu --bytes-limit 3e8  # CPU smoke run
 """
 
 from __future__ import annotations
@@ -56,7 +54,8 @@ from loraswitch_jax.adapters import AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
 from loraswitch_jax.eval.bench.harness import failure, is_oom, log, write_report
-from loraswitch_jax.params import PROJECTIONS, init_params, projection_shape
+from loraswitch_jax.eval.bench.training_peers import mixlora_active_params, peer_batch, work_mixlora
+from loraswitch_jax.params import init_params, projection_shape
 from loraswitch_jax.train import step
 
 __all__ = ["DEFAULT_RUNS", "H200_BF16_TFLOPS", "LLAMA3_8B", "BenchConfig", "Run", "main",
@@ -86,26 +85,23 @@ class Run:
     attention: str = "xla"
 
     def __post_init__(self):
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"run adapter {self.adapter!r} is not one of {ADAPTERS}")
-        allowed = ("none", "full") if self.adapter == "mixlora" else REMATS
-        if self.remat not in allowed:
-            raise ValueError(f"run remat {self.remat!r} is not one of {allowed} ({self.adapter})")
-        if self.attention not in (("xla",) if self.adapter == "mixlora" else ATTENTIONS):
-            raise ValueError(f"run attention {self.attention!r} is not one of {ATTENTIONS} "
-                             "(mixlora: xla, i.e. its own)")
+        peer = self.adapter == "mixlora"  # its remat: Hugging Face checkpointing, off or on
+        for field, value, allowed in (("adapter", self.adapter, ADAPTERS),
+                                      ("remat", self.remat, ("none", "full") if peer else REMATS),
+                                      ("attention", self.attention, ATTENTIONS[:2 - peer])):
+            if value not in allowed:
+                raise ValueError(f"run {field} {value!r} is not one of {allowed} ({self.adapter})")
         if not isinstance(self.batch, int) or self.batch < 0:
             raise ValueError(f"run batch must be an integer >= 1 or 'max', got {self.batch!r}")
 
     @classmethod
     def parse(cls, text: str) -> Run:
         parts = text.split(":")
-        if len(parts) not in (3, 4):
-            raise ValueError(f"a run is ADAPTER:REMAT:BATCH[:ATTENTION], got {text!r}")
-        batch = 0 if parts[2] == "max" else int(parts[2]) if parts[2].isdigit() else -1
-        if batch == -1 or parts[2] == "0":
-            raise ValueError(f"run batch must be an integer >= 1 or 'max', got {parts[2]!r}")
-        return cls(parts[0], parts[1], batch, *parts[3:])
+        ok = len(parts) in (3, 4) and (parts[2] == "max" or parts[2].isdigit() and int(parts[2]))
+        if not ok:
+            raise ValueError(f"a run is ADAPTER:REMAT:BATCH[:ATTENTION] (BATCH >= 1 or max), got "
+                             f"{text!r}")
+        return cls(parts[0], parts[1], 0 if parts[2] == "max" else int(parts[2]), *parts[3:])
 
     @property
     def name(self) -> str:
@@ -123,9 +119,8 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """What to run. ``small``: the demo model, sequence 64, attention chunk 16 (a CPU smoke run);
-    ``bytes_limit``: the memory the largest batch must fit (None: the device's ``bytes_limit``);
-    ``ours``: a previous report whose confirmed largest batch a ``mixlora:...:max`` run uses."""
+    """What to run. ``bytes_limit``: the memory the largest batch must fit (None: the device's);
+    ``ours``: an earlier report whose confirmed largest batch a ``mixlora:...:max`` run uses."""
 
     runs: tuple[Run, ...] = tuple(Run.parse(r) for r in DEFAULT_RUNS)
     preset: str = "llama3-8b"
@@ -137,7 +132,6 @@ class BenchConfig:
     peak_tflops: float = H200_BF16_TFLOPS
     bytes_limit: int | None = None
     max_batch: int = 256
-    small: bool = False
     cpu: bool = False
     ours: str | None = None
     seed: int = 0
@@ -147,15 +141,11 @@ class BenchConfig:
         if self.preset not in PRESETS and self.preset != "llama3-8b":
             raise ValueError(f"unknown preset {self.preset!r}; choose from "
                              f"{sorted(set(PRESETS) | {'llama3-8b'})}")
-        if not self.runs:
-            raise ValueError("no runs given")
-        if min(self.seq, self.steps, self.attention_chunk, self.max_batch) < 1 or self.warmup < 0:
-            raise ValueError(f"need seq, steps, attention_chunk, max_batch >= 1 and warmup >= 0: "
-                             f"{self}")
-        if not (self.budget_s > 0 and self.peak_tflops > 0):
-            raise ValueError(f"need budget_s > 0 and peak_tflops > 0: {self}")
-        if self.bytes_limit is not None and self.bytes_limit < 1:
-            raise ValueError(f"bytes_limit must be positive, got {self.bytes_limit}")
+        if (not self.runs or min(self.seq, self.steps, self.attention_chunk, self.max_batch) < 1
+                or self.warmup < 0 or not self.budget_s > 0 or not self.peak_tflops > 0
+                or (self.bytes_limit is not None and self.bytes_limit < 1)):
+            raise ValueError("need runs; seq, steps, attention_chunk, max_batch >= 1; warmup >= 0; "
+                             f"budget_s, peak_tflops, bytes_limit > 0: {self}")
         if self.ours is not None and not os.path.isfile(self.ours):
             raise ValueError(f"--ours {self.ours!r} is not a file")
         if self.seq > model_config(self.preset).max_position_embeddings:
@@ -173,10 +163,8 @@ def model_config(preset: str) -> LlamaConfig:
 # ------------------------------------------------------------------------------------ arithmetic
 def _adapter_active_params(cfg: LlamaConfig, run: Run) -> int:
     """Adapter weights one token uses: ``k`` experts of rank ``r`` on each target, and routers."""
-    if run.adapter == "mixlora":  # LoRA on q k v o, k of E experts on gate up down, a gate a layer
-        per_layer = sum(RANK * sum(projection_shape(cfg, p))
-                        * (BASE_TOP_K if p in ("gate", "up", "down") else 1) for p in PROJECTIONS)
-        return cfg.num_hidden_layers * (per_layer + cfg.hidden_size * BASE_EXPERTS)
+    if run.adapter == "mixlora":
+        return mixlora_active_params(cfg)
     acfg = run.adapter_config()
     layers = acfg.num_adapted_layers(cfg)
     lora = layers * acfg.top_k * sum(acfg.rank * sum(projection_shape(cfg, p))
@@ -335,8 +323,6 @@ def work(job: dict, result_path: str) -> None:
     row: dict = {}
     try:
         if job["run"]["adapter"] == "mixlora":
-            from loraswitch_jax.eval.bench.training_peers import work_mixlora
-
             work_mixlora(job, row)
         else:
             _work_jax(job, row)
@@ -374,21 +360,10 @@ def _resolve_max(run: Run, rows: list[dict], bc: BenchConfig) -> tuple[int, dict
     """The batch of a ``max`` run: our prediction from this run's batch-1 row (``0``: the worker
     predicts it), or for mixlora our confirmed largest batch (same remat first)."""
     if run.adapter != "mixlora":
-        for r in rows:
-            if (r["run"].get("batch") == 1 and r.get("prediction", {}).get("batch")
-                    and (r["run"]["adapter"], r["run"]["remat"], r["run"]["attention"])
-                    == (run.adapter, run.remat, run.attention)):
-                return r["prediction"]["batch"], r["prediction"], ""
-        return 0, None, ""
-    sources = rows
-    if bc.ours:
-        with open(bc.ours) as f:
-            sources = rows + json.load(f)["results"]
-    ours = [r for r in sources if r.get("confirmed_batch") and r["run"]["adapter"] != "mixlora"]
-    same = [r for r in ours if r["run"]["remat"] == run.remat] or ours
-    if not same:
-        return 0, None, "no confirmed largest batch of ours to match"
-    return max(r["confirmed_batch"] for r in same), None, ""
+        same = [r["prediction"] for r in rows if r["run"] == {**dataclasses.asdict(run), "batch": 1}
+                and r.get("prediction", {}).get("batch")]
+        return (same[0]["batch"], same[0], "") if same else (0, None, "")
+    return peer_batch(run, rows, bc.ours)
 
 
 def main(bc: BenchConfig) -> dict:
@@ -518,9 +493,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--bytes-limit", type=float, default=None,
                    help="bytes the largest batch must fit (default: the device's bytes_limit)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="cap on a predicted batch")
-    p.add_argument("--small", action="store_true", help="the demo model, sequence 64 (smoke run)")
+    p.add_argument("--small", action="store_true", help="demo model, seq 64, attention chunk 16")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (JAX_PLATFORMS=cpu)")
-    p.add_argument("--ours", default=None, help="a report whose largest batch mixlora:...:max uses")
+    p.add_argument("--ours", default=None, help="a report whose largest batch mixlora:..:max uses")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -535,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
     kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk) | small
     return BenchConfig(runs=runs, steps=a.steps, warmup=a.warmup, budget_s=a.budget_s,
-                       peak_tflops=a.peak_tflops, max_batch=a.max_batch, small=a.small,
+                       peak_tflops=a.peak_tflops, max_batch=a.max_batch,
                        bytes_limit=None if a.bytes_limit is None else int(a.bytes_limit),
                        cpu=a.cpu, ours=a.ours, seed=a.seed, out=a.out, **kw)
 

@@ -19,12 +19,34 @@ package is a skipped row (carry its wheel: ``python -m loraswitch_jax.eval.bench
 
 from __future__ import annotations
 
+import json
 import time
 
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
 from loraswitch_jax.eval.bench.harness import log
+from loraswitch_jax.params import PROJECTIONS, projection_shape
 
-__all__ = ["mixlora_trainables", "work_mixlora"]
+__all__ = ["mixlora_active_params", "mixlora_trainables", "peer_batch", "work_mixlora"]
+
+
+def mixlora_active_params(cfg) -> int:
+    """Adapter weights a token uses: LoRA on q k v o, k of E experts on gate up down, a gate."""
+    per_layer = sum(RANK * sum(projection_shape(cfg, p))
+                    * (BASE_TOP_K if p in ("gate", "up", "down") else 1) for p in PROJECTIONS)
+    return cfg.num_hidden_layers * (per_layer + cfg.hidden_size * BASE_EXPERTS)
+
+
+def peer_batch(run, rows: list[dict], ours: str | None) -> tuple[int, None, str]:
+    """The batch of ``mixlora:...:max``: our confirmed largest batch in ``rows`` or the report
+    ``ours`` (the same remat first); ``(0, None, why)`` when there is none."""
+    if ours:
+        with open(ours) as f:
+            rows = rows + json.load(f)["results"]
+    confirmed = [r for r in rows if r.get("confirmed_batch") and r["run"]["adapter"] != "mixlora"]
+    same = [r for r in confirmed if r["run"]["remat"] == run.remat] or confirmed
+    if not same:
+        return 0, None, "no confirmed largest batch of ours to match"
+    return max(r["confirmed_batch"] for r in same), None, ""
 
 
 def _lora_layers(model) -> list:
