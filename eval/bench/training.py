@@ -209,15 +209,10 @@ def _random_params(cfg: LlamaConfig, key):
     return jax.block_until_ready(jax.tree_util.tree_unflatten(treedef, out))
 
 
-def _batch(cfg: LlamaConfig, batch: int, seq: int, key=None) -> dict:
-    """A ``[1, B, T]`` batch of random tokens (or its shapes when ``key`` is None); one sequence
-    a row, so no ``segment_ids`` (the cudnn path refuses them; blockwise costs the same)."""
+def _batch(cfg: LlamaConfig, batch: int, seq: int, key) -> dict:
+    """A ``[1, B, T]`` batch of random tokens, one sequence a row: no ``segment_ids`` (the cudnn
+    path refuses them; the blockwise path costs the same either way)."""
     shape = (1, batch, seq)
-    if key is None:
-        ints = jax.ShapeDtypeStruct(shape, jnp.int32)
-        mask = jax.ShapeDtypeStruct(shape, jnp.float32)
-        return {"tokens": ints, "targets": ints, "loss_mask": mask, "segment_ids": None,
-                "positions": ints}
     tokens = jax.random.randint(key, (1, batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
     return {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
             "loss_mask": jnp.ones(shape, jnp.float32), "segment_ids": None,
@@ -268,7 +263,8 @@ def _work_jax(job: dict, row: dict) -> None:
     log(f"{run.name}: weights and adapter built in {row['build_s']:.1f}s")
 
     def compile_at(b: int):
-        return step.train_step.lower(state, params, _batch(cfg, b, seq), **kwargs).compile()
+        shapes = jax.eval_shape(functools.partial(_batch, cfg, b, seq), key)  # nothing allocated
+        return step.train_step.lower(state, params, shapes, **kwargs).compile()
 
     def predict(m1: int) -> dict:
         if not limit:
@@ -413,12 +409,8 @@ def main(bc: BenchConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------ report
-def _gib(n) -> str:
-    return "-" if n is None else f"{n / 2**30:.1f}"
-
-
-def _f(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def _f(x, spec: str, scale: float = 1.0) -> str:
+    return "-" if x is None else format(x / scale, spec)
 
 
 def markdown(report: dict) -> str:
@@ -434,7 +426,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['name']} | {r.get('batch') or '-'} | {_f(r.get('tokens_per_s'), '.0f')} "
             f"| {_f(r.get('mfu'), '.3f')} | {_f(r.get('mfu_palm'), '.3f')} "
-            f"| {_gib(r.get('peak_bytes'))} "
+            f"| {_f(r.get('peak_bytes'), '.1f', 2**30)} "
             f"| {_f(r.get('step_s'), '.3f')} | {_f(r.get('compile_s'), '.0f')} "
             f"| {r.get('status')}{': ' + r['error'][:120] if r.get('error') else ''} |")
     preds = [r for r in report["results"] if r.get("prediction", {}).get("batch") is not None]
@@ -443,9 +435,9 @@ def markdown(report: dict) -> str:
                   "| limit GiB |", "|---|---:|---:|---:|---:|---:|"]
         for r in preds:
             p = r["prediction"]
+            gib = [_f(p[k], ".1f", 2**30) for k in ("bytes_per_row", "bytes_b1", "bytes_limit")]
             lines.append(f"| {r['name']} | {p['batch']}{' (cap)' if p.get('capped') else ''} "
-                         f"| {r.get('confirmed_batch') or '-'} | {_gib(p['bytes_per_row'])} "
-                         f"| {_gib(p['bytes_b1'])} | {_gib(p['bytes_limit'])} |")
+                         f"| {r.get('confirmed_batch') or '-'} | {' | '.join(gib)} |")
     return "\n".join(lines)
 
 
@@ -498,21 +490,20 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--ours", default=None, help="a report whose largest batch mixlora:..:max uses")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one run's job (JSON), in a subprocess
+    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         return a
-    try:
-        runs = tuple(Run.parse(r) for r in a.runs)
-    except ValueError as e:
-        p.error(str(e))
     small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
     kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk) | small
-    return BenchConfig(runs=runs, steps=a.steps, warmup=a.warmup, budget_s=a.budget_s,
-                       peak_tflops=a.peak_tflops, max_batch=a.max_batch,
-                       bytes_limit=None if a.bytes_limit is None else int(a.bytes_limit),
-                       cpu=a.cpu, ours=a.ours, seed=a.seed, out=a.out, **kw)
+    try:
+        return BenchConfig(runs=tuple(Run.parse(r) for r in a.runs), steps=a.steps,
+                           warmup=a.warmup, budget_s=a.budget_s, peak_tflops=a.peak_tflops,
+                           max_batch=a.max_batch, cpu=a.cpu, ours=a.ours, seed=a.seed, out=a.out,
+                           bytes_limit=None if a.bytes_limit is None else int(a.bytes_limit), **kw)
+    except ValueError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":
