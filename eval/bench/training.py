@@ -141,11 +141,15 @@ class BenchConfig:
         if self.preset not in PRESETS and self.preset != "llama3-8b":
             raise ValueError(f"unknown preset {self.preset!r}; choose from "
                              f"{sorted(set(PRESETS) | {'llama3-8b'})}")
-        if (not self.runs or min(self.seq, self.steps, self.attention_chunk, self.max_batch) < 1
-                or self.warmup < 0 or not self.budget_s > 0 or not self.peak_tflops > 0
-                or (self.bytes_limit is not None and self.bytes_limit < 1)):
-            raise ValueError("need runs; seq, steps, attention_chunk, max_batch >= 1; warmup >= 0; "
-                             f"budget_s, peak_tflops, bytes_limit > 0: {self}")
+        checks = {"runs": bool(self.runs), "warmup": self.warmup >= 0,
+                  "budget_s": self.budget_s > 0, "peak_tflops": self.peak_tflops > 0,
+                  "bytes_limit": self.bytes_limit is None or self.bytes_limit >= 1,
+                  **{k: getattr(self, k) >= 1 for k in ("seq", "steps", "attention_chunk",
+                                                         "max_batch")}}
+        for name in (k for k, ok in checks.items() if not ok):
+            raise ValueError(f"{name} {getattr(self, name)!r} is out of range (need runs; seq, "
+                             "steps, attention_chunk, max_batch >= 1; warmup >= 0; budget_s, "
+                             "peak_tflops, bytes_limit > 0)")
         if self.ours is not None and not os.path.isfile(self.ours):
             raise ValueError(f"--ours {self.ours!r} is not a file")
         if self.seq > model_config(self.preset).max_position_embeddings:
