@@ -45,8 +45,8 @@ import traceback
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.harness import log, write_report  # jax, no device use
 
-__all__ = ["PEERS", "PeersConfig", "download_wheels", "main", "ours_rows", "parse_args",
-           "skip_reason"]
+__all__ = ["PEERS", "PeersConfig", "add_mixlora", "build_model", "download_wheels", "main",
+           "ours_rows", "parse_args", "skip_reason", "torch_device", "torch_environment"]
 
 PEERS = ("eager", "compiled", "peft-lora", "mixlora")
 REQUIRES = {
@@ -145,8 +145,10 @@ def _projection_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
 
-def add_mixlora(model, cfg: LlamaConfig, pc: PeersConfig, device: str):
-    """MixLoRA injected with random weights, through its own loader's entry point.
+def add_mixlora(model, cfg: LlamaConfig, device: str, *, rank: int, alpha: int, experts: int,
+                top_k: int, dropout: float):
+    """MixLoRA injected with random weights, through its own loader's entry point; in eval mode
+    (the experts' dropout too). ``dropout`` is its ``lora_dropout`` (MixLoRA needs it > 0).
 
     Keys and shapes follow ``mixlora.model._inject_attn_module`` / ``_inject_mlp_module``:
     ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``, ``moe_gate.weight [E, d]``.
@@ -156,17 +158,17 @@ def add_mixlora(model, cfg: LlamaConfig, pc: PeersConfig, device: str):
 
     config = mixlora.MixLoraConfig.from_config({
         "base_model_name_or_path": "random", "task_type": "CAUSAL_LM", "peft_type": "MIXLORA",
-        "r": pc.rank, "lora_alpha": pc.alpha, "lora_dropout": pc.dropout,
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": list(HF_TARGETS), "routing_strategy": "mixlora",
-        "num_experts": pc.experts, "top_k": pc.top_k, "act_fn": "silu",
+        "num_experts": experts, "top_k": top_k, "act_fn": "silu",
     })
     config.adapter_name_ = "default"
     config.dtype_ = torch.bfloat16
     config.check()
 
     def lora(prefix, d_in, d_out):
-        a = torch.randn(pc.rank, d_in, device=device) / math.sqrt(d_in)
-        b = torch.randn(d_out, pc.rank, device=device) * B_STD
+        a = torch.randn(rank, d_in, device=device) / math.sqrt(d_in)
+        b = torch.randn(d_out, rank, device=device) * B_STD
         return {f"{prefix}.lora_A.weight": a.to(torch.bfloat16),
                 f"{prefix}.lora_B.weight": b.to(torch.bfloat16)}
 
@@ -176,9 +178,9 @@ def add_mixlora(model, cfg: LlamaConfig, pc: PeersConfig, device: str):
             if name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 weights |= lora(f"mixlora.layers.{i}.self_attn.{name}", d_in, d_out)
             else:
-                for e in range(pc.experts):
+                for e in range(experts):
                     weights |= lora(f"mixlora.layers.{i}.mlp.{name}.experts.{e}", d_in, d_out)
-        gate = torch.randn(pc.experts, cfg.hidden_size, device=device) * 0.02
+        gate = torch.randn(experts, cfg.hidden_size, device=device) * 0.02
         weights[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = gate.to(torch.bfloat16)
     mixlora.inject_adapter_in_model(model, config, weights)
     model.eval()
@@ -239,7 +241,8 @@ def bench_peer(peer: str, pc: PeersConfig, device: str) -> dict:
     elif peer == "peft-lora":
         model = add_peft_lora(model, pc)
     elif peer == "mixlora":
-        model = add_mixlora(model, cfg, pc, device)
+        model = add_mixlora(model, cfg, device, rank=pc.rank, alpha=pc.alpha, experts=pc.experts,
+                            top_k=pc.top_k, dropout=pc.dropout)
     g = torch.Generator().manual_seed(pc.seed)
     ids = torch.randint(0, cfg.vocab_size, (1, pc.context), generator=g).to(device)
     try:
@@ -341,7 +344,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _device() -> str:
+def torch_device() -> str:
     """``"cuda"`` when torch sees a GPU; ``"cpu"`` otherwise (also without torch: then every
     peer is skipped for its missing package, and the report still gets written)."""
     if importlib.util.find_spec("torch") is None:
@@ -351,7 +354,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _environment(device: str) -> dict:
+def torch_environment(device: str) -> dict:
+    """The torch device's name, the peers' package versions and the date."""
     if device == "cuda":
         import torch
 
@@ -368,8 +372,8 @@ def _environment(device: str) -> dict:
 
 def main(pc: PeersConfig) -> dict:
     """Time every peer (skipping those that cannot run), write and print the report."""
-    device = _device()
-    env = _environment(device)
+    device = torch_device()
+    env = torch_environment(device)
     log(f"{env['device']}; {pc}")
     report = {"args": dataclasses.asdict(pc), "environment": env, "results": [],
               "ours": ours_rows(pc.ours, pc.preset, pc.context) if pc.ours else []}
