@@ -39,10 +39,15 @@ def _bounds(index: Index, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]
     return tuple(out)
 
 
-def _build(shape: tuple[int, ...], sharding: Sharding,
+def _build(name: str, shape: tuple[int, ...], sharding: Sharding,
            block: Callable[[tuple[tuple[int, int], ...]], np.ndarray]) -> jax.Array:
-    """The global array of ``shape`` on ``sharding``; ``block(bounds)`` reads one device's part,
-    once per distinct part on this process."""
+    """The global array ``name`` of ``shape`` on ``sharding``; ``block(bounds)`` reads one
+    device's part, once per distinct part on this process."""
+    try:
+        sharding.shard_shape(shape)
+    except (ValueError, IndexError) as e:  # jax's message spans lines and names no leaf
+        raise ValueError(f"shardings.{name} does not fit its shape {shape}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
     cache: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def cb(index: Index) -> np.ndarray:
@@ -122,16 +127,16 @@ def load_sharded(read: ReadSlice, shardings: LlamaParams, *, num_layers: int, dt
     for field, suffix, shape, transpose in layer_entries:
         names = [f"model.layers.{layer}.{suffix}" for layer in range(num_layers)]
         ours = (num_layers, *(shape[::-1] if transpose else shape))
-        fields[field] = _build(ours, getattr(shardings.layers, field),
+        fields[field] = _build(f"layers.{field}", ours, getattr(shardings.layers, field),
                                _stacked(read, names, shape, transpose, dtype))
-    embed = _build((V, d), shardings.embed, _plain(read, "model.embed_tokens.weight", (V, d), False))
+    embed = _build("embed", (V, d), shardings.embed, _plain(read, "model.embed_tokens.weight", (V, d), False))
     head = None
     if lm_head:
-        head = _build((d, V), shardings.lm_head, _plain(read, "lm_head.weight", (V, d), True))
+        head = _build("lm_head", (d, V), shardings.lm_head, _plain(read, "lm_head.weight", (V, d), True))
     return LlamaParams(
         embed=embed,
         layers=LayerParams(**fields),
-        final_norm=_build((d,), shardings.final_norm,
+        final_norm=_build("final_norm", (d,), shardings.final_norm,
                           _plain(read, "model.norm.weight", (d,), False)),
         lm_head=head,
     )

@@ -231,23 +231,30 @@ def load_params(
             f"unexpected tensors in {folder!r} for this config: {', '.join(sorted(unexpected)[:5])}"
         )
 
-    if shardings is not None:
-        present = {field for field, _, _, _ in _layer_entries(cfg)}
-        present |= set() if cfg.tie_word_embeddings else {"lm_head"}
-        try:
-            check_shardings(shardings, present)
-        except ValueError as e:
-            raise WeightsError(str(e)) from None
     with _Reader(files) as reader:
         if shardings is None:
             params = _read_params(reader, cfg, host_dtype, put)
         else:
-            params = load_sharded(
-                lambda name, shape, index: reader.read_slice(name, shape, index, host_dtype),
-                shardings, num_layers=cfg.num_hidden_layers, dtype=host_dtype,
-                layer_entries=_layer_entries(cfg), embed_shape=(cfg.vocab_size, cfg.hidden_size),
-                lm_head=not cfg.tie_word_embeddings)
+            params = _load_sharded(reader, cfg, host_dtype, shardings)
     return params, cfg
+
+
+def _load_sharded(reader: _Reader, cfg: LlamaConfig, host_dtype: np.dtype,
+                  shardings: LlamaParams) -> LlamaParams:
+    """:func:`~loraswitch_jax.sharded_load.load_sharded` of the checked files."""
+    present = {field for field, _, _, _ in _layer_entries(cfg)}
+    present |= set() if cfg.tie_word_embeddings else {"lm_head"}
+    try:
+        check_shardings(shardings, present)
+        return load_sharded(
+            lambda name, shape, index: reader.read_slice(name, shape, index, host_dtype),
+            shardings, num_layers=cfg.num_hidden_layers, dtype=host_dtype,
+            layer_entries=_layer_entries(cfg), embed_shape=(cfg.vocab_size, cfg.hidden_size),
+            lm_head=not cfg.tie_word_embeddings)
+    except WeightsError:
+        raise
+    except ValueError as e:  # a tree or a sharding that does not fit the model
+        raise WeightsError(str(e)) from None
 
 
 def _read_params(reader: _Reader, cfg: LlamaConfig, host_dtype: np.dtype, put) -> LlamaParams:

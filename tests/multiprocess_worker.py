@@ -1,9 +1,13 @@
-"""One process of the two-process CPU run of ``test_multiprocess.py`` (not a test itself).
+"""One process of the two-process CPU runs of ``test_multiprocess.py`` (not a test itself).
 
-``python -m tests.multiprocess_worker COORDINATOR PROCESS_ID MODEL MESH OUT``: joins the run,
-loads ``MODEL`` sharded over the mesh's global devices (each process reading only its blocks),
-runs ``parallel.forward`` on fixed tokens, gathers the logits and (process 0) saves them as
-``OUT/logits.npy``, with what this process read in ``OUT/reads-<id>.json``.
+``python -m tests.multiprocess_worker forward COORDINATOR PROCESS_ID MODEL MESH OUT``: joins the
+run, loads ``MODEL`` sharded over the mesh's global devices (each process reading only its
+blocks), runs ``parallel.forward`` on fixed tokens, gathers the logits and (process 0) saves them
+as ``OUT/logits.npy``, with what this process read in ``OUT/reads-<id>.json``.
+
+``python -m tests.multiprocess_worker train STOP_AFTER OVERRIDES_JSON``: ``train.loop.train`` of
+the config the overrides give (``stop_after`` when STOP_AFTER > 0); the run is joined from the
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment.
 """
 
 from __future__ import annotations
@@ -87,5 +91,18 @@ def main(coordinator: str, process_id: int, model: str, mesh_text: str, out: str
     multihost_utils.sync_global_devices("done")  # neither leaves while the other still reads
 
 
+def train(stop_after: int, overrides: list[str]) -> None:
+    import jax
+
+    from loraswitch_jax.train.config import load_train_config
+    from loraswitch_jax.train.loop import train as run
+
+    run(load_train_config(None, overrides), stop_after=stop_after or None, progress=False)
+    assert jax.process_count() == 2 and jax.device_count() == 4
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    if sys.argv[1] == "forward":
+        main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+    else:
+        train(int(sys.argv[2]), json.loads(sys.argv[3]))

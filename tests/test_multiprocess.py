@@ -1,6 +1,8 @@
-"""A real two-process run on CPU: two processes of 2 devices each join one run
-(``jax.distributed.initialize`` on localhost), load the tiny model split over the 4 global devices
-(each reading only its own blocks) and compute a forward equal to the single-process one."""
+"""Real two-process runs on CPU: two processes of 2 devices each join one run
+(``jax.distributed.initialize`` on localhost, gloo collectives), load the tiny model split over the
+4 global devices (each reading only its own blocks) and compute a forward equal to the
+single-process one; and train on a 4-device mesh, stop, resume from the orbax checkpoint and
+export, equal to the same run in one process."""
 
 from __future__ import annotations
 
@@ -47,29 +49,33 @@ def _expected_bytes(cfg: lj.LlamaConfig, mesh_text: str, process: int) -> int:
     return total
 
 
-@pytest.mark.parametrize("mesh_text", ["tensor=4", "data=2,tensor=2"])
-def test_two_processes_forward_equals_one(llama3_case, tmp_path, mesh_text):
-    case = llama3_case
+def _run_two(args, env_of=lambda i: {}, timeout: int = 300) -> None:
+    """Run ``tests.multiprocess_worker`` twice at once (``args(i)`` for process ``i``)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT)
-    coordinator = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", coordinator,
-                               str(i), case.path, mesh_text, str(tmp_path)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", *args(i)],
+                              cwd=ROOT, env={**env, **env_of(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=180)[0])
+            outputs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for i, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
+
+
+@pytest.mark.parametrize("mesh_text", ["tensor=4", "data=2,tensor=2"])
+def test_two_processes_forward_equals_one(llama3_case, tmp_path, mesh_text):
+    case = llama3_case
+    coordinator = f"localhost:{_free_port()}"
+    _run_two(lambda i: ["forward", coordinator, str(i), case.path, mesh_text, str(tmp_path)])
 
     tokens = np.random.RandomState(0).randint(0, case.cfg.vocab_size, (2, 24)).astype(np.int32)
     want = np.asarray(jit_forward()(case.params, tokens, case.cfg))
@@ -85,3 +91,38 @@ def test_two_processes_forward_equals_one(llama3_case, tmp_path, mesh_text):
         assert r["bytes"] == _expected_bytes(case.cfg, mesh_text, i), r
     if mesh_text == "tensor=4":  # the weights are split across the processes
         assert r["bytes"] < 0.75 * whole
+
+
+def _metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_processes_train_resume_and_export_like_one(tmp_path):
+    small = ["data.seq_len=32", "data.batch_size=8", "optim.steps=4", "optim.warmup_steps=1",
+             "save_every=2", "eval_every=2", "eval_batches=1", "mesh=fsdp=2,tensor=2"]
+    two = [f"out_dir={tmp_path / 'two'}", *small]
+
+    def env_of(i):  # joined from the environment, as srun/mpirun-less launches do
+        return {"JAX_COORDINATOR_ADDRESS": coordinator, "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i)}
+
+    coordinator = f"localhost:{_free_port()}"
+    _run_two(lambda i: ["train", "2", json.dumps(two)], env_of)  # stops after step 2
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2"]
+    coordinator = f"localhost:{_free_port()}"
+    _run_two(lambda i: ["train", "0", json.dumps(two)], env_of)  # resumes from the checkpoint
+
+    from loraswitch_jax.train.config import load_train_config
+    from loraswitch_jax.train.loop import train
+
+    train(load_train_config(None, [f"out_dir={tmp_path / 'one'}", *small]), progress=False)
+    want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(5))
+    for a, b in zip(got, want):
+        for key in ("loss", "aux", "grad_norm", "eval_loss"):
+            if b.get(key) is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (b["step"], key)
+    for x, y in zip(jax.tree.leaves(lj.load_adapter(tmp_path / "two" / "adapter")),
+                    jax.tree.leaves(lj.load_adapter(tmp_path / "one" / "adapter"))):
+        assert rel_err(x, y) < 1e-5

@@ -159,3 +159,13 @@ def test_tied_model_takes_no_head_sharding(case):
     else:
         assert lj.load_params(case.path, dtype=jnp.float32, shardings=shardings)[0].lm_head \
             is not None
+
+
+def test_sharding_that_does_not_divide_is_named(llama3_case):
+    shardings, _ = _shardings(llama3_case.cfg, "tensor=2", False)
+    mesh3 = MeshConfig(tensor=3).make_mesh()
+    bad = dataclasses.replace(shardings, layers=dataclasses.replace(
+        shardings.layers, wq=NamedSharding(mesh3, P(None, None, "tensor"))))
+    with pytest.raises(lj.WeightsError, match=r"^shardings\.layers\.wq does not fit its shape "
+                                              r"\(2, 64, 64\)"):
+        lj.load_params(llama3_case.path, dtype=jnp.float32, shardings=bad)

@@ -54,7 +54,8 @@ from loraswitch_jax.train.step import TrainState, eval_step, init_state
 from loraswitch_jax.weights import load_params
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "abstract_params", "evaluate",
-           "finished_summary", "load_model", "make_placement", "model_config", "train"]
+           "finished_summary", "load_model", "load_weights", "make_placement", "model_config",
+           "train"]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -101,22 +102,23 @@ def model_config(tc: TrainConfig) -> tuple[LlamaConfig, Tokenizer]:
     return cfg, Tokenizer.from_pretrained(tc.model)
 
 
-def load_model(tc: TrainConfig, shardings: LlamaParams | None = None
-               ) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
-    """A preset (random weights, byte tokenizer for ``demo``) or a Hugging Face folder.
-
-    ``shardings`` (a :class:`LlamaParams` of shardings) places the weights as they are made; a
-    folder's are then read block by block, each process reading only its devices' blocks.
-    """
+def load_weights(tc: TrainConfig, cfg: LlamaConfig, shardings: LlamaParams | None = None
+                 ) -> LlamaParams:
+    """The weights of ``tc.model`` (``cfg`` from :func:`model_config`): a preset's random ones or
+    a Hugging Face folder's. ``shardings`` (a :class:`LlamaParams` of shardings) places them as
+    they are made; a folder's are then read block by block, each process reading only its
+    devices' blocks."""
     dtype = _DTYPES[tc.dtype]
-    cfg, tokenizer = model_config(tc)
     if tc.model in PRESETS:
         params = init_params(cfg, jax.random.key(tc.init_seed), dtype)
-        if shardings is not None:
-            params = jax.device_put(params, shardings)
-        return params, cfg, tokenizer
-    params, cfg = load_params(tc.model, cfg, dtype=dtype, shardings=shardings)
-    return params, cfg, tokenizer
+        return params if shardings is None else jax.device_put(params, shardings)
+    return load_params(tc.model, cfg, dtype=dtype, shardings=shardings)[0]
+
+
+def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
+    """A preset (random weights, byte tokenizer for ``demo``) or a Hugging Face folder."""
+    cfg, tokenizer = model_config(tc)
+    return load_weights(tc, cfg), cfg, tokenizer
 
 
 def abstract_params(cfg: LlamaConfig, dtype) -> LlamaParams:
@@ -334,8 +336,8 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
     adapter = init_adapter(cfg, tc.adapter, jax.random.key(tc.init_seed + 1))
     state = init_state(adapter, tc.optim, tc.init_seed)
     placement = make_placement(tc, cfg, abstract_params(cfg, _DTYPES[tc.dtype]), state)
-    # Made in place: each process reads (or draws) only what its devices hold.
-    params, cfg, _ = load_model(tc, shardings=placement.params)
+    # Made in place: each process reads only the blocks its devices hold.
+    params = load_weights(tc, cfg, placement.params)
     data = load_data(tc.data, tokenizer, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
     if data.train.tokens.size and int(data.train.tokens.max()) >= cfg.vocab_size:
         raise ValueError(
