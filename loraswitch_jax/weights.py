@@ -2,20 +2,17 @@
 
 Loading reads one tensor at a time from memory-mapped files into one preallocated stacked host
 buffer per parameter, moves that buffer to the device and frees it: host memory never holds two
-copies of the model. Saving writes one layer at a time, sharded with an index above
-``max_shard_bytes``, into a temporary sibling folder that replaces the destination by one rename
-(:func:`write_folder_atomic`): at every instant the path holds the old complete folder or the new.
+copies of the model. With ``shardings``, each process reads only the blocks its devices hold
+(:mod:`~loraswitch_jax.sharded_load`). Saving writes one layer at a time, sharded with an index
+above ``max_shard_bytes``, into a temporary sibling folder that replaces the destination by one
+rename (:func:`~loraswitch_jax.atomic_folder.write_folder_atomic`): at every instant the path
+holds the old complete folder or the new.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import socket
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -25,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from loraswitch_jax.atomic_folder import interrupted_save, write_folder_atomic
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.params import (
     BIAS_FIELD,
@@ -36,6 +34,7 @@ from loraswitch_jax.params import (
     floating_dtype,
     projection_shape,
 )
+from loraswitch_jax.sharded_load import check_shardings, load_sharded
 
 __all__ = [
     "HF_MODULE",
@@ -154,19 +153,36 @@ class _Reader:
             self._handles[path] = _open(path).__enter__()
         return self._handles[path]
 
-    def read(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def _checked(self, name: str, shape: tuple[int, ...]):
+        """The open file holding ``name`` and its lazy slice, after checking the shape."""
         handle = self._handle(self._files[name])
         try:
-            got = tuple(handle.get_slice(name).get_shape())
+            lazy = handle.get_slice(name)
+            got = tuple(lazy.get_shape())
         except Exception as e:  # a name in the index that the shard lacks
             raise WeightsError(f"tensor {name!r} is listed but not found in {self._files[name]!r}") from e
         if got != shape:
             raise WeightsError(f"tensor {name!r} has shape {got}, but the config expects {shape}")
+        return handle, lazy
+
+    def read(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        handle, _ = self._checked(name, shape)
         try:
             tensor = handle.get_tensor(name)
         except Exception as e:
             raise WeightsError(f"cannot read tensor {name!r} from {self._files[name]!r}: {e}") from e
         return tensor.astype(dtype, copy=False)
+
+    def read_slice(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...],
+                   dtype: np.dtype) -> np.ndarray:
+        """The block ``tensor[index]`` of tensor ``name`` of ``shape``, reading only that block."""
+        _, lazy = self._checked(name, shape)
+        try:
+            block = lazy[index]
+        except Exception as e:
+            raise WeightsError(f"cannot read {index} of tensor {name!r} from "
+                               f"{self._files[name]!r}: {e}") from e
+        return block.astype(dtype, copy=False)
 
 
 def load_params(
@@ -174,6 +190,7 @@ def load_params(
     cfg: LlamaConfig | None = None,
     dtype=jnp.bfloat16,
     put: Callable[[np.ndarray], jax.Array] = jnp.asarray,
+    shardings: LlamaParams | None = None,
 ) -> tuple[LlamaParams, LlamaConfig]:
     """Load a Hugging Face Llama folder (single or sharded safetensors).
 
@@ -182,6 +199,10 @@ def load_params(
       cfg: the config to check the weights against; read from the folder when None.
       dtype: parameter dtype (bf16 by default, float32 for parity checks).
       put: moves one stacked host array to the device (e.g. with a sharding).
+      shardings: a :class:`LlamaParams` of ``jax.sharding.Sharding`` (``None`` where the model
+        has no tensor): each leaf is built as a global array on its sharding, every process
+        reading only the blocks its devices hold (:mod:`~loraswitch_jax.sharded_load`); ``put``
+        is then unused. Required when the shardings span several processes.
 
     Raises:
       WeightsError: a file or tensor is missing, unexpected or of the wrong shape; the message
@@ -211,8 +232,29 @@ def load_params(
         )
 
     with _Reader(files) as reader:
-        params = _read_params(reader, cfg, host_dtype, put)
+        if shardings is None:
+            params = _read_params(reader, cfg, host_dtype, put)
+        else:
+            params = _load_sharded(reader, cfg, host_dtype, shardings)
     return params, cfg
+
+
+def _load_sharded(reader: _Reader, cfg: LlamaConfig, host_dtype: np.dtype,
+                  shardings: LlamaParams) -> LlamaParams:
+    """:func:`~loraswitch_jax.sharded_load.load_sharded` of the checked files."""
+    present = {field for field, _, _, _ in _layer_entries(cfg)}
+    present |= set() if cfg.tie_word_embeddings else {"lm_head"}
+    try:
+        check_shardings(shardings, present)
+        return load_sharded(
+            lambda name, shape, index: reader.read_slice(name, shape, index, host_dtype),
+            shardings, num_layers=cfg.num_hidden_layers, dtype=host_dtype,
+            layer_entries=_layer_entries(cfg), embed_shape=(cfg.vocab_size, cfg.hidden_size),
+            lm_head=not cfg.tie_word_embeddings)
+    except WeightsError:
+        raise
+    except ValueError as e:  # a tree or a sharding that does not fit the model
+        raise WeightsError(str(e)) from None
 
 
 def _read_params(reader: _Reader, cfg: LlamaConfig, host_dtype: np.dtype, put) -> LlamaParams:
@@ -318,169 +360,3 @@ def save_params(
         cfg.save_pretrained(tmp)
 
     write_folder_atomic(folder, write, owned=lambda fn: _is_weight_file(fn) or fn == "config.json")
-
-
-# ------------------------------------------------------------------------------ atomic folders
-
-_SAVING, _ASIDE = ".saving-", ".replaced-"
-# Leftovers of another host older than this process cannot be a save in progress that we know of.
-_PROCESS_START = time.time()
-
-
-def _usual_mode(directory: bool) -> int:
-    """``0666 & ~umask`` for files, ``0777 & ~umask`` for folders (what ``open`` would give)."""
-    mask = os.umask(0)  # the umask is read by setting it; restore it at once
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def _sibling(folder: str, kind: str) -> str:
-    """A new empty folder beside ``folder``, named after it, this host and this process."""
-    parent, name = os.path.split(folder)
-    prefix = f".{name}{kind}{os.getpid()}@{socket.gethostname()}-"
-    return tempfile.mkdtemp(prefix=prefix, dir=parent)
-
-
-def _leftovers(folder: str, kind: str) -> list[tuple[str, int, str]]:
-    """``(path, pid, host)`` of every ``kind`` sibling of ``folder`` an earlier write made."""
-    parent, name = os.path.split(folder)
-    pattern = re.compile(re.escape(f".{name}{kind}") + r"(\d+)@(.*)-[^-]*")
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return []
-    found = []
-    for fn in entries:
-        m = pattern.fullmatch(fn)
-        if m:
-            found.append((os.path.join(parent, fn), int(m.group(1)), m.group(2)))
-    return found
-
-
-def _is_stale(path: str, pid: int, host: str) -> bool:
-    """Whether the writer of leftover ``path`` is gone (pid dead here; else older than us)."""
-    if host == socket.gethostname():
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            return False
-        return False
-    try:
-        return os.lstat(path).st_mtime < _PROCESS_START
-    except OSError:
-        return False
-
-
-def _remove_leftovers(folder: str) -> None:
-    """Remove what interrupted writes to ``folder`` left beside it (their writers are gone)."""
-    for kind in (_SAVING, _ASIDE):
-        for path, pid, host in _leftovers(folder, kind):
-            if _is_stale(path, pid, host):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def interrupted_save(folder: str | os.PathLike) -> str | None:
-    """A message when ``folder`` is missing because a save was interrupted between its two
-    renames (the previous version is in an aside-folder beside it); ``None`` otherwise."""
-    folder = os.path.realpath(os.fspath(folder))
-    if os.path.exists(folder):
-        return None
-    asides = [path for path, _, _ in _leftovers(folder, _ASIDE)]
-    if not asides:
-        return None
-    return (
-        f"{folder!r} is missing: a save to it was interrupted, and its previous version is in "
-        f"{asides[0]!r}; rename that folder back to {folder!r} (or save again)"
-    )
-
-
-def _carry_over(old: str, new: str, owned: Callable[[str], bool]) -> None:
-    """Hard-link (or copy) into ``new`` the entries of ``old`` this writer does not own."""
-    present = set(os.listdir(new))
-    for fn in os.listdir(old):
-        if fn in present or owned(fn) or fn.startswith((_SAVING, _ASIDE)):
-            continue  # ours, replaced; or a leftover of the in-folder temp layout of old versions
-        src, dst = os.path.join(old, fn), os.path.join(new, fn)
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(src, dst)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # a file system without hard links
-        shutil.copy2(src, dst)
-
-
-def write_folder_atomic(
-    folder: str | os.PathLike,
-    write: Callable[[str], None],
-    owned: Callable[[str], bool] = lambda fn: True,
-) -> None:
-    """Replace ``folder`` as a whole by what ``write(tmp)`` puts into a new sibling folder.
-
-    ``write`` fills the temporary folder; the entries of the old folder that ``owned`` does not
-    claim (and ``write`` did not write) are carried over by hard link. Then one rename swaps the
-    folders: the old one moves aside, the new one takes its path, the old one is removed. At every
-    instant the path holds the old complete folder or the new one; a crash between the two
-    renames leaves no folder and the old one aside (:func:`interrupted_save` says so). Files get
-    the usual mode (``0666 & ~umask``), a new folder ``0777 & ~umask``, a replaced one its old
-    mode. Leftovers of interrupted earlier writes (whose process is gone) are removed after the
-    swap.
-    """
-    folder = os.path.realpath(os.fspath(folder))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"cannot write a folder at {folder!r}: a file is there")
-    parent = os.path.dirname(folder)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):  # makedirs would say "File exists"
-        raise NotADirectoryError(20, "Not a directory", folder)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = _sibling(folder, _SAVING)
-    try:
-        write(tmp)
-        file_mode = _usual_mode(directory=False)
-        for fn in os.listdir(tmp):  # safetensors writes 0600; a saved model is for every user
-            path = os.path.join(tmp, fn)
-            if os.path.isfile(path) and not os.path.islink(path):
-                os.chmod(path, file_mode)
-        existed = os.path.isdir(folder)
-        if existed:
-            _carry_over(folder, tmp, owned)
-        os.chmod(tmp, os.stat(folder).st_mode & 0o7777 if existed else _usual_mode(directory=True))
-        _swap(tmp, folder, existed)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _remove_leftovers(folder)
-
-
-def _swap(tmp: str, folder: str, existed: bool) -> None:
-    """Rename ``tmp`` to ``folder``, moving an existing ``folder`` aside first."""
-    if not existed:
-        os.rename(tmp, folder)
-        return
-    cwd = os.getcwd()
-    aside = _sibling(folder, _ASIDE)  # empty: rename(2) replaces an empty folder
-    os.rename(folder, aside)
-    try:
-        os.rename(tmp, folder)
-    except BaseException:
-        os.rename(aside, folder)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    if cwd == folder or cwd.startswith(folder + os.sep):
-        # The process' working folder moved aside with the old folder: follow the path.
-        try:
-            os.chdir(cwd)
-        except OSError:
-            os.chdir(folder)

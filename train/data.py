@@ -20,6 +20,10 @@ A batch is a dict of numpy arrays ``[batch_size, seq_len]``:
 * ``segment_ids`` int32: 1, 2, ... per packed segment in a row; 0 = padding. Padding attends only
   to earlier padding of its row (``layers.attention_mask`` compares ids), so it never yields NaN.
 * ``positions`` int32: 0, 1, ... restarting in each segment; 0 in padding.
+
+Several processes: each builds only the rows of every batch that its devices hold (``rows=``,
+positions within the global batch: ``train.hosts.process_rows``); the global batches do not
+depend on the process count.
 """
 
 from __future__ import annotations
@@ -360,9 +364,25 @@ def _layout(examples: Examples, order: np.ndarray, seq_len: int, pack: bool) -> 
     return _Layout(source.astype(np.int64), length.astype(np.int64), col, row_start, num_rows)
 
 
-def _assemble(examples: Examples, layout: _Layout, rows: np.ndarray, cfg: DataConfig) -> Batch:
-    """The batch of ``rows``; missing rows (``len(rows) < batch_size``) are padding."""
+def _check_positions(rows: np.ndarray | None, batch_size: int) -> np.ndarray | None:
+    """``rows`` as sorted distinct positions in ``[0, batch_size)``; ``None``: all rows."""
+    if rows is None:
+        return None
+    rows = np.asarray(rows)
+    if (rows.ndim != 1 or not len(rows) or not np.issubdtype(rows.dtype, np.integer)
+            or rows[0] < 0 or rows[-1] >= batch_size or np.any(np.diff(rows) <= 0)):
+        raise DataError(f"rows must be sorted distinct positions in [0, {batch_size}), got "
+                        f"{np.asarray(rows).tolist()[:8]}")
+    return rows.astype(np.int64)
+
+
+def _assemble(examples: Examples, layout: _Layout, rows: np.ndarray, cfg: DataConfig,
+              positions: np.ndarray | None = None) -> Batch:
+    """The batch of ``rows``; missing rows (``len(rows) < batch_size``) are padding. With
+    ``positions`` only those rows of the batch (sorted, so the padding stays last)."""
     B, T = cfg.batch_size, cfg.seq_len
+    if positions is not None:
+        B, rows = len(positions), rows[positions[positions < len(rows)]]
     count = layout.row_start[rows + 1] - layout.row_start[rows]
     pieces = _ranges(layout.row_start[rows], count)
     segment = pieces - np.repeat(layout.row_start[rows], count) + 1
@@ -402,13 +422,18 @@ class TrainBatches:
 
     Resume: save ``state().to_dict()`` with the checkpoint and pass it back as ``state=``; the
     next batch is the one an uninterrupted run would give (same files and config).
+
+    ``rows``: positions within each batch to build (``hosts.process_rows``), ``[len(rows), T]``
+    leaves; ``None``: all ``batch_size`` rows.
     """
 
     def __init__(self, examples: Examples, cfg: DataConfig, *,
-                 state: DataState | Mapping[str, int] | None = None):
+                 state: DataState | Mapping[str, int] | None = None,
+                 rows: np.ndarray | None = None):
         order = (np.random.default_rng([_PACK_STREAM, cfg.seed]).permutation(len(examples))
                  if cfg.shuffle else np.arange(len(examples)))
         self._examples, self._cfg = examples, cfg
+        self._positions = _check_positions(rows, cfg.batch_size)
         self._layout = _layout(examples, order, cfg.seq_len, cfg.pack)
         if self._layout.num_rows == 0:
             raise DataError(f"no training examples with 2 or more tokens in {cfg.path!r}")
@@ -445,7 +470,7 @@ class TrainBatches:
             self._perm_epoch = self._epoch
         B = self._cfg.batch_size
         rows = self._perm[self._step * B:(self._step + 1) * B]
-        batch = _assemble(self._examples, self._layout, rows, self._cfg)
+        batch = _assemble(self._examples, self._layout, rows, self._cfg, self._positions)
         self._step += 1
         if self._step == self.batches_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
@@ -455,12 +480,14 @@ class TrainBatches:
 class EvalBatches:
     """Finite, deterministic batches over examples in order (e.g. the validation split).
 
-    Same format as :class:`TrainBatches`; the last batch is padded with ``loss_mask`` 0. Iterate
-    as often as you like; ``len()`` is the number of batches (0 for no examples).
+    Same format as :class:`TrainBatches` (``rows`` too); the last batch is padded with
+    ``loss_mask`` 0. Iterate as often as you like; ``len()`` is the number of batches (0 for no
+    examples).
     """
 
-    def __init__(self, examples: Examples, cfg: DataConfig):
+    def __init__(self, examples: Examples, cfg: DataConfig, *, rows: np.ndarray | None = None):
         self._examples, self._cfg = examples, cfg
+        self._positions = _check_positions(rows, cfg.batch_size)
         self._layout = _layout(examples, np.arange(len(examples)), cfg.seq_len, cfg.pack)
 
     def __len__(self) -> int:
@@ -470,4 +497,4 @@ class EvalBatches:
         B = self._cfg.batch_size
         for i in range(len(self)):
             rows = np.arange(i * B, min((i + 1) * B, self._layout.num_rows))
-            yield _assemble(self._examples, self._layout, rows, self._cfg)
+            yield _assemble(self._examples, self._layout, rows, self._cfg, self._positions)

@@ -16,6 +16,13 @@ Several devices: one mesh of axes ``data``, ``fsdp``, ``tensor`` (``tc.mesh``; `
 the batch's rows over ``data`` and ``fsdp``, the frozen backbone, adapter and optimizer state split
 over ``fsdp`` and ``tensor``; the step is jitted with those shardings and XLA's SPMD partitioner
 gathers each layer's weights where they are used.
+
+Several processes (hosts): :func:`train` first joins the run the environment describes
+(``loraswitch_jax.distributed.initialize``; a CLI calls it with its flags before), then every
+process runs this same loop on one global mesh. Each reads only its devices' blocks of the HF
+weights (``load_params(shardings=...)``) and builds only its devices' rows of each batch
+(``train.hosts``); orbax writes each process' shards of a checkpoint. Process 0 alone writes the
+metrics, summary, plot and exported adapter. ``out_dir`` must be one shared folder.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from tqdm.auto import tqdm
 from loraswitch_jax.adapter_io import save_adapter
 from loraswitch_jax.adapters import check_adapter, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
+from loraswitch_jax.distributed import initialize
 from loraswitch_jax.params import LlamaParams, init_params
 from loraswitch_jax.tokenizer import Tokenizer, byte_tokenizer
 from loraswitch_jax.train.checkpoints import (
@@ -40,12 +48,14 @@ from loraswitch_jax.train.checkpoints import (
 )
 from loraswitch_jax.train.config import ConfigFileError, TrainConfig
 from loraswitch_jax.train.data import DataState, EvalBatches, TrainBatches, load_data
+from loraswitch_jax.train.hosts import local_rows, to_global
 from loraswitch_jax.train.placement import Placement, plan_placement
 from loraswitch_jax.train.step import TrainState, eval_step, init_state
 from loraswitch_jax.weights import load_params
 
-__all__ = ["TrainingDiverged", "TrainingInterrupted", "evaluate", "finished_summary", "load_model",
-           "make_placement", "train"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "abstract_params", "evaluate",
+           "finished_summary", "load_model", "load_weights", "make_placement", "model_config",
+           "train"]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -76,22 +86,44 @@ def check_positions(tc: TrainConfig, cfg: LlamaConfig) -> None:
         )
 
 
-def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
-    """A preset (random weights, byte tokenizer for ``demo``) or a Hugging Face folder."""
-    dtype = _DTYPES[tc.dtype]
+def model_config(tc: TrainConfig) -> tuple[LlamaConfig, Tokenizer]:
+    """The config and tokenizer of a preset (byte tokenizer) or a Hugging Face folder; the
+    weights are not read."""
     if tc.model in PRESETS:
         cfg = PRESETS[tc.model]
         check_positions(tc, cfg)
-        params = init_params(cfg, jax.random.key(tc.init_seed), dtype)
-        return params, cfg, byte_tokenizer()
+        return cfg, byte_tokenizer()
     if not os.path.isdir(tc.model):
         raise FileNotFoundError(
             f"model {tc.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder"
         )
     cfg = LlamaConfig.from_pretrained(tc.model)
     check_positions(tc, cfg)  # before reading the weights (gigabytes)
-    params, cfg = load_params(tc.model, cfg, dtype=dtype)
-    return params, cfg, Tokenizer.from_pretrained(tc.model)
+    return cfg, Tokenizer.from_pretrained(tc.model)
+
+
+def load_weights(tc: TrainConfig, cfg: LlamaConfig, shardings: LlamaParams | None = None
+                 ) -> LlamaParams:
+    """The weights of ``tc.model`` (``cfg`` from :func:`model_config`): a preset's random ones or
+    a Hugging Face folder's. ``shardings`` (a :class:`LlamaParams` of shardings) places them as
+    they are made; a folder's are then read block by block, each process reading only its
+    devices' blocks."""
+    dtype = _DTYPES[tc.dtype]
+    if tc.model in PRESETS:
+        params = init_params(cfg, jax.random.key(tc.init_seed), dtype)
+        return params if shardings is None else jax.device_put(params, shardings)
+    return load_params(tc.model, cfg, dtype=dtype, shardings=shardings)[0]
+
+
+def load_model(tc: TrainConfig) -> tuple[LlamaParams, LlamaConfig, Tokenizer]:
+    """A preset (random weights, byte tokenizer for ``demo``) or a Hugging Face folder."""
+    cfg, tokenizer = model_config(tc)
+    return load_weights(tc, cfg), cfg, tokenizer
+
+
+def abstract_params(cfg: LlamaConfig, dtype) -> LlamaParams:
+    """Shapes and dtypes of ``cfg``'s weights (nothing allocated)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
 
 
 def train_step(state: TrainState, params: LlamaParams, batch: dict, *, placement: Placement,
@@ -121,6 +153,15 @@ def evaluate(adapter, params, batches: EvalBatches, cfg: LlamaConfig, limit: int
         out = eval_step(adapter, params, put(batch), cfg=cfg, attention_chunk=attention_chunk)
         ce, tokens = ce + float(out["ce_sum"]), tokens + float(out["tokens"])
     return ce / tokens if tokens else None
+
+
+def _host(tree):
+    """``tree`` as numpy on this host (gathered from every process when it spans several)."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _stack_micro(batches: TrainBatches, n: int) -> dict:
@@ -275,6 +316,7 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
       CheckpointError: the output folder's checkpoint is of another config or damaged (the
         message names the step folder to delete).
     """
+    initialize()  # a multi-process run named by the environment (a no-op otherwise, or if joined)
     done = finished_summary(tc)
     if done is not None:
         ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
@@ -290,17 +332,18 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
               f"{os.path.join(tc.out_dir, 'adapter')}; nothing changed (another out_dir trains anew)")
         return {**done, "already_finished": True}
     os.makedirs(tc.out_dir, exist_ok=True)
-    params, cfg, tokenizer = load_model(tc)
+    cfg, tokenizer = model_config(tc)
+    adapter = init_adapter(cfg, tc.adapter, jax.random.key(tc.init_seed + 1))
+    state = init_state(adapter, tc.optim, tc.init_seed)
+    placement = make_placement(tc, cfg, abstract_params(cfg, _DTYPES[tc.dtype]), state)
+    # Made in place: each process reads only the blocks its devices hold.
+    params = load_weights(tc, cfg, placement.params)
     data = load_data(tc.data, tokenizer, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
     if data.train.tokens.size and int(data.train.tokens.max()) >= cfg.vocab_size:
         raise ValueError(
             f"the tokenizer produced id {int(data.train.tokens.max())}, outside the model's "
             f"vocabulary ({cfg.vocab_size}): tokenizer and model do not belong together"
         )
-    adapter = init_adapter(cfg, tc.adapter, jax.random.key(tc.init_seed + 1))
-    state = init_state(adapter, tc.optim, tc.init_seed)
-    placement = make_placement(tc, cfg, params, state)
-    params = jax.device_put(params, placement.params)
     # A restore reads into these shardings: a checkpoint of one mesh resumes on another.
     state = jax.device_put(state, placement.state)
 
@@ -318,35 +361,44 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool = Tr
 
 def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) -> dict:
     """The loop of :func:`train`, from restore to export (``ckpt`` closed by the caller)."""
+    primary = jax.process_index() == 0  # the one writer of the run's own files
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
     data_state = None
     if ckpt.latest_step() is not None:
         state, saved_data_state, step = ckpt.restore(state)
         data_state = DataState(**saved_data_state)
-        _truncate_metrics(metrics_path, step)
+        if primary:
+            _truncate_metrics(metrics_path, step)
         print(f"resumed from step {step} ({ckpt.directory})")
-    elif os.path.exists(metrics_path):
+    elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
     check_adapter(state.adapter, cfg)
-    train_batches = TrainBatches(data.train, tc.data, state=data_state)
-    eval_batches = EvalBatches(data.validation, tc.data)
+    A, B, T = tc.optim.grad_accum, tc.data.batch_size, tc.data.seq_len
+    # Each process builds only the rows of each batch that its devices hold.
+    train_batches = TrainBatches(data.train, tc.data, state=data_state,
+                                 rows=local_rows(placement.batch, (A, B, T), axis=1))
+    eval_batches = EvalBatches(data.validation, tc.data,
+                               rows=local_rows(placement.eval_batch, (B, T), axis=0))
+    put_eval = lambda batch: to_global(batch, placement.eval_batch, (B, T))  # noqa: E731
     if not len(eval_batches):
         print("note: the held-out split is empty (data.validation_fraction); no eval_loss is logged")
 
     start = int(state.step)
     end = tc.optim.steps if stop_after is None else min(tc.optim.steps, start + stop_after)
-    bar = tqdm(total=tc.optim.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.optim.steps, initial=start, disable=not (progress and primary), unit="step",
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     at = None  # the step in progress, for the Ctrl-C message
+    last = {}
     try:
-        with open(metrics_path, "a") as log:
+        with open(metrics_path if primary else os.devnull, "a") as log:
             if start == 0:  # the starting point of the held-out curve
                 initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches,
-                                   placement.put_eval_batch, attention_chunk=tc.attention_chunk)
+                                   put_eval, attention_chunk=tc.attention_chunk)
                 log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
             for step in range(start, end):
                 at = step + 1
-                batch = placement.put_batch(_stack_micro(train_batches, tc.optim.grad_accum))
+                batch = to_global(_stack_micro(train_batches, A), placement.batch, (A, B, T))
                 state, metrics = train_step(state, params, batch, placement=placement, cfg=cfg,
                                             oc=tc.optim, remat=tc.remat,
                                             attention_chunk=tc.attention_chunk)
@@ -358,10 +410,11 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
                 if (step + 1) % tc.eval_every == 0 or step + 1 == tc.optim.steps:
                     record["eval_loss"] = evaluate(
                         state.adapter, params, eval_batches, cfg, tc.eval_batches,
-                        placement.put_eval_batch, attention_chunk=tc.attention_chunk)
+                        put_eval, attention_chunk=tc.attention_chunk)
                 _check_finite(step + 1, record, ckpt)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                last = record
                 # The data state after this step's batches: a resume continues with the next ones.
                 # The step's update can be non-finite while its loss (of the state before) is
                 # not: save checks the state itself before it can replace a good checkpoint.
@@ -382,14 +435,20 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    last, usage = _summarize(_read_metrics(metrics_path), end)
+    if primary:
+        last, usage = _summarize(_read_metrics(metrics_path), end)
+    else:  # the others summarize only what they saw (they write nothing)
+        usage = None
     summary = {"steps": end, "seconds": seconds, "last": last}
     if end < tc.optim.steps:
         return summary
     bad = nonfinite_leaves(state.adapter)
     if bad:  # e.g. restored from a finished run's last checkpoint; never export NaN
         raise _diverged(end, "non-finite adapter in " + ", ".join(bad[:4]), ckpt)
-    save_adapter(jax.device_get(state.adapter), os.path.join(tc.out_dir, "adapter"), cfg)
+    adapter = _host(state.adapter)  # every process takes part in the gather
+    if not primary:
+        return summary
+    save_adapter(adapter, os.path.join(tc.out_dir, "adapter"), cfg)
     if usage is not None:
         summary["usage"] = usage.tolist()
         _usage_plot(usage, tc.adapter.mode, os.path.join(tc.out_dir, "usage.png"))
