@@ -24,7 +24,7 @@ runs mixtures densely (all ``E`` experts, ``lora_method``): ``E / k`` times the 
 predicts the largest ``B`` under the device's ``bytes_limit``; one compile and run confirms it.
 ``--budget-s`` skips what would not finish in time; the report is rewritten after every run::
 
-    python -m loraswitch_jax.eval.bench.training     # DEFAULT_RUNS, under 8 minutes on an H200
+    python -m loraswitch_jax.eval.bench.training     # DEFAULT_RUNS within --budget-s 450
     python -m loraswitch_jax.eval.bench.training --runs switch:dots:1:cudnn mixlora:none:1
     python -m loraswitch_jax.eval.bench.training --small --cpu --bytes-limit 3e8  # CPU smoke run
 """
