@@ -20,13 +20,11 @@ frozen backbone's backward computes input gradients only; remat's recomputation 
 ``peak``: the H200's dense bf16 spec, 989 TFLOP/s (``--peak-tflops``). The product's training path
 runs mixtures densely (all ``E`` experts, ``lora_method``): ``E / k`` times the adapter FLOPs here.
 
-Largest batch per policy: the compiled step's ``memory_analysis`` (arguments + outputs - aliased
-+ temporaries) at batch 1 and 2 is linear in the batch; the largest ``B`` under the device's
-``bytes_limit`` is predicted, then confirmed by one compile and run at that batch (``max``).
-``--budget-s`` skips what would not finish in time (a skipped row); JSON, Markdown and PNG are
-rewritten after every run. Examples::
+``max``: the compiled step's memory (``memory_analysis``) at batch 1 and 2, linear in the batch,
+predicts the largest ``B`` under the device's ``bytes_limit``; one compile and run confirms it.
+``--budget-s`` skips what would not finish in time; the report is rewritten after every run::
 
-    python -m loraswitch_jax.eval.bench.training     # DEFAULT_RUNS, under 8 minutes on an H200
+    python -m loraswitch_jax.eval.bench.training     # DEFAULT_RUNS within --budget-s 450
     python -m loraswitch_jax.eval.bench.training --runs switch:dots:1:cudnn mixlora:none:1
     python -m loraswitch_jax.eval.bench.training --small --cpu --bytes-limit 3e8  # CPU smoke run
 """
@@ -53,7 +51,8 @@ from loraswitch_jax import llama
 from loraswitch_jax.adapters import AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
-from loraswitch_jax.eval.bench.harness import failure, is_oom, log, write_report
+from loraswitch_jax.eval.bench.harness import (
+    environment, failure, is_oom, log, peak_memory, reserve_device_memory, write_report)
 from loraswitch_jax.eval.bench.training_peers import mixlora_active_params, peer_batch, work_mixlora
 from loraswitch_jax.params import init_params, projection_shape
 from loraswitch_jax.train import step
@@ -97,24 +96,22 @@ class Run:
     @classmethod
     def parse(cls, text: str) -> Run:
         parts = text.split(":")
-        ok = len(parts) in (3, 4) and (parts[2] == "max" or parts[2].isdigit() and int(parts[2]))
-        if not ok:
+        b = parts[2] if len(parts) in (3, 4) else ""
+        if not (b == "max" or b.isdigit() and int(b)):
             raise ValueError(f"a run is ADAPTER:REMAT:BATCH[:ATTENTION] (BATCH >= 1 or max), got "
                              f"{text!r}")
-        return cls(parts[0], parts[1], 0 if parts[2] == "max" else int(parts[2]), *parts[3:])
+        return cls(parts[0], parts[1], 0 if b == "max" else int(b), *parts[3:])
 
     @property
     def name(self) -> str:
         return f"{self.adapter}:{self.remat}:{self.batch or 'max'}:{self.attention}"
 
-    def adapter_config(self) -> AdapterConfig | None:
+    def adapter_config(self) -> AdapterConfig:
         """Equal budgets as the adapter benchmark: rank 16, alpha 32; E 8, k 2 for mixtures."""
-        if self.adapter == "mixlora":
-            return None
         if self.adapter == "lora":
             return AdapterConfig.lora(rank=RANK, alpha=ALPHA)
         return AdapterConfig(mode=self.adapter, rank=RANK, alpha=ALPHA, num_experts=BASE_EXPERTS,
-                             top_k=BASE_TOP_K)
+                             top_k=BASE_TOP_K)  # mixlora: not an AdapterConfig mode, refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,25 +162,19 @@ def model_config(preset: str) -> LlamaConfig:
 
 
 # ------------------------------------------------------------------------------------ arithmetic
-def _adapter_active_params(cfg: LlamaConfig, run: Run) -> int:
-    """Adapter weights one token uses: ``k`` experts of rank ``r`` on each target, and routers."""
-    if run.adapter == "mixlora":
-        return mixlora_active_params(cfg)
-    acfg = run.adapter_config()
-    layers = acfg.num_adapted_layers(cfg)
-    lora = layers * acfg.top_k * sum(acfg.rank * sum(projection_shape(cfg, p))
-                                     for p in acfg.targets)
-    routers = {"lora": 0, "switch": 1, "layerwise": layers}[acfg.mode]
-    router = routers * cfg.hidden_size * acfg.num_experts
-    return lora + router
-
-
 def step_flops(cfg: LlamaConfig, run: Run, batch: int, seq: int) -> dict:
-    """Model FLOPs of one step of ``batch`` rows of ``seq`` tokens (the module docstring's)."""
+    """Model FLOPs of one step of ``batch`` rows of ``seq`` tokens (the module docstring's).
+    ``N_a``: ``k`` experts of rank ``r`` on each target projection, and the routers."""
     d, q, kv, f, L = (cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size,
                       cfg.num_hidden_layers)
     n_mm = L * (d * (q + 2 * kv) + q * d + 3 * d * f) + d * cfg.vocab_size
-    n_a = _adapter_active_params(cfg, run)
+    if run.adapter == "mixlora":
+        n_a = mixlora_active_params(cfg)
+    else:
+        a = run.adapter_config()
+        La, routers = a.num_adapted_layers(cfg), {"lora": 0, "switch": 1}.get(a.mode)
+        n_a = (La * a.top_k * sum(a.rank * sum(projection_shape(cfg, p)) for p in a.targets)
+               + (La if routers is None else routers) * d * a.num_experts)
     tokens = batch * seq
     base, attention, adapter = 4 * n_mm * tokens, 6 * L * q * batch * seq ** 2, 6 * n_a * tokens
     return {"n_matmul": n_mm, "n_adapter_active": n_a, "n_params": cfg.num_params(),
@@ -224,13 +215,12 @@ def _batch(cfg: LlamaConfig, batch: int, seq: int, key) -> dict:
 
 
 def _analysis(compiled) -> dict | None:
-    """The compiled step's memory: arguments + outputs - donated (aliased) + temporaries."""
+    """The compiled step's memory fields; ``total``: arguments + outputs - donated (aliased) +
+    temporaries, the bytes the step needs (XLA's own ``peak_memory_in_bytes`` is kept beside)."""
     ma = compiled.memory_analysis()
     if ma is None:
         return None
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-    d = {k: int(getattr(ma, k)) for k in keys}
+    d = {k: int(getattr(ma, k)) for k in dir(ma) if k.endswith("_in_bytes")}
     d["total"] = (d["argument_size_in_bytes"] + d["output_size_in_bytes"]
                   - d["alias_size_in_bytes"] + d["temp_size_in_bytes"])
     return d
@@ -238,8 +228,6 @@ def _analysis(compiled) -> dict | None:
 
 def _work_jax(job: dict, row: dict) -> None:
     """One run of the product's train step; fills ``row`` as it goes (a failure keeps the rest)."""
-    from loraswitch_jax.eval.bench.harness import environment, peak_memory, reserve_device_memory
-
     reserve_device_memory()
     bench, run = job["bench"], Run(**job["run"])
     cfg, seq, cap = model_config(bench["preset"]), bench["seq"], bench["max_batch"]
@@ -256,15 +244,12 @@ def _work_jax(job: dict, row: dict) -> None:
     key = jax.random.key(bench["seed"])
     t0 = time.perf_counter()
     params = _random_params(cfg, key)
-    adapter = jax.jit(functools.partial(init_adapter, cfg, run.adapter_config()))(
-        jax.random.fold_in(key, 1))
-    state = step.init_state(adapter, oc, bench["seed"])
-    del adapter
-    stats = jax.devices()[0].memory_stats() or {}
-    limit = bench["bytes_limit"] or stats.get("bytes_limit")
+    make_adapter = jax.jit(functools.partial(init_adapter, cfg, run.adapter_config()))
+    # init_state copies the adapter; the original is freed here, not held through the steps.
+    state = step.init_state(make_adapter(jax.random.fold_in(key, 1)), oc, bench["seed"])
+    limit = bench["bytes_limit"] or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     row |= {"build_s": time.perf_counter() - t0, "bytes_limit": limit,
             "peak_bytes_after_build": peak_memory()}
-    log(f"{run.name}: weights and adapter built in {row['build_s']:.1f}s")
 
     def compile_at(b: int):
         shapes = jax.eval_shape(functools.partial(_batch, cfg, b, seq), key)  # nothing allocated
@@ -284,7 +269,7 @@ def _work_jax(job: dict, row: dict) -> None:
     elif job["prediction"]:
         row["prediction"] = job["prediction"]
     row["batch"] = batch
-    log(f"{run.name}: compiling batch {batch}")
+    log(f"{run.name}: built in {row['build_s']:.1f}s; compiling batch {batch}")
     t0 = time.perf_counter()
     compiled = compile_at(batch)
     row |= {"compile_s": time.perf_counter() - t0, "memory_analysis": _analysis(compiled)}
@@ -338,10 +323,8 @@ def work(job: dict, result_path: str) -> None:
 # ------------------------------------------------------------------------------------ parent
 def _spawn(job: dict, timeout: float, cpu: bool) -> dict:
     """Run one job in a fresh Python (its log goes to ours); no result file is a crash."""
-    env = dict(os.environ)
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # see harness.reserve_device_memory
-    if cpu:
-        env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ}  # harness.reserve_device_memory
+    env |= {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""} if cpu else {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "row.json")
         cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.training", "--worker",
@@ -369,17 +352,15 @@ def _resolve_max(run: Run, rows: list[dict], bc: BenchConfig) -> tuple[int, dict
 def main(bc: BenchConfig) -> dict:
     """Run ``bc.runs`` in order, each in a fresh process, within ``budget_s``; write after each."""
     start = time.perf_counter()
-    cfg = model_config(bc.preset)
     report = {"args": {**dataclasses.asdict(bc), "runs": [r.name for r in bc.runs]},
-              "environment": None, "model": dataclasses.asdict(cfg),
+              "environment": None, "model": dataclasses.asdict(model_config(bc.preset)),
               "flops_formula": __doc__.split("::")[1].split("``peak``")[0].strip("\n"),
               "peak_tflops": bc.peak_tflops, "results": [], "wall_s": 0.0}
     need_predict = {(r.adapter, r.remat, r.attention) for r in bc.runs if r.batch == 0}
     log(f"{len(bc.runs)} runs, budget {bc.budget_s:.0f}s: {', '.join(r.name for r in bc.runs)}")
     for i, run in enumerate(bc.runs):
         left = bc.budget_s - (time.perf_counter() - start)
-        walls = [r["wall_s"] for r in report["results"] if r.get("wall_s")]
-        estimate = max(walls, default=0.0)
+        estimate = max((r["wall_s"] for r in report["results"] if r.get("wall_s")), default=0.0)
         row = {"run": dataclasses.asdict(run), "name": run.name}
         batch, prediction, why = (run.batch, None, "") if run.batch else _resolve_max(
             run, report["results"], bc)
