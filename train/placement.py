@@ -2,10 +2,11 @@
 
 The rules are ``loraswitch_jax.sharding``'s, with weights split over ``fsdp`` (``shard_fsdp``):
 the frozen backbone by its logical axes (``embed`` over ``fsdp``, heads / FFN columns over
-``tensor``), the adapter by its projection's axes, the optimizer's moments like the adapter they
-track, scalars (step, counts, rng) replicated, and the batch's rows over ``(data, fsdp)``. The
-jitted step is given these as in/out shardings; XLA's SPMD partitioner inserts the gathers of
-each layer's weights inside the scanned layers and the reductions of the gradients.
+``tensor``), the adapter by its projection's axes, every optimizer-state leaf shaped like the
+adapter leaf it tracks (Adam's moments) like that leaf, other leaves (step, counts, rng)
+replicated, and the batch's rows over ``(data, fsdp)``. The jitted step is given the mesh: each
+scanned layer all-gathers its own weights over ``fsdp`` (``loraswitch_jax.layer_scan``), in the
+forward and again in the backward, and XLA's SPMD partitioner adds the gradients' reductions.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.sharding import (MeshConfig, MeshError, adapter_specs, batch_spec,
                                      check_tensor_fits, param_specs)
-from loraswitch_jax.train.step import STEP_STATIC, _train_step
+from loraswitch_jax.train.step import STEP_STATIC, _train_step, eval_step
 
 __all__ = ["Placement", "plan_placement"]
 
@@ -51,12 +51,18 @@ class Placement:
 
     @functools.cached_property
     def train_step(self):
-        """``train.step.train_step`` jitted for this mesh: the new state comes out in the
-        shardings of :attr:`state` (so it is donated and fed back as is), metrics replicated.
-        The inputs must be placed already (:attr:`params`, :attr:`state`, :meth:`put_batch`):
-        jit reads their shardings (it takes no ``in_shardings`` beside keyword arguments)."""
+        """``train.step.train_step`` jitted for this mesh (bound as its ``mesh``: layers gather
+        their weights over ``fsdp``): the new state comes out in the shardings of :attr:`state`
+        (so it is donated and fed back as is), metrics replicated. The inputs must be placed
+        already (:attr:`params`, :attr:`state`, :meth:`put_batch`): jit reads their shardings
+        (it takes no ``in_shardings`` beside keyword arguments)."""
         leaves, treedef = jax.tree.flatten(self.state)
-        return _jit_step(treedef, tuple(leaves), self.replicated)
+        return _jit_step(treedef, tuple(leaves), self.replicated, self.mesh)
+
+    @functools.cached_property
+    def eval_step(self):
+        """``train.step.eval_step`` with this mesh bound (layers gather over ``fsdp``)."""
+        return functools.partial(eval_step, mesh=self.mesh)
 
     def put_batch(self, batch: dict) -> dict:
         """A host train batch (``[A, B, T]`` leaves) on the mesh."""
@@ -68,10 +74,11 @@ class Placement:
 
 
 @functools.lru_cache(maxsize=16)
-def _jit_step(treedef, state_leaves: tuple, replicated: NamedSharding):
+def _jit_step(treedef, state_leaves: tuple, replicated: NamedSharding, mesh: Mesh):
     # One jitted step per mesh and state layout: runs on the same mesh share its compilations.
-    return jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,),
-                   out_shardings=(treedef.unflatten(state_leaves), replicated))
+    return jax.jit(functools.partial(_train_step, mesh=mesh),
+                   static_argnames=tuple(n for n in STEP_STATIC if n != "mesh"),
+                   donate_argnums=(0,), out_shardings=(treedef.unflatten(state_leaves), replicated))
 
 
 def _named(mesh: Mesh, specs):
@@ -79,14 +86,23 @@ def _named(mesh: Mesh, specs):
 
 
 def _state_specs(state, mc: MeshConfig):
-    """A TrainState of PartitionSpecs: every :class:`Adapter`-shaped subtree (the adapter, Adam's
-    moments) by the adapter rules, every other leaf (step, counts, rng) replicated."""
-    def spec(x):
-        if isinstance(x, Adapter):
-            return adapter_specs(x, mc, shard_fsdp=True)
+    """A TrainState of PartitionSpecs: the adapter by the adapter rules; an optimizer-state leaf
+    whose path ends with an adapter leaf's path and whose shape is that leaf's (Adam's moments,
+    or any optimizer's per-parameter state, whatever container holds it) by that leaf's spec;
+    every other leaf (step, counts, rng, statistics of another shape) replicated."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        adapter_specs(state.adapter, mc, shard_fsdp=True), is_leaf=lambda s: isinstance(s, P))
+    shapes = {path: x.shape for path, x in jax.tree_util.tree_flatten_with_path(state.adapter)[0]}
+    by_path = {path: (shapes[path], spec) for path, spec in flat}
+
+    def spec(path, x):
+        for n in range(len(path), 0, -1):  # the longest adapter path that ends this one
+            match = by_path.get(tuple(path[-n:]))
+            if match is not None and tuple(match[0]) == tuple(x.shape):
+                return match[1]
         return P()
 
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, Adapter))
+    return jax.tree_util.tree_map_with_path(spec, state)
 
 
 def plan_placement(mc: MeshConfig, cfg: LlamaConfig, params: LlamaParams, state,
