@@ -41,15 +41,18 @@ REMAT_POLICIES = {
 }
 
 GATHERED = "fsdp_gathered"  # checkpoint_name of one layer's all-gathered weights
-# The primitives of gather_layer's chain: slicing one layer out, then the all-gather.
-_WEIGHT_PRIMS = ("dynamic_slice", "slice", "all_gather", "shard_map")
+# Layout work: the slices, casts and gathers that turn the stacked weights into one layer's
+# operands. Recomputed, never saved, under "none" with FSDP (cheap: no arithmetic).
+_LAYOUT_PRIMS = frozenset({"slice", "dynamic_slice", "squeeze", "reshape", "expand_dims",
+                           "broadcast_in_dim", "transpose", "convert_element_type", "copy",
+                           "all_gather", "shard_map"})
 
 
 def _keep_all_but_weights(prim, *_, **params) -> bool:
     # "none" under FSDP: every activation, but no layer's weights (that would stack all layers).
     if prim.name == "name":
         return params.get("name") != GATHERED
-    return prim.name not in _WEIGHT_PRIMS
+    return prim.name not in _LAYOUT_PRIMS
 
 
 def remat_policy(remat: str, fsdp: bool) -> Callable | None:
@@ -57,7 +60,8 @@ def remat_policy(remat: str, fsdp: bool) -> Callable | None:
 
     Under FSDP (``fsdp``) every policy leaves out the gathered weights, so the backward gathers
     each layer again instead of keeping ``L`` gathered layers alive; ``"none"`` becomes "every
-    activation" (:func:`_keep_all_but_weights`). ``"dots"`` and ``"full"`` never save them.
+    result of arithmetic": layout work (slices, reshapes, casts, gathers) is redone, so no
+    gathered weight nor a view of one is kept. ``"dots"`` and ``"full"`` never save them.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {remat!r}; expected one of {tuple(REMAT_POLICIES)}")

@@ -85,20 +85,27 @@ def _named(mesh: Mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
+def _key_names(path) -> tuple:
+    # GetAttrKey, DictKey and SequenceKey as plain names: a moment in a dict matches the adapter.
+    return tuple(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def _state_specs(state, mc: MeshConfig):
     """A TrainState of PartitionSpecs: the adapter by the adapter rules; an optimizer-state leaf
     whose path ends with an adapter leaf's path and whose shape is that leaf's (Adam's moments,
     or any optimizer's per-parameter state, whatever container holds it) by that leaf's spec;
     every other leaf (step, counts, rng, statistics of another shape) replicated."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        adapter_specs(state.adapter, mc, shard_fsdp=True), is_leaf=lambda s: isinstance(s, P))
-    shapes = {path: x.shape for path, x in jax.tree_util.tree_flatten_with_path(state.adapter)[0]}
-    by_path = {path: (shapes[path], spec) for path, spec in flat}
+    specs = jax.tree_util.tree_flatten_with_path(
+        adapter_specs(state.adapter, mc, shard_fsdp=True), is_leaf=lambda s: isinstance(s, P))[0]
+    shapes = [x.shape for _, x in jax.tree_util.tree_flatten_with_path(state.adapter)[0]]
+    by_path = {_key_names(path): (tuple(shape), spec)
+               for (path, spec), shape in zip(specs, shapes)}
 
     def spec(path, x):
-        for n in range(len(path), 0, -1):  # the longest adapter path that ends this one
-            match = by_path.get(tuple(path[-n:]))
-            if match is not None and tuple(match[0]) == tuple(x.shape):
+        names = _key_names(path)
+        for n in range(len(names), 0, -1):  # the longest adapter path that ends this one
+            match = by_path.get(names[-n:])
+            if match is not None and match[0] == tuple(x.shape):
                 return match[1]
         return P()
 
