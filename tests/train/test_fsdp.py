@@ -20,7 +20,7 @@ from loraswitch_jax.sharding import (MeshConfig, adapter_specs, batch_spec, logi
                                      param_specs, shard)
 from loraswitch_jax.train.loss import token_cross_entropy
 from loraswitch_jax.train.placement import plan_placement
-from loraswitch_jax.train.step import OptimConfig, TrainState, init_state
+from loraswitch_jax.train.step import OptimConfig, TrainState, eval_step, init_state
 from tests.helpers import make_adapter, random_params, rel_err
 
 # hidden 64 and FFN 128 split 4 ways; 3 layers, the adapter from layer 1 (its index != layer's).
@@ -159,18 +159,18 @@ def _batch(seed: int) -> dict:
                                           (rows, T)).copy())
 
 
-def _loss(adapter, params, batch, mesh, remat):
+def _loss(adapter, params, batch, mesh, remat, scan_layers=True):
     logits, routing = lj.forward(
         params, batch["tokens"], CFG, adapter=adapter, positions=batch["positions"],
         segment_ids=batch["segment_ids"], dropout_key=jax.random.key(3), return_routing=True,
-        remat=remat, attention_chunk=8, fsdp_mesh=mesh)
+        remat=remat, attention_chunk=8, fsdp_mesh=mesh, scan_layers=scan_layers)
     ce_sum, count = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return ce_sum / count + 0.01 * balance_loss(routing, batch["loss_mask"])
 
 
-def _loss_and_grad(remat, mesh=None):
+def _loss_and_grad(remat, mesh=None, scan_layers=True):
     return jax.jit(jax.value_and_grad(
-        lambda adapter, params, batch: _loss(adapter, params, batch, mesh, remat)))
+        lambda adapter, params, batch: _loss(adapter, params, batch, mesh, remat, scan_layers)))
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +181,12 @@ def models():
                     "layerwise": make_adapter(CFG, seed=2, mode="layerwise", **kw)}
 
 
-@pytest.mark.parametrize("mesh, remat, mode", [
-    ("fsdp=4", "none", "switch"), ("fsdp=4", "dots", "layerwise"),
-    ("data=2,fsdp=2,tensor=2", "full", "switch"), ("data=2,fsdp=2,tensor=2", "dots", "layerwise"),
+@pytest.mark.parametrize("mesh, remat, mode, scan_layers", [
+    ("fsdp=4", "none", "switch", True), ("fsdp=4", "dots", "layerwise", True),
+    ("data=2,fsdp=2,tensor=2", "full", "switch", True),
+    ("data=2,fsdp=2,tensor=2", "dots", "layerwise", False),  # unrolled layers gather too
 ])
-def test_loss_and_gradients_equal_one_device(models, mesh, remat, mode):
+def test_loss_and_gradients_equal_one_device(models, mesh, remat, mode, scan_layers):
     params, adapters = models
     adapter, batch = adapters[mode], _batch(4)
     want_loss, want_grad = _loss_and_grad("none")(adapter, params, batch)
@@ -196,10 +197,24 @@ def test_loss_and_gradients_equal_one_device(models, mesh, remat, mode):
     assert placed_params.layers.w_up.sharding.spec[1] == "fsdp"
     rows = jax.tree.map(lambda x: batch_spec(mc, x.shape[0], x.ndim), batch)
     placed_batch = shard(batch, rows, jax_mesh)
-    loss, grad = _loss_and_grad(remat, jax_mesh)(placed_adapter, placed_params, placed_batch)
+    loss, grad = _loss_and_grad(remat, jax_mesh, scan_layers)(placed_adapter, placed_params,
+                                                               placed_batch)
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
     for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
         assert rel_err(got, want) < 1e-5
+
+
+def test_placements_eval_step_equals_one_device(models):
+    params, adapters = models
+    adapter, batch = adapters["switch"], _batch(5)
+    want = eval_step(adapter, params, batch, cfg=CFG, attention_chunk=8)
+    state = init_state(adapter, OC, 0)
+    placement = plan_placement(MeshConfig(fsdp=4), CFG, params, state, batch_size=B // 2)
+    state = jax.device_put(state, placement.state)
+    got = placement.eval_step(state.adapter, jax.device_put(params, placement.params),
+                              placement.put_eval_batch(batch), cfg=CFG, attention_chunk=8)
+    assert float(got["tokens"]) == float(want["tokens"])
+    assert float(got["ce_sum"]) == pytest.approx(float(want["ce_sum"]), rel=1e-5)
 
 
 def test_fsdp_mesh_is_checked(models):
