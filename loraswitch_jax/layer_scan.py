@@ -26,10 +26,10 @@ from jax.sharding import PartitionSpec as P
 from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.params import LayerParams
-from loraswitch_jax.sharding import AXES, MeshConfig, batch_spec, logical_spec
+from loraswitch_jax.sharding import AXES, MeshConfig, batch_spec, logical_axes, logical_spec
 
-__all__ = ["GATHERED", "REMAT_POLICIES", "check_fsdp_mesh", "constrain_rows", "gather_layer",
-           "gathers", "layer_range", "remat_policy"]
+__all__ = ["GATHERED", "REMAT_POLICIES", "at_rest_spec", "check_fsdp_mesh", "constrain_rows",
+           "gather_layer", "gathers", "layer_range", "remat_policy"]
 
 # What the backward pass keeps of each layer's forward: everything ("none": no remat), the
 # outputs of weight matmuls ("dots"; attention and elementwise work is recomputed) or only the
@@ -87,6 +87,21 @@ def _mesh_config(mesh: Mesh) -> MeshConfig:
     return MeshConfig(**{a: mesh.shape[a] for a in AXES})
 
 
+def at_rest_spec(name: str, shape: tuple[int, ...], mc: MeshConfig) -> P:
+    """Where training keeps leaf ``name`` between steps: ``sharding.logical_spec`` with weights
+    over ``fsdp``; an adapter factor whose ``embed`` axis is not split over ``fsdp`` (``B`` of
+    q/k/v/gate/up, ``A`` of o/down: their other axis belongs to ``tensor``) splits its ``rank``
+    axis over ``fsdp`` instead, when it divides, so that it and its optimizer moments shrink too.
+    """
+    spec = logical_spec(name, shape, mc, shard_fsdp=True)
+    axes = logical_axes(name)
+    if mc.fsdp > 1 and "rank" in axes and "fsdp" not in spec:
+        i = axes.index("rank")
+        if shape[i] % mc.fsdp == 0:
+            spec = P(*spec[:i], "fsdp", *spec[i + 1:])
+    return spec
+
+
 def _gathered(x: jax.Array, name: str, start: int | jax.Array, mesh: Mesh) -> jax.Array:
     """``x[start : start + 1]`` replicated over ``fsdp`` (split over ``tensor`` as at rest).
 
@@ -94,7 +109,7 @@ def _gathered(x: jax.Array, name: str, start: int | jax.Array, mesh: Mesh) -> ja
     gather the whole ``[L, ...]`` stack once and slice it, outside the loop.
     """
     mc = _mesh_config(mesh)
-    at_rest = logical_spec(name, x.shape, mc, shard_fsdp=True)
+    at_rest = at_rest_spec(name, x.shape, mc)
     start = jnp.asarray(start, jnp.int32)
     if "fsdp" not in at_rest:  # too small to split: already whole on every device
         one = jax.lax.dynamic_slice_in_dim(x, start, 1, axis=0)

@@ -2,7 +2,8 @@
 
 The rules are ``loraswitch_jax.sharding``'s, with weights split over ``fsdp`` (``shard_fsdp``):
 the frozen backbone by its logical axes (``embed`` over ``fsdp``, heads / FFN columns over
-``tensor``), the adapter by its projection's axes, every optimizer-state leaf shaped like the
+``tensor``), the adapter by its projection's axes (and ``rank`` over ``fsdp`` where ``embed``
+is not: ``layer_scan.at_rest_spec``), every optimizer-state leaf shaped like the
 adapter leaf it tracks (Adam's moments) like that leaf, other leaves (step, counts, rng)
 replicated, and the batch's rows over ``(data, fsdp)``. The jitted step is given the mesh: each
 scanned layer all-gathers its own weights over ``fsdp`` (``loraswitch_jax.layer_scan``), in the
@@ -20,8 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.params import LlamaParams
-from loraswitch_jax.sharding import (MeshConfig, MeshError, adapter_specs, batch_spec,
-                                     check_tensor_fits, param_specs)
+from loraswitch_jax.adapters import Adapter
+from loraswitch_jax.layer_scan import at_rest_spec
+from loraswitch_jax.sharding import MeshConfig, MeshError, batch_spec, check_tensor_fits, param_specs
 from loraswitch_jax.train.step import STEP_STATIC, _train_step, eval_step
 
 __all__ = ["Placement", "plan_placement"]
@@ -90,13 +92,26 @@ def _key_names(path) -> tuple:
     return tuple(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _adapter_specs(adapter: Adapter, mc: MeshConfig) -> Adapter:
+    """An Adapter of PartitionSpecs (``layer_scan.at_rest_spec``: its projection's axes, and
+    ``rank`` over ``fsdp`` where ``embed`` is not)."""
+    router = adapter.router
+    if router is not None:
+        name = "router.switch" if router.ndim == 2 else "router.layerwise"
+        router = at_rest_spec(name, router.shape, mc)
+    return Adapter(config=adapter.config,
+                   a={p: at_rest_spec(f"a.{p}", x.shape, mc) for p, x in adapter.a.items()},
+                   b={p: at_rest_spec(f"b.{p}", x.shape, mc) for p, x in adapter.b.items()},
+                   router=router)
+
+
 def _state_specs(state, mc: MeshConfig):
-    """A TrainState of PartitionSpecs: the adapter by the adapter rules; an optimizer-state leaf
+    """A TrainState of PartitionSpecs: the adapter by :func:`_adapter_specs`; an optimizer-state leaf
     whose path ends with an adapter leaf's path and whose shape is that leaf's (Adam's moments,
     or any optimizer's per-parameter state, whatever container holds it) by that leaf's spec;
     every other leaf (step, counts, rng, statistics of another shape) replicated."""
     specs = jax.tree_util.tree_flatten_with_path(
-        adapter_specs(state.adapter, mc, shard_fsdp=True), is_leaf=lambda s: isinstance(s, P))[0]
+        _adapter_specs(state.adapter, mc), is_leaf=lambda s: isinstance(s, P))[0]
     shapes = [x.shape for _, x in jax.tree_util.tree_flatten_with_path(state.adapter)[0]]
     by_path = {_key_names(path): (tuple(shape), spec)
                for (path, spec), shape in zip(specs, shapes)}

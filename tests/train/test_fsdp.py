@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import loraswitch_jax as lj
 from loraswitch_jax.router import balance_loss
-from loraswitch_jax.sharding import (MeshConfig, adapter_specs, batch_spec, logical_spec,
-                                     param_specs, shard)
+from loraswitch_jax.layer_scan import at_rest_spec
+from loraswitch_jax.sharding import MeshConfig, adapter_specs, batch_spec, param_specs, shard
 from loraswitch_jax.train.loss import token_cross_entropy
 from loraswitch_jax.train.placement import plan_placement
 from loraswitch_jax.train.step import OptimConfig, TrainState, eval_step, init_state
@@ -68,7 +68,7 @@ def _layer_gathers(tree, names, mc: MeshConfig) -> tuple[set, set]:
     of one layer's all-gather, and the stacked leaves' shapes."""
     per_layer, stacked = set(), set()
     for name, x in zip(names, jax.tree.leaves(tree)):
-        spec = logical_spec(name, x.shape, mc, shard_fsdp=True)
+        spec = at_rest_spec(name, x.shape, mc)
         if "fsdp" not in spec:
             continue
         one = (1, *x.shape[1:])
@@ -117,7 +117,7 @@ def test_each_layer_gathers_only_its_own_weights(mesh, remat):
     want_a, stacked_a = _layer_gathers((state.adapter.a, state.adapter.b), adapter_names, mc)
     bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
     gathers = _all_gathers(hlo)
-    assert len(want) >= 6 and len(want_a) >= 2  # wq/wo/... and A's, o/down B's split by embed
+    assert len(want) >= 6 and len(want_a) >= 6  # wq/wo/..., and every factor (embed or rank)
     for pair in want | want_a:
         where = {comp for comp, *got in gathers if tuple(got) == pair}
         # Forward and backward: two loops (under remat too, the weights are gathered again).
@@ -240,11 +240,13 @@ def test_every_optimizer_state_leaf_shaped_like_its_parameter_is_split():
     params = jax.eval_shape(lambda: random_params(CFG, 0, jnp.float32))
     specs = plan_placement(mc, CFG, params, state, batch_size=B).state
     want = adapter_specs(adapter, mc, shard_fsdp=True)
-    assert want.a["q"] == P(None, None, "fsdp", None)
-    factored = specs.opt_state[0][0]
-    assert factored.v.a["q"].spec == want.a["q"]
-    assert factored.v.router.spec == want.router == P("fsdp", None)
-    assert factored.v_row.a["q"].spec == P()  # a [1] placeholder: replicated
-    assert factored.count.spec == P()
+    assert want.a["q"] == P(None, None, "fsdp", None)  # [La, E, d_in, r]: embed over fsdp
+    # B of q [La, E, r, d_out]: d_out belongs to tensor, so rank goes over fsdp.
+    adafactor = specs.opt_state[0][0]
+    assert adafactor.v.b["q"].spec == specs.adapter.b["q"].spec == P(None, None, "fsdp", None)
+    assert adafactor.v.a["q"].spec == want.a["q"]
+    assert adafactor.v.router.spec == want.router == P("fsdp", None)
+    assert adafactor.v_row.a["q"].spec == P()  # a [1] placeholder: replicated
+    assert adafactor.count.spec == P()
     assert specs.opt_state[1]["trace"]["a"]["up"].spec == want.a["up"]
     assert specs.step.spec == P() and specs.rng.spec == P()
