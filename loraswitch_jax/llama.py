@@ -16,11 +16,10 @@ are traced and only shapes and dtypes are checked; the caller guarantees the res
 Layers run either under ``lax.scan`` (compact programs; XLA copies each layer's weights out of the
 stacked arrays first) or unrolled with static slices, which XLA reads in place. Decode is memory
 bound, so it always unrolls: the scanned version measured 2.7x slower on an H100 (DESIGN.md §2).
+The loop itself (scan or unroll, remat, FSDP's per-layer gathers) is ``layer_scan``'s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +30,14 @@ from loraswitch_jax.adapters import Adapter, check_adapter
 from loraswitch_jax.attention import ATTENTION_IMPLS, CausalMask, attend
 from loraswitch_jax.config import LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
+from loraswitch_jax.layer_scan import (REMAT_POLICIES, check_fsdp_mesh, constrain_rows,
+                                       gather_layer, gathers, layer_range)
 from loraswitch_jax.layers import apply_rope, attention_mask, rms_norm, rope_inv_freq
 from loraswitch_jax.params import LayerParams, LlamaParams
 from loraswitch_jax.router import Route, Routing, compute_route, constant_route
 from loraswitch_jax.switch import MergedWeights, merge_route, merged_layers
 
 __all__ = ["REMAT_POLICIES", "forward", "prefill", "decode_step", "decode_step_merged", "extend"]
-
-# What the backward pass keeps of each layer's forward: everything ("none": no remat), the
-# outputs of weight matmuls ("dots"; attention and elementwise work is recomputed) or only the
-# layer's input ("full": the whole layer is recomputed).
-REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
-
 
 def _layer(
     cfg: LlamaConfig,
@@ -128,43 +119,6 @@ def _layer(
     return h, cache, routing
 
 
-def _layer_range(
-    step: Callable[[jax.Array, KVCache | None, int | jax.Array], tuple],
-    span: range,
-    h: jax.Array,
-    cache: KVCache | None,
-    scan_layers: bool,
-    remat: str = "none",
-) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
-    """Layers ``span`` in order through ``step(h, cache, layer) -> (h, cache, routing)``, scanned
-    or unrolled; stacks the layerwise routing outputs. ``remat`` names a ``REMAT_POLICIES`` entry
-    applied to each layer."""
-    if not span:
-        return h, cache, None
-    if remat != "none":
-        # The layer index stays static when unrolled, so weights are still sliced in place.
-        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat],
-                              static_argnums=() if scan_layers else (2,))
-
-    if scan_layers:
-
-        def body(carry, layer):
-            h, cache, routing = step(*carry, layer)
-            return (h, cache), routing
-
-        (h, cache), routing = jax.lax.scan(
-            body, (h, cache), jnp.arange(span.start, span.stop, dtype=jnp.int32)
-        )
-        return h, cache, routing
-    outputs = []
-    for layer in span:
-        h, cache, routing = step(h, cache, layer)
-        outputs.append(routing)
-    if outputs[0] is None:
-        return h, cache, None
-    return h, cache, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-
-
 def _layers(
     cfg: LlamaConfig,
     layers: LayerParams,
@@ -179,23 +133,31 @@ def _layers(
     merged: MergedWeights | None = None,
     remat: str = "none",
     tensor_axis: str | None = None,
+    fsdp_mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, KVCache | None, Routing | None, MergedWeights | None]:
     """All decoder layers: plain backbone up to the adapter's first layer, adapted after it.
 
     In switch mode the route is computed here, once per token, from the normalised input of the
     first adapted layer, and handed to every adapted layer. With ``merged`` (switch mode, one
     token) the route is merged into the working copy instead (``loraswitch_jax.switch``) and
-    the adapted layers run as the plain backbone over it.
+    the adapted layers run as the plain backbone over it. With ``fsdp_mesh`` (training, no
+    cache) each layer first gathers its own weights over ``fsdp`` (``layer_scan``).
     """
     L = cfg.num_hidden_layers
+    fsdp = gathers(fsdp_mesh)
 
     def run(layers, span, h, cache, adapter=None, route=None, dropout_key=None, slots=None):
         def step(h, cache, layer):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
-            return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route, key,
-                          slots, tensor_axis)
+            if not fsdp:
+                return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route,
+                              key, slots, tensor_axis)
+            one_layers, one_adapter = gather_layer(layers, adapter, layer, fsdp_mesh)
+            h, cache, routing = _layer(cfg, one_layers, 0, constrain_rows(h, fsdp_mesh), positions,
+                                       mask, cache, impl, one_adapter, route, key, slots)
+            return constrain_rows(h, fsdp_mesh), cache, routing
 
-        return _layer_range(step, span, h, cache, scan_layers, remat)
+        return layer_range(step, span, h, cache, scan_layers, remat, fsdp)
 
     if adapter is None:
         h, cache, _ = run(layers, range(L), h, cache=cache)
@@ -305,6 +267,7 @@ def forward(
     attention_chunk: int | None = 512,
     attention_impl: str = "xla",
     tensor_axis: str | None = None,
+    fsdp_mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array | tuple[jax.Array, Routing | None]:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
 
@@ -321,6 +284,9 @@ def forward(
         never building the ``[B, H, T, T]`` scores; ``None``: always dense.
       attention_impl: ``"xla"`` or ``"cudnn"`` (GPU fused attention; no ``segment_ids``).
       tensor_axis: the tensor-parallel mesh axis when run per shard (``loraswitch_jax.parallel``).
+      fsdp_mesh: the training mesh (``train.placement``), under ``jit`` on global arrays: when
+        its ``fsdp`` axis splits the weights, each layer all-gathers its own weights over it,
+        forward and backward, and hidden states stay split by rows (``layer_scan``).
 
     Raises:
       ValueError: ``tokens`` is not an integer ``[B, T]`` array, holds ids outside the
@@ -329,6 +295,9 @@ def forward(
     """
     _check_tokens(tokens, cfg, "forward", ndim=2)
     _check_adapter_fits(adapter, cfg, tensor_axis)
+    check_fsdp_mesh(fsdp_mesh)
+    if fsdp_mesh is not None and tensor_axis is not None:
+        raise ValueError("fsdp_mesh gathers global weights; it cannot run per shard (tensor_axis)")
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {remat!r}; expected one of {tuple(REMAT_POLICIES)}")
     if attention_impl not in ATTENTION_IMPLS:
@@ -349,7 +318,7 @@ def forward(
     h = params.embed[tokens]
     h, _, routing, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
                                ops.resolve_impl(impl), adapter, dropout_key,
-                               tensor_axis=tensor_axis, remat=remat)
+                               tensor_axis=tensor_axis, remat=remat, fsdp_mesh=fsdp_mesh)
     logits = _logits(params, cfg, h)
     return (logits, routing) if return_routing else logits
 

@@ -112,12 +112,13 @@ def init_state(adapter: Adapter, oc: OptimConfig, seed: int) -> TrainState:
     )
 
 
-def _micro_loss(adapter, params, batch, key, cfg, aux_weight, n_tokens, remat, attention_chunk):
+def _micro_loss(adapter, params, batch, key, cfg, aux_weight, n_tokens, remat, attention_chunk,
+                mesh):
     compute = jax.tree.map(lambda x: x.astype(params.dtype), adapter)
     logits, routing = forward(
         params, batch["tokens"], cfg, adapter=compute, positions=batch["positions"],
         segment_ids=batch["segment_ids"], dropout_key=key, return_routing=True, remat=remat,
-        attention_chunk=attention_chunk,
+        attention_chunk=attention_chunk, fsdp_mesh=mesh,
     )
     ce_sum, count = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     aux = jnp.float32(0.0)
@@ -131,15 +132,17 @@ def _micro_loss(adapter, params, batch, key, cfg, aux_weight, n_tokens, remat, a
 
 def _train_step(
     state: TrainState, params: LlamaParams, batch: dict, *, cfg: LlamaConfig, oc: OptimConfig,
-    remat: str = "none", attention_chunk: int | None = 512,
+    remat: str = "none", attention_chunk: int | None = 512, mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over ``A`` accumulated micro-batches (``batch`` leaves ``[A, B, T]``).
 
     ``remat`` and ``attention_chunk`` are :func:`~loraswitch_jax.forward`'s (what the backward
     keeps of each layer; rows longer than the chunk attend blockwise): they change memory, not
-    results. Returns the new state and float32 metrics: ``loss`` (mean token cross-entropy),
-    ``aux`` (balance loss, mean over micro-batches), ``grad_norm``, ``lr``, ``tokens`` and
-    ``usage`` (``[N, E]`` fraction of assignments per expert and router; absent without routers).
+    results. ``mesh``: the run's mesh (``train.placement`` binds it); with ``fsdp > 1`` each
+    layer all-gathers its own weights over ``fsdp`` (``forward``'s ``fsdp_mesh``). Returns the
+    new state and float32 metrics: ``loss`` (mean token cross-entropy), ``aux`` (balance loss,
+    mean over micro-batches), ``grad_norm``, ``lr``, ``tokens`` and ``usage`` (``[N, E]``
+    fraction of assignments per expert and router; absent without routers).
     """
     n_micro = batch["tokens"].shape[0]
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -150,7 +153,7 @@ def _train_step(
         i, mb = xs
         g, (ce_sum, count, aux, usage) = grad_fn(
             state.adapter, params, mb, jax.random.fold_in(key, i), cfg,
-            oc.aux_loss_weight / n_micro, n_tokens, remat, attention_chunk,
+            oc.aux_loss_weight / n_micro, n_tokens, remat, attention_chunk, mesh,
         )
         return jax.tree.map(jnp.add, grads, g), (ce_sum, count, aux, usage)
 
@@ -174,20 +177,21 @@ def _train_step(
     return new_state, metrics
 
 
-STEP_STATIC = ("cfg", "oc", "remat", "attention_chunk")
+STEP_STATIC = ("cfg", "oc", "remat", "attention_chunk", "mesh")
 # One device, or shardings taken from the (committed) inputs; train.placement jits it per mesh.
 train_step = jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_chunk", "mesh"))
 def eval_step(adapter: Adapter | None, params: LlamaParams, batch: dict, *, cfg: LlamaConfig,
-              attention_chunk: int | None = 512) -> dict:
-    """Summed cross-entropy and token count of one ``[B, T]`` batch (no dropout)."""
+              attention_chunk: int | None = 512, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Summed cross-entropy and token count of one ``[B, T]`` batch (no dropout); ``mesh`` as
+    :func:`train_step`'s."""
     if adapter is not None:
         adapter = jax.tree.map(lambda x: x.astype(params.dtype), adapter)
     logits = forward(
         params, batch["tokens"], cfg, adapter=adapter, positions=batch["positions"],
-        segment_ids=batch["segment_ids"], attention_chunk=attention_chunk,
+        segment_ids=batch["segment_ids"], attention_chunk=attention_chunk, fsdp_mesh=mesh,
     )
     ce_sum, count = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return {"ce_sum": ce_sum, "tokens": count}
