@@ -144,13 +144,14 @@ def make_placement(tc: TrainConfig, cfg: LlamaConfig, params: LlamaParams, state
 
 
 def evaluate(adapter, params, batches: EvalBatches, cfg: LlamaConfig, limit: int, put, *,
-             attention_chunk: int | None = 512) -> float | None:
-    """Mean held-out token cross-entropy over at most ``limit`` batches (0: all)."""
+             attention_chunk: int | None = 512, step_fn=eval_step) -> float | None:
+    """Mean held-out token cross-entropy over at most ``limit`` batches (0: all); ``step_fn`` is
+    the eval step (a placement's binds its mesh, so layers gather their weights over ``fsdp``)."""
     ce, tokens = 0.0, 0.0
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
-        out = eval_step(adapter, params, put(batch), cfg=cfg, attention_chunk=attention_chunk)
+        out = step_fn(adapter, params, put(batch), cfg=cfg, attention_chunk=attention_chunk)
         ce, tokens = ce + float(out["ce_sum"]), tokens + float(out["tokens"])
     return ce / tokens if tokens else None
 
@@ -394,7 +395,8 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
         with open(metrics_path if primary else os.devnull, "a") as log:
             if start == 0:  # the starting point of the held-out curve
                 initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches,
-                                   put_eval, attention_chunk=tc.attention_chunk)
+                                   put_eval, attention_chunk=tc.attention_chunk,
+                                   step_fn=placement.eval_step)
                 log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
             for step in range(start, end):
                 at = step + 1
@@ -410,7 +412,8 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
                 if (step + 1) % tc.eval_every == 0 or step + 1 == tc.optim.steps:
                     record["eval_loss"] = evaluate(
                         state.adapter, params, eval_batches, cfg, tc.eval_batches,
-                        put_eval, attention_chunk=tc.attention_chunk)
+                        put_eval, attention_chunk=tc.attention_chunk,
+                        step_fn=placement.eval_step)
                 _check_finite(step + 1, record, ckpt)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
