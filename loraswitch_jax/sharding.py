@@ -13,7 +13,8 @@ Every leaf has logical axis names (:data:`LOGICAL_AXES`, also the Flax face's me
   * ``heads``, ``kv_heads``, ``mlp`` -> ``"tensor"``: q/k/v and gate/up columns, o and down rows,
     the cache's KV-head axis.
   * ``vocab`` -> ``"tensor"``: an untied ``lm_head`` only (vocab-parallel logits, gathered where
-    sampling reads them); the embedding table is always replicated (a lookup needs every row).
+    sampling reads them); the embedding table's vocab axis is never split (a lookup needs every
+    row), though training splits its ``embed`` axis over ``fsdp`` like every weight's.
   * ``embed`` -> ``"fsdp"``: weights, when sharded over fsdp (training; ``shard_fsdp=True``).
   * ``layers``, ``experts``, ``rank``, ``length``, ``head_dim`` -> ``None``.
 
@@ -275,7 +276,8 @@ def expand_kv_heads(params: LlamaParams, adapter: Adapter | None, cfg: LlamaConf
 def param_specs(params: LlamaParams, mesh: MeshConfig, *, shard_fsdp: bool = False) -> LlamaParams:
     """A :class:`LlamaParams` of PartitionSpecs for ``params`` (KV heads already expanded).
 
-    The embedding table is replicated (a token lookup needs every row); an untied ``lm_head``
+    The embedding table's vocab axis is never split (a token lookup needs every row; with
+    ``shard_fsdp`` its embed axis is, like every weight's); an untied ``lm_head``
     is split by vocab over ``tensor`` when it divides (its logits leave the step split by
     vocab and are gathered only where sampling reads them).
     """
