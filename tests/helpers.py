@@ -14,6 +14,7 @@ import loraswitch_jax as lj
 VOCAB = 160
 WEIGHT_STD = 0.25  # 0.05-0.1 gives greedy repeats of one or two tokens; 0.2+ does not
 MAX_NEW = 20  # greedy tokens compared with transformers
+CASES = ("mha", "gqa_llama3")  # the reference models' configs (tests/hf_models.py)
 
 
 @functools.cache

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-from tests.helpers import VOCAB, WEIGHT_STD
-
-CASES = ("mha", "gqa_llama3")
+from tests.helpers import CASES, VOCAB, WEIGHT_STD
 
 
 def hf_config(case: str) -> transformers.LlamaConfig:
