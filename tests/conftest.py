@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import loraswitch_jax as lj
-from tests.helpers import CASES, VOCAB
+from tests.helpers import CASES, VOCAB, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +34,8 @@ _CASES: dict[str, Case] = {}
 
 def _get_case(name: str, tmp_path_factory) -> Case:
     if name not in _CASES:
-        # A test built on the reference models skips where the `test` extra's torch is absent.
-        pytest.importorskip("torch", reason="torch is not installed (it is in the `test` extra)")
-        pytest.importorskip("transformers",
-                            reason="transformers is not installed (it is in the `test` extra)")
+        require("torch")  # a test built on the reference models skips without torch
+        require("transformers")
         from tests.hf_models import build_hf_model
 
         model = build_hf_model(name)
