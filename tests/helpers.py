@@ -20,7 +20,7 @@ CASES = ("mha", "gqa_llama3")  # the reference models' configs (tests/hf_models.
 
 def require(module: str):
     """``module``, imported, or the calling test (or test module) skipped: torch, transformers,
-    peft and lm_eval come with the `test` extra, and the GPU image (Python 3.12) has no torch."""
+    peft and lm_eval come with the `test` extra only, and the rest runs without them."""
     __tracebackhide__ = True  # the skip names the caller's line
     return pytest.importorskip(module,
                                reason=f"{module} is not installed (it is in the `test` extra)")
