@@ -15,18 +15,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 import loraswitch_jax as lj
-from tests.helpers import VOCAB
-from tests.hf_models import CASES, build_hf_model
+from tests.helpers import CASES, VOCAB, require
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
     path: str  # folder written by transformers' save_pretrained
-    hf: transformers.LlamaForCausalLM
+    hf: object  # transformers.LlamaForCausalLM (torch and transformers are imported on first use)
     params: lj.LlamaParams  # float32, loaded from `path`
     cfg: lj.LlamaConfig
 
@@ -36,6 +34,10 @@ _CASES: dict[str, Case] = {}
 
 def _get_case(name: str, tmp_path_factory) -> Case:
     if name not in _CASES:
+        require("torch")  # a test built on the reference models skips without torch
+        require("transformers")
+        from tests.hf_models import build_hf_model
+
         model = build_hf_model(name)
         path = tmp_path_factory.mktemp(f"hf_{name}")
         model.save_pretrained(path)

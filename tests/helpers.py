@@ -8,12 +8,22 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import loraswitch_jax as lj
 
 VOCAB = 160
 WEIGHT_STD = 0.25  # 0.05-0.1 gives greedy repeats of one or two tokens; 0.2+ does not
 MAX_NEW = 20  # greedy tokens compared with transformers
+CASES = ("mha", "gqa_llama3")  # the reference models' configs (tests/hf_models.py)
+
+
+def require(module: str):
+    """``module``, imported, or the calling test (or test module) skipped: torch, transformers,
+    peft and lm_eval come with the `test` extra only, and the rest runs without them."""
+    __tracebackhide__ = True  # the skip names the caller's line
+    return pytest.importorskip(module,
+                               reason=f"{module} is not installed (it is in the `test` extra)")
 
 
 @functools.cache

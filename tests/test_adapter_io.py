@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from loraswitch_jax import AdapterError
@@ -25,8 +23,11 @@ from loraswitch_jax.adapter_io import (
     save_adapter,
 )
 from loraswitch_jax.peft_io import import_peft
-from tests.helpers import assert_adapters_equal, logits, make_adapter, rel_err
+from tests.helpers import assert_adapters_equal, logits, make_adapter, rel_err, require
 from tests.hf_models import hf_logits
+
+torch = require("torch")  # every test here builds on the reference models
+transformers = require("transformers")
 
 
 # ------------------------------------------------------------------------------ our format

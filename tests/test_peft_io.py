@@ -7,17 +7,18 @@ import os
 import re
 
 import numpy as np
-import peft
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 import loraswitch_jax as lj
 from loraswitch_jax import AdapterConfig, AdapterError
 from loraswitch_jax.adapter_io import ADAPTER_CONFIG, load_adapter, merge_lora
 from loraswitch_jax.peft_io import PEFT_TENSORS, export_peft, import_peft
-from tests.helpers import assert_adapters_equal, logits, make_adapter, rel_err
+from tests.helpers import assert_adapters_equal, logits, make_adapter, rel_err, require
 from tests.hf_models import build_hf_model, hf_logits
+
+torch = require("torch")  # every test here builds on the reference models and peft
+peft = require("peft")
 
 # transformers deprecates a method peft still calls.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

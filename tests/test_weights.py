@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 import loraswitch_jax as lj
-from tests.helpers import jit_forward, random_params, rel_err
+from tests.helpers import jit_forward, random_params, rel_err, require
 from tests.hf_models import hf_logits
 from loraswitch_jax import WeightsError
+
+torch = require("torch")  # every test here builds on the reference models
+transformers = require("transformers")
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -13,6 +13,7 @@ import pytest
 
 from loraswitch_jax.layers import attention
 from tests.helpers import rel_err
+from tests.pallas.gpu_target import lower_for_gpu
 from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas.decode_attention import (
     AttentionBlocks,
@@ -89,9 +90,9 @@ def test_lowers_to_triton():
     a traced layer and lengths (a loop with data-dependent bounds)."""
     q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((4, 2, 1216, 8, 128), jnp.bfloat16)
-    lowered = jax.jit(decode_attention).trace(
-        q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((2,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    lowered = lower_for_gpu(jax.jit(decode_attention), q, cache, cache,
+                            jax.ShapeDtypeStruct((), jnp.int32),
+                            jax.ShapeDtypeStruct((2,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.gpu_target import lower_for_gpu
 from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas.fused_projections import (
     BlockSizes,
@@ -191,5 +192,5 @@ def test_decode_kernels_lower_to_triton(m):
         act = gate_up_matmul(x, w, w, layer)
         return q + k + v + act + stacked_matmul(x, w, layer)
 
-    hlo = jax.jit(step).trace(x, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_gpu(jax.jit(step), x, jnp.int32(1)).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") == 3

@@ -18,6 +18,7 @@ import pytest
 import loraswitch_jax as lj
 from loraswitch_jax.generate import generate_batch
 from loraswitch_jax.ops import Impl
+from tests.pallas.gpu_target import lower_for_gpu, triton_kernels
 
 CFG = dataclasses.replace(lj.PRESETS["llama2-7b"], num_hidden_layers=2)
 
@@ -46,14 +47,13 @@ def test_generation_lowers_for_gpu(mode, strategy, batch):
                             impl=Impl(backend="pallas"))
     tokens = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    lowered = generate_batch.trace(params, adapter_shapes(mode), tokens, lengths, jax.random.key(0),
-                                   cfg=CFG, gen=gen, cache_len=64, stream=None)
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert "__gpu$xla.gpu.triton" in text
-    assert "decode_attention" in text  # the kernel wherever it tiles the cache (pallas/tuned.py)
+    text = lower_for_gpu(generate_batch, params, adapter_shapes(mode), tokens, lengths,
+                         jax.random.key(0), cfg=CFG, gen=gen, cache_len=64, stream=None).as_text()
+    kernels = " ".join(triton_kernels(text))
+    assert "decode_attention" in kernels  # the kernel wherever it tiles the cache (pallas/tuned.py)
     if mode == "switch" and strategy == "fused":
-        assert "lora_shrink_group3" in text and "lora_shrink_group2" in text  # q/k/v, gate/up
-        assert bool(re.search(r"routed_\w+_st\d_rows", text)) == (batch == 1)
+        assert "lora_shrink_group3" in kernels and "lora_shrink_group2" in kernels  # q/k/v, gate/up
+        assert bool(re.search(r"routed_\w+_st\d_rows", kernels)) == (batch == 1)
 
 
 @pytest.mark.parametrize("mode", [None, "switch"])
@@ -63,8 +63,8 @@ def test_xla_attention_where_the_kernel_does_not_tile(mode):
     params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
     gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(), impl=Impl(backend="pallas"))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-    lowered = generate_batch.trace(params, adapter_shapes(mode), tokens,
-                                   jax.ShapeDtypeStruct((2,), jnp.int32), jax.random.key(0),
-                                   cfg=CFG, gen=gen, cache_len=60, stream=None)
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert "__gpu$xla.gpu.triton" in text and "decode_attention" not in text
+    text = lower_for_gpu(generate_batch, params, adapter_shapes(mode), tokens,
+                         jax.ShapeDtypeStruct((2,), jnp.int32), jax.random.key(0),
+                         cfg=CFG, gen=gen, cache_len=60, stream=None).as_text()
+    kernels = triton_kernels(text)
+    assert kernels and not any(k.startswith("decode_attention") for k in kernels)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.gpu_target import lower_for_gpu
 from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.pallas._blocks import row_blocks
 from loraswitch_jax.pallas.lora_shrink import (
@@ -137,9 +138,10 @@ def test_lowers_to_triton():
                                                                                 split_k=2))
         return xa_q + xa_v + xa_d
 
-    hlo = jax.jit(step).trace(
-        x, jnp.arange(6, dtype=jnp.int32), jnp.zeros((40, 6), jnp.float32), jnp.int32(1),
-    ).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_gpu(
+        jax.jit(step), x, jnp.arange(6, dtype=jnp.int32), jnp.zeros((40, 6), jnp.float32),
+        jnp.int32(1),
+    ).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") == 2
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import rel_err
+from tests.pallas.gpu_target import lower_for_gpu
 from tests.pallas.interpret import INTERPRET
 from loraswitch_jax.adapters import lora_delta
 from loraswitch_jax.pallas.lora_shrink import (
@@ -279,10 +280,10 @@ def test_lowers_to_triton():
                                      block_sizes=split2)
         return q + y + act + y2 + q2 + act2
 
-    hlo = jax.jit(step).trace(
-        x, xa, jnp.arange(8, dtype=jnp.int32), jnp.arange(6, dtype=jnp.int32),
+    hlo = lower_for_gpu(
+        jax.jit(step), x, xa, jnp.arange(8, dtype=jnp.int32), jnp.arange(6, dtype=jnp.int32),
         jnp.zeros((40, 6), jnp.float32), jnp.int32(1),
-    ).lower(lowering_platforms=("cuda",)).as_text()
+    ).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") == 7
 
 
@@ -310,9 +311,10 @@ def test_rows_expansion_lowers_to_triton():
                           block_sizes=BlockSizes(block_n=64, block_k=16, split_k=2))
         return q + y
 
-    hlo = jax.jit(step).trace(
-        x, xa, jnp.array([3, 7], jnp.int32), jnp.ones((1, 2), jnp.float32), jnp.int32(1),
-    ).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_gpu(
+        jax.jit(step), x, xa, jnp.array([3, 7], jnp.int32), jnp.ones((1, 2), jnp.float32),
+        jnp.int32(1),
+    ).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") == 3
 
 

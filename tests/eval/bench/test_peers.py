@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from loraswitch_jax.eval.bench import peers
+from tests.helpers import require
 
 
 def _row(setting, batch, mode, ms, **extra):
@@ -38,18 +39,32 @@ def _hide(monkeypatch, *names):
                         lambda name, *a: None if name in names else real(name, *a))
 
 
+def _installed(monkeypatch, *names):
+    """The peers' packages look installed exactly when named, whatever this machine has."""
+    packages = {m for required in peers.REQUIRES.values() for m in required}
+    real = peers.importlib.util.find_spec
+    monkeypatch.setattr(peers.importlib.util, "find_spec",
+                        lambda name, *a: (object() if name in names else None)
+                        if name in packages else real(name, *a))
+
+
 def test_peers_skip_reasons(monkeypatch):
-    _hide(monkeypatch, "mixlora")
+    _installed(monkeypatch, "torch", "transformers", "peft")
     reason = peers.skip_reason("mixlora", "cuda")
     assert "mixlora is not installed" in reason and "--download-wheels" in reason
     assert peers.skip_reason("eager", "cpu") is None
     assert "GPU" in peers.skip_reason("compiled", "cpu")
     assert peers.skip_reason("compiled", "cuda") is None
-    _hide(monkeypatch, "peft")
+    assert peers.skip_reason("peft-lora", "cuda") is None
+    _installed(monkeypatch, "torch", "transformers")
     assert "peft is not installed" in peers.skip_reason("peft-lora", "cuda")
+    _installed(monkeypatch, "transformers")
+    assert peers.skip_reason("eager", "cpu") == "package torch is not installed"
 
 
 def test_peers_dry_run(tmp_path, monkeypatch):
+    for name in ("torch", "transformers", "peft"):  # the eager and peft peers run
+        require(name)
     _hide(monkeypatch, "mixlora")
     ours = tmp_path / "ours.json"
     ours.write_text(json.dumps({
