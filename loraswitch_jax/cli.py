@@ -175,6 +175,7 @@ def _init_command(args) -> int:
 
 
 def _train_command(args) -> int:
+    from loraswitch_jax.distributed import initialize
     from loraswitch_jax.train.config import load_train_config, to_dict
     from loraswitch_jax.train.loop import train
 
@@ -182,6 +183,7 @@ def _train_command(args) -> int:
     if args.print_config:
         print(json.dumps(to_dict(tc), indent=2))
         return 0
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
     print(f"training a {tc.adapter.mode} adapter on {tc.model} with {tc.data.path} -> "
           f"{tc.out_dir}")
     try:
@@ -275,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-3 adapter.num_experts=8 out_dir=runs/x")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address: join a multi-process run (or JAX_COORDINATOR_ADDRESS;"
+                   " under srun or mpirun none is needed)")
+    t.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes in the run (or JAX_NUM_PROCESSES)")
+    t.add_argument("--process-id", type=int, metavar="I",
+                   help="this process' index, 0..N-1 (or JAX_PROCESS_ID)")
     t.set_defaults(func=_train_command)
 
     i = sub.add_parser("init", help="write a random-weight model folder of a preset",
