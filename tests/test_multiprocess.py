@@ -98,7 +98,7 @@ def _metrics(out_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow  # ~100 s of CPU: 2 x 2 processes and one reference run, each compiling a step
+@pytest.mark.long  # ~100 s of CPU: 2 x 2 processes and one reference run, each compiling a step
 def test_two_processes_train_resume_and_export_like_one(tmp_path):
     small = ["data.seq_len=32", "data.batch_size=8", "optim.steps=4", "optim.warmup_steps=1",
              "save_every=2", "eval_every=2", "eval_batches=1", "mesh=fsdp=2,tensor=2"]

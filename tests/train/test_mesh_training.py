@@ -75,8 +75,9 @@ def one_device():
     return params, adapter, batches, out
 
 
-@pytest.mark.parametrize("mesh", ["data=2,fsdp=2,tensor=2", "fsdp=2,tensor=2"])
-@pytest.mark.parametrize("remat", ["none", "full"])
+# More meshes and policies: tests/train/test_fsdp.py (loss and gradients).
+@pytest.mark.parametrize("mesh, remat", [("data=2,fsdp=2,tensor=2", "none"),
+                                         ("fsdp=2,tensor=2", "full")])
 def test_train_step_on_a_mesh_equals_one_device(one_device, mesh, remat):
     params, adapter, batches, ref = one_device
     mc = MeshConfig.parse(mesh)
@@ -118,11 +119,13 @@ def _metrics(out_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_checkpoint_saved_on_fsdp4_resumes_on_tensor2(tmp_path):
+def test_checkpoint_saved_on_fsdp4_resumes_on_tensor2_like_one_device(tmp_path):
+    """The whole loop (steps, held-out evaluation, checkpoints, export) on a mesh equals one
+    device, and a checkpoint saved on one mesh resumes on another."""
     def config(name, mesh):
         return load_train_config(None, [f"out_dir={tmp_path / name}", *SMALL, f"mesh={mesh}"])
 
-    train(config("full", "fsdp=4"), progress=False)
+    train(config("full", "data=1"), progress=False)
     train(config("cut", "fsdp=4"), stop_after=4, progress=False)  # last checkpoint: step 4
     tc = config("cut", "tensor=2")
     assert tc.mesh_config(8) == MeshConfig(tensor=2)
