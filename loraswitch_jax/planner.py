@@ -38,7 +38,8 @@ from loraswitch_jax.adapters import MODES, AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.kv_cache import KVCache
 from loraswitch_jax.params import init_params
-from loraswitch_jax.sharding import MeshConfig, MeshError, cache_specs, kv_replicas
+from loraswitch_jax.sharding import (MeshConfig, MeshError, cache_specs, check_tensor_fits,
+                                     kv_replicas)
 
 __all__ = ["GPUS", "HEADROOM", "MemoryPlan", "PlanError", "format_plan", "plan", "resolve_model",
            "usable_bytes"]
@@ -97,10 +98,13 @@ def usable_bytes(gpu: str, headroom: float = HEADROOM) -> int:
     return int(GPUS[gpu] * (1 - headroom))
 
 
-def resolve_model(model: str | LlamaConfig) -> LlamaConfig:
-    """A preset name or a Hugging Face folder with ``config.json`` as a :class:`LlamaConfig`."""
+def resolve_model(model: str | dict | LlamaConfig) -> LlamaConfig:
+    """A preset name, a Hugging Face folder with ``config.json`` or a ``config.json`` dict as a
+    :class:`LlamaConfig`."""
     if isinstance(model, LlamaConfig):
         return model
+    if isinstance(model, dict):
+        return LlamaConfig.from_hf_dict(model)
     if model in PRESETS:
         return PRESETS[model]
     if os.path.isdir(model):
@@ -233,7 +237,7 @@ def _training(cfg, mc, batch, seq_len, dtype, acfg, remat, grad_accum, attention
     return lowered, groups
 
 
-def plan(model: str | LlamaConfig = "llama2-7b", mesh: str | MeshConfig = "", *,
+def plan(model: str | dict | LlamaConfig = "llama2-7b", mesh: str | MeshConfig = "", *,
          batch: int = 1, context: int = 4096, new_tokens: int = 128, train: bool = False,
          seq_len: int = 2048, remat: str = "dots", adapter: str = "switch", experts: int = 8,
          rank: int = 16, top_k: int = 2, dtype: str = "bfloat16", grad_accum: int = 1,
@@ -268,12 +272,17 @@ def plan(model: str | LlamaConfig = "llama2-7b", mesh: str | MeshConfig = "", *,
     if dtype not in ("bfloat16", "float32"):
         raise PlanError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     acfg = _adapter_config(adapter, experts, rank, top_k)
+    try:
+        check_tensor_fits(cfg, mc)
+    except MeshError as e:
+        raise PlanError(f"mesh {mc}: {e}") from None
     if mc.size > jax.device_count():
-        return _plan_in_subprocess(mc.size, dict(
-            model=model if isinstance(model, str) else os.fspath(model), mesh=str(mc),
+        child = _plan_in_subprocess(mc.size, dict(
+            model=cfg.to_hf_dict(), mesh=str(mc),
             batch=batch, context=context, new_tokens=new_tokens, train=train, seq_len=seq_len,
             remat=remat, adapter=adapter, experts=experts, rank=rank, top_k=top_k, dtype=dtype,
             grad_accum=grad_accum, attention_chunk=attention_chunk))
+        return dataclasses.replace(child, model=name)
 
     t0 = time.perf_counter()
     try:
