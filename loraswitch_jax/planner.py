@@ -370,18 +370,25 @@ def _plan_in_subprocess(n_devices: int, kwargs: dict) -> MemoryPlan:
                         f"{jax.device_count()} are visible")
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                      if "xla_force_host_platform_device_count" not in f)
-    env = {**os.environ, _CHILD: "1", "JAX_PLATFORMS": "cpu",
+    cpu = {_CHILD: "1", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()}
-    proc = subprocess.run([sys.executable, "-m", "loraswitch_jax.planner", json.dumps(kwargs)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode == 2:
-        raise PlanError(proc.stderr.strip().splitlines()[-1])
-    if proc.returncode:
-        raise RuntimeError(f"the planner's subprocess failed:\n{proc.stderr}")
-    d = json.loads(proc.stdout)
-    d["notes"] = tuple(d["notes"]) + (f"compiled in a subprocess with {n_devices} CPU host "
-                                      "devices (this process has fewer)",)
-    return MemoryPlan(**d)
+    tries = [(cpu, f"{n_devices} CPU host devices")]
+    if jax.devices()[0].platform == "gpu":  # one GPU compiles for N as N mock hosts of one GPU
+        tries.insert(0, ({_CHILD: "1", "JAX_MOCK_GPU_TOPOLOGY": f"1x{n_devices}x1"},
+                         f"{n_devices} mock GPUs (jax_mock_gpu_topology 1x{n_devices}x1)"))
+    failures = []
+    for env, what in tries:
+        proc = subprocess.run([sys.executable, "-m", "loraswitch_jax.planner", json.dumps(kwargs)],
+                              capture_output=True, text=True, env={**os.environ, **env})
+        if proc.returncode == 2:
+            raise PlanError(proc.stderr.strip().splitlines()[-1])
+        if proc.returncode == 0:
+            d = json.loads(proc.stdout)
+            d["notes"] = tuple(d["notes"]) + (f"compiled in a subprocess for {what}: this "
+                                              "process has fewer devices",)
+            return MemoryPlan(**d)
+        failures.append(f"{what}:\n{proc.stderr[-3000:]}")
+    raise RuntimeError("the planner's subprocess failed:\n" + "\n".join(failures))
 
 
 def _child_main(argv: list[str]) -> int:
