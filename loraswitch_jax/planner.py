@@ -17,6 +17,11 @@ run executes (``generate.generate_batch``: prefill, then the decode loop; or the
 On CPU, XLA computes 16-bit dots and scatters in float32: its program holds float32 copies of
 weight slices and of the KV cache that a GPU compile does not make, so a CPU plan's temporaries
 are an upper bound for a GPU. Run the planner on the GPU for the GPU's own figure.
+
+A mesh larger than the visible devices compiles in a subprocess: with that many CPU host
+devices, or on a GPU host first as that many mock GPUs (``jax_mock_gpu_topology``). The train
+step scans its layers, so its compile time does not grow with depth; ``generate``'s decode step
+unrolls them (static layer indices), so its compile does (about a CPU minute for 80 layers).
 """
 
 from __future__ import annotations
@@ -374,7 +379,8 @@ def _plan_in_subprocess(n_devices: int, kwargs: dict) -> MemoryPlan:
            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()}
     tries = [(cpu, f"{n_devices} CPU host devices")]
     if jax.devices()[0].platform == "gpu":  # one GPU compiles for N as N mock hosts of one GPU
-        tries.insert(0, ({_CHILD: "1", "JAX_MOCK_GPU_TOPOLOGY": f"1x{n_devices}x1"},
+        tries.insert(0, ({_CHILD: "1", "JAX_MOCK_GPU_TOPOLOGY": f"1x{n_devices}x1",
+                          "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
                          f"{n_devices} mock GPUs (jax_mock_gpu_topology 1x{n_devices}x1)"))
     failures = []
     for env, what in tries:
