@@ -320,8 +320,8 @@ def plan(model: str | dict | LlamaConfig = "llama2-7b", mesh: str | MeshConfig =
                      f"{(inputs - sizes['inputs']) / GIB:+.3f} GiB (counted under inputs)")
     if platform == "cpu" and dtype != "float32":
         notes.append("compiled on CPU: XLA's CPU backend computes bfloat16 dots and scatters in "
-                     "float32, so the temporaries hold float32 copies of weights and of the KV "
-                     "cache that a GPU compile does not make: an upper bound; run "
+                     "float32, so the temporaries hold float32 copies of weights (and of the KV "
+                     "cache) that a GPU compile does not make: an upper bound; run "
                      "`loraswitch plan` on the GPU for its figure")
     if activations < 0:
         notes.append("the compiled temporaries are smaller than the KV cache (XLA keeps it "
