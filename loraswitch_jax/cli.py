@@ -1,4 +1,4 @@
-"""The ``loraswitch`` command line: demo, generate, train, init.
+"""The ``loraswitch`` command line: demo, generate, train, init, plan.
 
 Errors a user can cause (a bad flag value, a missing or unreadable file, a path under a file, an
 output folder of another run) print one line, ``loraswitch: error: ...``, and exit with status 2;
@@ -8,6 +8,7 @@ Ctrl-C prints one line and exits with 130. Anything else is a bug and keeps its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -201,6 +202,47 @@ def _train_command(args) -> int:
     return 0
 
 
+def _flag_int(flag: str, text: str) -> int:
+    """``text`` as a positive integer, or a one-line error naming ``flag``."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {text!r}")
+    return value
+
+
+def _plan_command(args) -> int:
+    from loraswitch_jax.planner import GPUS, PlanError, format_plan, plan, resolve_model
+    from loraswitch_jax.sharding import MeshConfig, MeshError
+
+    sizes = {flag: _flag_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
+             for flag in ("batch", "context", "new_tokens", "seq_len", "experts", "rank", "top_k")}
+    for flag, value, allowed in (("--gpu", args.gpu, tuple(GPUS)),
+                                 ("--remat", args.remat, ("none", "dots", "full")),
+                                 ("--adapter", args.adapter, ("switch", "lora", "layerwise", "none")),
+                                 ("--dtype", args.dtype, tuple(_DTYPES))):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    try:
+        cfg = resolve_model(args.model)
+    except (PlanError, OSError) as e:
+        raise ValueError(f"--model: {_one_line(e)}") from None
+    try:
+        mesh = MeshConfig.parse(args.mesh)
+    except MeshError as e:
+        raise ValueError(f"--mesh: {e}") from None
+    result = plan(cfg, mesh, train=args.train, remat=args.remat, adapter=args.adapter,
+                  dtype=args.dtype, **sizes)
+    result = dataclasses.replace(result, model=args.model)
+    print(format_plan(result, (args.gpu,) if args.gpu else tuple(GPUS)))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(result.to_json() + "\n")
+    return 0
+
+
 def _demo_command(args) -> int:
     from loraswitch_jax.eval.accuracy.experiment import demo
 
@@ -218,6 +260,8 @@ commands (times measured on a 2-core CPU, after the install):
   train      fine-tune an adapter from a JSON config (default: a demo run,
              {TRAIN_TIME})
   init       write a random model folder of a preset, to try the rest offline
+  plan       per-device memory of a generate or train run on a mesh, from its
+             compiled program on abstract shapes, and whether it fits a GPU
 
 `loraswitch COMMAND --help` lists each command's flags."""
 
@@ -297,6 +341,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16",
                    help="weight dtype (default: %(default)s)")
     i.set_defaults(func=_init_command)
+
+    p = sub.add_parser("plan", help="per-device memory of a run, and whether it fits a GPU",
+                       description="Compile a generate run (prefill, then the decode loop) or, "
+                       "with --train, a train step on abstract shapes (nothing is allocated) and "
+                       "print each device's bytes: weights, adapters, KV cache, optimizer state, "
+                       "activations/temporaries and total, and whether they fit a GPU with "
+                       "10%% headroom. On CPU, bfloat16 dots and scatters compile to float32 "
+                       "copies a GPU does not make: the temporaries are an upper bound there.")
+    p.add_argument("--model", default="llama2-7b", help="a preset "
+                   f"({', '.join(PRESETS)}) or a Hugging Face folder with config.json "
+                   "(default: %(default)s)")
+    p.add_argument("--mesh", default="", help="axis sizes, e.g. tensor=4 or data=2,fsdp=4 "
+                   "(default: one device); a CPU with fewer devices compiles in a subprocess")
+    p.add_argument("--batch", default="1", help="prompts, or rows per step (default: %(default)s)")
+    p.add_argument("--context", default="4096",
+                   help="inference: KV cache length, prompt plus new tokens (default: %(default)s)")
+    p.add_argument("--new-tokens", default="128",
+                   help="inference: tokens the decode loop generates (default: %(default)s)")
+    p.add_argument("--train", action="store_true", help="plan a train step instead")
+    p.add_argument("--seq-len", default="2048", help="training: tokens per row (default: %(default)s)")
+    p.add_argument("--remat", default="dots",
+                   help="training: what the backward keeps of each layer: none, dots or full "
+                   "(default: %(default)s)")
+    p.add_argument("--adapter", default="switch", help="switch, lora, layerwise or none "
+                   "(the bare backbone) (default: %(default)s)")
+    p.add_argument("--experts", default="8", help="experts per adapter (default: %(default)s)")
+    p.add_argument("--rank", default="16", help="LoRA rank (default: %(default)s)")
+    p.add_argument("--top-k", default="2", help="experts per token (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="backbone dtype: bfloat16 or float32 (default: %(default)s)")
+    p.add_argument("--gpu", help="h200, h100 or a100-80g (default: all three)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=_plan_command)
     return parser
 
 

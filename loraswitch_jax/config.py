@@ -339,6 +339,23 @@ PRESETS: dict[str, LlamaConfig] = {
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
         rms_norm_eps=1e-5,
     ),
+    # Llama-2-70B shapes: grouped-query attention (8 KV heads), 80 layers.
+    "llama2-70b": LlamaConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    # Llama-3 shapes: a 128256-token vocabulary, rope_theta 500000, 8 KV heads.
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=(128001,),
+    ),
+    "llama3-70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=(128001,),
+    ),
     # ~1.1B (TinyLlama shapes): grouped-query attention, 22 layers.
     "llama-1b": LlamaConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
