@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --train, a train step on abstract shapes (nothing is allocated) and "
                        "print each device's bytes: weights, adapters, KV cache, optimizer state, "
                        "activations/temporaries and total, and whether they fit a GPU with "
-                       "10%% headroom. On CPU, bfloat16 dots and scatters compile to float32 "
+                       "10% headroom. On CPU, bfloat16 dots and scatters compile to float32 "
                        "copies a GPU does not make: the temporaries are an upper bound there.")
     p.add_argument("--model", default="llama2-7b", help="a preset "
                    f"({', '.join(PRESETS)}) or a Hugging Face folder with config.json "
