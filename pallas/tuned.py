@@ -139,4 +139,18 @@ DEFAULTS: tuple[Tuned, ...] = (
         ratio="fits vs not",
         source="eval/results/suite/ (batch 64 decode failures before the fit)",
     ),
+    Tuned(
+        what="kernel backend of the projections: Pallas Triton (stacked_matmul, deprecated since "
+             "JAX 0.11) or Pallas Mosaic GPU (mosaic_matmul, not wired into ops yet)",
+        default="triton",
+        measured="one projection alone, 8 layers chained, us per call Triton / Mosaic (best "
+                 "blocks): 4096x4096 M 1 42.3 / 28.4, M 8 25.1 / 28.7, M 32 26.2 / 36.3, M 64 "
+                 "32.5 / 30.9; 4096x11008 M 1 94.8 / 46.1, M 8 62.6 / 50.7, M 32 49.9 / 63.9, "
+                 "M 64 49.0 / 72.4; 11008x4096 M 1 50.8 / 54.4, M 8-64 48.8-52.9 / 47.6-58.3",
+        ratio="Mosaic/Triton 0.49-0.67 at M 1 (4096 inputs), 1.07 (11008), 0.81-1.48 at M 8-64; "
+              "not yet measured inside the decode step, where the fused Triton kernels run",
+        source="eval/results/kernels/mosaic_check.md",
+        gpu="NVIDIA H200",
+        date="2026-12-05",
+    ),
 )
