@@ -325,8 +325,14 @@ def test_ctrl_c_during_a_save_lets_it_finish(tmp_path, monkeypatch, capsys):
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_ctrl_c)
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 8; .* resumes from step 8 \("):
-        train(small_config(tmp_path), progress=False)
+    # Python's own Ctrl-C handler, as in a terminal: a library imported earlier in this worker
+    # process may have replaced it (the run then never sees the signal).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match=r"interrupted at step 8; .* resumes from step 8 \("):
+            train(small_config(tmp_path), progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert steps_on_disk(tmp_path) == [4, 8]
     monkeypatch.undo()
     train(small_config(tmp_path), progress=False)
