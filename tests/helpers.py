@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -78,3 +80,23 @@ def assert_adapters_equal(got: lj.Adapter, want: lj.Adapter):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert x.dtype == y.dtype and x.shape == y.shape
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """The records of a training run's ``metrics.jsonl``."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(got_dir, want_dir, steps: int) -> None:
+    """Two training runs logged steps 0..``steps`` with the same losses, grad norms and held-out
+    losses (1e-5 relative) and exported the same adapter."""
+    want, got = read_metrics(want_dir), read_metrics(got_dir)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(steps + 1))
+    for a, b in zip(got, want):
+        for key in ("loss", "aux", "grad_norm", "eval_loss"):
+            if b.get(key) is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (b["step"], key)
+    for x, y in zip(jax.tree.leaves(lj.load_adapter(os.path.join(got_dir, "adapter"))),
+                    jax.tree.leaves(lj.load_adapter(os.path.join(want_dir, "adapter")))):
+        assert rel_err(x, y) < 1e-5

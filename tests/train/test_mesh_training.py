@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from loraswitch_jax.train.config import ConfigFileError, load_train_config
 from loraswitch_jax.train.loop import train
 from loraswitch_jax.train.placement import plan_placement
 from loraswitch_jax.train.step import OptimConfig, init_state, train_step
-from tests.helpers import random_params, rel_err
+from tests.helpers import assert_same_run, random_params, rel_err
 
 CFG = lj.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -114,11 +113,6 @@ SMALL = ["data.seq_len=32", "data.batch_size=8", "optim.steps=6", "optim.warmup_
          "attention_chunk=16", "adapter.dropout=0.1"]
 
 
-def _metrics(out_dir) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_checkpoint_saved_on_fsdp4_resumes_on_tensor2_like_one_device(tmp_path):
     """The whole loop (steps, held-out evaluation, checkpoints, export) on a mesh equals one
     device, and a checkpoint saved on one mesh resumes on another."""
@@ -130,15 +124,7 @@ def test_checkpoint_saved_on_fsdp4_resumes_on_tensor2_like_one_device(tmp_path):
     tc = config("cut", "tensor=2")
     assert tc.mesh_config(8) == MeshConfig(tensor=2)
     train(tc, progress=False)
-    want, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
-    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(7))
-    for a, b in zip(got, want):
-        for key in ("loss", "aux", "grad_norm", "eval_loss"):
-            if b.get(key) is not None:
-                assert a[key] == pytest.approx(b[key], rel=1e-5), (b["step"], key)
-    for x, y in zip(jax.tree.leaves(lj.load_adapter(tmp_path / "cut" / "adapter")),
-                    jax.tree.leaves(lj.load_adapter(tmp_path / "full" / "adapter"))):
-        assert rel_err(x, y) < 1e-5
+    assert_same_run(tmp_path / "cut", tmp_path / "full", steps=6)
 
 
 def test_mesh_config_and_errors(tmp_path, capsys):

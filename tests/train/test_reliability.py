@@ -21,6 +21,7 @@ from loraswitch_jax.train.checkpoints import CheckpointError
 from loraswitch_jax.train.config import ConfigFileError, load_train_config
 from loraswitch_jax.train.data import DataConfig, DataError, load_data
 from loraswitch_jax.train.loop import TrainingDiverged, TrainingInterrupted, train
+from tests.helpers import read_metrics
 
 
 def small_config(out_dir, *overrides):
@@ -28,11 +29,6 @@ def small_config(out_dir, *overrides):
         f"out_dir={out_dir}", "data.seq_len=64", "data.batch_size=8", "optim.steps=12",
         "optim.warmup_steps=2", "save_every=4", "eval_every=6", "eval_batches=2", *overrides,
     ])
-
-
-def read_metrics(out_dir) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def steps_on_disk(out_dir) -> list[int]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +17,7 @@ from loraswitch_jax.train.checkpoints import CheckpointError
 from loraswitch_jax.train.config import ConfigFileError, load_train_config
 from loraswitch_jax.train.loop import train
 from loraswitch_jax.train.step import OptimConfig, init_state, train_step
-
-
-def read_metrics(out_dir) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from tests.helpers import read_metrics
 
 
 SMALL = ["data.seq_len=64", "data.batch_size=8", "optim.steps=12", "optim.warmup_steps=2",
