@@ -52,7 +52,7 @@ from loraswitch_jax.generate import GenerateConfig, generate_batch
 from loraswitch_jax.sampling import Sampler
 
 __all__ = ["ProfileConfig", "kernel_group", "kernel_times", "main", "parse_args", "per_step",
-           "track_names"]
+           "trace_events", "track_names"]
 
 _SUFFIX = re.compile(r"([._]\d+)+$")
 
@@ -119,7 +119,7 @@ def per_step(one: dict[str, dict], many: dict[str, dict], steps: int) -> dict[st
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["us"]))
 
 
-def _trace_events(run, folder: str) -> tuple[list[dict], float]:
+def trace_events(run, folder: str) -> tuple[list[dict], float]:
     """Events of one traced call of ``run`` (after it ran once untraced) and its wall seconds."""
     jax.block_until_ready(run())
     with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -179,8 +179,8 @@ def profile_mode(mode_name: str, params, pc: ProfileConfig) -> dict:
     run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=length,
                                stream=None).compile()
     with tempfile.TemporaryDirectory() as tmp:
-        ev1, wall1 = _trace_events(lambda: run(*args, jnp.int32(1)), os.path.join(tmp, "one"))
-        evn, walln = _trace_events(lambda: run(*args, jnp.int32(n)), os.path.join(tmp, "many"))
+        ev1, wall1 = trace_events(lambda: run(*args, jnp.int32(1)), os.path.join(tmp, "one"))
+        evn, walln = trace_events(lambda: run(*args, jnp.int32(n)), os.path.join(tmp, "many"))
     groups = per_step(kernel_times(ev1, pc.allow_host), kernel_times(evn, pc.allow_host), n - 1)
     busy = sum(g["us"] for g in groups.values())
     wall = 1e6 * (walln - wall1) / (n - 1)

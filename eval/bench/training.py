@@ -47,13 +47,15 @@ import traceback
 import jax  # imported, never initialised here: the parent leaves the GPU to its workers
 import jax.numpy as jnp
 
-from loraswitch_jax import llama
+from loraswitch_jax import llama, planner
 from loraswitch_jax.adapters import AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
 from loraswitch_jax.eval.bench.harness import (
     environment, failure, is_oom, log, peak_memory, reserve_device_memory, write_report)
+from loraswitch_jax.eval.bench.step_profile import profile_step
 from loraswitch_jax.eval.bench.training_peers import mixlora_active_params, peer_batch, work_mixlora
+from loraswitch_jax.eval.bench.training_report import markdown, plot
 from loraswitch_jax.params import init_params, projection_shape
 from loraswitch_jax.train import step
 
@@ -131,6 +133,8 @@ class BenchConfig:
     max_batch: int = 256
     cpu: bool = False
     ours: str | None = None
+    plan: bool = False
+    profile: bool = False
     seed: int = 0
     out: str = "eval/results/training"
 
@@ -292,6 +296,27 @@ def _work_jax(job: dict, row: dict) -> None:
             row["prediction"] = predict(row["memory_analysis"]["total"])
         except Exception as e:  # noqa: BLE001 - the measured step stands without it
             row["prediction"] = {"error": failure(e)}
+    if bench["profile"]:
+        log(f"{run.name}: tracing one step")
+        holder = [state]
+
+        def one_step():
+            holder[0], out = compiled(holder[0], params, data)
+            return out
+
+        row["profile"] = profile_step(one_step, allow_host=bench["cpu"])
+    if bench["plan"]:  # last: its compile must not count in the run's peak
+        row["plan"] = _plan(cfg, bench, run, batch)
+
+
+def _plan(cfg: LlamaConfig, bench: dict, run: Run, batch: int) -> dict:
+    """The planner's figures for this run's step, compiled on this device."""
+    acfg = run.adapter_config()
+    log(f"{run.name}: planning batch {batch}")
+    p = planner.plan(cfg, batch=batch, train=True, seq_len=bench["seq"], remat=run.remat,
+                     adapter=run.adapter, experts=acfg.num_experts, rank=acfg.rank,
+                     top_k=acfg.top_k, attention_chunk=bench["attention_chunk"])
+    return {k: v for k, v in dataclasses.asdict(p).items() if isinstance(v, (int, float))}
 
 
 def timed_row(times: list[float], bench: dict, run: Run, batch: int) -> dict:
@@ -393,63 +418,6 @@ def main(bc: BenchConfig) -> dict:
     return report
 
 
-# ------------------------------------------------------------------------------------ report
-def _f(x, spec: str, scale: float = 1.0) -> str:
-    return "-" if x is None else format(x / scale, spec)
-
-
-def markdown(report: dict) -> str:
-    env, a = report["environment"] or {}, report["args"]
-    lines = [f"Adapter training, `{a['preset']}` random bf16 weights, sequence {a['seq']}, one "
-             f"device: {env.get('device_kind', '?')}, JAX {env.get('jax', '?')}, "
-             f"{env.get('date', '?')[:10]}. MFU against {report['peak_tflops']:g} TFLOP/s (H200 "
-             "dense bf16 spec); model FLOPs 4 N_mm B T + 6 L q B T^2 + 6 N_a B T (frozen base), "
-             "PaLM 6 N B T.", "",
-             "| run | batch | tokens/s | MFU | MFU 6NT | peak GiB | step s | compile s | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['name']} | {r.get('batch') or '-'} | {_f(r.get('tokens_per_s'), '.0f')} "
-            f"| {_f(r.get('mfu'), '.3f')} | {_f(r.get('mfu_palm'), '.3f')} "
-            f"| {_f(r.get('peak_bytes'), '.1f', 2**30)} "
-            f"| {_f(r.get('step_s'), '.3f')} | {_f(r.get('compile_s'), '.0f')} "
-            f"| {r.get('status')}{': ' + r['error'][:120] if r.get('error') else ''} |")
-    preds = [r for r in report["results"] if r.get("prediction", {}).get("batch") is not None]
-    if preds:
-        lines += ["", "| largest batch | predicted | confirmed | GiB/row | GiB at batch 1 "
-                  "| limit GiB |", "|---|---:|---:|---:|---:|---:|"]
-        for r in preds:
-            p = r["prediction"]
-            gib = [_f(p[k], ".1f", 2**30) for k in ("bytes_per_row", "bytes_b1", "bytes_limit")]
-            lines.append(f"| {r['name']} | {p['batch']}{' (cap)' if p.get('capped') else ''} "
-                         f"| {r.get('confirmed_batch') or '-'} | {' | '.join(gib)} |")
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: str) -> None:
-    """tokens/s and peak memory per run (the peer in orange)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["results"] if r.get("status") == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8))
-    colors = ["tab:orange" if r["run"]["adapter"] == "mixlora" else "tab:blue" for r in rows]
-    for ax, key, scale in ((axes[0], "tokens_per_s", 1), (axes[1], "peak_bytes", 2**30)):
-        ax.barh(range(len(rows)), [(r.get(key) or 0) / scale for r in rows], color=colors)
-        ax.set_yticks(range(len(rows)), [f"{r['name']} b{r['batch']}" for r in rows], fontsize=8)
-        ax.invert_yaxis()
-        ax.set(xlabel="peak GiB" if scale > 1 else "tokens/s")
-        ax.grid(True, axis="x", alpha=0.3)
-    env = report["environment"] or {}
-    fig.suptitle(f"adapter training, {report['args']['preset']}; {env.get('device_kind', '?')}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------ command
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     d = BenchConfig()
@@ -473,6 +441,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--small", action="store_true", help="demo model, seq 64, attention chunk 16")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (JAX_PLATFORMS=cpu)")
     p.add_argument("--ours", default=None, help="a report whose largest batch mixlora:..:max uses")
+    p.add_argument("--plan", action="store_true",
+                   help="also compile each run's step with the planner (loraswitch plan) and "
+                        "report its memory figure beside the measured peak")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace one step per run: device time by kernel kind and group")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one run's job (JSON), in a subprocess
@@ -486,6 +459,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         return BenchConfig(runs=tuple(Run.parse(r) for r in a.runs), steps=a.steps,
                            warmup=a.warmup, budget_s=a.budget_s, peak_tflops=a.peak_tflops,
                            max_batch=a.max_batch, cpu=a.cpu, ours=a.ours, seed=a.seed, out=a.out,
+                           plan=a.plan, profile=a.profile,
                            bytes_limit=None if a.bytes_limit is None else int(a.bytes_limit), **kw)
     except ValueError as e:
         p.error(str(e))

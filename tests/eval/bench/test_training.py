@@ -13,6 +13,7 @@ import pytest
 
 from loraswitch_jax.config import PRESETS
 from loraswitch_jax.eval.bench import training as tb
+from loraswitch_jax.eval.bench.step_profile import kernel_kind, summarize
 
 RUNS = ("switch:dots:1", "switch:dots:max", "lora:full:1:cudnn", "mixlora:full:max")
 
@@ -24,7 +25,7 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.training", "--small", "--cpu",
            "--runs", *RUNS, "--bytes-limit", "3e8", "--max-batch", "3", "--steps", "1",
-           "--warmup", "0", "--out", str(out)]
+           "--warmup", "0", "--plan", "--profile", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "demo_seq64.json") as f:
@@ -45,6 +46,12 @@ def test_smoke_report_fields(smoke):
         assert r["mfu"] > 0 and r["mfu_palm"] > 0
         assert r["flops"]["model"] == r["flops"]["base"] + r["flops"]["attention"] + r["flops"]["adapter"]
         assert r["memory_analysis"]["total"] > 0 and r["loss"] > 0
+    for r in (b1, top):  # the planner compiles the same step: the same bytes
+        assert r["plan"]["total"] == pytest.approx(r["memory_analysis"]["total"], rel=0.01)
+        prof = r["profile"]
+        assert prof["launches"] > 0 and prof["top"] and prof["busy_us"] > 0
+        assert sum(prof["kinds_us"].values()) == pytest.approx(prof["busy_us"])
+    assert "| planned GiB |" in (out / "demo_seq64.md").read_text()
     # Batch 1 predicted the largest batch (capped at 3), which the max run confirmed.
     p = b1["prediction"]
     assert p["bytes_b2"] > p["bytes_b1"] and p["bytes_limit"] == 300_000_000
@@ -64,6 +71,22 @@ def test_smoke_report_fields(smoke):
     assert "| switch:dots:max:xla | 3 |" in table and "| largest batch |" in table
     assert (out / "demo_seq64.png").stat().st_size > 0
     assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
+
+
+def test_step_profile_kinds_and_summary():
+    groups = {"sm90_xmma_gemm_bf16bf16": {"launches": 64, "us": 700.0},
+              "cudnn_generated_fort_native_sdpa": {"launches": 32, "us": 200.0},
+              "loop_multiply_fusion": {"launches": 10, "us": 60.0},
+              "input_reduce_fusion": {"launches": 5, "us": 30.0},
+              "MemcpyD2D": {"launches": 2, "us": 10.0}}
+    assert [kernel_kind(g) for g in groups] == ["matmul", "attention", "elementwise", "reduction",
+                                                "copy"]
+    s = summarize(groups, wall_s=1.2e-3, top=2)
+    assert (s["busy_us"], s["launches"]) == (1000.0, 113)
+    assert s["idle_us"] == pytest.approx(200.0)
+    assert list(s["kinds_us"]) == ["matmul", "attention", "elementwise", "reduction", "copy"]
+    assert [t["group"] for t in s["top"]] == ["sm90_xmma_gemm_bf16bf16",
+                                             "cudnn_generated_fort_native_sdpa"]
 
 
 def test_step_flops_llama3_8b():
