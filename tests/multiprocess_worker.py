@@ -5,9 +5,11 @@ run, loads ``MODEL`` sharded over the mesh's global devices (each process readin
 blocks), runs ``parallel.forward`` on fixed tokens, gathers the logits and (process 0) saves them
 as ``OUT/logits.npy``, with what this process read in ``OUT/reads-<id>.json``.
 
-``python -m tests.multiprocess_worker train STOP_AFTER OVERRIDES_JSON``: ``train.loop.train`` of
-the config the overrides give (``stop_after`` when STOP_AFTER > 0); the run is joined from the
-``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment.
+``python -m tests.multiprocess_worker train PROCESSES STOP_AFTER OVERRIDES_JSON``:
+``train.loop.train`` of the config the overrides give (``stop_after`` when STOP_AFTER > 0) over 4
+global devices in PROCESSES processes; a run of 2 is joined from the ``JAX_COORDINATOR_ADDRESS``
+/ ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment, a run of 1 is the single-process
+reference (same script and XLA flags).
 """
 
 from __future__ import annotations
@@ -91,18 +93,18 @@ def main(coordinator: str, process_id: int, model: str, mesh_text: str, out: str
     multihost_utils.sync_global_devices("done")  # neither leaves while the other still reads
 
 
-def train(stop_after: int, overrides: list[str]) -> None:
+def train(processes: int, stop_after: int, overrides: list[str]) -> None:
     import jax
 
     from loraswitch_jax.train.config import load_train_config
     from loraswitch_jax.train.loop import train as run
 
     run(load_train_config(None, overrides), stop_after=stop_after or None, progress=False)
-    assert jax.process_count() == 2 and jax.device_count() == 4
+    assert jax.process_count() == processes and jax.device_count() == 4
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "forward":
         main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
     else:
-        train(int(sys.argv[2]), json.loads(sys.argv[3]))
+        train(int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]))

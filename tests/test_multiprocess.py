@@ -49,16 +49,28 @@ def _expected_bytes(cfg: lj.LlamaConfig, mesh_text: str, process: int) -> int:
     return total
 
 
-def _run_two(args, env_of=lambda i: {}, timeout: int = 300) -> None:
-    """Run ``tests.multiprocess_worker`` twice at once (``args(i)`` for process ``i``)."""
+def _worker_env(devices: int) -> dict[str, str]:
+    """The environment of a worker: this one's, less any multi-process launch settings, with
+    this process's XLA flags (the suite's optimisation level included, so workers and in-process
+    references compile alike) but ``devices`` CPU host devices."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return env
+
+
+def _run_workers(n: int, args, env_of=lambda i: {}, devices: int = 2,
+                 timeout: int = 300) -> None:
+    """Run ``n`` processes of ``tests.multiprocess_worker`` at once (``args(i)`` for process
+    ``i``), each with ``devices`` CPU devices."""
+    env = _worker_env(devices)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", *args(i)],
                               cwd=ROOT, env={**env, **env_of(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+             for i in range(n)]
     outputs = []
     try:
         for p in procs:
@@ -69,6 +81,11 @@ def _run_two(args, env_of=lambda i: {}, timeout: int = 300) -> None:
                 p.kill()
     for i, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
+
+
+def _run_two(args, env_of=lambda i: {}, timeout: int = 300) -> None:
+    """Two processes of 2 devices each (one run of 4 global devices)."""
+    _run_workers(2, args, env_of, devices=2, timeout=timeout)
 
 
 @pytest.mark.parametrize("mesh_text", ["tensor=4", "data=2,tensor=2"])
@@ -93,7 +110,7 @@ def test_two_processes_forward_equals_one(llama3_case, tmp_path, mesh_text):
         assert r["bytes"] < 0.75 * whole
 
 
-@pytest.mark.long  # ~100 s of CPU: 2 x 2 processes and one reference run, each compiling a step
+@pytest.mark.long  # ~100 s of CPU: 2 x 2 processes and one reference process, each compiling a step
 def test_two_processes_train_resume_and_export_like_one(tmp_path):
     small = ["data.seq_len=32", "data.batch_size=8", "optim.steps=4", "optim.warmup_steps=1",
              "save_every=2", "eval_every=2", "eval_batches=1", "mesh=fsdp=2,tensor=2"]
@@ -104,13 +121,13 @@ def test_two_processes_train_resume_and_export_like_one(tmp_path):
                 "JAX_PROCESS_ID": str(i)}
 
     coordinator = f"localhost:{_free_port()}"
-    _run_two(lambda i: ["train", "2", json.dumps(two)], env_of)  # stops after step 2
+    _run_two(lambda i: ["train", "2", "2", json.dumps(two)], env_of)  # stops after step 2
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2"]
     coordinator = f"localhost:{_free_port()}"
-    _run_two(lambda i: ["train", "0", json.dumps(two)], env_of)  # resumes from the checkpoint
+    _run_two(lambda i: ["train", "2", "0", json.dumps(two)], env_of)  # resumes from the checkpoint
 
-    from loraswitch_jax.train.config import load_train_config
-    from loraswitch_jax.train.loop import train
-
-    train(load_train_config(None, [f"out_dir={tmp_path / 'one'}", *small]), progress=False)
+    # The reference runs in a worker too (one process of 4 devices, unbroken): the same script
+    # and XLA flags as the two, so only the process split differs between the runs.
+    one = [f"out_dir={tmp_path / 'one'}", *small]
+    _run_workers(1, lambda i: ["train", "1", "0", json.dumps(one)], devices=4)
     assert_same_run(tmp_path / "two", tmp_path / "one", steps=4)
