@@ -63,9 +63,9 @@ from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.train import step
 from loraswitch_jax.train.placement import plan_placement
 
-__all__ = ["DEFAULT_MESHES", "TARGET", "ScalingConfig", "add_efficiency", "collective_profile", "hlo_collectives",
-           "loss_agreement", "main", "markdown", "mesh_label", "parse_args", "parse_mesh", "placed_random_params",
-           "plot", "work"]
+__all__ = ["DEFAULT_MESHES", "TARGET", "ScalingConfig", "add_efficiency", "collective_profile",
+           "hlo_collectives", "loss_agreement", "main", "markdown", "mesh_label", "parse_args",
+           "parse_mesh", "placed_random_params", "plot", "work"]
 
 DEFAULT_MESHES = ("1", "data=2", "fsdp=2", "data=4", "fsdp=4", "data=8", "fsdp=8")
 TARGET = 0.90
@@ -79,13 +79,14 @@ _KERNEL_COLLECTIVE = re.compile(r"nccl|all.?gather|reduce.?scatter|all.?reduce|a
 
 
 def parse_mesh(text: str) -> MeshConfig:
-    """``"1"`` (one device) or ``MeshConfig.parse``'s ``"data=2"``, ``"fsdp=4"``, ``"data=2,fsdp=2"``."""
+    """``"1"`` (one device) or :meth:`MeshConfig.parse`'s ``"data=2"``, ``"data=2,fsdp=2"``."""
     return ONE if text.strip() in ("1", "one") else MeshConfig.parse(text)
 
 
 def mesh_label(mc: MeshConfig) -> str:
     """The axes larger than 1 (``"fsdp=4"``), ``"one"`` for one device."""
-    return ",".join(f"{n}={s}" for n, s in zip(("data", "fsdp", "tensor"), mc.shape) if s > 1) or "one"
+    sizes = zip(("data", "fsdp", "tensor"), mc.shape)
+    return ",".join(f"{n}={s}" for n, s in sizes if s > 1) or "one"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +219,8 @@ def _measure(job: dict, row: dict) -> None:
     compiled = placement.train_step.lower(
         state, params, data, cfg=cfg, oc=oc, remat=run.remat,
         attention_chunk=bench["attention_chunk"]).compile()
-    row |= {"compile_s": time.perf_counter() - t0, "collectives": hlo_collectives(compiled.as_text())}
+    row |= {"compile_s": time.perf_counter() - t0,
+            "collectives": hlo_collectives(compiled.as_text())}
     log(f"{job['label']}: compiled in {row['compile_s']:.0f}s; collectives {row['collectives']}")
     times, losses = [], []
     for i in range(bench["warmup"] + bench["steps"]):
@@ -261,7 +263,8 @@ def work(job: dict, result_path: str) -> None:
 # ------------------------------------------------------------------------------------ parent
 def _spawn(job: dict, timeout: float, cpu: bool) -> dict:
     """Run one mesh in a fresh Python (its log goes to ours); no result file is a crash."""
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "NCCL_NVLS_ENABLE": "0", **os.environ}
+    # 0.90, not training's 0.95: NCCL's buffers live outside JAX's pool on every GPU.
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90", "NCCL_NVLS_ENABLE": "0", **os.environ}
     if cpu:  # 8 host devices unless the caller chose a count
         flags = env.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
@@ -309,7 +312,7 @@ def loss_agreement(rows: list[dict]) -> dict[str, float]:
 
 
 def main(sc: ScalingConfig) -> dict:
-    """Run ``sc.meshes`` in order, each in a fresh process, within ``budget_s``; write after each."""
+    """Run ``sc.meshes`` in order, each in a fresh process, within ``budget_s``; write each row."""
     start, bench = time.perf_counter(), sc.bench()
     report = {"args": dataclasses.asdict(sc), "environment": None,
               "model": dataclasses.asdict(model_config(sc.preset)), "target": TARGET,
