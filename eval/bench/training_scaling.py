@@ -128,7 +128,8 @@ class ScalingConfig:
         self.bench()  # training's checks: remat, preset, seq, steps, warmup, budget, peak
 
     def run(self, mc: MeshConfig) -> Run:
-        """Mesh ``mc``'s run: its global batch is ``batch_per_device`` per data-and-fsdp row."""
+        """Mesh ``mc``'s run: ``batch_per_device`` rows per ``data * fsdp`` shard (``tensor``
+        shards share their rows)."""
         return Run(self.adapter, self.remat, self.batch_per_device * mc.data * mc.fsdp)
 
     def bench(self) -> dict:
