@@ -11,6 +11,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -33,6 +36,7 @@ __all__ = [
     "nbytes",
     "peak_memory",
     "reserve_device_memory",
+    "spawn_worker",
     "time_calls",
     "write_report",
 ]
@@ -176,6 +180,23 @@ def build_params(cfg: LlamaConfig, key: jax.Array) -> LlamaParams:
 
 
 # ------------------------------------------------------------------------------------ reports
+def spawn_worker(module: str, job: dict, timeout: float, env: dict) -> dict:
+    """Run one ``job`` of ``module`` (``python -m module --worker JOB --result PATH``) in a fresh
+    Python with ``env`` (its log goes to ours) and return the row it wrote; a timeout or no
+    result file (a crash, an OOM kill) is a row of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "row.json")
+        cmd = [sys.executable, "-m", module, "--worker", json.dumps(job), "--result", path]
+        try:
+            code = subprocess.run(cmd, env=env, timeout=max(timeout, 1.0)).returncode
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "error": f"killed after {timeout:.0f}s (--budget-s)"}
+        if not os.path.exists(path):
+            return {"status": "crashed", "error": f"exit code {code} and no result (log above)"}
+        with open(path) as f:
+            return json.load(f)
+
+
 def write_report(report: dict, stem: str, markdown: Callable[[dict], str],
                  plot: Callable[[dict, str], None] | None) -> str:
     """``stem.json`` (replaced atomically: a kill mid-write keeps the last good file), ``stem.md``

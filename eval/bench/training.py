@@ -38,9 +38,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -52,7 +50,8 @@ from loraswitch_jax.adapters import AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
 from loraswitch_jax.eval.bench.harness import (
-    environment, failure, is_oom, log, peak_memory, reserve_device_memory, write_report)
+    environment, failure, is_oom, log, peak_memory, reserve_device_memory, spawn_worker,
+    write_report)
 from loraswitch_jax.eval.bench.step_profile import profile_step
 from loraswitch_jax.eval.bench.training_peers import mixlora_active_params, peer_batch, work_mixlora
 from loraswitch_jax.eval.bench.training_report import markdown, plot
@@ -60,7 +59,8 @@ from loraswitch_jax.params import init_params, projection_shape
 from loraswitch_jax.train import step
 
 __all__ = ["DEFAULT_RUNS", "H200_BF16_TFLOPS", "LLAMA3_8B", "BenchConfig", "Run", "main",
-           "model_config", "parse_args", "predict_batch", "step_flops", "timed_row", "work"]
+           "model_config", "parse_args", "predict_batch", "random_batch", "random_params",
+           "step_flops", "timed_row", "work"]
 
 H200_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM spec, dense bf16 (no sparsity)
 # Llama-3-8B shapes; PRESETS["llama3-8b"] is used when the package has it.
@@ -197,18 +197,35 @@ def predict_batch(m1: int, m2: int, limit: int, cap: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ worker
-def _random_params(cfg: LlamaConfig, key):
-    """Random bf16 weights (std 0.02, unit norms) made on the device one array at a time, so
-    that building them never holds a float32 copy beside them (the run's peak stays its own)."""
-    normal = jax.jit(lambda k, s: 0.02 * jax.random.normal(k, s, jnp.bfloat16), static_argnums=1)
+def random_params(cfg: LlamaConfig, key, shardings=None):
+    """Random bf16 weights (std 0.02, unit norms; leaf ``i`` drawn from ``fold_in(key, i)``).
+
+    One device (``shardings`` None): made on the device one array at a time, so that building
+    them never holds a float32 copy beside them (the run's peak stays its own). With
+    ``shardings`` (a :class:`LlamaParams` of them): one jitted draw whose ``out_shardings`` they
+    are, so each device computes only its own shards (FSDP never builds the whole model on one
+    device); threefry is partitionable, so the values do not depend on the sharding.
+    """
     shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.bfloat16), key)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    out = [jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
-           else normal(jax.random.fold_in(key, i), s.shape) for i, (path, s) in enumerate(leaves)]
+
+    def draw(key, i, path, s):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(s.shape, s.dtype)
+        return 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.bfloat16)
+
+    if shardings is not None:
+        def draw_all(key):
+            return jax.tree_util.tree_unflatten(
+                treedef, [draw(key, i, path, s) for i, (path, s) in enumerate(leaves)])
+
+        return jax.block_until_ready(jax.jit(draw_all, out_shardings=shardings)(key))
+    one = jax.jit(draw, static_argnums=(1, 2, 3))
+    out = [one(key, i, path, s) for i, (path, s) in enumerate(leaves)]
     return jax.block_until_ready(jax.tree_util.tree_unflatten(treedef, out))
 
 
-def _batch(cfg: LlamaConfig, batch: int, seq: int, key) -> dict:
+def random_batch(cfg: LlamaConfig, batch: int, seq: int, key) -> dict:
     """A ``[1, B, T]`` batch of random tokens, one sequence a row: no ``segment_ids`` (the cudnn
     path refuses them; the blockwise path costs the same either way)."""
     shape = (1, batch, seq)
@@ -247,7 +264,7 @@ def _work_jax(job: dict, row: dict) -> None:
                                      "train.step.forward to forward(attention_impl=...)")
     key = jax.random.key(bench["seed"])
     t0 = time.perf_counter()
-    params = _random_params(cfg, key)
+    params = random_params(cfg, key)
     make_adapter = jax.jit(functools.partial(init_adapter, cfg, run.adapter_config()))
     # init_state copies the adapter; the original is freed here, not held through the steps.
     state = step.init_state(make_adapter(jax.random.fold_in(key, 1)), oc, bench["seed"])
@@ -256,7 +273,7 @@ def _work_jax(job: dict, row: dict) -> None:
             "peak_bytes_after_build": peak_memory()}
 
     def compile_at(b: int):
-        shapes = jax.eval_shape(functools.partial(_batch, cfg, b, seq), key)  # nothing allocated
+        shapes = jax.eval_shape(functools.partial(random_batch, cfg, b, seq), key)  # nothing allocated
         return step.train_step.lower(state, params, shapes, **kwargs).compile()
 
     def predict(m1: int) -> dict:
@@ -278,7 +295,7 @@ def _work_jax(job: dict, row: dict) -> None:
     compiled = compile_at(batch)
     row |= {"compile_s": time.perf_counter() - t0, "memory_analysis": _analysis(compiled)}
     log(f"{run.name}: compiled in {row['compile_s']:.0f}s")
-    data = _batch(cfg, batch, seq, jax.random.fold_in(key, 2))
+    data = random_batch(cfg, batch, seq, jax.random.fold_in(key, 2))
     times = []
     for i in range(bench["warmup"] + bench["steps"]):
         t0 = time.perf_counter()
@@ -350,18 +367,7 @@ def _spawn(job: dict, timeout: float, cpu: bool) -> dict:
     """Run one job in a fresh Python (its log goes to ours); no result file is a crash."""
     env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ}  # harness.reserve_device_memory
     env |= {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""} if cpu else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.training", "--worker",
-               json.dumps(job), "--result", path]
-        try:
-            code = subprocess.run(cmd, env=env, timeout=max(timeout, 1.0)).returncode
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "error": f"killed after {timeout:.0f}s (--budget-s)"}
-        if not os.path.exists(path):
-            return {"status": "crashed", "error": f"exit code {code} and no result (log above)"}
-        with open(path) as f:
-            return json.load(f)
+    return spawn_worker("loraswitch_jax.eval.bench.training", job, timeout, env)
 
 
 def _resolve_max(run: Run, rows: list[dict], bc: BenchConfig) -> tuple[int, dict | None, str]:

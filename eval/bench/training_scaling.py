@@ -42,7 +42,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,11 +52,11 @@ import jax.numpy as jnp
 
 from loraswitch_jax.adapters import init_adapter
 from loraswitch_jax.eval.bench.harness import (
-    environment, failure, is_oom, log, reserve_device_memory, write_report)
+    environment, failure, is_oom, log, reserve_device_memory, spawn_worker, write_report)
 from loraswitch_jax.eval.bench.profile import kernel_times, trace_events
 from loraswitch_jax.eval.bench.training import (
-    H200_BF16_TFLOPS, REMATS, BenchConfig, Run, model_config, timed_row)
-from loraswitch_jax.eval.bench.training import _batch as random_batch  # to be made public
+    H200_BF16_TFLOPS, REMATS, BenchConfig, Run, model_config, random_batch, random_params,
+    timed_row)
 from loraswitch_jax.params import init_params
 from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.train import step
@@ -65,7 +64,7 @@ from loraswitch_jax.train.placement import plan_placement
 
 __all__ = ["DEFAULT_MESHES", "TARGET", "ScalingConfig", "add_efficiency", "collective_profile",
            "hlo_collectives", "loss_agreement", "main", "markdown", "mesh_label", "parse_args",
-           "parse_mesh", "placed_random_params", "plot", "work"]
+           "parse_mesh", "plot", "work"]
 
 DEFAULT_MESHES = ("1", "data=2", "fsdp=2", "data=4", "fsdp=4", "data=8", "fsdp=8")
 TARGET = 0.90
@@ -148,24 +147,6 @@ class ScalingConfig:
 
 
 # ------------------------------------------------------------------------------------ worker
-def placed_random_params(cfg, key, shardings):
-    """Random bf16 weights as :func:`.training._random_params` draws them (std 0.02, unit norms,
-    leaf ``i`` from ``fold_in(key, i)``), made by one jitted draw whose ``out_shardings`` are
-    ``shardings`` (a :class:`LlamaParams` of them): each device computes only its own shards.
-    Threefry is partitionable, so the values do not depend on the sharding (every mesh runs the
-    same weights); the draws are bf16 throughout, so no float32 copy is ever held."""
-    shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.bfloat16), key)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-
-    def draw(key):
-        return jax.tree_util.tree_unflatten(treedef, [
-            jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
-            else 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.bfloat16)
-            for i, (path, s) in enumerate(leaves)])
-
-    return jax.block_until_ready(jax.jit(draw, out_shardings=shardings)(key))
-
-
 def hlo_collectives(hlo: str) -> dict[str, int]:
     """Collective instructions in a compiled module's HLO text, by kind (each once, however
     often a loop runs it; ``-start`` halves of async pairs count as their kind)."""
@@ -209,7 +190,7 @@ def _measure(job: dict, row: dict) -> None:
     t0 = time.perf_counter()
     params_shape = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.bfloat16), key)
     placement = plan_placement(mc, cfg, params_shape, jax.eval_shape(make_state, key), run.batch)
-    params = placed_random_params(cfg, key, placement.params)
+    params = random_params(cfg, key, placement.params)
     state = jax.jit(make_state, out_shardings=placement.state)(jax.random.fold_in(key, 1))
     data = placement.put_batch(random_batch(cfg, run.batch, seq, jax.random.fold_in(key, 2)))
     devices = list(placement.mesh.devices.flat)
@@ -271,18 +252,7 @@ def _spawn(job: dict, timeout: float, cpu: bool) -> dict:
         if "xla_force_host_platform_device_count" not in flags:
             flags += " --xla_force_host_platform_device_count=8"
         env |= {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "XLA_FLAGS": flags.strip()}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.training_scaling", "--worker",
-               json.dumps(job), "--result", path]
-        try:
-            code = subprocess.run(cmd, env=env, timeout=max(timeout, 1.0)).returncode
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "error": f"killed after {timeout:.0f}s (--budget-s)"}
-        if not os.path.exists(path):
-            return {"status": "crashed", "error": f"exit code {code} and no result (log above)"}
-        with open(path) as f:
-            return json.load(f)
+    return spawn_worker("loraswitch_jax.eval.bench.training_scaling", job, timeout, env)
 
 
 def add_efficiency(rows: list[dict]) -> float | None:

@@ -98,16 +98,16 @@ def test_smoke_report_files(smoke):
     assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
 
 
-def test_placed_random_params_are_training_weights_split():
+def test_random_params_placed_by_shardings_equal_one_device():
     """Made in fsdp=4's shardings: each device holds a quarter of a weight, and the values are
     training's one-device draw."""
     cfg, key = PRESETS["demo"], jax.random.key(3)
-    shapes = jax.eval_shape(lambda k: tb._random_params(cfg, k), key)
+    shapes = jax.eval_shape(lambda k: tb.random_params(cfg, k), key)
     acfg, oc = tb.Run.parse("switch:dots:4").adapter_config(), OptimConfig()
     state = jax.eval_shape(lambda k: init_state(init_adapter(cfg, acfg, k), oc, 0), key)
     placement = plan_placement(MeshConfig(fsdp=4), cfg, shapes, state, 4)
-    placed = ts.placed_random_params(cfg, key, placement.params)
-    whole = tb._random_params(cfg, key)
+    placed = tb.random_params(cfg, key, placement.params)
+    whole = tb.random_params(cfg, key)
     for got, want, sharding in zip(jax.tree.leaves(placed), jax.tree.leaves(whole),
                                    jax.tree.leaves(placement.params)):
         assert got.sharding == sharding and got.dtype == want.dtype
