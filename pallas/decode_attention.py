@@ -244,8 +244,9 @@ def decode_attention(
     bs = blocks or default_blocks(B, KV, S)
     if S % bs.block_s:
         raise ValueError(f"{bs}: block_s must divide S={S}")
-    if is_concrete(lengths) and lengths.size and not (1 <= np.min(lengths)
-                                                      and np.max(lengths) <= S):
+    # np.asarray: np.min of a concrete jax array under a trace (closed over) gives a tracer.
+    if is_concrete(lengths) and lengths.size and not (1 <= np.asarray(lengths).min()
+                                                      and np.asarray(lengths).max() <= S):
         raise ValueError(f"lengths must be in [1, S={S}], got {np.asarray(lengths).tolist()}")
     if o_shrink is not None:
         _check_o_shrink(o_shrink, B, q.shape[1] * hd)
