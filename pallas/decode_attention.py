@@ -331,10 +331,15 @@ def _decode_attention(q, k_cache, v_cache, layer, lengths, o_shrink, *, blocks, 
     attended = attended[:, :, :G].reshape(B, H * hd).astype(q.dtype)
     if o_shrink is None:
         return attended
-    # The same combine, then summed over heads: [B, slots, r], each row's own slots.
-    xa = ((outs[3] * weight[..., None]).sum(axis=2) / total[..., None])[:, :, :G].sum(axis=(1, 2))
-    xa = xa.reshape(B, -1, r)[:, :slots]
-    own = o_shrink.slot_weights.reshape(B, B, slots)[jnp.arange(B), jnp.arange(B)]  # [B, slots]
-    xa = jnp.eye(B, dtype=jnp.float32)[:, :, None, None] * (xa * own[..., None])[:, None]
+    # The same rescaling, summed over splits and heads in one reduction whose input already
+    # has the routed kernel's layout (row b, its own slots' columns; padding rows zero), so that
+    # XLA can make it one fusion: [Mp, S r] float32.
     mp = row_blocks(B)[1]
-    return attended, PackedXa(pad_rows(xa.reshape(B, B * slots * r), mp)[None])
+    scaled = outs[3][:, :, :, :G] * (weight / total[:, :, None])[:, :, :, :G, None]
+    scaled = scaled.reshape(B, KV, splits, G, -1, r)[:, :, :, :, :slots]  # [B, KV, sp, G, k, r]
+    own = o_shrink.slot_weights.reshape(B, B, slots)[jnp.arange(B), jnp.arange(B)]  # [B, k]
+    scaled = scaled * own[:, None, None, None, :, None]
+    placed = jnp.eye(mp, B, dtype=jnp.float32)[:, None, None, None, :, None, None] * pad_rows(
+        scaled, mp)[:, :, :, :, None]  # [Mp, KV, sp, G, B, k, r]
+    xa = placed.sum(axis=(1, 2, 3)).reshape(mp, B * slots * r)
+    return attended, PackedXa(xa[None])
