@@ -193,7 +193,7 @@ def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
 
 def stacked_linear(
     x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: Impl,
-    lora: LoraTerm | None = None, proj: str | None = None, xa=None,
+    lora: LoraTerm | None = None, proj: str | None = None, xa: object | None = None,
 ) -> jax.Array:
     """``x [..., K] @ w[layer] (+ bias[layer])`` for a stacked ``w [L, K, N]``, in ``x.dtype``,
     plus ``lora``'s term for ``proj`` when it adapts it. ``xa``: ``proj``'s shrink ``x A``
@@ -206,8 +206,8 @@ def stacked_linear(
     if not impl.xla and kernel.supports(k, n):
         routed = _routed(lora, (proj,), x, impl, None if xa is None else (xa,))
     if xa is not None and routed is None:
-        raise ValueError(f"an xa computed ahead for {proj!r} needs the routed kernel to serve it "
-                         f"(impl {impl}, w {w.shape}); use cached_attention_shrink_ahead's")
+        raise ValueError(f"an xa computed ahead for {proj!r} needs the routed kernel to serve it, "
+                         f"which it does not here (impl {impl}, w {w.shape})")
     if impl.xla or not kernel.supports(k, n):
         # Shapes the kernel cannot tile (not multiples of 16) take the XLA path.
         y = jnp.einsum("...k,kn->...n", x, w[layer].astype(x.dtype))
