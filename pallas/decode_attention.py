@@ -290,7 +290,8 @@ def _decode_attention(q, k_cache, v_cache, layer, lengths, o_shrink, *, blocks, 
     splits = -(-steps // per_split)
     qp = jnp.pad(q.reshape(B, KV, G, hd), ((0, 0), (0, 0), (0, gp - G), (0, 0)))
     operands = [layer, lengths, qp, k_cache, v_cache]
-    in_specs = [SCALAR, whole((B,)), pl.BlockSpec((None, None, gp, hd), lambda b, k, s: (b, k, 0, 0)),
+    in_specs = [SCALAR, whole((B,)),
+                pl.BlockSpec((None, None, gp, hd), lambda b, k, s: (b, k, 0, 0)),
                 whole(k_cache.shape), whole(v_cache.shape)]
     out_specs = [pl.BlockSpec((None, None, None, gp, hd), lambda b, k, s: (b, k, s, 0, 0)),
                  pl.BlockSpec((None, None, None, gp), lambda b, k, s: (b, k, s, 0)),
