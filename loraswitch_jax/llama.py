@@ -97,6 +97,7 @@ def _layer(
     q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
     v = v.reshape(B, T, KV, hd)
+    xa_o = None  # o's x A, where the decode-attention kernel computes it (ops)
     if cache is None:
         attended = attend(q, k, v, mask)
     else:
@@ -107,9 +108,10 @@ def _layer(
             v=cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)),
             lengths=cache.lengths,
         )
-        attended = ops.cached_attention(q, cache.k, cache.v, layer, positions, mask, impl)
+        attended, xa_o = ops.cached_attention_shrink_ahead(q, cache.k, cache.v, layer, positions,
+                                                           mask, impl, lora)
     h = h + row_parallel(lambda b: ops.stacked_linear(attended, layers.wo, layer, b, impl, lora,
-                                                      "o"), layers.bo)
+                                                      "o", xa_o), layers.bo)
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU, then down.

@@ -11,7 +11,9 @@ Model code calls these functions with stacked weights and a layer index; it neve
     kernels add ``(x A) B`` inside the projection's own launch: the expand (``B``) rides along
     with ``W``; the small shrink (``x A``) is one split launch per input group, and the down
     projection's is computed in the gate/up kernel's epilogue. Decode attends with the
-    decode-attention kernel. These paths were measured fastest: ``pallas/tuned.py``.
+    decode-attention kernel, which with gather slots also computes the o projection's shrink
+    (:func:`cached_attention_shrink_ahead`). These paths were measured fastest:
+    ``pallas/tuned.py``.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
@@ -28,8 +30,9 @@ from loraswitch_jax.layers import attention
 from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
-__all__ = ["IMPLS", "Impl", "LoraTerm", "cached_attention", "mlp", "qkv_linear", "resolve_impl",
-           "shared_slots", "stacked_linear", "swiglu", "switch_merge"]
+__all__ = ["IMPLS", "Impl", "LoraTerm", "cached_attention", "cached_attention_shrink_ahead", "mlp",
+           "qkv_linear", "resolve_impl", "shared_slots", "stacked_linear", "swiglu",
+           "switch_merge"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -139,9 +142,15 @@ class _Routed:
     expand: str = "dot"
 
 
-def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: Impl):
+def _slots(lora: LoraTerm, num_experts: int, impl: Impl) -> tuple[jax.Array, jax.Array]:
+    return lora.slots or shared_slots(lora.route, num_experts, lora.scale, impl)
+
+
+def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: Impl,
+            ahead: tuple | None = None):
     """The routed-kernel operands for ``projs`` sharing input ``x``, or None when the routed
-    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank)."""
+    kernels cannot serve (no adapter on these projections, XLA, untileable shapes or rank).
+    ``ahead``: the projections' ``xa`` computed by an earlier launch (no shrink here)."""
     if impl.xla or lora is None or not any(lora.adapts(p) for p in projs):
         return None
     from loraswitch_jax.pallas import lora_shrink as shrink_kernel
@@ -152,14 +161,15 @@ def _routed(lora: LoraTerm | None, projs: tuple[str, ...], x: jax.Array, impl: I
     if not kernel.supports(x.shape[-1], *widths, rank=lora.a[adapted[0]].shape[-1]):
         return None
     num_experts = lora.a[adapted[0]].shape[1]
-    slot_experts, slot_weights = lora.slots or shared_slots(lora.route, num_experts, lora.scale,
-                                                            impl)
+    slot_experts, slot_weights = _slots(lora, num_experts, impl)
     b = tuple(lora.b[p] if lora.adapts(p) else None for p in projs)
     flat = _flat(x)
     # Expansion in registers for gather slots of few rows, tensor-core dots elsewhere (tuned.py).
     expand = "rows" if (slot_experts.shape[0] < num_experts
                         and flat.shape[0] <= kernel.MAX_EXPAND_ROWS) else "dot"
-    if _dropout(lora):  # each projection drops out its own copy of x: XLA shrinks
+    if ahead is not None:
+        xas = ahead
+    elif _dropout(lora):  # each projection drops out its own copy of x: XLA shrinks
         xas = tuple(
             shrink_kernel.lora_shrink(_flat(lora.input(x, p)), lora.a[p], lora.layer,
                                       slot_experts, slot_weights) if lora.adapts(p) else None
@@ -183,20 +193,27 @@ def _plus_delta(y, x, lora: LoraTerm | None, proj: str):
 
 def stacked_linear(
     x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: Impl,
-    lora: LoraTerm | None = None, proj: str | None = None,
+    lora: LoraTerm | None = None, proj: str | None = None, xa: object | None = None,
 ) -> jax.Array:
     """``x [..., K] @ w[layer] (+ bias[layer])`` for a stacked ``w [L, K, N]``, in ``x.dtype``,
-    plus ``lora``'s term for ``proj`` when it adapts it."""
+    plus ``lora``'s term for ``proj`` when it adapts it. ``xa``: ``proj``'s shrink ``x A``
+    computed ahead (:func:`cached_attention_shrink_ahead`), expanded here with no shrink launch;
+    given only where the routed kernel serves ``proj``."""
     from loraswitch_jax.pallas import stacked_matmul as kernel
 
     k, n = w.shape[1:]
+    routed = None
+    if not impl.xla and kernel.supports(k, n):
+        routed = _routed(lora, (proj,), x, impl, None if xa is None else (xa,))
+    if xa is not None and routed is None:
+        raise ValueError(f"an xa computed ahead for {proj!r} needs the routed kernel to serve it, "
+                         f"which it does not here (impl {impl}, w {w.shape})")
     if impl.xla or not kernel.supports(k, n):
         # Shapes the kernel cannot tile (not multiples of 16) take the XLA path.
         y = jnp.einsum("...k,kn->...n", x, w[layer].astype(x.dtype))
         y = y if bias is None else y + bias[layer].astype(y.dtype)
         return _plus_delta(y, x, lora, proj)
     interpret = impl.interpret
-    routed = _routed(lora, (proj,), x, impl)
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -311,6 +328,47 @@ def cached_attention(
         return out[:, None]
     keys, values = k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype)
     return attention(q, keys, values, mask)
+
+
+def _o_shrink_ahead(q: jax.Array, k_cache: jax.Array, impl: Impl, lora: LoraTerm | None):
+    """The decode kernel's ``OShrink`` for o's LoRA where it can serve it and the routed kernel
+    then expands it (one token per sequence, Pallas, o adapted, no dropout, gather slots,
+    shapes both kernels tile), else None."""
+    from loraswitch_jax.pallas import decode_attention as kernel
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+    from loraswitch_jax.pallas import stacked_matmul
+
+    B, T, H, hd = q.shape
+    if (impl.xla or T != 1 or lora is None or not lora.adapts("o") or _dropout(lora)
+            or not kernel.supports(k_cache.shape[2], hd)):
+        return None
+    a, n = lora.a["o"], lora.b["o"].shape[-1]
+    if not (stacked_matmul.supports(H * hd, n)
+            and routed_kernel.supports(H * hd, n, rank=a.shape[-1])):
+        return None
+    slot_experts, slot_weights = _slots(lora, a.shape[1], impl)
+    if slot_experts.shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
+        return None
+    return kernel.OShrink(a, lora.layer, slot_experts, slot_weights)
+
+
+def cached_attention_shrink_ahead(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int | jax.Array,
+    positions: jax.Array, mask: jax.Array, impl: Impl, lora: LoraTerm | None = None,
+):
+    """:func:`cached_attention`, and the o projection's LoRA shrink of its output where the
+    decode-attention kernel computes it along (DESIGN.md §8, shrink-ahead: decode under Pallas,
+    o adapted, no dropout, gather slots), for :func:`stacked_linear`'s ``xa``: it saves o's
+    shrink launch. Returns ``(attended [B, T, H * hd], xa or None)``; with ``None``
+    :func:`stacked_linear` shrinks as before."""
+    from loraswitch_jax.pallas import decode_attention as kernel
+
+    o_shrink = _o_shrink_ahead(q, k_cache, impl, lora)
+    if o_shrink is None:
+        return cached_attention(q, k_cache, v_cache, layer, positions, mask, impl), None
+    out, xa = kernel.decode_attention(q[:, 0], k_cache, v_cache, layer, positions[:, 0] + 1,
+                                      o_shrink=o_shrink, interpret=impl.interpret)
+    return out[:, None], xa
 
 
 def switch_merge(

@@ -39,6 +39,7 @@ def adapter_shapes(mode):
     ("switch", "fused", 64),
     ("switch", "merge", 1),
     ("layerwise", "fused", 8),
+    ("layerwise", "fused", 1),  # a route per layer, o's x A still from the attention kernel
     ("lora", "fused", 1),
 ])
 def test_generation_lowers_for_gpu(mode, strategy, batch):
@@ -54,6 +55,10 @@ def test_generation_lowers_for_gpu(mode, strategy, batch):
     if mode == "switch" and strategy == "fused":
         assert "lora_shrink_group3" in kernels and "lora_shrink_group2" in kernels  # q/k/v, gate/up
         assert bool(re.search(r"routed_\w+_st\d_rows", kernels)) == (batch == 1)
+    # o's x A from the decode-attention kernel: switch and layerwise with gather slots (batch
+    # 1: 2 of 8 experts); batch 8 and up have dense slots and keep o's shrink launch.
+    gather = mode in ("switch", "layerwise") and strategy == "fused" and batch == 1
+    assert bool(re.search(r"decode_attention_\w+_oshrink32", kernels)) == gather
 
 
 @pytest.mark.parametrize("mode", [None, "switch"])

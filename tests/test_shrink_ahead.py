@@ -1,0 +1,167 @@
+"""o's shrink ahead (DESIGN.md §8): at decode with gather slots the decode-attention kernel also
+computes the o projection's ``x A`` and the routed o kernel expands it without a shrink launch.
+The ops pair against the XLA path, where it applies and where it does not, and decode logits
+through the model (one device and per tensor-parallel shard) against XLA's, float32."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import loraswitch_jax as lj
+from loraswitch_jax import ops, parallel
+from loraswitch_jax.ops import Impl, LoraTerm, resolve_impl
+from loraswitch_jax.router import Route
+from loraswitch_jax.sharding import MeshConfig
+from tests.helpers import make_adapter, random_params, rel_err
+from tests.pallas.interpret import F32_TOL, IMPL
+
+# GQA 4/2, hd 16, every width a multiple of 16 (also per shard at tensor=2): every kernel tiles.
+CFG = lj.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def o_operands(rng, b, t, *, experts=8, k=2, dropout=0.0):
+    """``q [B, T, H, hd]``, a stacked cache with ``positions`` written, ``wo`` and a LoRA term
+    adapting o (rank 16) with random routes."""
+    h, kv, hd, d, layers, s = 4, 2, 16, 48, 3, 32
+    q = jnp.asarray(rng.standard_normal((b, t, h, hd)), jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((layers, b, s, kv, hd)), jnp.float32)
+              for _ in range(2))
+    positions = jnp.asarray(rng.integers(t - 1, s, (b, 1)), jnp.int32) - jnp.arange(t)[::-1]
+    mask = jnp.arange(s)[None, None, :] <= positions[..., None]
+    wo = jnp.asarray(rng.standard_normal((layers, h * hd, d)) * 0.1, jnp.float32)
+    bo = jnp.asarray(rng.standard_normal((layers, d)), jnp.float32)
+    a = {"o": jnp.asarray(rng.standard_normal((2, experts, h * hd, 16)), jnp.float32)}
+    bb = {"o": jnp.asarray(rng.standard_normal((2, experts, 16, d)) * 0.1, jnp.float32)}
+    route = Route(jnp.asarray(rng.integers(0, experts, (b, t, k)), jnp.int32),
+                  jnp.asarray(rng.random((b, t, k)), jnp.float32))
+    lora = LoraTerm(a, bb, 1, route, scale=0.5, dropout=dropout,
+                    dropout_key=jax.random.key(3) if dropout else None)
+    return q, kc, vc, positions, mask, wo, bo, lora
+
+
+def o_projection(impl, q, kc, vc, positions, mask, wo, bo, lora):
+    attended, xa = ops.cached_attention_shrink_ahead(q, kc, vc, 2, positions, mask, impl, lora)
+    return ops.stacked_linear(attended, wo, 2, bo, impl, lora, "o", xa), xa
+
+
+@pytest.mark.parametrize("b,t,experts,k,ahead", [
+    (1, 1, 8, 2, True),   # batch 1, top-2: gather slots
+    (3, 1, 8, 2, True),   # 6 < 8 slots: gather
+    (2, 1, 4, 1, True),   # top-1
+    (4, 1, 8, 2, False),  # 8 slots, dense: o's shrink launch as before
+    (2, 3, 8, 1, False),  # several tokens (prefill): no decode kernel
+])
+def test_o_projection_equals_the_xla_path(b, t, experts, k, ahead):
+    rng = np.random.default_rng(b * 10 + t + k)
+    operands = o_operands(rng, b, t, experts=experts, k=k)
+    got, xa = o_projection(resolve_impl(IMPL), *operands)
+    want, none = o_projection(resolve_impl("xla"), *operands)
+    assert (xa is not None) == ahead and none is None
+    assert rel_err(got, want) < F32_TOL
+
+
+def test_no_shrink_ahead_under_dropout_or_without_o():
+    """Dropout (o's branch reads its own dropped-out copy) and an o left unadapted keep the old
+    path: no xa from the attention kernel, the same result as before."""
+    rng = np.random.default_rng(0)
+    q, kc, vc, positions, mask, wo, bo, lora = o_operands(rng, 2, 1, dropout=0.3)
+    impl = resolve_impl(IMPL)
+    attended, xa = ops.cached_attention_shrink_ahead(q, kc, vc, 2, positions, mask, impl, lora)
+    assert xa is None
+    assert rel_err(attended, ops.cached_attention(q, kc, vc, 2, positions, mask, impl)) == 0
+    unadapted = dataclasses.replace(lora, a={}, b={}, dropout_key=None)
+    assert ops.cached_attention_shrink_ahead(q, kc, vc, 2, positions, mask, impl,
+                                             unadapted)[1] is None
+    assert ops.cached_attention_shrink_ahead(q, kc, vc, 2, positions, mask, impl)[1] is None
+
+
+def test_an_xa_the_routed_kernel_cannot_take_is_refused():
+    rng = np.random.default_rng(1)
+    q, kc, vc, positions, mask, wo, bo, lora = o_operands(rng, 1, 1)
+    attended, xa = ops.cached_attention_shrink_ahead(q, kc, vc, 2, positions, mask,
+                                                     resolve_impl(IMPL), lora)
+    with pytest.raises(ValueError, match="needs the routed kernel"):
+        ops.stacked_linear(attended, wo, 2, bo, resolve_impl("xla"), lora, "o", xa)
+
+
+# ------------------------------------------------------------------ through the model
+
+
+@functools.cache
+def params() -> lj.LlamaParams:
+    p = random_params(CFG, 0, jnp.float32)
+    ones = {f: jnp.ones_like(getattr(p.layers, f)) for f in ("attn_norm", "mlp_norm")}
+    return dataclasses.replace(p, layers=dataclasses.replace(p.layers, **ones),
+                               final_norm=jnp.ones_like(p.final_norm))
+
+
+@functools.cache
+def adapter(mode: str) -> lj.Adapter:
+    return make_adapter(CFG, seed=4, mode=mode, num_experts=8, top_k=2, rank=16, std=0.3,
+                        router_layer=0)
+
+
+TOKENS = jnp.asarray([[5, 6, 7, 8], [9, 1, 2, 0], [40, 41, 42, 43]], jnp.int32)
+LENGTHS = jnp.asarray([4, 3, 1], jnp.int32)
+STEPS = jnp.asarray([[11, 12, 13], [3, 4, 5]], jnp.int32)
+
+
+def decode_logits(impl, mode, decode=lj.decode_step, init_cache=lj.init_cache,
+                  prefill=lj.prefill):
+    p, ad = params(), adapter(mode)  # concrete before the trace (they are cached)
+
+    def run():
+        cache = init_cache(CFG, 3, 16, jnp.float32)
+        logits, cache = prefill(p, cache, TOKENS, LENGTHS, CFG, adapter=ad)
+        out = [logits]
+        for step in STEPS:
+            logits, cache = decode(p, cache, step, CFG, adapter=ad, impl=impl)
+            out.append(logits)
+        return out
+
+    return jax.jit(run)()
+
+
+@pytest.mark.parametrize("mode", ["switch", "layerwise"])
+def test_decode_logits_equal_the_xla_path(mode):
+    """Three rows with top-2 of 8 experts (gather slots): decode logits through the kernels,
+    o's x A from the attention kernel, within float32 tolerance of XLA's."""
+    for got, want in zip(decode_logits(IMPL, mode), decode_logits("xla", mode)):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_decode_step_launches_no_shrink_for_o():
+    """Per layer: the decode-attention kernel with o's shrink, no grouped shrink of one
+    projection (o's), q/k/v's and gate/up's as before."""
+    from tests.test_switch import kernel_names
+
+    ad = adapter("switch")
+    cache = lj.init_cache(CFG, 3, 16, jnp.float32)
+    _, cache = lj.prefill(params(), cache, TOKENS, LENGTHS, CFG, adapter=ad)
+    names = kernel_names(lambda p, c, t: lj.decode_step(p, c, t, cfg=CFG, adapter=ad,
+                                                        impl=Impl(backend="pallas")),
+                         params(), cache, STEPS[0])
+    count = lambda prefix: sum(n.startswith(prefix) for n in names)  # noqa: E731
+    layers = CFG.num_hidden_layers
+    assert sum("_oshrink" in n for n in names if n.startswith("decode_attention")) == layers
+    assert count("lora_shrink_group1_") == 0
+    assert count("lora_shrink_group3_") == count("lora_shrink_group2_") == layers
+    assert count("routed_matmul") == 2 * layers  # o and down
+
+
+def test_decode_logits_per_tensor_shard_equal_one_device():
+    """tensor=2: each shard's kernel shrinks its own heads with its rows of A_o (split by
+    input), the routed o kernel expands the partial, and psum adds the shards up."""
+    mesh = MeshConfig.parse("tensor=2")
+    got = decode_logits(IMPL, "switch", functools.partial(parallel.decode_step, mesh=mesh),
+                        functools.partial(parallel.init_cache, mesh=mesh),
+                        functools.partial(parallel.prefill, mesh=mesh))
+    for g, w in zip(got, decode_logits("xla", "switch")):
+        assert rel_err(g, w) < 1e-5
