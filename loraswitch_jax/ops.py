@@ -11,9 +11,9 @@ Model code calls these functions with stacked weights and a layer index; it neve
     kernels add ``(x A) B`` inside the projection's own launch: the expand (``B``) rides along
     with ``W``; the small shrink (``x A``) is one split launch per input group, and the down
     projection's is computed in the gate/up kernel's epilogue. Decode attends with the
-    decode-attention kernel, which with gather slots also computes the o projection's shrink
-    (:func:`cached_attention_shrink_ahead`). These paths were measured fastest:
-    ``pallas/tuned.py``.
+    decode-attention kernel; with ``Impl(shrink_ahead=True)`` and gather slots it also computes
+    the o projection's shrink (:func:`cached_attention_shrink_ahead`; not yet timed on a GPU,
+    so off by default). These paths were measured fastest: ``pallas/tuned.py``.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
@@ -40,16 +40,21 @@ IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
-    kernels in interpret mode. Hashable: a static argument of ``jax.jit``."""
+    kernels in interpret mode; ``shrink_ahead``: at decode with gather slots, the
+    decode-attention kernel also computes the o projection's ``x A`` (no shrink launch for o;
+    off by default until measured faster on a GPU: ``pallas/tuned.py``). Hashable: a static
+    argument of ``jax.jit``."""
 
     backend: str = "pallas"
     interpret: bool = False
+    shrink_ahead: bool = False
 
     def __post_init__(self):
         if self.backend not in ("xla", "pallas"):
             raise ValueError(f"unknown backend {self.backend!r}; expected 'xla' or 'pallas'")
-        if not isinstance(self.interpret, bool):
-            raise ValueError(f"interpret must be a bool, got {self.interpret!r}")
+        for name in ("interpret", "shrink_ahead"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Impl.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def xla(self) -> bool:
@@ -339,8 +344,8 @@ def _o_shrink_ahead(q: jax.Array, k_cache: jax.Array, impl: Impl, lora: LoraTerm
     from loraswitch_jax.pallas import stacked_matmul
 
     B, T, H, hd = q.shape
-    if (impl.xla or T != 1 or lora is None or not lora.adapts("o") or _dropout(lora)
-            or not kernel.supports(k_cache.shape[2], hd)):
+    if (impl.xla or not impl.shrink_ahead or T != 1 or lora is None or not lora.adapts("o")
+            or _dropout(lora) or not kernel.supports(k_cache.shape[2], hd)):
         return None
     a, n = lora.a["o"], lora.b["o"].shape[-1]
     if not (stacked_matmul.supports(H * hd, n)

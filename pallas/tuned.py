@@ -153,4 +153,16 @@ DEFAULTS: tuple[Tuned, ...] = (
         gpu="NVIDIA H200",
         date="2026-12-05",
     ),
+    Tuned(
+        what="o's shrink ahead (ops.Impl.shrink_ahead: the decode-attention kernel also computes "
+             "o's x A for gather slots; one launch fewer per layer)",
+        default="off",
+        measured="not yet timed: built 2026-12-05 when no GPU was lent; checked in interpret "
+                 "mode and lowered for an abstract H200 only. To decide: eval/bench/adapters.py "
+                 "--only mode=switch-fused,switch-ahead (same run)",
+        ratio="none yet",
+        source="tests/test_shrink_ahead.py",
+        gpu="none",
+        date="2026-12-05",
+    ),
 )

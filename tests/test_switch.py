@@ -204,8 +204,10 @@ def test_bad_strategy_requests(params):
 
 
 def test_impl_values():
-    assert [f.name for f in dataclasses.fields(Impl)] == ["backend", "interpret"]
-    assert Impl() == Impl(backend="pallas", interpret=False)
+    assert [f.name for f in dataclasses.fields(Impl)] == ["backend", "interpret", "shrink_ahead"]
+    assert Impl() == Impl(backend="pallas", interpret=False, shrink_ahead=False)
+    with pytest.raises(ValueError, match="Impl.shrink_ahead must be a bool"):
+        Impl(shrink_ahead=1)
     assert resolve_impl("pallas_interpret") == Impl(backend="pallas", interpret=True)
     assert resolve_impl("pallas") == Impl()
     assert resolve_impl("xla").xla and resolve_impl("auto").xla  # no GPU here

@@ -5,6 +5,7 @@ values so that no path can skip a zero adapter):
 
   backbone          no adapter; Pallas kernels
   switch-fused      LoRA-Switch, the routed LoRA term computed beside/inside the projection kernels
+  switch-ahead      switch-fused with o's x A from the decode-attention kernel (ops.Impl.shrink_ahead)
   switch-merge      LoRA-Switch, the SGMM kernel merges into a working copy when the route changes,
                     then the plain dense step (batch 1 only)
   switch-xla        LoRA-Switch, jnp adapter terms beside XLA dots (unfused)
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from loraswitch_jax.adapters import Adapter, AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
+from loraswitch_jax.ops import Impl
 
 __all__ = [
     "ALPHA",
@@ -56,6 +58,7 @@ class Mode:
     impl: str
     strategy: str | None = None
     max_batch: int | None = None
+    shrink_ahead: bool = False  # ops.Impl.shrink_ahead: o's x A from the attention kernel
 
     def __post_init__(self):
         if self.impl not in ("pallas", "xla"):
@@ -63,11 +66,19 @@ class Mode:
         if self.strategy not in (None, "fused", "merge"):
             raise ValueError(f"Mode.strategy must be None, 'fused' or 'merge', got "
                              f"{self.strategy!r}")
+        if self.shrink_ahead and self.impl != "pallas":
+            raise ValueError("Mode.shrink_ahead needs impl 'pallas'")
+
+    @property
+    def ops_impl(self) -> str | Impl:
+        """What ``GenerateConfig.impl`` takes: the name, or an ``ops.Impl`` with shrink-ahead."""
+        return Impl(backend="pallas", shrink_ahead=True) if self.shrink_ahead else self.impl
 
 
 MODES: dict[str, Mode] = {
     "backbone": Mode(None, "pallas"),
     "switch-fused": Mode("switch", "pallas", "fused"),
+    "switch-ahead": Mode("switch", "pallas", "fused", shrink_ahead=True),
     "switch-merge": Mode("switch", "pallas", "merge", max_batch=1),
     "switch-xla": Mode("switch", "xla", "fused"),
     "layerwise-xla": Mode("layerwise", "xla"),
@@ -121,7 +132,7 @@ class Case:
 
 def main_grid(presets=("llama2-7b",), batches=(1, 8, 32, 64), contexts=(1024,)) -> list[Case]:
     """Every mode at E 8, k 2. The acceptance targets' modes at every batch come first."""
-    first = ("backbone", "switch-fused", "switch-merge")
+    first = ("backbone", "switch-fused", "switch-ahead", "switch-merge")
     rest = ("lora", "layerwise-pallas", "switch-xla", "layerwise-xla")
     cases = []
     for modes in (first, rest):

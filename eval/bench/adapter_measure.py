@@ -131,11 +131,13 @@ def measure_case(case: Case, params: LlamaParams, bw: dict, *, new_tokens: int, 
     """Time one configuration; returns its row (with ``error`` instead of timings when it
     cannot fit). ``impl``: ``"mode"`` (the mode's kernels) or ``"xla"`` (CPU dry runs)."""
     mode = MODES[case.mode]
+    kernels = mode.ops_impl if impl == "mode" else impl
     impl = mode.impl if impl == "mode" else impl
     n = new_tokens
     length = cache_len(case.context, n)
     cfg = model_config(case.preset, length)
     row = {**dataclasses.asdict(case), "setting": case.setting, "impl": impl,
+           "shrink_ahead": mode.shrink_ahead and impl == "pallas",
            "strategy": mode.strategy, "cache_len": length}
     key = jax.random.fold_in(jax.random.key(seed), case.batch)
     acfg = case.adapter_config()
@@ -154,7 +156,7 @@ def measure_case(case: Case, params: LlamaParams, bw: dict, *, new_tokens: int, 
     # routes rarely change; sampled tokens change the route on almost every step.
     strategy = {} if mode.strategy is None else {"switch_strategy": mode.strategy}
     gen = GenerateConfig(max_new_tokens=n, sampler=Sampler(temperature=1.0), stop_tokens=(),
-                         cache_len=length, impl=impl, **strategy)
+                         cache_len=length, impl=kernels, **strategy)
     t0 = time.perf_counter()
     # One program for both lengths: it runs ``steps`` tokens (1 or N), traced.
     run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=length,

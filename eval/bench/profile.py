@@ -174,7 +174,7 @@ def profile_mode(mode_name: str, params, pc: ProfileConfig) -> dict:
     args = (params, adapter, tokens, lengths, key)
     strategy = {} if mode.strategy is None else {"switch_strategy": mode.strategy}
     gen = GenerateConfig(max_new_tokens=n, sampler=Sampler(temperature=1.0), stop_tokens=(),
-                         cache_len=length, impl=mode.impl if pc.impl == "mode" else pc.impl,
+                         cache_len=length, impl=mode.ops_impl if pc.impl == "mode" else pc.impl,
                          **strategy)
     run = generate_batch.lower(*args, jnp.int32(n), cfg=cfg, gen=gen, cache_len=length,
                                stream=None).compile()

@@ -45,7 +45,7 @@ def adapter_shapes(mode):
 def test_generation_lowers_for_gpu(mode, strategy, batch):
     params = jax.eval_shape(lambda: lj.init_params(CFG, jax.random.key(0)))
     gen = lj.GenerateConfig(max_new_tokens=4, stop_tokens=(), switch_strategy=strategy,
-                            impl=Impl(backend="pallas"))
+                            impl=Impl(backend="pallas", shrink_ahead=True))
     tokens = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     text = lower_for_gpu(generate_batch, params, adapter_shapes(mode), tokens, lengths,
@@ -55,8 +55,8 @@ def test_generation_lowers_for_gpu(mode, strategy, batch):
     if mode == "switch" and strategy == "fused":
         assert "lora_shrink_group3" in kernels and "lora_shrink_group2" in kernels  # q/k/v, gate/up
         assert bool(re.search(r"routed_\w+_st\d_rows", kernels)) == (batch == 1)
-    # o's x A from the decode-attention kernel: switch and layerwise with gather slots (batch
-    # 1: 2 of 8 experts); batch 8 and up have dense slots and keep o's shrink launch.
+    # Shrink-ahead on: o's x A from the decode-attention kernel with gather slots (switch and
+    # layerwise at batch 1: 2 of 8 experts); batch 8 and up have dense slots and keep o's shrink.
     gather = mode in ("switch", "layerwise") and strategy == "fused" and batch == 1
     assert bool(re.search(r"decode_attention_\w+_oshrink32", kernels)) == gather
 

@@ -84,13 +84,14 @@ def test_dry_run_writes_markdown_and_plot(dry_run):
 def test_main_grid():
     bc = ba.AdaptersConfig()
     cases = bc.cases()
-    # six modes at batches 1 8 32 64, switch-merge at batch 1
-    assert len(cases) == 4 * 6 + 1
+    # seven modes at batches 1 8 32 64, switch-merge at batch 1
+    assert len(cases) == 4 * 7 + 1
     assert {c.mode for c in cases} == set(MODES)
     assert {c.preset for c in cases} == {"llama2-7b"} and {c.context for c in cases} == {1024}
     assert [c.batch for c in cases if c.mode == "switch-merge"] == [1]
     # The acceptance targets' modes are measured first (a run cut short keeps them).
-    assert {c.mode for c in cases[:9]} == {"backbone", "switch-fused", "switch-merge"}
+    assert {c.mode for c in cases[:13]} == {"backbone", "switch-fused", "switch-ahead",
+                                            "switch-merge"}
     # The report is named by what it measures.
     assert bc.stem() == "eval/results/adapters/llama2-7b_e8_r16_ctx1024"
     assert ba.AdaptersConfig(grid="suite", out="x").stem() == "x/suite"
