@@ -1,0 +1,602 @@
+"""Tensor-parallel decode: the backbone against each GPU's copy-bandwidth floor, adapters beside
+it, and the time in all-reduces (DESIGN.md §2, §5, §7).
+
+For each mesh (default ``tensor=4`` and ``tensor=8``), batch and mode (:mod:`.adapter_cases`;
+default backbone, switch-fused, lora, layerwise-pallas), on random bf16 weights made already
+sharded on the mesh (a 70B model fits no single GPU):
+
+* **ms/token**: the jitted ``generate_batch`` over the mesh (``GenerateConfig(mesh=...)``, so
+  :mod:`loraswitch_jax.parallel`'s ``shard_map`` steps) run with ``N1`` and ``N2`` new tokens,
+  interleaved; ``(median(N2) - median(N1)) / (N2 - N1)`` is one decode step.
+* **per-GPU floor**: the bytes one device must read per step (its shards of every layer weight,
+  replicated parts included, the final norm and ``lm_head``; ``batch`` embedding rows; its KV
+  cache shard at the mean context; its shard of the experts a step touches) over the copy
+  bandwidth measured on one device (:func:`.harness.best_bandwidth`).
+* **x backbone**: ms/token over the backbone's at the same mesh and batch, in the same run.
+* **all-reduce ms/step**: device time of the kernel groups named all-reduce / AllReduce (NCCL's,
+  XLA's) or ``psum`` (XLA:CPU), from a ``jax.profiler`` trace of each run length, per step
+  (:func:`.profile.per_step`), the mean over the mesh's devices (and the largest). A device
+  waiting in an all-reduce for a slower peer counts as all-reduce time. Other collectives
+  (the vocab-split logits' all-gather for sampling) are reported beside it.
+
+Cases run mesh by mesh (one model resident at a time), backbone and switch-fused at every batch
+before the other modes; ``--budget-s`` skips a case that would end after the budget (estimated
+from the slowest comparable finished case). JSON, Markdown and a PNG are rewritten after every
+case; the table is printed last. Examples::
+
+    NCCL_NVLS_ENABLE=0 python -m loraswitch_jax.eval.bench.tensor_decode  # 4 or 8 GPUs
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python -m loraswitch_jax.eval.bench.tensor_decode --small --cpu   # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from loraswitch_jax.config import PRESETS, LlamaConfig
+from loraswitch_jax.eval.bench.adapter_cases import MODES, Case, cache_len, make_adapter, model_config
+from loraswitch_jax.eval.bench.adapter_measure import expected_experts
+from loraswitch_jax.eval.bench.harness import (
+    best_bandwidth,
+    build_params,
+    environment,
+    failure,
+    is_oom,
+    log,
+    median_ms,
+    reserve_device_memory,
+    time_calls,
+    write_report,
+)
+from loraswitch_jax.eval.bench.profile import kernel_times, per_step, trace_events
+from loraswitch_jax.generate import GenerateConfig, generate_batch
+from loraswitch_jax.sampling import Sampler
+from loraswitch_jax.sharding import (
+    AXES,
+    MeshConfig,
+    MeshError,
+    adapter_specs,
+    check_tensor_fits,
+    expand_kv_heads,
+    kv_replicas,
+    logical_spec,
+    param_specs,
+)
+
+__all__ = ["DEFAULT_MODES", "TARGETS", "TensorDecodeConfig", "acceptance", "device_step_bytes",
+           "main", "markdown", "parse_args", "plot", "sharded_adapter", "sharded_params"]
+
+DEFAULT_MODES = ("backbone", "switch-fused", "lora", "layerwise-pallas")
+FIRST_MODES = ("backbone", "switch-fused")  # the targets' modes run first at every batch
+TARGETS = {"floor_b1_tensor4": 0.85, "switch_b1": 1.10, "switch_batched": 1.08}
+ISSUE_SETTING = {"preset": "llama2-70b", "context": 1024}
+ALL_REDUCE = re.compile(r"all[-_ ]?reduce|psum", re.I)
+COLLECTIVE = re.compile(r"nccl|all[-_ ]?gather|reduce[-_ ]?scatter|all[-_ ]?to[-_ ]?all|"
+                        r"collective|permute", re.I)
+SMALL = {"preset": "demo", "context": 64, "meshes": ("tensor=2", "tensor=4"), "batches": (1, 2),
+         "new_tokens": (1, 9), "reps": 3, "copy_gib": 1 / 64, "copy_reps": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDecodeConfig:
+    """What to run. ``impl="mode"``: each mode's kernels; ``"xla"``: all on XLA (CPU dry runs).
+    ``copy_gib=None``: 2 GiB on a GPU, 1/16 on a CPU."""
+
+    preset: str = "llama2-70b"
+    meshes: tuple[str, ...] = ("tensor=4", "tensor=8")
+    batches: tuple[int, ...] = (1, 8, 32, 64)
+    modes: tuple[str, ...] = DEFAULT_MODES
+    context: int = 1024
+    new_tokens: tuple[int, int] = (1, 65)
+    reps: int = 3
+    impl: str = "mode"
+    profile: bool = True
+    budget_s: float = 540.0
+    copy_gib: float | None = None
+    copy_reps: int = 20
+    seed: int = 0
+    out: str = "eval/results/tensor_decode"
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if not self.meshes:
+            raise ValueError("meshes is empty: give at least one, e.g. tensor=4")
+        for text in self.meshes:
+            MeshConfig.parse(text)  # a MeshError (a ValueError) names the bad item
+        unknown = sorted(set(self.modes) - set(MODES))
+        if unknown or not self.modes:
+            raise ValueError(f"modes {unknown or '(none)'} unknown; choose from {sorted(MODES)}")
+        if not self.batches or min(self.batches) < 1 or self.context < 1:
+            raise ValueError(f"batches and context must be positive: {self.batches}, "
+                             f"{self.context}")
+        n1, n2 = self.new_tokens
+        if not 1 <= n1 < n2:
+            raise ValueError(f"new_tokens must satisfy 1 <= N1 < N2, got {self.new_tokens}")
+        if self.reps < 1 or self.budget_s <= 0 or self.copy_reps < 1:
+            raise ValueError(f"reps, copy_reps and budget_s must be positive: {self.reps}, "
+                             f"{self.copy_reps}, {self.budget_s}")
+        if self.impl not in ("mode", "xla"):
+            raise ValueError(f"impl must be 'mode' or 'xla', got {self.impl!r}")
+
+    @property
+    def cache_len(self) -> int:
+        return cache_len(self.context, self.new_tokens[1])
+
+    def cases(self) -> list[tuple[str, int, str]]:
+        """``(mesh, batch, mode)`` in run order: mesh by mesh, the targets' modes first."""
+        first = [m for m in self.modes if m in FIRST_MODES]
+        rest = [m for m in self.modes if m not in FIRST_MODES]
+        return [(mesh, b, m) for mesh in self.meshes for group in (first, rest)
+                for b in self.batches for m in group]
+
+
+def mesh_label(mesh: MeshConfig) -> str:
+    """``tensor=4`` (axes of size 1 left out)."""
+    return ",".join(f"{a}={getattr(mesh, a)}" for a in AXES if getattr(mesh, a) > 1) or "single"
+
+
+# ------------------------------------------------------------------------- sharded weights
+def _shardings(specs, mesh: MeshConfig):
+    devices = mesh.make_mesh()
+    return jax.tree.map(lambda s: NamedSharding(devices, s), specs,
+                        is_leaf=lambda s: isinstance(s, P))
+
+
+def sharded_params(cfg: LlamaConfig, mesh: MeshConfig, key: jax.Array):
+    """Random bf16 weights (:func:`.harness.build_params`, KV heads expanded for ``mesh.tensor``
+    as ``parallel.place`` does) made on the mesh one layer at a time: a device holds only its
+    shards plus one layer's temporaries (all 80 layers' float32 draws at once would not fit)."""
+    one = dataclasses.replace(cfg, num_hidden_layers=1)
+
+    def layer(i):
+        return expand_kv_heads(build_params(one, jax.random.fold_in(key, i)), None, one,
+                               mesh.tensor)[0]
+
+    def make(key):
+        first = layer(0)
+        stacked = jax.tree.map(lambda x: jnp.zeros((cfg.num_hidden_layers, *x.shape[1:]),
+                                                   x.dtype), first.layers)
+        stacked = jax.lax.with_sharding_constraint(stacked, shardings.layers)
+
+        def fill(i, stacked):
+            return jax.tree.map(lambda s, x: jax.lax.dynamic_update_slice_in_dim(s, x, i, 0),
+                                stacked, layer(i).layers)
+
+        return dataclasses.replace(first, layers=jax.lax.fori_loop(
+            0, cfg.num_hidden_layers, fill, stacked))
+
+    full = lambda key: expand_kv_heads(build_params(cfg, key), None, cfg, mesh.tensor)[0]  # noqa: E731
+    shardings = _shardings(param_specs(jax.eval_shape(full, key), mesh), mesh)
+    return jax.jit(make, out_shardings=shardings)(key)
+
+
+def sharded_adapter(cfg: LlamaConfig, case: Case, mesh: MeshConfig, key: jax.Array):
+    """:func:`.adapter_cases.make_adapter` made on the mesh (``None`` for the backbone)."""
+    acfg = case.adapter_config()
+    if acfg is None:
+        return None
+
+    def make(key):
+        adapter = make_adapter(cfg, acfg, key)
+        if kv_replicas(cfg, mesh.tensor) == 1:
+            return adapter
+        # expand_kv_heads expands the adapter beside unexpanded weights; XLA drops the unused weights.
+        return expand_kv_heads(build_params(cfg, key), adapter, cfg, mesh.tensor)[1]
+
+    specs = adapter_specs(jax.eval_shape(make, key), mesh)
+    return jax.jit(make, out_shardings=_shardings(specs, mesh))(key)
+
+
+# ---------------------------------------------------------------------------------- floor
+def _local_nbytes(x: jax.Array) -> int:
+    """Bytes of one device's shard of ``x``."""
+    return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+
+def device_step_bytes(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, batch: int,
+                      context: float) -> dict:
+    """Fewest bytes one device reads per decode step at ``context`` valid positions (shards of
+    the sharded ``params``/``adapter``; even splits, so every device reads the same).
+
+    Its shard of every layer weight, the final norm and the output projection (the whole
+    embedding when tied); ``batch`` rows of the replicated embedding; its KV shard (KV heads over
+    ``tensor``, rows over the batch axes when they divide); its shard of the experts a step is
+    expected to touch (:func:`.adapter_measure.expected_experts`) and of the router(s).
+    """
+    tied = params.lm_head is None
+    head = params.embed if tied else params.lm_head
+    weights = sum(_local_nbytes(x) for x in jax.tree.leaves(params.layers))
+    weights += _local_nbytes(params.final_norm) + _local_nbytes(head)
+    embed_rows = 0 if tied else min(batch, params.embed.shape[0]) * (
+        params.embed.nbytes // params.embed.shape[0])
+    kv_heads = params.layers.wk.shape[-1] // cfg.head_dim  # expanded for tensor
+    shape = (cfg.num_hidden_layers, batch, 1, kv_heads, cfg.head_dim)
+    local = NamedSharding(mesh.make_mesh(), logical_spec("cache.k", shape, mesh)).shard_shape(shape)
+    kv = 2 * math.prod(local) * context * params.dtype.itemsize
+    out = {"weights": weights, "embed_rows": embed_rows, "kv": int(kv)}
+    if adapter is not None:
+        acfg = adapter.config
+        touched = 1.0 if acfg.mode == "lora" else expected_experts(acfg.num_experts, acfg.top_k,
+                                                                   batch)
+        expert = sum(_local_nbytes(adapter.a[p]) + _local_nbytes(adapter.b[p])
+                     for p in acfg.targets) / acfg.num_experts
+        router = 0 if adapter.router is None else _local_nbytes(adapter.router)
+        out |= {"experts_touched": touched, "adapters": int(round(expert * touched)) + router}
+    out["total"] = int(weights + embed_rows + kv + out.get("adapters", 0))
+    return out
+
+
+# -------------------------------------------------------------------------------- profile
+def _device_groups(events: list[dict], allow_host: bool, devices: int) -> list[dict]:
+    """Kernel groups of each device process that ran kernels; a CPU trace (host threads only,
+    all devices in one) is split evenly over the mesh's ``devices``."""
+    pids = sorted({e["pid"] for e in events if e.get("ph") == "M"
+                   and e.get("name") == "process_name" and "/device:" in e["args"]["name"]})
+    per_device = []
+    for pid in pids:
+        try:
+            groups = kernel_times([e for e in events if e.get("pid") == pid])
+        except RuntimeError:  # a device outside the mesh: no stream track
+            continue
+        if groups:
+            per_device.append(groups)
+    if per_device or not allow_host:
+        return per_device
+    whole = kernel_times(events, allow_host=True)
+    return [{g: {k: v / devices for k, v in t.items()} for g, t in whole.items()}] * devices
+
+
+def collective_times(one: list[dict], many: list[dict], steps: int) -> dict:
+    """All-reduce and other collective ms per step (mean and max over devices) from the traces'
+    per-device kernel groups of the two run lengths."""
+    if len(one) != len(many) or not one:
+        raise RuntimeError(f"the traces show {len(one)} and {len(many)} devices with kernels")
+    ar, other, busy, names = [], [], [], set()
+    for a, b in zip(one, many):
+        # XLA:CPU also logs an "end: <op>" event per async op: the same op again.
+        groups = {n: g for n, g in per_step(a, b, steps).items() if not n.startswith("end: ")}
+        ar.append(sum(g["us"] for n, g in groups.items() if ALL_REDUCE.search(n)) / 1e3)
+        other.append(sum(g["us"] for n, g in groups.items()
+                         if COLLECTIVE.search(n) and not ALL_REDUCE.search(n)) / 1e3)
+        busy.append(sum(g["us"] for g in groups.values()) / 1e3)
+        names |= {n for n in groups if ALL_REDUCE.search(n) or COLLECTIVE.search(n)}
+    return {"devices": len(one), "all_reduce_ms": float(np.mean(ar)),
+            "all_reduce_ms_max": float(np.max(ar)), "other_collectives_ms": float(np.mean(other)),
+            "busy_ms": float(np.mean(busy)), "groups": sorted(names)}
+
+
+# ------------------------------------------------------------------------------- one case
+def measure(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, case: Case,
+            bc: TensorDecodeConfig, bw: dict, allow_host: bool) -> dict:
+    """Time one (mesh, batch, mode); floor, fraction and collectives; returns the row's fields."""
+    mode = MODES[case.mode]
+    n1, n2 = bc.new_tokens
+    rng = np.random.default_rng(bc.seed + case.batch)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (case.batch, bc.context), np.int32))
+    lengths = jnp.full((case.batch,), bc.context, jnp.int32)
+    args = (params, adapter, tokens, lengths, jax.random.key(bc.seed))
+    strategy = {} if mode.strategy is None else {"switch_strategy": mode.strategy}
+    # Sampled (seeded), as the adapter benchmark does: switch routes change almost every step.
+    gen = GenerateConfig(max_new_tokens=n2, sampler=Sampler(temperature=1.0), stop_tokens=(),
+                         cache_len=bc.cache_len, impl=mode.impl if bc.impl == "mode" else "xla",
+                         mesh=mesh, **strategy)
+    t0 = time.perf_counter()
+    run = generate_batch.lower(*args, jnp.int32(n2), cfg=cfg, gen=gen, cache_len=bc.cache_len,
+                               stream=None).compile()
+    compile_s = time.perf_counter() - t0
+    log(f"  compiled in {compile_s:.1f}s")
+    jax.block_until_ready(run(*args, jnp.int32(n1)))  # warm-up
+    if (np.asarray(run(*args, jnp.int32(n2))) < 0).any():  # PAD: fewer steps than timed
+        raise RuntimeError("generate stopped early; the step count would be wrong")
+    times = {n1: [], n2: []}
+    for _ in range(bc.reps):  # interleaved, so a drift in clocks hits both alike
+        for n in (n1, n2):
+            times[n] += time_calls(lambda n=n: run(*args, jnp.int32(n)), 1, warmup=0)
+    ms = (median_ms(times[n2]) - median_ms(times[n1])) / (n2 - n1)
+    # The runs differ in the steps at cache lengths C+N1-1 .. C+N2-2 (+1 slot read).
+    nbytes = device_step_bytes(params, adapter, cfg, mesh, case.batch,
+                               bc.context + (n1 + n2 - 1) / 2)
+    floor_ms = 1e3 * nbytes["total"] / (bw["copy_gbps"] * 1e9)
+    row = {"status": "ok", "impl": gen.impl, "compile_s": compile_s, "ms_per_token": ms,
+           "tokens_per_s": 1e3 * case.batch / ms if ms > 0 else None,
+           "run_ms": {n: [1e3 * t for t in ts] for n, ts in times.items()},
+           "bytes_per_device": nbytes, "floor_ms": floor_ms,
+           "fraction": floor_ms / ms if ms > 0 else None}
+    if bc.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            traced = [_device_groups(trace_events(lambda n=n: run(*args, jnp.int32(n)),
+                                                  os.path.join(tmp, str(n)))[0],
+                                     allow_host, mesh.size) for n in (n1, n2)]
+        row["collectives"] = collective_times(*traced, n2 - n1)
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+def add_ratios(results: list[dict]) -> None:
+    """``ratio_to_backbone``: ms/token over the backbone's at the same mesh and batch."""
+    ref = {(r["mesh"], r["batch"]): r["ms_per_token"] for r in results
+           if r["mode"] == "backbone" and r.get("ms_per_token")}
+    for r in results:
+        if r.get("ms_per_token") and (r["mesh"], r["batch"]) in ref:
+            r["ratio_to_backbone"] = r["ms_per_token"] / ref[(r["mesh"], r["batch"])]
+
+
+def acceptance(results: list[dict]) -> list[dict]:
+    """The issue's targets on what was measured: the backbone's floor fraction at batch 1 on
+    tensor=4 (no other axis), switch-fused / backbone at every mesh and batch."""
+    checks = []
+    for r in results:
+        if r["mode"] == "backbone" and r["batch"] == 1 and r["mesh"] == "tensor=4" and r.get(
+                "fraction"):
+            t = TARGETS["floor_b1_tensor4"]
+            checks.append({"check": "backbone of the per-GPU floor, batch 1, tensor=4",
+                           "value": r["fraction"], "target": f">= {t}", "pass": r["fraction"] >= t})
+        if r["mode"] == "switch-fused" and "ratio_to_backbone" in r:
+            t = TARGETS["switch_b1" if r["batch"] == 1 else "switch_batched"]
+            checks.append({"check": f"switch-fused / backbone, batch {r['batch']}, {r['mesh']}",
+                           "value": r["ratio_to_backbone"], "target": f"<= {t}",
+                           "pass": r["ratio_to_backbone"] <= t})
+    return checks
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    """Header (setting, device, JAX, date, bandwidth), the checks, one row per case."""
+    env, bw, a = report["environment"], report["bandwidth"], report["args"]
+    issue = all(a[k] == v for k, v in ISSUE_SETTING.items())
+    lines = [
+        f"Tensor-parallel decode, `{a['preset']}` random bf16 weights, context {a['context']}, "
+        f"cache {report['cache_len']}: {env['device_kind']} x {env['device_count']}, JAX "
+        f"{env['jax']}, {env['date'][:10]}. Generate loop over the mesh, N={a['new_tokens'][0]} "
+        f"vs {a['new_tokens'][1]} new tokens, median of {a['reps']}; impl `{a['impl']}`.",
+        f"Per-GPU floor: one device's bytes per step over its copy bandwidth, "
+        f"{bw['copy_gbps']:.0f} GB/s (read + write, one device). All-reduce: device time per "
+        f"step, mean over the mesh's devices (max in brackets). Whole run "
+        f"{report['wall_s']:.0f} s" + ("" if issue else "; not the issue's setting "
+                                       "(llama2-70b, context 1024): checks for reference") + ".",
+    ]
+    if report["acceptance"]:
+        lines += ["", "| check | value | target | |", "|---|---:|---:|---|"]
+        lines += [f"| {c['check']} | {c['value']:.3f} | {c['target']} | "
+                  f"{'PASS' if c['pass'] else 'FAIL'} |" for c in report["acceptance"]]
+    lines += ["", "| mesh | batch | mode | ms/token | tokens/s | per-GPU MB/step | floor ms "
+              "| of floor | x backbone | all-reduce ms/step | other collectives ms | status |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report["results"]:
+        c = r.get("collectives") or {}
+        ar = f"{c['all_reduce_ms']:.3f} ({c['all_reduce_ms_max']:.3f})" if c else "-"
+        mb = r["bytes_per_device"]["total"] / 1e6 if "bytes_per_device" in r else None
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
+        lines.append(
+            f"| {r['mesh']} | {r['batch']} | {r['mode']} | {_f(r.get('ms_per_token'), '.3f')} "
+            f"| {_f(r.get('tokens_per_s'), '.0f')} | {_f(mb, '.1f')} "
+            f"| {_f(r.get('floor_ms'), '.3f')} | {_f(r.get('fraction'), '.2f')} "
+            f"| {_f(r.get('ratio_to_backbone'), '.3f')} | {ar} "
+            f"| {_f(c.get('other_collectives_ms'), '.3f')} | {status} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """ms/token (floors dashed), ratio to the backbone and all-reduce ms against batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("ms_per_token")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    series = sorted({(r["mesh"], r["mode"]) for r in rows})
+    for mesh, mode in series:
+        pts = sorted((r["batch"], r) for r in rows if (r["mesh"], r["mode"]) == (mesh, mode))
+        b = [p[0] for p in pts]
+        label = f"{mode}, {mesh}"
+        axes[0].plot(b, [r["ms_per_token"] for _, r in pts], "o-", label=label)
+        if mode == "backbone":
+            axes[0].plot(b, [r["floor_ms"] for _, r in pts], "k--", lw=0.8,
+                         label=f"per-GPU floor, {mesh}")
+        ratio = [(x, r["ratio_to_backbone"]) for x, r in pts if "ratio_to_backbone" in r]
+        if ratio:
+            axes[1].plot(*zip(*ratio), "o-", label=label)
+        ar = [(x, r["collectives"]["all_reduce_ms"]) for x, r in pts if r.get("collectives")]
+        if ar:
+            axes[2].plot(*zip(*ar), "o-", label=label)
+    axes[1].axhline(1.0, color="k", ls="--", lw=0.8)
+    batches = sorted({r["batch"] for r in rows})
+    titles = ("ms per token", "ms/token / backbone (same mesh, batch)", "all-reduce ms per step")
+    for ax, title in zip(axes, titles):
+        if len(batches) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set(xlabel="batch", title=title)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    env, a = report["environment"], report["args"]
+    fig.suptitle(f"{a['preset']}, context {a['context']}; {env['device_kind']} x "
+                 f"{env['device_count']}, JAX {env['jax']}, {env['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, stem: str) -> str:
+    add_ratios(report["results"])
+    report["acceptance"] = acceptance(report["results"])
+    return write_report(report, stem, markdown, plot)
+
+
+# ------------------------------------------------------------------------------------- main
+def _mesh_problem(mesh: MeshConfig, cfg: LlamaConfig) -> str | None:
+    """Why ``mesh`` cannot run here (too few devices, heads or FFN that do not split), or None."""
+    if mesh.size > jax.device_count():
+        return (f"mesh {mesh_label(mesh)} needs {mesh.size} devices, {jax.device_count()} "
+                f"visible ({jax.devices()[0].platform})")
+    try:
+        check_tensor_fits(cfg, mesh)
+    except MeshError as e:
+        return str(e)
+    return None
+
+
+def _estimate_s(done: list[dict], mesh: str, batch: int) -> float:
+    """Seconds the next case may take: the slowest finished one of the same mesh and batch, else
+    of the same batch, else any (a new mesh's first case also builds its weights)."""
+    for same in (lambda r: (r["mesh"], r["batch"]) == (mesh, batch),
+                 lambda r: r["batch"] == batch, lambda r: True):
+        walls = [r["wall_s"] for r in done if "wall_s" in r and same(r)]
+        if walls:
+            return max(walls)
+    return 0.0
+
+
+def _use_cpu() -> None:
+    """CPU backend with 8 host devices, unless XLA_FLAGS already sets the count (before any
+    backend starts)."""
+    jax.config.update("jax_platforms", "cpu")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", 8)
+
+
+def main(bc: TensorDecodeConfig, cpu: bool = False) -> dict:
+    """Run every case of ``bc`` in order within the budget; write after each; return the report."""
+    reserve_device_memory()
+    if cpu:
+        _use_cpu()
+    start = time.perf_counter()
+    env = environment()
+    if bc.impl == "mode" and env["platform"] == "cpu":
+        raise ValueError("the Pallas modes need a GPU; pass --impl xla (or --cpu) for a CPU run")
+    log(f"{env['device_kind']} x {env['device_count']}, JAX {env['jax']}; "
+        f"{len(bc.cases())} cases; {bc}")
+    cfg = model_config(bc.preset, bc.cache_len)
+    key = jax.random.key(bc.seed)
+    bw = best_bandwidth(bc.copy_gib, bc.copy_reps, key, env["platform"])  # one device
+    stem = os.path.join(bc.out, f"{bc.preset}_ctx{bc.context}")
+    report = {"args": dataclasses.asdict(bc), "environment": env, "cache_len": bc.cache_len,
+              "bandwidth": bw, "meshes": {}, "results": [], "acceptance": [], "wall_s": 0.0}
+    held, params, adapters = None, None, {}
+    for i, (text, batch, mode) in enumerate(bc.cases()):
+        mesh = MeshConfig.parse(text)
+        case = Case(bc.preset, mode, batch, bc.context)
+        row = {"mesh": mesh_label(mesh), "tensor": mesh.tensor, "devices": mesh.size,
+               "batch": batch, "mode": mode, "strategy": MODES[mode].strategy}
+        why = _mesh_problem(mesh, cfg)
+        left = bc.budget_s - (time.perf_counter() - start)
+        estimate = _estimate_s(report["results"], row["mesh"], batch)
+        if why:
+            row |= {"status": "skipped", "error": why}
+        elif not case.fits():
+            row |= {"status": "skipped", "error": f"{mode} runs at batch <= "
+                                                  f"{MODES[mode].max_batch} only"}
+        elif left < estimate:
+            row |= {"status": "skipped", "error": f"budget: {left:.0f}s left, ~{estimate:.0f}s "
+                                                  "needed"}
+        else:
+            log(f"[{i + 1}/{len(bc.cases())}] {mode}, batch {batch}, {row['mesh']}, "
+                f"{left:.0f}s left")
+            t0 = time.perf_counter()
+            try:
+                if held != text:  # one model resident at a time
+                    held, params, adapters = None, None, {}
+                    gc.collect()
+                    params = jax.block_until_ready(sharded_params(cfg, mesh,
+                                                                  jax.random.fold_in(key, 1)))
+                    held = text
+                    report["meshes"][row["mesh"]] = {
+                        "build_s": time.perf_counter() - t0,
+                        "param_bytes_per_device": sum(_local_nbytes(x)
+                                                      for x in jax.tree.leaves(params))}
+                    log(f"  weights on {row['mesh']}: "
+                        f"{report['meshes'][row['mesh']]['param_bytes_per_device'] / 1e9:.3g} "
+                        f"GB per device in {time.perf_counter() - t0:.1f}s")
+                if mode not in adapters:
+                    adapters[mode] = sharded_adapter(cfg, case, mesh, jax.random.fold_in(key, 2))
+                row |= measure(params, adapters[mode], cfg, mesh, case, bc, bw,
+                               allow_host=env["platform"] == "cpu")
+            except Exception as e:  # noqa: BLE001 - record the failure, measure the rest
+                traceback.print_exc()
+                row |= {"status": "oom" if is_oom(e) else "error", "error": failure(e)}
+            row["wall_s"] = time.perf_counter() - t0
+            gc.collect()  # this case's cache and program go before the next allocates
+        report["results"].append(row)
+        if row["status"] == "ok":
+            ar = (row.get("collectives") or {}).get("all_reduce_ms")
+            log(f"  {row['ms_per_token']:.3f} ms/token, {row['fraction'] or 0:.2f} of the "
+                f"per-GPU floor, all-reduce {_f(ar, '.3f')} ms/step ({row['wall_s']:.0f}s)")
+        else:
+            log(f"  {mode}, batch {batch}, {row['mesh']}: {row['status']}: {row['error']}")
+        report["wall_s"] = time.perf_counter() - start
+        write_outputs(report, stem)
+    del params, adapters
+    report["wall_s"] = time.perf_counter() - start
+    table = write_outputs(report, stem)
+    log(f"wrote {stem}.json, .md, .png")
+    print(table, flush=True)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TensorDecodeConfig, bool]:
+    """The config and whether to run on the CPU (``--cpu``)."""
+    d = TensorDecodeConfig()
+    p = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.bench.tensor_decode",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"model shapes ({d.preset})")
+    p.add_argument("--mesh", nargs="+", help=f"meshes, e.g. tensor=4 ({' '.join(d.meshes)})")
+    p.add_argument("--batch", type=int, nargs="+",
+                   help=f"batch sizes ({' '.join(map(str, d.batches))})")
+    p.add_argument("--mode", nargs="+", choices=sorted(MODES), default=list(d.modes))
+    p.add_argument("--context", type=int, help=f"prompt tokens per sequence ({d.context})")
+    p.add_argument("--new-tokens", type=int, nargs=2, metavar=("N1", "N2"),
+                   help=f"run lengths; one step = difference / (N2 - N1) ({d.new_tokens})")
+    p.add_argument("--reps", type=int, help=f"timed runs of each length ({d.reps})")
+    p.add_argument("--impl", choices=("mode", "xla"),
+                   help="mode: each mode's kernels (default); xla: all on XLA (--cpu's default)")
+    p.add_argument("--no-profile", action="store_true", help="skip the all-reduce traces")
+    p.add_argument("--budget-s", type=float, default=d.budget_s,
+                   help="start no case that would end after this (from finished cases)")
+    p.add_argument("--copy-gib", type=float, help="GiB copied; default 2 on a GPU, 1/16 on a CPU")
+    p.add_argument("--copy-reps", type=int)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="output folder")
+    p.add_argument("--small", action="store_true",
+                   help="demo shapes, context 64, tensor=2 and tensor=4, batch 1 2, N 1/9, "
+                        "3 reps (explicit flags win)")
+    p.add_argument("--cpu", action="store_true",
+                   help="the CPU backend, 8 host devices unless XLA_FLAGS sets the count")
+    a = p.parse_args(argv)
+    given = {"preset": a.preset, "meshes": a.mesh, "batches": a.batch, "context": a.context,
+             "new_tokens": a.new_tokens, "reps": a.reps, "copy_gib": a.copy_gib,
+             "copy_reps": a.copy_reps}
+    base = SMALL if a.small else {}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
+              if v is not None}
+    fields = {k: v for k, v in base.items() if k not in fields} | fields
+    impl = a.impl or ("xla" if a.cpu else "mode")
+    return TensorDecodeConfig(**fields, modes=tuple(a.mode), impl=impl,
+                              profile=not a.no_profile, budget_s=a.budget_s, seed=a.seed,
+                              out=a.out), a.cpu
+
+
+if __name__ == "__main__":
+    main(*parse_args(sys.argv[1:]))
