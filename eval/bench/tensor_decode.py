@@ -267,17 +267,19 @@ def collective_times(one: list[dict], many: list[dict], steps: int) -> dict:
     per-device kernel groups of the two run lengths."""
     if len(one) != len(many) or not one:
         raise RuntimeError(f"the traces show {len(one)} and {len(many)} devices with kernels")
-    ar, other, busy, names = [], [], [], set()
+    ar, launches, other, busy, names = [], [], [], [], set()
     for a, b in zip(one, many):
         # XLA:CPU also logs an "end: <op>" event per async op: the same op again.
         groups = {n: g for n, g in per_step(a, b, steps).items() if not n.startswith("end: ")}
         ar.append(sum(g["us"] for n, g in groups.items() if ALL_REDUCE.search(n)) / 1e3)
+        launches.append(sum(g["launches"] for n, g in groups.items() if ALL_REDUCE.search(n)))
         other.append(sum(g["us"] for n, g in groups.items()
                          if COLLECTIVE.search(n) and not ALL_REDUCE.search(n)) / 1e3)
         busy.append(sum(g["us"] for g in groups.values()) / 1e3)
         names |= {n for n in groups if ALL_REDUCE.search(n) or COLLECTIVE.search(n)}
     return {"devices": len(one), "all_reduce_ms": float(np.mean(ar)),
-            "all_reduce_ms_max": float(np.max(ar)), "other_collectives_ms": float(np.mean(other)),
+            "all_reduce_ms_max": float(np.max(ar)), "all_reduces": float(np.mean(launches)),
+            "other_collectives_ms": float(np.mean(other)),
             "busy_ms": float(np.mean(busy)), "groups": sorted(names)}
 
 
@@ -331,9 +333,9 @@ def measure(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, case: Case,
 def add_ratios(results: list[dict]) -> None:
     """``ratio_to_backbone``: ms/token over the backbone's at the same mesh and batch."""
     ref = {(r["mesh"], r["batch"]): r["ms_per_token"] for r in results
-           if r["mode"] == "backbone" and r.get("ms_per_token")}
+           if r["mode"] == "backbone" and (r.get("ms_per_token") or 0) > 0}
     for r in results:
-        if r.get("ms_per_token") and (r["mesh"], r["batch"]) in ref:
+        if "ms_per_token" in r and (r["mesh"], r["batch"]) in ref:
             r["ratio_to_backbone"] = r["ms_per_token"] / ref[(r["mesh"], r["batch"])]
 
 
@@ -370,7 +372,7 @@ def markdown(report: dict) -> str:
         f"vs {a['new_tokens'][1]} new tokens, median of {a['reps']}; impl `{a['impl']}`.",
         f"Per-GPU floor: one device's bytes per step over its copy bandwidth, "
         f"{bw['copy_gbps']:.0f} GB/s (read + write, one device). All-reduce: device time per "
-        f"step, mean over the mesh's devices (max in brackets). Whole run "
+        f"step, mean over the mesh's devices (the max and all-reduces per step in brackets). Whole run "
         f"{report['wall_s']:.0f} s" + ("" if issue else "; not the issue's setting "
                                        "(llama2-70b, context 1024): checks for reference") + ".",
     ]
@@ -383,7 +385,8 @@ def markdown(report: dict) -> str:
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         c = r.get("collectives") or {}
-        ar = f"{c['all_reduce_ms']:.3f} ({c['all_reduce_ms_max']:.3f})" if c else "-"
+        ar = (f"{c['all_reduce_ms']:.3f} ({c['all_reduce_ms_max']:.3f}; "
+              f"{c['all_reduces']:.0f} calls)" if c else "-")
         mb = r["bytes_per_device"]["total"] / 1e6 if "bytes_per_device" in r else None
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
         lines.append(
