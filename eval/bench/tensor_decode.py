@@ -19,14 +19,15 @@ sharded on the mesh (a 70B model fits no single GPU):
   waiting in an all-reduce for a slower peer counts as all-reduce time. Other collectives
   (the vocab-split logits' all-gather for sampling) are reported beside it.
 
-Cases run mesh by mesh (one model resident at a time), backbone and switch-fused at every batch
-before the other modes; ``--budget-s`` skips a case that would end after the budget (estimated
-from the slowest comparable finished case). JSON, Markdown and a PNG are rewritten after every
-case; the table is printed last. Examples::
+Each mesh's weights are made at its first case and stay resident (Llama-2-70B: 35 GB per GPU
+at tensor=4 plus 17.5 at tensor=8 on GPUs 0-3), so cases run by priority: backbone and
+switch-fused at every batch and mesh, then the other modes. ``--budget-s`` skips a case that
+would end after the budget (estimated from the slowest comparable finished one). JSON, Markdown
+and a PNG are rewritten after every case; the table is printed last. Examples::
 
-    NCCL_NVLS_ENABLE=0 python -m loraswitch_jax.eval.bench.tensor_decode  # 4 or 8 GPUs
+    NCCL_NVLS_ENABLE=0 python -m loraswitch_jax.eval.bench.tensor_decode   # 4 or 8 GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-        python -m loraswitch_jax.eval.bench.tensor_decode --small --cpu   # CPU dry run
+        python -m loraswitch_jax.eval.bench.tensor_decode --small --cpu    # CPU dry run
 """
 
 from __future__ import annotations
@@ -49,37 +50,22 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from loraswitch_jax.config import PRESETS, LlamaConfig
-from loraswitch_jax.eval.bench.adapter_cases import MODES, Case, cache_len, make_adapter, model_config
+from loraswitch_jax.eval.bench.adapter_cases import (MODES, Case, cache_len, make_adapter,
+                                                     model_config)
 from loraswitch_jax.eval.bench.adapter_measure import expected_experts
-from loraswitch_jax.eval.bench.harness import (
-    best_bandwidth,
-    build_params,
-    environment,
-    failure,
-    is_oom,
-    log,
-    median_ms,
-    reserve_device_memory,
-    time_calls,
-    write_report,
-)
+from loraswitch_jax.eval.bench.harness import (best_bandwidth, build_params, environment,
+                                               failure, is_oom, log, median_ms,
+                                               reserve_device_memory, time_calls, write_report)
 from loraswitch_jax.eval.bench.profile import kernel_times, per_step, trace_events
 from loraswitch_jax.generate import GenerateConfig, generate_batch
 from loraswitch_jax.sampling import Sampler
-from loraswitch_jax.sharding import (
-    AXES,
-    MeshConfig,
-    MeshError,
-    adapter_specs,
-    check_tensor_fits,
-    expand_kv_heads,
-    kv_replicas,
-    logical_spec,
-    param_specs,
-)
+from loraswitch_jax.sharding import (AXES, MeshConfig, MeshError, adapter_specs,
+                                     check_tensor_fits, expand_kv_heads, kv_replicas,
+                                     logical_spec, param_specs)
 
 __all__ = ["DEFAULT_MODES", "TARGETS", "TensorDecodeConfig", "acceptance", "device_step_bytes",
-           "main", "markdown", "parse_args", "plot", "sharded_adapter", "sharded_params"]
+           "collective_times", "main", "markdown", "parse_args", "plot", "sharded_adapter",
+           "sharded_params"]
 
 DEFAULT_MODES = ("backbone", "switch-fused", "lora", "layerwise-pallas")
 FIRST_MODES = ("backbone", "switch-fused")  # the targets' modes run first at every batch
@@ -111,6 +97,7 @@ class TensorDecodeConfig:
     copy_reps: int = 20
     seed: int = 0
     out: str = "eval/results/tensor_decode"
+    name: str | None = None
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -119,18 +106,15 @@ class TensorDecodeConfig:
             raise ValueError("meshes is empty: give at least one, e.g. tensor=4")
         for text in self.meshes:
             MeshConfig.parse(text)  # a MeshError (a ValueError) names the bad item
-        unknown = sorted(set(self.modes) - set(MODES))
-        if unknown or not self.modes:
-            raise ValueError(f"modes {unknown or '(none)'} unknown; choose from {sorted(MODES)}")
-        if not self.batches or min(self.batches) < 1 or self.context < 1:
-            raise ValueError(f"batches and context must be positive: {self.batches}, "
-                             f"{self.context}")
+        if not self.modes or set(self.modes) - set(MODES):
+            raise ValueError(f"modes {self.modes} unknown or empty; choose from {sorted(MODES)}")
         n1, n2 = self.new_tokens
         if not 1 <= n1 < n2:
             raise ValueError(f"new_tokens must satisfy 1 <= N1 < N2, got {self.new_tokens}")
-        if self.reps < 1 or self.budget_s <= 0 or self.copy_reps < 1:
-            raise ValueError(f"reps, copy_reps and budget_s must be positive: {self.reps}, "
-                             f"{self.copy_reps}, {self.budget_s}")
+        if min(self.batches or (0,)) < 1 or min(self.context, self.reps, self.copy_reps,
+                                                self.budget_s) <= 0:
+            raise ValueError(f"batches, context, reps, copy_reps and budget_s must be positive: "
+                             f"{self}")
         if self.impl not in ("mode", "xla"):
             raise ValueError(f"impl must be 'mode' or 'xla', got {self.impl!r}")
 
@@ -139,11 +123,19 @@ class TensorDecodeConfig:
         return cache_len(self.context, self.new_tokens[1])
 
     def cases(self) -> list[tuple[str, int, str]]:
-        """``(mesh, batch, mode)`` in run order: mesh by mesh, the targets' modes first."""
+        """``(mesh, batch, mode)`` in run order, so a budget cuts the least needed: backbone and
+        switch-fused (the targets) at every batch and mesh first, then the other modes."""
         first = [m for m in self.modes if m in FIRST_MODES]
         rest = [m for m in self.modes if m not in FIRST_MODES]
-        return [(mesh, b, m) for mesh in self.meshes for group in (first, rest)
-                for b in self.batches for m in group]
+        return [(mesh, b, m) for group in (first, rest) for b in self.batches
+                for mesh in self.meshes for m in group]
+
+    def stem(self) -> str:
+        """The report's path without extension: ``--name``, else e.g.
+        ``llama2-70b_ctx1024_tensor4+tensor8_b1-8-32-64`` (separate runs keep separate files)."""
+        meshes = "+".join(mesh_label(MeshConfig.parse(m)).replace("=", "") for m in self.meshes)
+        return os.path.join(self.out, self.name or f"{self.preset}_ctx{self.context}_{meshes}_b"
+                            + "-".join(map(str, self.batches)))
 
 
 def mesh_label(mesh: MeshConfig) -> str:
@@ -164,24 +156,23 @@ def sharded_params(cfg: LlamaConfig, mesh: MeshConfig, key: jax.Array):
     shards plus one layer's temporaries (all 80 layers' float32 draws at once would not fit)."""
     one = dataclasses.replace(cfg, num_hidden_layers=1)
 
-    def layer(i):
+    def layer(key, i):
         return expand_kv_heads(build_params(one, jax.random.fold_in(key, i)), None, one,
                                mesh.tensor)[0]
 
     def make(key):
-        first = layer(0)
-        stacked = jax.tree.map(lambda x: jnp.zeros((cfg.num_hidden_layers, *x.shape[1:]),
-                                                   x.dtype), first.layers)
-        stacked = jax.lax.with_sharding_constraint(stacked, shardings.layers)
+        first = layer(key, 0)
+        stacked = jax.lax.with_sharding_constraint(jax.tree.map(
+            lambda x: jnp.zeros((cfg.num_hidden_layers, *x.shape[1:]), x.dtype), first.layers),
+            shardings.layers)
+        stacked = jax.lax.fori_loop(0, cfg.num_hidden_layers, lambda i, s: jax.tree.map(
+            lambda s, x: jax.lax.dynamic_update_slice_in_dim(s, x, i, 0), s, layer(key, i).layers),
+            stacked)
+        return dataclasses.replace(first, layers=stacked)
 
-        def fill(i, stacked):
-            return jax.tree.map(lambda s, x: jax.lax.dynamic_update_slice_in_dim(s, x, i, 0),
-                                stacked, layer(i).layers)
+    def full(key):  # the shapes and specs only
+        return expand_kv_heads(build_params(cfg, key), None, cfg, mesh.tensor)[0]
 
-        return dataclasses.replace(first, layers=jax.lax.fori_loop(
-            0, cfg.num_hidden_layers, fill, stacked))
-
-    full = lambda key: expand_kv_heads(build_params(cfg, key), None, cfg, mesh.tensor)[0]  # noqa: E731
     shardings = _shardings(param_specs(jax.eval_shape(full, key), mesh), mesh)
     return jax.jit(make, out_shardings=shardings)(key)
 
@@ -196,7 +187,7 @@ def sharded_adapter(cfg: LlamaConfig, case: Case, mesh: MeshConfig, key: jax.Arr
         adapter = make_adapter(cfg, acfg, key)
         if kv_replicas(cfg, mesh.tensor) == 1:
             return adapter
-        # expand_kv_heads expands the adapter beside unexpanded weights; XLA drops the unused weights.
+        # expand_kv_heads expands the adapter beside unexpanded weights (unused: XLA drops them).
         return expand_kv_heads(build_params(cfg, key), adapter, cfg, mesh.tensor)[1]
 
     specs = adapter_specs(jax.eval_shape(make, key), mesh)
@@ -303,8 +294,7 @@ def measure(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, case: Case,
                                stream=None).compile()
     compile_s = time.perf_counter() - t0
     log(f"  compiled in {compile_s:.1f}s")
-    jax.block_until_ready(run(*args, jnp.int32(n1)))  # warm-up
-    if (np.asarray(run(*args, jnp.int32(n2))) < 0).any():  # PAD: fewer steps than timed
+    if (np.asarray(run(*args, jnp.int32(n2))) < 0).any():  # warm-up; PAD: fewer steps than timed
         raise RuntimeError("generate stopped early; the step count would be wrong")
     times = {n1: [], n2: []}
     for _ in range(bc.reps):  # interleaved, so a drift in clocks hits both alike
@@ -372,8 +362,8 @@ def markdown(report: dict) -> str:
         f"vs {a['new_tokens'][1]} new tokens, median of {a['reps']}; impl `{a['impl']}`.",
         f"Per-GPU floor: one device's bytes per step over its copy bandwidth, "
         f"{bw['copy_gbps']:.0f} GB/s (read + write, one device). All-reduce: device time per "
-        f"step, mean over the mesh's devices (the max and all-reduces per step in brackets). Whole run "
-        f"{report['wall_s']:.0f} s" + ("" if issue else "; not the issue's setting "
+        f"step, mean over the mesh's devices (the max and calls per step in brackets). Whole "
+        f"run {report['wall_s']:.0f} s" + ("" if issue else "; not the issue's setting "
                                        "(llama2-70b, context 1024): checks for reference") + ".",
     ]
     if report["acceptance"]:
@@ -383,7 +373,9 @@ def markdown(report: dict) -> str:
     lines += ["", "| mesh | batch | mode | ms/token | tokens/s | per-GPU MB/step | floor ms "
               "| of floor | x backbone | all-reduce ms/step | other collectives ms | status |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in report["results"]:
+    order = {m: i for i, m in enumerate(a["modes"])}
+    for r in sorted(report["results"], key=lambda r: (r["devices"], r["mesh"], r["batch"],
+                                                     order[r["mode"]])):
         c = r.get("collectives") or {}
         ar = (f"{c['all_reduce_ms']:.3f} ({c['all_reduce_ms_max']:.3f}; "
               f"{c['all_reduces']:.0f} calls)" if c else "-")
@@ -463,7 +455,7 @@ def _mesh_problem(mesh: MeshConfig, cfg: LlamaConfig) -> str | None:
 
 def _estimate_s(done: list[dict], mesh: str, batch: int) -> float:
     """Seconds the next case may take: the slowest finished one of the same mesh and batch, else
-    of the same batch, else any (a new mesh's first case also builds its weights)."""
+    of the same batch, else any (a mesh's first case also built its weights)."""
     for same in (lambda r: (r["mesh"], r["batch"]) == (mesh, batch),
                  lambda r: r["batch"] == batch, lambda r: True):
         walls = [r["wall_s"] for r in done if "wall_s" in r and same(r)]
@@ -472,133 +464,119 @@ def _estimate_s(done: list[dict], mesh: str, batch: int) -> float:
     return 0.0
 
 
-def _use_cpu() -> None:
-    """CPU backend with 8 host devices, unless XLA_FLAGS already sets the count (before any
-    backend starts)."""
-    jax.config.update("jax_platforms", "cpu")
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_num_cpu_devices", 8)
+def _run_case(models: dict, report: dict, cfg, mesh: MeshConfig, case: Case,
+              bc: TensorDecodeConfig, key) -> dict:
+    """The weights of ``mesh`` (made at its first case, then kept: every mesh's stay resident,
+    so the run order can follow priority) and the mode's adapter, then :func:`measure`."""
+    label = mesh_label(mesh)
+    if label not in models:
+        t0 = time.perf_counter()
+        params = jax.block_until_ready(sharded_params(cfg, mesh, jax.random.fold_in(key, 1)))
+        models[label] = (params, {})
+        size = sum(_local_nbytes(x) for x in jax.tree.leaves(params))
+        report["meshes"][label] = {"build_s": time.perf_counter() - t0,
+                                   "param_bytes_per_device": size}
+        log(f"  weights on {label}: {size / 1e9:.3g} GB per device in "
+            f"{time.perf_counter() - t0:.1f}s")
+    params, adapters = models[label]
+    if case.mode not in adapters:
+        adapters[case.mode] = sharded_adapter(cfg, case, mesh, jax.random.fold_in(key, 2))
+    return measure(params, adapters[case.mode], cfg, mesh, case, bc, report["bandwidth"],
+                   allow_host=report["environment"]["platform"] == "cpu")
 
 
 def main(bc: TensorDecodeConfig, cpu: bool = False) -> dict:
-    """Run every case of ``bc`` in order within the budget; write after each; return the report."""
+    """Run every case of ``bc`` in order within the budget; write after each; return the report.
+    ``cpu``: the CPU backend, with 8 host devices unless XLA_FLAGS sets the count."""
     reserve_device_memory()
-    if cpu:
-        _use_cpu()
+    if cpu:  # before any backend starts
+        jax.config.update("jax_platforms", "cpu")
+        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            jax.config.update("jax_num_cpu_devices", 8)
     start = time.perf_counter()
     env = environment()
     if bc.impl == "mode" and env["platform"] == "cpu":
         raise ValueError("the Pallas modes need a GPU; pass --impl xla (or --cpu) for a CPU run")
-    log(f"{env['device_kind']} x {env['device_count']}, JAX {env['jax']}; "
-        f"{len(bc.cases())} cases; {bc}")
+    cases = bc.cases()
+    log(f"{env['device_kind']} x {env['device_count']}, JAX {env['jax']}; {len(cases)} cases; "
+        f"{bc}")
     cfg = model_config(bc.preset, bc.cache_len)
     key = jax.random.key(bc.seed)
     bw = best_bandwidth(bc.copy_gib, bc.copy_reps, key, env["platform"])  # one device
-    stem = os.path.join(bc.out, f"{bc.preset}_ctx{bc.context}")
     report = {"args": dataclasses.asdict(bc), "environment": env, "cache_len": bc.cache_len,
               "bandwidth": bw, "meshes": {}, "results": [], "acceptance": [], "wall_s": 0.0}
-    held, params, adapters = None, None, {}
-    for i, (text, batch, mode) in enumerate(bc.cases()):
+    models: dict = {}
+    for i, (text, batch, mode) in enumerate(cases):
         mesh = MeshConfig.parse(text)
         case = Case(bc.preset, mode, batch, bc.context)
         row = {"mesh": mesh_label(mesh), "tensor": mesh.tensor, "devices": mesh.size,
                "batch": batch, "mode": mode, "strategy": MODES[mode].strategy}
-        why = _mesh_problem(mesh, cfg)
         left = bc.budget_s - (time.perf_counter() - start)
         estimate = _estimate_s(report["results"], row["mesh"], batch)
+        why = _mesh_problem(mesh, cfg) or (None if case.fits() else
+                                           f"{mode} runs at batch <= {MODES[mode].max_batch}")
+        if not why and left < estimate:
+            why = f"budget: {left:.0f}s left, ~{estimate:.0f}s needed"
         if why:
             row |= {"status": "skipped", "error": why}
-        elif not case.fits():
-            row |= {"status": "skipped", "error": f"{mode} runs at batch <= "
-                                                  f"{MODES[mode].max_batch} only"}
-        elif left < estimate:
-            row |= {"status": "skipped", "error": f"budget: {left:.0f}s left, ~{estimate:.0f}s "
-                                                  "needed"}
+            log(f"  {mode}, batch {batch}, {row['mesh']}: skipped: {why}")
         else:
-            log(f"[{i + 1}/{len(bc.cases())}] {mode}, batch {batch}, {row['mesh']}, "
-                f"{left:.0f}s left")
+            log(f"[{i + 1}/{len(cases)}] {mode}, batch {batch}, {row['mesh']}, {left:.0f}s left")
             t0 = time.perf_counter()
             try:
-                if held != text:  # one model resident at a time
-                    held, params, adapters = None, None, {}
-                    gc.collect()
-                    params = jax.block_until_ready(sharded_params(cfg, mesh,
-                                                                  jax.random.fold_in(key, 1)))
-                    held = text
-                    report["meshes"][row["mesh"]] = {
-                        "build_s": time.perf_counter() - t0,
-                        "param_bytes_per_device": sum(_local_nbytes(x)
-                                                      for x in jax.tree.leaves(params))}
-                    log(f"  weights on {row['mesh']}: "
-                        f"{report['meshes'][row['mesh']]['param_bytes_per_device'] / 1e9:.3g} "
-                        f"GB per device in {time.perf_counter() - t0:.1f}s")
-                if mode not in adapters:
-                    adapters[mode] = sharded_adapter(cfg, case, mesh, jax.random.fold_in(key, 2))
-                row |= measure(params, adapters[mode], cfg, mesh, case, bc, bw,
-                               allow_host=env["platform"] == "cpu")
+                row |= _run_case(models, report, cfg, mesh, case, bc, key)
+                ar = (row.get("collectives") or {}).get("all_reduce_ms")
+                log(f"  {row['ms_per_token']:.3f} ms/token, {row['fraction'] or 0:.2f} of the "
+                    f"per-GPU floor, all-reduce {_f(ar, '.3f')} ms/step")
             except Exception as e:  # noqa: BLE001 - record the failure, measure the rest
                 traceback.print_exc()
                 row |= {"status": "oom" if is_oom(e) else "error", "error": failure(e)}
             row["wall_s"] = time.perf_counter() - t0
             gc.collect()  # this case's cache and program go before the next allocates
         report["results"].append(row)
-        if row["status"] == "ok":
-            ar = (row.get("collectives") or {}).get("all_reduce_ms")
-            log(f"  {row['ms_per_token']:.3f} ms/token, {row['fraction'] or 0:.2f} of the "
-                f"per-GPU floor, all-reduce {_f(ar, '.3f')} ms/step ({row['wall_s']:.0f}s)")
-        else:
-            log(f"  {mode}, batch {batch}, {row['mesh']}: {row['status']}: {row['error']}")
         report["wall_s"] = time.perf_counter() - start
-        write_outputs(report, stem)
-    del params, adapters
-    report["wall_s"] = time.perf_counter() - start
-    table = write_outputs(report, stem)
-    log(f"wrote {stem}.json, .md, .png")
+        write_outputs(report, bc.stem())
+    models.clear()
+    table = write_outputs(report, bc.stem())
+    log(f"wrote {bc.stem()}.json, .md, .png")
     print(table, flush=True)
     return report
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TensorDecodeConfig, bool]:
-    """The config and whether to run on the CPU (``--cpu``)."""
+    """The config and ``--cpu``. ``--small`` fills what is not given from :data:`SMALL`."""
     d = TensorDecodeConfig()
     p = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.bench.tensor_decode",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help=f"model shapes ({d.preset})")
-    p.add_argument("--mesh", nargs="+", help=f"meshes, e.g. tensor=4 ({' '.join(d.meshes)})")
-    p.add_argument("--batch", type=int, nargs="+",
-                   help=f"batch sizes ({' '.join(map(str, d.batches))})")
-    p.add_argument("--mode", nargs="+", choices=sorted(MODES), default=list(d.modes))
-    p.add_argument("--context", type=int, help=f"prompt tokens per sequence ({d.context})")
-    p.add_argument("--new-tokens", type=int, nargs=2, metavar=("N1", "N2"),
-                   help=f"run lengths; one step = difference / (N2 - N1) ({d.new_tokens})")
-    p.add_argument("--reps", type=int, help=f"timed runs of each length ({d.reps})")
-    p.add_argument("--impl", choices=("mode", "xla"),
-                   help="mode: each mode's kernels (default); xla: all on XLA (--cpu's default)")
-    p.add_argument("--no-profile", action="store_true", help="skip the all-reduce traces")
-    p.add_argument("--budget-s", type=float, default=d.budget_s,
-                   help="start no case that would end after this (from finished cases)")
-    p.add_argument("--copy-gib", type=float, help="GiB copied; default 2 on a GPU, 1/16 on a CPU")
-    p.add_argument("--copy-reps", type=int)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--small", action="store_true",
-                   help="demo shapes, context 64, tensor=2 and tensor=4, batch 1 2, N 1/9, "
-                        "3 reps (explicit flags win)")
-    p.add_argument("--cpu", action="store_true",
-                   help="the CPU backend, 8 host devices unless XLA_FLAGS sets the count")
-    a = p.parse_args(argv)
-    given = {"preset": a.preset, "meshes": a.mesh, "batches": a.batch, "context": a.context,
-             "new_tokens": a.new_tokens, "reps": a.reps, "copy_gib": a.copy_gib,
-             "copy_reps": a.copy_reps}
-    base = SMALL if a.small else {}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
-              if v is not None}
-    fields = {k: v for k, v in base.items() if k not in fields} | fields
-    impl = a.impl or ("xla" if a.cpu else "mode")
-    return TensorDecodeConfig(**fields, modes=tuple(a.mode), impl=impl,
-                              profile=not a.no_profile, budget_s=a.budget_s, seed=a.seed,
-                              out=a.out), a.cpu
+                                description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--preset", choices=sorted(PRESETS), help=f"model shapes ({d.preset})")
+    add("--mesh", nargs="+", help=f"meshes ({' '.join(d.meshes)})")
+    add("--batch", type=int, nargs="+", help=f"batch sizes ({' '.join(map(str, d.batches))})")
+    add("--mode", nargs="+", choices=sorted(MODES), help=f"modes ({' '.join(d.modes)})")
+    add("--context", type=int, help=f"prompt tokens per sequence ({d.context})")
+    add("--new-tokens", type=int, nargs=2, metavar=("N1", "N2"),
+        help=f"run lengths: one step = time difference / (N2 - N1) ({d.new_tokens})")
+    add("--reps", type=int, help=f"timed runs of each length ({d.reps})")
+    add("--impl", choices=("mode", "xla"), help="each mode's kernels (default) or all XLA "
+                                                "(--cpu's default)")
+    add("--no-profile", action="store_true", help="skip the all-reduce traces")
+    add("--budget-s", type=float, help=f"start no case that would end after this ({d.budget_s})")
+    add("--copy-gib", type=float, help="GiB copied (2 on a GPU, 1/16 on a CPU)")
+    add("--copy-reps", type=int, help=f"bandwidth repeats ({d.copy_reps})")
+    add("--seed", type=int)
+    add("--out", help=f"output folder ({d.out})")
+    add("--name", help="report file stem (default: preset, context, meshes, batches)")
+    add("--small", action="store_true", help="demo shapes, context 64, tensor=2 and tensor=4, "
+                                             "batch 1 2, N 1/9 (explicit flags win)")
+    add("--cpu", action="store_true", help="the CPU backend; 8 host devices unless XLA_FLAGS "
+                                           "sets the count")
+    a = vars(p.parse_args(argv))
+    renamed = {"mesh": "meshes", "batch": "batches", "mode": "modes"}
+    given = {renamed.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in a.items()
+             if v is not None and k not in ("small", "cpu", "no_profile")}
+    fields = (SMALL if a["small"] else {}) | given
+    fields.setdefault("impl", "xla" if a["cpu"] else "mode")
+    return TensorDecodeConfig(**fields, profile=not a["no_profile"]), a["cpu"]
 
 
 if __name__ == "__main__":

@@ -25,20 +25,23 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tensor_decode")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "
                "--xla_force_host_platform_device_count=8")
-    cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.tensor_decode", "--small", "--cpu",
-           "--mesh", "tensor=2", "tensor=4", "tensor=16", "--batch", "1",
-           "--new-tokens", str(N1), str(N2), "--out", str(out)]
+    argv = ["--small", "--cpu", "--mesh", "tensor=2", "tensor=4", "tensor=16", "--batch", "1",
+            "--new-tokens", str(N1), str(N2), "--out", str(out)]
+    cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.tensor_decode", *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out / "demo_ctx64.json") as f:
-        return out, json.load(f), proc.stdout
+    stem = td.parse_args(argv)[0].stem()
+    assert stem == str(out / "demo_ctx64_tensor2+tensor4+tensor16_b1")
+    with open(stem + ".json") as f:
+        return stem, json.load(f), proc.stdout
 
 
 def test_dry_run_rows_and_arithmetic(dry_run):
     _, report, _ = dry_run
     rows = {(r["mesh"], r["mode"]): r for r in report["results"]}
-    assert list(rows) == [(m, mode) for m in ("tensor=2", "tensor=4", "tensor=16")
-                          for mode in td.DEFAULT_MODES]
+    assert len(rows) == len(report["results"]) == 12
+    assert set(rows) == {(m, mode) for m in ("tensor=2", "tensor=4", "tensor=16")
+                         for mode in td.DEFAULT_MODES}
     copy_gbps = report["bandwidth"]["copy_gbps"]
     layers = PRESETS["demo"].num_hidden_layers
     for mesh, tensor in (("tensor=2", 2), ("tensor=4", 4)):
@@ -58,7 +61,8 @@ def test_dry_run_rows_and_arithmetic(dry_run):
             c = r["collectives"]
             assert c["devices"] == tensor and "psum" in c["groups"]
             assert c["all_reduces"] == pytest.approx(2 * layers)  # after o and after down
-            assert math.isfinite(c["all_reduce_ms"]) and c["all_reduce_ms_max"] >= c["all_reduce_ms"]
+            assert math.isfinite(c["all_reduce_ms"])
+            assert c["all_reduce_ms_max"] >= c["all_reduce_ms"]
         assert backbone["ratio_to_backbone"] == 1.0
         assert rows[(mesh, "switch-fused")]["bytes_per_device"]["experts_touched"] == 2.0
         assert rows[(mesh, "lora")]["bytes_per_device"]["experts_touched"] == 1.0
@@ -81,15 +85,20 @@ def test_dry_run_rows_and_arithmetic(dry_run):
 
 
 def test_dry_run_writes_table_and_plot(dry_run):
-    out, report, stdout = dry_run
-    table = (out / "demo_ctx64.md").read_text()
+    stem, report, stdout = dry_run
+    table = open(stem + ".md").read()
     assert stdout.rstrip().endswith(table.rstrip())  # printed last
     assert f"JAX {report['environment']['jax']}" in table and "not the issue's setting" in table
     ratio = next(r for r in report["results"] if (r["mesh"], r["mode"]) == (
         "tensor=4", "switch-fused"))["ratio_to_backbone"]
     assert f"| tensor=4 | 1 | switch-fused |" in table and f"| {ratio:.3f} |" in table
     assert "skipped: mesh tensor=16 needs 16 devices" in table
-    assert (out / "demo_ctx64.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(stem + ".png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Sorted by mesh, batch and mode, whatever the run order.
+    body = [line.split(" | ")[:3] for line in table.splitlines() if line.startswith("| tensor=")]
+    assert body == [[f"| {m}", "1", mode] for m in ("tensor=2", "tensor=4", "tensor=16")
+                    for mode in td.DEFAULT_MODES]
 
 
 # ------------------------------------------------------------------ traces of several GPUs
@@ -144,9 +153,11 @@ def test_defaults_are_the_issue_setting():
     assert (bc.preset, bc.context, bc.meshes, bc.batches) == (
         "llama2-70b", 1024, ("tensor=4", "tensor=8"), (1, 8, 32, 64))
     assert bc.modes == td.DEFAULT_MODES and bc.impl == "mode" and not cpu
-    order = [(m, mode) for m, b, mode in bc.cases() if b == 64]
-    assert order[:2] == [("tensor=4", "backbone"), ("tensor=4", "switch-fused")]
-    assert [m for _, b, m in bc.cases()[:8]] == ["backbone", "switch-fused"] * 4
+    cases = bc.cases()  # the targets' modes at every batch and mesh first, batch 1 first
+    assert cases[:4] == [("tensor=4", 1, "backbone"), ("tensor=4", 1, "switch-fused"),
+                         ("tensor=8", 1, "backbone"), ("tensor=8", 1, "switch-fused")]
+    assert {m for _, _, m in cases[:16]} == {"backbone", "switch-fused"} and len(cases) == 32
+    assert bc.stem() == "eval/results/tensor_decode/llama2-70b_ctx1024_tensor4+tensor8_b1-8-32-64"
     small, cpu = td.parse_args(["--small", "--cpu", "--context", "32"])
     assert (small.preset, small.context, small.impl, cpu) == ("demo", 32, "xla", True)
 
@@ -168,7 +179,7 @@ def test_unknown_mode_and_preset_are_refused(capsys):
         with pytest.raises(SystemExit):
             td.parse_args(argv)
         assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="modes .* unknown"):
+    with pytest.raises(ValueError, match="unknown or empty"):
         td.TensorDecodeConfig(modes=("nope",))
 
 
