@@ -1,29 +1,26 @@
 """Tensor-parallel decode: the backbone against each GPU's copy-bandwidth floor, adapters beside
 it, and the time in all-reduces (DESIGN.md §2, §5, §7).
 
-For each mesh (default ``tensor=4`` and ``tensor=8``), batch and mode (:mod:`.adapter_cases`;
-default backbone, switch-fused, lora, layerwise-pallas), on random bf16 weights made already
-sharded on the mesh (a 70B model fits no single GPU):
+For each mesh (``tensor=4``, ``tensor=8``), batch and mode (:mod:`.adapter_cases`; backbone,
+switch-fused, lora, layerwise-pallas), on random bf16 weights made already sharded on the mesh:
 
-* **ms/token**: the jitted ``generate_batch`` over the mesh (``GenerateConfig(mesh=...)``, so
-  :mod:`loraswitch_jax.parallel`'s ``shard_map`` steps) run with ``N1`` and ``N2`` new tokens,
+* **ms/token**: the jitted ``generate_batch`` over the mesh (``GenerateConfig(mesh=...)``:
+  :mod:`loraswitch_jax.parallel`'s ``shard_map`` steps) run with N1 and N2 new tokens,
   interleaved; ``(median(N2) - median(N1)) / (N2 - N1)`` is one decode step.
-* **per-GPU floor**: the bytes one device must read per step (its shards of every layer weight,
-  replicated parts included, the final norm and ``lm_head``; ``batch`` embedding rows; its KV
-  cache shard at the mean context; its shard of the experts a step touches) over the copy
-  bandwidth measured on one device (:func:`.harness.best_bandwidth`).
+* **per-GPU floor**: the bytes one device reads per step (its shards of every weight, replicated
+  parts included, and of ``lm_head``; ``batch`` embedding rows; its KV shard at the mean context;
+  its shard of the experts a step touches) over one device's copy bandwidth.
 * **x backbone**: ms/token over the backbone's at the same mesh and batch, in the same run.
-* **all-reduce ms/step**: device time of the kernel groups named all-reduce / AllReduce (NCCL's,
-  XLA's) or ``psum`` (XLA:CPU), from a ``jax.profiler`` trace of each run length, per step
-  (:func:`.profile.per_step`), the mean over the mesh's devices (and the largest). A device
-  waiting in an all-reduce for a slower peer counts as all-reduce time. Other collectives
-  (the vocab-split logits' all-gather for sampling) are reported beside it.
+* **all-reduce ms/step**: device time of the kernel groups named all-reduce / AllReduce (NCCL,
+  XLA) or ``psum`` (XLA:CPU) in ``jax.profiler`` traces of runs of N1 and N1 + 16 tokens, per
+  step (:func:`.profile.per_step`), mean and max over the mesh's devices. Waiting in an
+  all-reduce for a slower peer counts. Other collectives (the logits' all-gather) stand beside.
 
-Each mesh's weights are made at its first case and stay resident (Llama-2-70B: 35 GB per GPU
-at tensor=4 plus 17.5 at tensor=8 on GPUs 0-3), so cases run by priority: backbone and
-switch-fused at every batch and mesh, then the other modes. ``--budget-s`` skips a case that
-would end after the budget (estimated from the slowest comparable finished one). JSON, Markdown
-and a PNG are rewritten after every case; the table is printed last. Examples::
+Each mesh's weights are made at its first case and stay resident (Llama-2-70B: 35 GB per GPU at
+tensor=4 plus 17.5 at tensor=8 on GPUs 0-3), so cases run by priority: backbone and switch-fused
+at every batch and mesh, then the other modes. ``--budget-s`` skips a case that would end after
+the budget (estimated from the slowest comparable finished one). JSON, Markdown and a PNG are
+rewritten after every case; the table is printed last. Examples::
 
     NCCL_NVLS_ENABLE=0 python -m loraswitch_jax.eval.bench.tensor_decode   # 4 or 8 GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
@@ -91,7 +88,7 @@ class TensorDecodeConfig:
     new_tokens: tuple[int, int] = (1, 65)
     reps: int = 3
     impl: str = "mode"
-    profile: bool = True
+    profile_steps: int = 16  # decode steps between the two traced runs; 0: no traces
     budget_s: float = 540.0
     copy_gib: float | None = None
     copy_reps: int = 20
@@ -112,9 +109,9 @@ class TensorDecodeConfig:
         if not 1 <= n1 < n2:
             raise ValueError(f"new_tokens must satisfy 1 <= N1 < N2, got {self.new_tokens}")
         if min(self.batches or (0,)) < 1 or min(self.context, self.reps, self.copy_reps,
-                                                self.budget_s) <= 0:
-            raise ValueError(f"batches, context, reps, copy_reps and budget_s must be positive: "
-                             f"{self}")
+                                                self.budget_s) <= 0 or self.profile_steps < 0:
+            raise ValueError(f"batches, context, reps, copy_reps and budget_s must be positive, "
+                             f"profile_steps >= 0: {self}")
         if self.impl not in ("mode", "xla"):
             raise ValueError(f"impl must be 'mode' or 'xla', got {self.impl!r}")
 
@@ -203,7 +200,8 @@ def _local_nbytes(x: jax.Array) -> int:
 def device_step_bytes(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, batch: int,
                       context: float) -> dict:
     """Fewest bytes one device reads per decode step at ``context`` valid positions (shards of
-    the sharded ``params``/``adapter``; even splits, so every device reads the same).
+    the sharded ``params``/``adapter``, arrays or ShapeDtypeStructs; even splits, so every device
+    reads the same).
 
     Its shard of every layer weight, the final norm and the output projection (the whole
     embedding when tied); ``batch`` rows of the replicated embedding; its KV shard (KV heads over
@@ -214,12 +212,12 @@ def device_step_bytes(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, batch
     head = params.embed if tied else params.lm_head
     weights = sum(_local_nbytes(x) for x in jax.tree.leaves(params.layers))
     weights += _local_nbytes(params.final_norm) + _local_nbytes(head)
-    embed_rows = 0 if tied else min(batch, params.embed.shape[0]) * (
-        params.embed.nbytes // params.embed.shape[0])
+    vocab, d = params.embed.shape
+    embed_rows = 0 if tied else min(batch, vocab) * d * params.embed.dtype.itemsize
     kv_heads = params.layers.wk.shape[-1] // cfg.head_dim  # expanded for tensor
     shape = (cfg.num_hidden_layers, batch, 1, kv_heads, cfg.head_dim)
     local = NamedSharding(mesh.make_mesh(), logical_spec("cache.k", shape, mesh)).shard_shape(shape)
-    kv = 2 * math.prod(local) * context * params.dtype.itemsize
+    kv = 2 * math.prod(local) * context * params.embed.dtype.itemsize
     out = {"weights": weights, "embed_rows": embed_rows, "kv": int(kv)}
     if adapter is not None:
         acfg = adapter.config
@@ -310,12 +308,13 @@ def measure(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, case: Case,
            "run_ms": {n: [1e3 * t for t in ts] for n, ts in times.items()},
            "bytes_per_device": nbytes, "floor_ms": floor_ms,
            "fraction": floor_ms / ms if ms > 0 else None}
-    if bc.profile:
+    if bc.profile_steps:  # traced runs short of N2: a trace of every kernel of 8 GPUs is large
+        lens = (n1, min(n2, n1 + bc.profile_steps))
         with tempfile.TemporaryDirectory() as tmp:
             traced = [_device_groups(trace_events(lambda n=n: run(*args, jnp.int32(n)),
                                                   os.path.join(tmp, str(n)))[0],
-                                     allow_host, mesh.size) for n in (n1, n2)]
-        row["collectives"] = collective_times(*traced, n2 - n1)
+                                     allow_host, mesh.size) for n in lens]
+        row["collectives"] = collective_times(*traced, lens[1] - lens[0])
     return row
 
 
@@ -391,33 +390,31 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """ms/token (floors dashed), ratio to the backbone and all-reduce ms against batch."""
+    """ms/token (per-GPU floors dashed), ratio to the backbone and all-reduce ms against batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r.get("ms_per_token")]
+    panels = (("ms per token", lambda r: r["ms_per_token"]),
+              ("ms/token / backbone (same mesh, batch)", lambda r: r.get("ratio_to_backbone")),
+              ("all-reduce ms per step",
+               lambda r: (r.get("collectives") or {}).get("all_reduce_ms")))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    series = sorted({(r["mesh"], r["mode"]) for r in rows})
-    for mesh, mode in series:
-        pts = sorted((r["batch"], r) for r in rows if (r["mesh"], r["mode"]) == (mesh, mode))
-        b = [p[0] for p in pts]
-        label = f"{mode}, {mesh}"
-        axes[0].plot(b, [r["ms_per_token"] for _, r in pts], "o-", label=label)
+    for mesh, mode in sorted({(r["mesh"], r["mode"]) for r in rows}):
+        pts = sorted(((r["batch"], r) for r in rows if (r["mesh"], r["mode"]) == (mesh, mode)),
+                     key=lambda p: p[0])
+        for ax, (_, value) in zip(axes, panels):
+            xy = [(b, value(r)) for b, r in pts if value(r) is not None]
+            if xy:
+                ax.plot(*zip(*xy), "o-", label=f"{mode}, {mesh}")
         if mode == "backbone":
-            axes[0].plot(b, [r["floor_ms"] for _, r in pts], "k--", lw=0.8,
+            axes[0].plot([b for b, _ in pts], [r["floor_ms"] for _, r in pts], "k--", lw=0.8,
                          label=f"per-GPU floor, {mesh}")
-        ratio = [(x, r["ratio_to_backbone"]) for x, r in pts if "ratio_to_backbone" in r]
-        if ratio:
-            axes[1].plot(*zip(*ratio), "o-", label=label)
-        ar = [(x, r["collectives"]["all_reduce_ms"]) for x, r in pts if r.get("collectives")]
-        if ar:
-            axes[2].plot(*zip(*ar), "o-", label=label)
     axes[1].axhline(1.0, color="k", ls="--", lw=0.8)
     batches = sorted({r["batch"] for r in rows})
-    titles = ("ms per token", "ms/token / backbone (same mesh, batch)", "all-reduce ms per step")
-    for ax, title in zip(axes, titles):
+    for ax, (title, _) in zip(axes, panels):
         if len(batches) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
@@ -559,7 +556,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TensorDecodeConfig, bool]
     add("--reps", type=int, help=f"timed runs of each length ({d.reps})")
     add("--impl", choices=("mode", "xla"), help="each mode's kernels (default) or all XLA "
                                                 "(--cpu's default)")
-    add("--no-profile", action="store_true", help="skip the all-reduce traces")
+    add("--profile-steps", type=int, help=f"decode steps the all-reduce traces differ by; 0: no "
+                                          f"traces ({d.profile_steps})")
     add("--budget-s", type=float, help=f"start no case that would end after this ({d.budget_s})")
     add("--copy-gib", type=float, help="GiB copied (2 on a GPU, 1/16 on a CPU)")
     add("--copy-reps", type=int, help=f"bandwidth repeats ({d.copy_reps})")
@@ -573,10 +571,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TensorDecodeConfig, bool]
     a = vars(p.parse_args(argv))
     renamed = {"mesh": "meshes", "batch": "batches", "mode": "modes"}
     given = {renamed.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in a.items()
-             if v is not None and k not in ("small", "cpu", "no_profile")}
+             if v is not None and k not in ("small", "cpu")}
     fields = (SMALL if a["small"] else {}) | given
     fields.setdefault("impl", "xla" if a["cpu"] else "mode")
-    return TensorDecodeConfig(**fields, profile=not a["no_profile"]), a["cpu"]
+    return TensorDecodeConfig(**fields), a["cpu"]
 
 
 if __name__ == "__main__":
