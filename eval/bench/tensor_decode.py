@@ -320,11 +320,12 @@ def measure(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, case: Case,
 
 # ----------------------------------------------------------------------------- report
 def add_ratios(results: list[dict]) -> None:
-    """``ratio_to_backbone``: ms/token over the backbone's at the same mesh and batch."""
+    """``ratio_to_backbone``: ms/token over the backbone's at the same mesh and batch (both
+    positive: a noisy CPU run can time N2 no slower than N1)."""
     ref = {(r["mesh"], r["batch"]): r["ms_per_token"] for r in results
            if r["mode"] == "backbone" and (r.get("ms_per_token") or 0) > 0}
     for r in results:
-        if "ms_per_token" in r and (r["mesh"], r["batch"]) in ref:
+        if (r.get("ms_per_token") or 0) > 0 and (r["mesh"], r["batch"]) in ref:
             r["ratio_to_backbone"] = r["ms_per_token"] / ref[(r["mesh"], r["batch"])]
 
 
@@ -409,9 +410,9 @@ def plot(report: dict, path: str) -> None:
             xy = [(b, value(r)) for b, r in pts if value(r) is not None]
             if xy:
                 ax.plot(*zip(*xy), "o-", label=f"{mode}, {mesh}")
-        if mode == "backbone":
-            axes[0].plot([b for b, _ in pts], [r["floor_ms"] for _, r in pts], "k--", lw=0.8,
-                         label=f"per-GPU floor, {mesh}")
+        if mode == "backbone":  # dashed, in the backbone's colour
+            axes[0].plot([b for b, _ in pts], [r["floor_ms"] for _, r in pts], "--", lw=0.8,
+                         color=axes[0].lines[-1].get_color(), label=f"per-GPU floor, {mesh}")
     axes[1].axhline(1.0, color="k", ls="--", lw=0.8)
     batches = sorted({r["batch"] for r in rows})
     for ax, (title, _) in zip(axes, panels):

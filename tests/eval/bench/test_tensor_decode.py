@@ -53,17 +53,22 @@ def test_dry_run_rows_and_arithmetic(dry_run):
             run_ms = r["run_ms"]  # the step time is the difference of the two run lengths
             step = (statistics.median(run_ms[str(N2)]) - statistics.median(run_ms[str(N1)]))
             assert r["ms_per_token"] == pytest.approx(step / (N2 - N1))
-            assert r["ratio_to_backbone"] == pytest.approx(r["ms_per_token"]
-                                                           / backbone["ms_per_token"])
+            if min(r["ms_per_token"], backbone["ms_per_token"]) > 0:
+                assert r["ratio_to_backbone"] == pytest.approx(r["ms_per_token"]
+                                                               / backbone["ms_per_token"])
+            else:  # a noisy CPU run timed N2 no slower than N1: no ratio
+                assert "ratio_to_backbone" not in r
             b = r["bytes_per_device"]
             assert b["total"] == b["weights"] + b["embed_rows"] + b["kv"] + b.get("adapters", 0)
             assert r["floor_ms"] == pytest.approx(1e3 * b["total"] / (copy_gbps * 1e9))
+            assert r["fraction"] == (pytest.approx(r["floor_ms"] / r["ms_per_token"])
+                                     if r["ms_per_token"] > 0 else None)
             c = r["collectives"]
             assert c["devices"] == tensor and "psum" in c["groups"]
             assert c["all_reduces"] == pytest.approx(2 * layers)  # after o and after down
             assert math.isfinite(c["all_reduce_ms"])
             assert c["all_reduce_ms_max"] >= c["all_reduce_ms"]
-        assert backbone["ratio_to_backbone"] == 1.0
+        assert backbone.get("ratio_to_backbone", 1.0) == 1.0
         assert rows[(mesh, "switch-fused")]["bytes_per_device"]["experts_touched"] == 2.0
         assert rows[(mesh, "lora")]["bytes_per_device"]["experts_touched"] == 1.0
     two, four = rows[("tensor=2", "backbone")], rows[("tensor=4", "backbone")]
@@ -77,10 +82,14 @@ def test_dry_run_rows_and_arithmetic(dry_run):
         r = rows[("tensor=16", mode)]
         assert r["status"] == "skipped" and "needs 16 devices, 8 visible" in r["error"]
     checks = {c["check"]: c for c in report["acceptance"]}
-    for mesh in ("tensor=2", "tensor=4"):
-        c = checks[f"switch-fused / backbone, batch 1, {mesh}"]
-        assert c["value"] == rows[(mesh, "switch-fused")]["ratio_to_backbone"]
-        assert c["pass"] == (c["value"] <= td.TARGETS["switch_b1"])
+    for mesh in ("tensor=2", "tensor=4"):  # one check per switch-fused ratio
+        c = checks.pop(f"switch-fused / backbone, batch 1, {mesh}", None)
+        ratio = rows[(mesh, "switch-fused")].get("ratio_to_backbone")
+        assert (c and c["value"]) == ratio
+        assert c is None or c["pass"] == (c["value"] <= td.TARGETS["switch_b1"])
+    floor = checks.pop("backbone of the per-GPU floor, batch 1, tensor=4", None)
+    assert (floor and floor["value"]) == rows[("tensor=4", "backbone")]["fraction"]
+    assert checks == {}
     assert report["environment"]["device_count"] == 8
 
 
@@ -89,9 +98,9 @@ def test_dry_run_writes_table_and_plot(dry_run):
     table = open(stem + ".md").read()
     assert stdout.rstrip().endswith(table.rstrip())  # printed last
     assert f"JAX {report['environment']['jax']}" in table and "not the issue's setting" in table
-    ratio = next(r for r in report["results"] if (r["mesh"], r["mode"]) == (
-        "tensor=4", "switch-fused"))["ratio_to_backbone"]
-    assert f"| tensor=4 | 1 | switch-fused |" in table and f"| {ratio:.3f} |" in table
+    row = next(r for r in report["results"] if (r["mesh"], r["mode"]) == (
+        "tensor=4", "switch-fused"))
+    assert f"| tensor=4 | 1 | switch-fused | {row['ms_per_token']:.3f} |" in table
     assert "skipped: mesh tensor=16 needs 16 devices" in table
     with open(stem + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
