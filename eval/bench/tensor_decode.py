@@ -60,9 +60,9 @@ from loraswitch_jax.sharding import (AXES, MeshConfig, MeshError, adapter_specs,
                                      check_tensor_fits, expand_kv_heads, kv_replicas,
                                      logical_spec, param_specs)
 
-__all__ = ["DEFAULT_MODES", "TARGETS", "TensorDecodeConfig", "acceptance", "device_step_bytes",
-           "collective_times", "main", "markdown", "parse_args", "plot", "sharded_adapter",
-           "sharded_params"]
+__all__ = ["DEFAULT_MODES", "TARGETS", "TensorDecodeConfig", "acceptance", "add_ratios",
+           "collective_times", "device_step_bytes", "main", "markdown", "measure", "mesh_label",
+           "parse_args", "plot", "sharded_adapter", "sharded_params", "write_outputs"]
 
 DEFAULT_MODES = ("backbone", "switch-fused", "lora", "layerwise-pallas")
 FIRST_MODES = ("backbone", "switch-fused")  # the targets' modes run first at every batch
@@ -103,6 +103,9 @@ class TensorDecodeConfig:
             raise ValueError("meshes is empty: give at least one, e.g. tensor=4")
         for text in self.meshes:
             MeshConfig.parse(text)  # a MeshError (a ValueError) names the bad item
+        for name in ("meshes", "batches", "modes"):
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ValueError(f"{name} has duplicates: {getattr(self, name)}")
         if not self.modes or set(self.modes) - set(MODES):
             raise ValueError(f"modes {self.modes} unknown or empty; choose from {sorted(MODES)}")
         n1, n2 = self.new_tokens
@@ -310,11 +313,15 @@ def measure(params, adapter, cfg: LlamaConfig, mesh: MeshConfig, case: Case,
            "fraction": floor_ms / ms if ms > 0 else None}
     if bc.profile_steps:  # traced runs short of N2: a trace of every kernel of 8 GPUs is large
         lens = (n1, min(n2, n1 + bc.profile_steps))
-        with tempfile.TemporaryDirectory() as tmp:
-            traced = [_device_groups(trace_events(lambda n=n: run(*args, jnp.int32(n)),
-                                                  os.path.join(tmp, str(n)))[0],
-                                     allow_host, mesh.size) for n in lens]
-        row["collectives"] = collective_times(*traced, lens[1] - lens[0])
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                traced = [_device_groups(trace_events(lambda n=n: run(*args, jnp.int32(n)),
+                                                      os.path.join(tmp, str(n)))[0],
+                                         allow_host, mesh.size) for n in lens]
+            row["collectives"] = collective_times(*traced, lens[1] - lens[0])
+        except Exception as e:  # noqa: BLE001 - a failed trace must not lose the timings
+            traceback.print_exc()
+            row["collectives_error"] = failure(e)
     return row
 
 
@@ -381,6 +388,7 @@ def markdown(report: dict) -> str:
               f"{c['all_reduces']:.0f} calls)" if c else "-")
         mb = r["bytes_per_device"]["total"] / 1e6 if "bytes_per_device" in r else None
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
+        status += f" (trace: {r['collectives_error']})" if "collectives_error" in r else ""
         lines.append(
             f"| {r['mesh']} | {r['batch']} | {r['mode']} | {_f(r.get('ms_per_token'), '.3f')} "
             f"| {_f(r.get('tokens_per_s'), '.0f')} | {_f(mb, '.1f')} "

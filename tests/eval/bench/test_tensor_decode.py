@@ -177,6 +177,9 @@ def test_defaults_are_the_issue_setting():
     (["--new-tokens", "5", "5"], "1 <= N1 < N2"),
     (["--batch", "0"], "must be positive"),
     (["--budget-s", "0"], "must be positive"),
+    (["--profile-steps", "-1"], "profile_steps >= 0"),
+    (["--batch", "1", "8", "1"], "batches has duplicates"),
+    (["--mode", "lora", "lora"], "modes has duplicates"),
 ])
 def test_bad_arguments_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
