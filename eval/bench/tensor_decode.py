@@ -19,8 +19,9 @@ switch-fused, lora, layerwise-pallas), on random bf16 weights made already shard
 Each mesh's weights are made at its first case and stay resident (Llama-2-70B: 35 GB per GPU at
 tensor=4 plus 17.5 at tensor=8 on GPUs 0-3), so cases run by priority: backbone and switch-fused
 at every batch and mesh, then the other modes. ``--budget-s`` skips a case that would end after
-the budget (estimated from the slowest comparable finished one). JSON, Markdown and a PNG are
-rewritten after every case; the table is printed last. Examples::
+the budget (estimated from the slowest comparable finished one). The backbone always runs (every
+ratio needs it). JSON, Markdown and a PNG are rewritten after every case; the table is printed
+last. Examples::
 
     NCCL_NVLS_ENABLE=0 python -m loraswitch_jax.eval.bench.tensor_decode   # 4 or 8 GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
@@ -108,6 +109,8 @@ class TensorDecodeConfig:
                 raise ValueError(f"{name} has duplicates: {getattr(self, name)}")
         if not self.modes or set(self.modes) - set(MODES):
             raise ValueError(f"modes {self.modes} unknown or empty; choose from {sorted(MODES)}")
+        if "backbone" not in self.modes:  # every ratio needs it from the same run
+            object.__setattr__(self, "modes", ("backbone", *self.modes))
         n1, n2 = self.new_tokens
         if not 1 <= n1 < n2:
             raise ValueError(f"new_tokens must satisfy 1 <= N1 < N2, got {self.new_tokens}")
@@ -461,12 +464,12 @@ def _mesh_problem(mesh: MeshConfig, cfg: LlamaConfig) -> str | None:
 
 def _estimate_s(done: list[dict], mesh: str, batch: int) -> float:
     """Seconds the next case may take: the slowest finished one of the same mesh and batch, else
-    of the same batch, else any (a mesh's first case also built its weights)."""
+    of the same batch, else any, times 1.5 at a larger batch (its prefills take longer)."""
     for same in (lambda r: (r["mesh"], r["batch"]) == (mesh, batch),
                  lambda r: r["batch"] == batch, lambda r: True):
-        walls = [r["wall_s"] for r in done if "wall_s" in r and same(r)]
+        walls = [(r["wall_s"], r["batch"]) for r in done if "wall_s" in r and same(r)]
         if walls:
-            return max(walls)
+            return max(walls)[0] * (1.5 if batch > max(b for _, b in walls) else 1.0)
     return 0.0
 
 

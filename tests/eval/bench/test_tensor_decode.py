@@ -167,8 +167,20 @@ def test_defaults_are_the_issue_setting():
                          ("tensor=8", 1, "backbone"), ("tensor=8", 1, "switch-fused")]
     assert {m for _, _, m in cases[:16]} == {"backbone", "switch-fused"} and len(cases) == 32
     assert bc.stem() == "eval/results/tensor_decode/llama2-70b_ctx1024_tensor4+tensor8_b1-8-32-64"
-    small, cpu = td.parse_args(["--small", "--cpu", "--context", "32"])
+    small, cpu = td.parse_args(["--small", "--cpu", "--context", "32", "--mode", "lora"])
     assert (small.preset, small.context, small.impl, cpu) == ("demo", 32, "xla", True)
+    assert small.modes == ("backbone", "lora")  # the ratios' reference always runs
+    assert small.stem().endswith("demo_ctx32_tensor2+tensor4_b1-2")
+
+
+def test_budget_estimate():
+    done = [{"mesh": "tensor=4", "batch": 1, "wall_s": 40.0},
+            {"mesh": "tensor=8", "batch": 1, "wall_s": 30.0},
+            {"mesh": "tensor=4", "batch": 8, "wall_s": 50.0}, {"mesh": "tensor=8", "batch": 8}]
+    assert td._estimate_s([], "tensor=4", 1) == 0.0
+    assert td._estimate_s(done, "tensor=8", 1) == 30.0  # same mesh and batch
+    assert td._estimate_s(done, "tensor=8", 8) == 50.0  # same batch (the skipped row has none)
+    assert td._estimate_s(done, "tensor=4", 32) == 75.0  # a larger batch: 1.5 x the slowest
 
 
 @pytest.mark.parametrize("argv, message", [
