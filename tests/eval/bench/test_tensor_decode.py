@@ -15,6 +15,7 @@ import pytest
 
 from loraswitch_jax.config import PRESETS
 from loraswitch_jax.eval.bench import tensor_decode as td
+from loraswitch_jax.eval.bench import tensor_decode_report as tdr
 
 N1, N2 = 1, 17
 
@@ -86,7 +87,7 @@ def test_dry_run_rows_and_arithmetic(dry_run):
         c = checks.pop(f"switch-fused / backbone, batch 1, {mesh}", None)
         ratio = rows[(mesh, "switch-fused")].get("ratio_to_backbone")
         assert (c and c["value"]) == ratio
-        assert c is None or c["pass"] == (c["value"] <= td.TARGETS["switch_b1"])
+        assert c is None or c["pass"] == (c["value"] <= tdr.TARGETS["switch_b1"])
     floor = checks.pop("backbone of the per-GPU floor, batch 1, tensor=4", None)
     assert (floor and floor["value"]) == rows[("tensor=4", "backbone")]["fraction"]
     assert checks == {}
@@ -149,8 +150,8 @@ def test_acceptance_targets():
             {"mesh": "tensor=8", "batch": 8, "mode": "backbone", "ms_per_token": 10.0,
              "fraction": 0.5},
             {"mesh": "tensor=8", "batch": 8, "mode": "switch-fused", "ms_per_token": 10.9}]
-    td.add_ratios(rows)
-    checks = {c["check"]: c["pass"] for c in td.acceptance(rows)}
+    tdr.add_ratios(rows)
+    checks = {c["check"]: c["pass"] for c in tdr.acceptance(rows)}
     assert checks == {"backbone of the per-GPU floor, batch 1, tensor=4": True,
                       "switch-fused / backbone, batch 1, tensor=4": True,    # 1.09 <= 1.10
                       "switch-fused / backbone, batch 8, tensor=8": False}   # 1.09 > 1.08
