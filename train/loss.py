@@ -36,12 +36,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) 
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def chunk_positions(chunk: int, rows: int) -> int:
+def chunk_positions(chunk: int, rows: int, length: int) -> int:
     """Positions per chunk of :func:`chunked_cross_entropy`: ``chunk`` tokens over ``rows`` rows,
-    at least one position (so a chunk holds at most ``max(chunk, rows)`` tokens)."""
+    at least one position and at most the rows' ``length`` (a chunk holds at most
+    ``max(chunk, rows)`` tokens)."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"loss_chunk must be an integer >= 1, got {chunk!r}")
-    return max(1, chunk // rows)
+    return min(length, max(1, chunk // rows))
 
 
 def chunked_cross_entropy(
@@ -53,7 +54,7 @@ def chunked_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`token_cross_entropy` of ``head(hidden)``, never holding all ``[B, T, V]`` logits.
 
-    The positions are cut into chunks of ``c = chunk_positions(chunk, B)`` columns, every row
+    The positions are cut into chunks of ``c = chunk_positions(chunk, B, T)`` columns, every row
     at once (rows split over devices stay split; each chunk holds about ``chunk`` tokens). When
     ``c`` does not divide ``T`` the last chunk is padded with masked positions (zero hidden
     states, target 0), which add nothing to the sum or its gradient.
@@ -76,7 +77,7 @@ def chunked_cross_entropy(
         raise ValueError(f"need hidden [B, T, d], targets and mask [B, T]; got {hidden.shape=}, "
                          f"{targets.shape=}, {mask.shape=}")
     B, T, d = hidden.shape
-    c = chunk_positions(chunk, B)
+    c = chunk_positions(chunk, B, T)
     n = -(-T // c)
     mask = mask.astype(jnp.float32)
     if n * c != T:  # masked padding: its loss is multiplied by 0, its gradient is 0
