@@ -416,8 +416,8 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
                 log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
             for step in range(start, end):
                 at = step + 1
-                batch = to_global(_attention_rows(_stack_micro(train_batches, A), tc.attention_impl),
-                                  placement.batch, (A, B, T))
+                host = _attention_rows(_stack_micro(train_batches, A), tc.attention_impl)
+                batch = to_global(host, placement.batch, (A, B, T))
                 state, metrics = train_step(state, params, batch, placement=placement, cfg=cfg,
                                             oc=tc.optim, remat=tc.remat, **attention)
                 # The loop already brings every step's metrics to the host: checking them is free.

@@ -171,8 +171,9 @@ def _train_step(
     ``remat``, ``attention_chunk`` and ``attention_impl`` are :func:`~loraswitch_jax.forward`'s
     (what the backward keeps of each layer; rows longer than the chunk attend blockwise; the
     ``cudnn`` attention refuses ``segment_ids``) and ``loss_chunk`` the cross-entropy's tokens per
-    chunk (``None``: whole logits): they change memory and speed, not results. ``mesh``: the run's mesh (``train.placement`` binds it); with ``fsdp > 1`` each
-    layer all-gathers its own weights over ``fsdp`` (``forward``'s ``fsdp_mesh``). Returns the
+    chunk (``None``: whole logits): they change memory and speed, not results. ``mesh``: the
+    run's mesh (``train.placement`` binds it); with ``fsdp > 1`` each layer all-gathers its own
+    weights over ``fsdp`` (``forward``'s ``fsdp_mesh``). Returns the
     new state and float32 metrics: ``loss`` (mean token cross-entropy), ``aux`` (balance loss,
     mean over micro-batches), ``grad_norm``, ``lr``, ``tokens`` and ``usage`` (``[N, E]``
     fraction of assignments per expert and router; absent without routers).

@@ -47,8 +47,9 @@ def make_model(tied: bool):
     params = lj.init_params(cfg, jax.random.key(0), jnp.float32)
     adapter = lj.init_adapter(cfg, ACFG, jax.random.key(1))
     # B starts at zero: move it so the adapter's gradient reaches every leaf.
-    adapter = dataclasses.replace(adapter, b={p: 0.05 * jax.random.normal(jax.random.key(i), x.shape)
-                                              for i, (p, x) in enumerate(adapter.b.items())})
+    b = {p: 0.05 * jax.random.normal(jax.random.key(i), x.shape)
+         for i, (p, x) in enumerate(adapter.b.items())}
+    adapter = dataclasses.replace(adapter, b=b)
     return cfg, params, adapter
 
 
@@ -147,6 +148,7 @@ def test_train_and_eval_steps_with_and_without_chunks():
     assert rel_err(chunked["ce_sum"], whole["ce_sum"]) < 1e-6
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (tests/conftest.py: 8 on CPU)")
 def test_chunked_step_on_an_fsdp_mesh_equals_one_device():
     """Rows split over ``data`` and ``fsdp``: each chunk takes every row, so the rows stay split;
     the step equals the unchunked one on one device."""
@@ -229,7 +231,8 @@ def test_config_fields_and_errors(tmp_path):
                                   "loss_chunk=null"])
     assert tc.attention_impl == "cudnn" and tc.loss_chunk is None
     for overrides, message in (
-        (["attention_impl=flash"], "attention_impl must be one of \\('xla', 'cudnn'\\), got 'flash'"),
+        (["attention_impl=flash"],
+         "attention_impl must be one of \\('xla', 'cudnn'\\), got 'flash'"),
         (["attention_impl=cudnn"], "attention_impl 'cudnn' cannot keep packed sequences apart: "
                                    "set data.pack=false"),
         (["loss_chunk=0"], "loss_chunk must be an integer >= 1 or null, got 0"),
