@@ -37,7 +37,8 @@ from loraswitch_jax.params import LayerParams, LlamaParams
 from loraswitch_jax.router import Route, Routing, compute_route, constant_route
 from loraswitch_jax.switch import MergedWeights, merge_route, merged_layers
 
-__all__ = ["REMAT_POLICIES", "forward", "prefill", "decode_step", "decode_step_merged", "extend"]
+__all__ = ["REMAT_POLICIES", "forward", "lm_head", "prefill", "decode_step", "decode_step_merged",
+           "extend"]
 
 def _layer(
     cfg: LlamaConfig,
@@ -190,10 +191,15 @@ def _layers(
     return h, cache, routing, None
 
 
+def lm_head(params: LlamaParams, hidden: jax.Array) -> jax.Array:
+    """Float32 logits ``[..., V]`` of final-normed ``hidden [..., d]`` (``forward``'s
+    ``return_hidden``): the output embedding, or the tied input embedding, in ``hidden.dtype``."""
+    w = params.output_embedding().astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
 def _logits(params: LlamaParams, cfg: LlamaConfig, h: jax.Array) -> jax.Array:
-    h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
-    w = params.output_embedding().astype(h.dtype)
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    return lm_head(params, rms_norm(h, params.final_norm, cfg.rms_norm_eps))
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -270,6 +276,7 @@ def forward(
     attention_impl: str = "xla",
     tensor_axis: str | None = None,
     fsdp_mesh: jax.sharding.Mesh | None = None,
+    return_hidden: bool = False,
 ) -> jax.Array | tuple[jax.Array, Routing | None]:
     """Logits ``[B, T, V]`` (float32) for ``tokens [B, T]``, causal, no cache.
 
@@ -289,6 +296,9 @@ def forward(
       fsdp_mesh: the training mesh (``train.placement``), under ``jit`` on global arrays: when
         its ``fsdp`` axis splits the weights, each layer all-gathers its own weights over it,
         forward and backward, and hidden states stay split by rows (``layer_scan``).
+      return_hidden: return the final-normed hidden states ``[B, T, d]`` (params' dtype)
+        instead of the logits, which are ``lm_head(params, hidden)``: a loss can then apply
+        the head a chunk of tokens at a time (``train.loss.chunked_cross_entropy``).
 
     Raises:
       ValueError: ``tokens`` is not an integer ``[B, T]`` array, holds ids outside the
@@ -321,8 +331,11 @@ def forward(
     h, _, routing, _ = _layers(cfg, params.layers, h, positions, mask, None, scan_layers,
                                ops.resolve_impl(impl), adapter, dropout_key,
                                tensor_axis=tensor_axis, remat=remat, fsdp_mesh=fsdp_mesh)
-    logits = _logits(params, cfg, h)
-    return (logits, routing) if return_routing else logits
+    if return_hidden:
+        out = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    else:
+        out = _logits(params, cfg, h)
+    return (out, routing) if return_routing else out
 
 
 def extend(

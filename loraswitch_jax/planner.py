@@ -202,8 +202,10 @@ def _inference(cfg, mc, batch, context, new_tokens, dtype, acfg):
     return lowered, groups, _shard_bytes(cache)
 
 
-def _training(cfg, mc, batch, seq_len, dtype, acfg, remat, grad_accum, attention_chunk):
+def _training(cfg, mc, batch, seq_len, dtype, acfg, remat, grad_accum, attention_chunk,
+              attention_impl="xla", loss_chunk=None):
     """The lowered train step (as ``train.placement`` jits it) and its argument groups."""
+    from loraswitch_jax.attention import ATTENTION_IMPLS
     from loraswitch_jax.llama import REMAT_POLICIES
     from loraswitch_jax.train.placement import plan_placement
     from loraswitch_jax.train.step import OptimConfig, init_state
@@ -214,6 +216,14 @@ def _training(cfg, mc, batch, seq_len, dtype, acfg, remat, grad_accum, attention
     if remat not in REMAT_POLICIES:
         raise PlanError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     _positive("grad_accum", grad_accum)
+    if attention_impl not in ATTENTION_IMPLS:
+        raise PlanError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got "
+                        f"{attention_impl!r}")
+    if attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise PlanError(f"attention_impl 'cudnn' compiles only on a GPU (backend is "
+                        f"{jax.default_backend()!r})")
+    if loss_chunk is not None:
+        _positive("loss_chunk", loss_chunk)
     if seq_len > cfg.max_position_embeddings:
         raise PlanError(f"seq_len {seq_len} is more than the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings})")
@@ -232,11 +242,14 @@ def _training(cfg, mc, batch, seq_len, dtype, acfg, remat, grad_accum, attention
 
     params, state = put(params, placement.params), put(state, placement.state)
     shape = (grad_accum, batch, seq_len)
+    # cudnn attention takes unpacked rows without segment_ids (as the training loop gives them).
+    keys = ("tokens", "targets", "loss_mask", "positions",
+            *(("segment_ids",) if attention_impl == "xla" else ()))
     batch_tree = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                          sharding=placement.batch)
-                  for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+                                          sharding=placement.batch) for k in keys}
     lowered = placement.train_step.lower(state, params, batch_tree, cfg=cfg, oc=oc, remat=remat,
-                                         attention_chunk=attention_chunk)
+                                         attention_chunk=attention_chunk,
+                                         attention_impl=attention_impl, loss_chunk=loss_chunk)
     groups = {"weights": params, "adapters": state.adapter, "optimizer": state.opt_state,
               "inputs": (batch_tree, state.step, state.rng)}
     return lowered, groups
@@ -246,7 +259,8 @@ def plan(model: str | dict | LlamaConfig = "llama2-7b", mesh: str | MeshConfig =
          batch: int = 1, context: int = 4096, new_tokens: int = 128, train: bool = False,
          seq_len: int = 2048, remat: str = "dots", adapter: str = "switch", experts: int = 8,
          rank: int = 16, top_k: int = 2, dtype: str = "bfloat16", grad_accum: int = 1,
-         attention_chunk: int | None = 512) -> MemoryPlan:
+         attention_chunk: int | None = 512, attention_impl: str = "xla",
+         loss_chunk: int | None = 1024) -> MemoryPlan:
     """Per-device memory of generating (or, with ``train``, of one train step) on ``mesh``.
 
     Args:
@@ -258,7 +272,8 @@ def plan(model: str | dict | LlamaConfig = "llama2-7b", mesh: str | MeshConfig =
       batch: rows (prompts, or sequences per micro-batch).
       context: inference: the KV cache length; the prompt is ``context - new_tokens`` tokens.
       new_tokens: inference: tokens the decode loop generates.
-      train, seq_len, remat, grad_accum, attention_chunk: the train step's (``TrainConfig``).
+      train, seq_len, remat, grad_accum, attention_chunk, attention_impl, loss_chunk: the train
+        step's (``TrainConfig``; ``attention_impl="cudnn"`` compiles only on a GPU).
       adapter, experts, rank, top_k: the adapter (``"none"``: the bare backbone, inference only).
       dtype: the backbone's dtype, ``bfloat16`` or ``float32`` (adapters stay float32).
 
@@ -286,14 +301,15 @@ def plan(model: str | dict | LlamaConfig = "llama2-7b", mesh: str | MeshConfig =
             model=cfg.to_hf_dict(), mesh=str(mc),
             batch=batch, context=context, new_tokens=new_tokens, train=train, seq_len=seq_len,
             remat=remat, adapter=adapter, experts=experts, rank=rank, top_k=top_k, dtype=dtype,
-            grad_accum=grad_accum, attention_chunk=attention_chunk))
+            grad_accum=grad_accum, attention_chunk=attention_chunk,
+            attention_impl=attention_impl, loss_chunk=loss_chunk))
         return dataclasses.replace(child, model=name)
 
     t0 = time.perf_counter()
     try:
         if train:
             lowered, groups = _training(cfg, mc, batch, seq_len, jnp.dtype(dtype), acfg, remat,
-                                        grad_accum, attention_chunk)
+                                        grad_accum, attention_chunk, attention_impl, loss_chunk)
             kv = 0
         else:
             lowered, groups, kv = _inference(cfg, mc, batch, context, new_tokens,

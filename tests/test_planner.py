@@ -80,7 +80,7 @@ def test_train_plan_matches_the_placed_and_run_step():
     mc = MeshConfig(fsdp=2, tensor=2)
     B, T = 4, 32
     p = plan(CFG, "fsdp=2,tensor=2", batch=B, train=True, seq_len=T, remat="dots",
-             adapter="switch", experts=4, rank=4, top_k=2)
+             adapter="switch", experts=4, rank=4, top_k=2, loss_chunk=64)
 
     oc = OptimConfig()
     params = lj.init_params(CFG, jax.random.key(0), jnp.bfloat16)
@@ -97,7 +97,7 @@ def test_train_plan_matches_the_placed_and_run_step():
     batch["loss_mask"] = np.ones((1, B, T), np.float32)
     batch["segment_ids"] = np.ones((1, B, T), np.int32)
     batch = placement.put_batch(batch)
-    kw = dict(cfg=CFG, oc=oc, remat="dots", attention_chunk=512)
+    kw = dict(cfg=CFG, oc=oc, remat="dots", attention_chunk=512, loss_chunk=64)  # 2 chunks
     compiled = placement.train_step.lower(state, params, batch, **kw).compile()
     assert abs(p.total - total_of(compiled)) <= 0.10 * total_of(compiled)
     assert p.kv_cache == 0 and p.activations > 0
@@ -131,11 +131,19 @@ def test_fits_uses_the_stated_headroom():
     (dict(model=CFG, train=True, adapter="none"), "training needs an adapter"),
     (dict(model=CFG, adapter="moe"), "adapter must be one of"),
     (dict(model=CFG, train=True, remat="some"), "remat must be one of"),
+    (dict(model=CFG, train=True, attention_impl="flash"), "attention_impl must be one of"),
+    (dict(model=CFG, train=True, loss_chunk=0), "loss_chunk must be a positive integer"),
     (dict(model=CFG, train=True, mesh="data=2", batch=3, seq_len=16), "not divisible"),
 ])
 def test_bad_requests_raise_one_clear_error(kwargs, match):
     with pytest.raises(PlanError, match=match):
         plan(**kwargs)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU's refusal")
+def test_cudnn_training_plans_only_on_a_gpu():
+    with pytest.raises(PlanError, match="attention_impl 'cudnn' compiles only on a GPU"):
+        plan(CFG, train=True, seq_len=32, attention_impl="cudnn")
 
 
 def test_a_mesh_larger_than_the_devices_compiles_in_a_subprocess():

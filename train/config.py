@@ -16,6 +16,7 @@ import types
 import typing
 
 from loraswitch_jax.adapters import AdapterConfig
+from loraswitch_jax.attention import ATTENTION_IMPLS
 from loraswitch_jax.config import PRESETS
 from loraswitch_jax.llama import REMAT_POLICIES
 from loraswitch_jax.sharding import MeshConfig, MeshError
@@ -51,6 +52,13 @@ class TrainConfig:
         work is recomputed, the matmuls are not, and an 8B model's activations fit one GPU.
       attention_chunk: rows longer than this attend blockwise, never holding ``T x T`` scores
         (``null``: always dense).
+      attention_impl: ``"xla"`` (dense or blockwise jnp attention) or ``"cudnn"`` (the GPU's
+        fused attention). ``cudnn`` cannot keep packed sequences apart, so it needs
+        ``data.pack`` false; the loop then drops the batches' ``segment_ids``, which in unpacked
+        rows only mark the trailing padding (causality already hides it from real tokens).
+      loss_chunk: the cross-entropy applies the LM head to this many tokens at a time, never
+        holding the whole ``[B, T, V]`` float32 logits (``train.loss.chunked_cross_entropy``;
+        ``null``: all at once). Same results.
     """
 
     model: str = "demo"
@@ -70,6 +78,8 @@ class TrainConfig:
     mesh: str = ""
     remat: str = "dots"
     attention_chunk: int | None = 512
+    attention_impl: str = "xla"
+    loss_chunk: int | None = 1024
 
     def __post_init__(self):
         for name in ("model", "out_dir"):
@@ -104,6 +114,15 @@ class TrainConfig:
         chunk = self.attention_chunk
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ConfigFileError(f"attention_chunk must be an integer >= 1 or null, got {chunk!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigFileError(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                                  f"{self.attention_impl!r}")
+        if self.attention_impl == "cudnn" and self.data.pack:
+            raise ConfigFileError("attention_impl 'cudnn' cannot keep packed sequences apart: set "
+                                  "data.pack=false (one sequence per row) or attention_impl=xla")
+        chunk = self.loss_chunk
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ConfigFileError(f"loss_chunk must be an integer >= 1 or null, got {chunk!r}")
         preset = PRESETS.get(self.model)
         if preset is not None and self.data.seq_len > preset.max_position_embeddings:
             # Folders are checked when their config.json is read (train.loop.check_positions).

@@ -144,16 +144,30 @@ def make_placement(tc: TrainConfig, cfg: LlamaConfig, params: LlamaParams, state
 
 
 def evaluate(adapter, params, batches: EvalBatches, cfg: LlamaConfig, limit: int, put, *,
-             attention_chunk: int | None = 512, step_fn=eval_step) -> float | None:
+             attention_chunk: int | None = 512, step_fn=eval_step, attention_impl: str = "xla",
+             loss_chunk: int | None = None) -> float | None:
     """Mean held-out token cross-entropy over at most ``limit`` batches (0: all); ``step_fn`` is
-    the eval step (a placement's binds its mesh, so layers gather their weights over ``fsdp``)."""
+    the eval step (a placement's binds its mesh, so layers gather their weights over ``fsdp``).
+    With ``attention_impl`` ``"cudnn"`` the batches' ``segment_ids`` are dropped
+    (:func:`_attention_rows`)."""
     ce, tokens = 0.0, 0.0
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
-        out = step_fn(adapter, params, put(batch), cfg=cfg, attention_chunk=attention_chunk)
+        out = step_fn(adapter, params, put(_attention_rows(batch, attention_impl)), cfg=cfg,
+                      attention_chunk=attention_chunk, attention_impl=attention_impl,
+                      loss_chunk=loss_chunk)
         ce, tokens = ce + float(out["ce_sum"]), tokens + float(out["tokens"])
     return ce / tokens if tokens else None
+
+
+def _attention_rows(batch: dict, attention_impl: str) -> dict:
+    """``batch`` as the step's attention takes it: without ``segment_ids`` for ``cudnn``, which
+    ``TrainConfig`` allows only for unpacked rows, where they mark nothing but trailing padding
+    (a causal row's real tokens never see it; its loss is masked)."""
+    if attention_impl != "cudnn":
+        return batch
+    return {k: v for k, v in batch.items() if k != "segment_ids"}
 
 
 def _host(tree):
@@ -381,6 +395,9 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
     eval_batches = EvalBatches(data.validation, tc.data,
                                rows=local_rows(placement.eval_batch, (B, T), axis=0))
     put_eval = lambda batch: to_global(batch, placement.eval_batch, (B, T))  # noqa: E731
+    # The step's static arguments that change memory and speed, not results.
+    attention = dict(attention_chunk=tc.attention_chunk, attention_impl=tc.attention_impl,
+                     loss_chunk=tc.loss_chunk)
     if not len(eval_batches):
         print("note: the held-out split is empty (data.validation_fraction); no eval_loss is logged")
 
@@ -395,15 +412,14 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
         with open(metrics_path if primary else os.devnull, "a") as log:
             if start == 0:  # the starting point of the held-out curve
                 initial = evaluate(state.adapter, params, eval_batches, cfg, tc.eval_batches,
-                                   put_eval, attention_chunk=tc.attention_chunk,
-                                   step_fn=placement.eval_step)
+                                   put_eval, step_fn=placement.eval_step, **attention)
                 log.write(json.dumps({"step": 0, "eval_loss": initial}) + "\n")
             for step in range(start, end):
                 at = step + 1
-                batch = to_global(_stack_micro(train_batches, A), placement.batch, (A, B, T))
+                host = _attention_rows(_stack_micro(train_batches, A), tc.attention_impl)
+                batch = to_global(host, placement.batch, (A, B, T))
                 state, metrics = train_step(state, params, batch, placement=placement, cfg=cfg,
-                                            oc=tc.optim, remat=tc.remat,
-                                            attention_chunk=tc.attention_chunk)
+                                            oc=tc.optim, remat=tc.remat, **attention)
                 # The loop already brings every step's metrics to the host: checking them is free.
                 m = jax.device_get(metrics)
                 record = {"step": step + 1, **{k: float(v) for k, v in m.items() if k != "usage"}}
@@ -412,8 +428,7 @@ def _run(tc, ckpt, state, params, cfg, data, placement, stop_after, progress) ->
                 if (step + 1) % tc.eval_every == 0 or step + 1 == tc.optim.steps:
                     record["eval_loss"] = evaluate(
                         state.adapter, params, eval_batches, cfg, tc.eval_batches,
-                        put_eval, attention_chunk=tc.attention_chunk,
-                        step_fn=placement.eval_step)
+                        put_eval, step_fn=placement.eval_step, **attention)
                 _check_finite(step + 1, record, ckpt)
                 log.write(json.dumps(record) + "\n")
                 log.flush()

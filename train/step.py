@@ -6,9 +6,16 @@ base weights (no optax mask needed). Adapters are float32 master weights; the fo
 them to the backbone's dtype (bf16 by default), and routers and losses run in float32.
 
 A batch is a dict of ``[A, B, T]`` arrays (``A`` micro-batches accumulated per optimizer step):
-``tokens``, ``targets``, ``loss_mask``, ``segment_ids``, ``positions``. Losses are summed per token
-and divided by the step's total token count, so accumulating ``A`` micro-batches of ``B`` rows
-gives the same update as one batch of ``A * B`` rows.
+``tokens``, ``targets``, ``loss_mask``, ``segment_ids``, ``positions`` (``segment_ids`` may be
+absent or ``None``: one sequence per row). Losses are summed per token and divided by the step's
+total token count, so accumulating ``A`` micro-batches of ``B`` rows gives the same update as one
+batch of ``A * B`` rows.
+
+Static arguments that change memory or speed, not results: ``remat`` (what the backward keeps
+of each layer), ``attention_chunk`` (blockwise attention past it), ``attention_impl`` (``"xla"``
+or the GPU's fused ``"cudnn"`` attention, which cannot keep packed sequences apart: a batch with
+``segment_ids`` is refused) and ``loss_chunk`` (the cross-entropy takes that many tokens' logits
+at a time, ``train.loss.chunked_cross_entropy``; ``None``: all ``[B, T, V]`` logits at once).
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import optax
 
 from loraswitch_jax.adapters import Adapter
 from loraswitch_jax.config import LlamaConfig
-from loraswitch_jax.llama import forward
+from loraswitch_jax.attention import ATTENTION_IMPLS
+from loraswitch_jax.llama import forward, lm_head
 from loraswitch_jax.params import LlamaParams
 from loraswitch_jax.router import balance_loss, expert_usage
-from loraswitch_jax.train.loss import token_cross_entropy
+from loraswitch_jax.train.loss import chunked_cross_entropy, token_cross_entropy
 
 __all__ = ["STEP_STATIC", "OptimConfig", "TrainState", "eval_step", "init_state", "make_optimizer",
            "train_step"]
@@ -112,15 +120,38 @@ def init_state(adapter: Adapter, oc: OptimConfig, seed: int) -> TrainState:
     )
 
 
+def _segments(batch: dict, attention_impl: str) -> jax.Array | None:
+    """The batch's ``segment_ids`` (``None`` when absent); refused by the ``cudnn`` attention,
+    which would let packed sequences see each other."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is not None and attention_impl == "cudnn":
+        raise ValueError("attention_impl 'cudnn' cannot keep packed sequences apart, but the batch "
+                         "has segment_ids: use attention_impl 'xla', or rows of one sequence "
+                         "each (data.pack false) without segment_ids")
+    return segment_ids
+
+
+def _cross_entropy(params, batch, out, loss_chunk):
+    """Summed cross-entropy and token count of ``forward``'s output: logits, or final-normed
+    hidden states when ``loss_chunk`` is set (the head is applied a chunk at a time)."""
+    if loss_chunk is None:
+        return token_cross_entropy(out, batch["targets"], batch["loss_mask"])
+    return chunked_cross_entropy(out, functools.partial(lm_head, params), batch["targets"],
+                                 batch["loss_mask"], loss_chunk)
+
+
 def _micro_loss(adapter, params, batch, key, cfg, aux_weight, n_tokens, remat, attention_chunk,
-                mesh):
+                mesh, attention_impl="xla", loss_chunk=None):
     compute = jax.tree.map(lambda x: x.astype(params.dtype), adapter)
-    logits, routing = forward(
+    out, routing = forward(
         params, batch["tokens"], cfg, adapter=compute, positions=batch["positions"],
-        segment_ids=batch["segment_ids"], dropout_key=key, return_routing=True, remat=remat,
-        attention_chunk=attention_chunk, fsdp_mesh=mesh,
+        segment_ids=_segments(batch, attention_impl), dropout_key=key, return_routing=True,
+        remat=remat, attention_chunk=attention_chunk, attention_impl=attention_impl,
+        fsdp_mesh=mesh, return_hidden=loss_chunk is not None,
     )
-    ce_sum, count = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    ce_sum, count = _cross_entropy(params, batch, out, loss_chunk)
     aux = jnp.float32(0.0)
     usage = None
     if routing is not None:
@@ -133,13 +164,16 @@ def _micro_loss(adapter, params, batch, key, cfg, aux_weight, n_tokens, remat, a
 def _train_step(
     state: TrainState, params: LlamaParams, batch: dict, *, cfg: LlamaConfig, oc: OptimConfig,
     remat: str = "none", attention_chunk: int | None = 512, mesh: jax.sharding.Mesh | None = None,
+    attention_impl: str = "xla", loss_chunk: int | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over ``A`` accumulated micro-batches (``batch`` leaves ``[A, B, T]``).
 
-    ``remat`` and ``attention_chunk`` are :func:`~loraswitch_jax.forward`'s (what the backward
-    keeps of each layer; rows longer than the chunk attend blockwise): they change memory, not
-    results. ``mesh``: the run's mesh (``train.placement`` binds it); with ``fsdp > 1`` each
-    layer all-gathers its own weights over ``fsdp`` (``forward``'s ``fsdp_mesh``). Returns the
+    ``remat``, ``attention_chunk`` and ``attention_impl`` are :func:`~loraswitch_jax.forward`'s
+    (what the backward keeps of each layer; rows longer than the chunk attend blockwise; the
+    ``cudnn`` attention refuses ``segment_ids``) and ``loss_chunk`` the cross-entropy's tokens per
+    chunk (``None``: whole logits): they change memory and speed, not results. ``mesh``: the
+    run's mesh (``train.placement`` binds it); with ``fsdp > 1`` each layer all-gathers its own
+    weights over ``fsdp`` (``forward``'s ``fsdp_mesh``). Returns the
     new state and float32 metrics: ``loss`` (mean token cross-entropy), ``aux`` (balance loss,
     mean over micro-batches), ``grad_norm``, ``lr``, ``tokens`` and ``usage`` (``[N, E]``
     fraction of assignments per expert and router; absent without routers).
@@ -154,6 +188,7 @@ def _train_step(
         g, (ce_sum, count, aux, usage) = grad_fn(
             state.adapter, params, mb, jax.random.fold_in(key, i), cfg,
             oc.aux_loss_weight / n_micro, n_tokens, remat, attention_chunk, mesh,
+            attention_impl, loss_chunk,
         )
         return jax.tree.map(jnp.add, grads, g), (ce_sum, count, aux, usage)
 
@@ -177,21 +212,24 @@ def _train_step(
     return new_state, metrics
 
 
-STEP_STATIC = ("cfg", "oc", "remat", "attention_chunk", "mesh")
+STEP_STATIC = ("cfg", "oc", "remat", "attention_chunk", "mesh", "attention_impl", "loss_chunk")
 # One device, or shardings taken from the (committed) inputs; train.placement jits it per mesh.
 train_step = jax.jit(_train_step, static_argnames=STEP_STATIC, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_chunk", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_chunk", "mesh", "attention_impl",
+                                             "loss_chunk"))
 def eval_step(adapter: Adapter | None, params: LlamaParams, batch: dict, *, cfg: LlamaConfig,
-              attention_chunk: int | None = 512, mesh: jax.sharding.Mesh | None = None) -> dict:
-    """Summed cross-entropy and token count of one ``[B, T]`` batch (no dropout); ``mesh`` as
-    :func:`train_step`'s."""
+              attention_chunk: int | None = 512, mesh: jax.sharding.Mesh | None = None,
+              attention_impl: str = "xla", loss_chunk: int | None = None) -> dict:
+    """Summed cross-entropy and token count of one ``[B, T]`` batch (no dropout); ``mesh``,
+    ``attention_impl`` and ``loss_chunk`` as :func:`train_step`'s."""
     if adapter is not None:
         adapter = jax.tree.map(lambda x: x.astype(params.dtype), adapter)
-    logits = forward(
+    out = forward(
         params, batch["tokens"], cfg, adapter=adapter, positions=batch["positions"],
-        segment_ids=batch["segment_ids"], attention_chunk=attention_chunk, fsdp_mesh=mesh,
+        segment_ids=_segments(batch, attention_impl), attention_chunk=attention_chunk,
+        attention_impl=attention_impl, fsdp_mesh=mesh, return_hidden=loss_chunk is not None,
     )
-    ce_sum, count = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    ce_sum, count = _cross_entropy(params, batch, out, loss_chunk)
     return {"ce_sum": ce_sum, "tokens": count}
