@@ -222,7 +222,8 @@ def _plan_command(args) -> int:
     for flag, value, allowed in (("--gpu", args.gpu, tuple(GPUS)),
                                  ("--remat", args.remat, ("none", "dots", "full")),
                                  ("--adapter", args.adapter, ("switch", "lora", "layerwise", "none")),
-                                 ("--dtype", args.dtype, tuple(_DTYPES))):
+                                 ("--dtype", args.dtype, tuple(_DTYPES)),
+                                 ("--attention-impl", args.attention_impl, ("xla", "cudnn"))):
         if value is not None and value not in allowed:
             raise ValueError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
     try:
@@ -233,8 +234,10 @@ def _plan_command(args) -> int:
         mesh = MeshConfig.parse(args.mesh)
     except MeshError as e:
         raise ValueError(f"--mesh: {e}") from None
+    loss_chunk = None if args.loss_chunk == "none" else _flag_int("--loss-chunk", args.loss_chunk)
     result = plan(cfg, mesh, train=args.train, remat=args.remat, adapter=args.adapter,
-                  dtype=args.dtype, **sizes)
+                  dtype=args.dtype, attention_impl=args.attention_impl, loss_chunk=loss_chunk,
+                  **sizes)
     result = dataclasses.replace(result, model=args.model)
     print(format_plan(result, (args.gpu,) if args.gpu else tuple(GPUS)))
     if args.json:
@@ -361,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference: tokens the decode loop generates (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="plan a train step instead")
     p.add_argument("--seq-len", default="2048", help="training: tokens per row (default: %(default)s)")
+    p.add_argument("--loss-chunk", default="1024",
+                   help="training: tokens per cross-entropy chunk, or none for whole logits "
+                        "(default: %(default)s)")
+    p.add_argument("--attention-impl", default="xla",
+                   help="training: xla (blockwise) or cudnn (GPU; unpacked rows) "
+                        "(default: %(default)s)")
     p.add_argument("--remat", default="dots",
                    help="training: what the backward keeps of each layer: none, dots or full "
                    "(default: %(default)s)")

@@ -174,3 +174,7 @@ def test_cli_plan_prints_and_writes_json(capsys, tmp_path):
     assert_one_line_error(rc, err, "--gpu", "v100")
     rc, _, err = run_cli(capsys, "plan", "--model", "demo", "--batch", "-1")
     assert_one_line_error(rc, err, "--batch")
+    rc, _, err = run_cli(capsys, "plan", "--model", "demo", "--train", "--loss-chunk", "0")
+    assert_one_line_error(rc, err, "--loss-chunk")
+    rc, _, err = run_cli(capsys, "plan", "--model", "demo", "--train", "--attention-impl", "flash")
+    assert_one_line_error(rc, err, "--attention-impl", "flash")

@@ -3,7 +3,9 @@
 Llama-3-8B shapes, random bf16 weights made on the device, sequence 2048. A run is
 ``ADAPTER:REMAT:BATCH[:ATTENTION]``: ``switch`` (E 8, r 16, k 2), ``layerwise`` (the same budget
 per layer) or ``lora`` (r 16), as :mod:`.adapter_cases` sets them; remat ``none``/``dots``/``full``
-(``TrainConfig.remat``); batch N or ``max``; attention ``xla`` (blockwise) or ``cudnn``.
+(``TrainConfig.remat``); batch N or ``max``; attention ``xla`` (blockwise) or ``cudnn``. The
+cross-entropy runs in chunks of ``--loss-chunk`` tokens (``TrainConfig.loss_chunk``; ``none``:
+whole logits).
 ``mixlora:none|full:N|max`` is the PyTorch peer (:mod:`.training_peers`).
 
 Each run is the product's jitted ``train.step.train_step`` (AdamW on the adapter, the backbone
@@ -45,7 +47,7 @@ import traceback
 import jax  # imported, never initialised here: the parent leaves the GPU to its workers
 import jax.numpy as jnp
 
-from loraswitch_jax import llama, planner
+from loraswitch_jax import planner
 from loraswitch_jax.adapters import AdapterConfig, init_adapter
 from loraswitch_jax.config import PRESETS, LlamaConfig
 from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TOP_K, RANK
@@ -128,6 +130,7 @@ class BenchConfig:
     warmup: int = 1
     budget_s: float = 450.0
     attention_chunk: int = 512
+    loss_chunk: int | None = 1024  # TrainConfig's default: cross-entropy in chunks of tokens
     peak_tflops: float = H200_BF16_TFLOPS
     bytes_limit: int | None = None
     max_batch: int = 256
@@ -145,6 +148,7 @@ class BenchConfig:
         checks = {"runs": bool(self.runs), "warmup": self.warmup >= 0,
                   "budget_s": self.budget_s > 0, "peak_tflops": self.peak_tflops > 0,
                   "bytes_limit": self.bytes_limit is None or self.bytes_limit >= 1,
+                  "loss_chunk": self.loss_chunk is None or self.loss_chunk >= 1,
                   **{k: getattr(self, k) >= 1 for k in ("seq", "steps", "attention_chunk",
                                                          "max_batch")}}
         for name in (k for k, ok in checks.items() if not ok):
@@ -254,14 +258,8 @@ def _work_jax(job: dict, row: dict) -> None:
     cfg, seq, cap = model_config(bench["preset"]), bench["seq"], bench["max_batch"]
     row["environment"] = environment()
     oc = step.OptimConfig(lr=1e-4, warmup_steps=0, steps=10_000)
-    kwargs = dict(cfg=cfg, oc=oc, remat=run.remat, attention_chunk=bench["attention_chunk"])
-    if run.attention != "xla":
-        if "attention_impl" in step.STEP_STATIC:
-            kwargs["attention_impl"] = run.attention
-        else:  # this process only: the step's forward attends with cudnn
-            step.forward = functools.partial(llama.forward, attention_impl=run.attention)
-            row["attention_note"] = ("train_step has no attention_impl: this process rebinds "
-                                     "train.step.forward to forward(attention_impl=...)")
+    kwargs = dict(cfg=cfg, oc=oc, remat=run.remat, attention_chunk=bench["attention_chunk"],
+                  attention_impl=run.attention, loss_chunk=bench["loss_chunk"])
     key = jax.random.key(bench["seed"])
     t0 = time.perf_counter()
     params = random_params(cfg, key)
@@ -332,7 +330,8 @@ def _plan(cfg: LlamaConfig, bench: dict, run: Run, batch: int) -> dict:
     log(f"{run.name}: planning batch {batch}")
     p = planner.plan(cfg, batch=batch, train=True, seq_len=bench["seq"], remat=run.remat,
                      adapter=run.adapter, experts=acfg.num_experts, rank=acfg.rank,
-                     top_k=acfg.top_k, attention_chunk=bench["attention_chunk"])
+                     top_k=acfg.top_k, attention_chunk=bench["attention_chunk"],
+                     attention_impl=run.attention, loss_chunk=bench["loss_chunk"])
     return {k: v for k, v in dataclasses.asdict(p).items() if isinstance(v, (int, float))}
 
 
@@ -440,6 +439,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--budget-s", type=float, default=d.budget_s,
                    help="skip the runs that would not finish within this many seconds")
     p.add_argument("--attention-chunk", type=int, default=d.attention_chunk)
+    p.add_argument("--loss-chunk", type=lambda v: None if v == "none" else int(v),
+                   default=d.loss_chunk, help="tokens per cross-entropy chunk; none: whole logits")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops)
     p.add_argument("--bytes-limit", type=float, default=None,
                    help="bytes the largest batch must fit (default: the device's bytes_limit)")
@@ -460,7 +461,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     if a.worker:
         return a
     small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
-    kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk) | small
+    kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk,
+              loss_chunk=a.loss_chunk) | small
     try:
         return BenchConfig(runs=tuple(Run.parse(r) for r in a.runs), steps=a.steps,
                            warmup=a.warmup, budget_s=a.budget_s, peak_tflops=a.peak_tflops,
