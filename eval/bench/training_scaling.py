@@ -14,7 +14,7 @@ device (``--batch-per-device``), so a mesh of ``n`` devices steps ``n`` times th
     MFU                 = training.step_flops(global batch) / step_s / (n * peak)
 
 Target: efficiency >= 0.90. Weights and the train state are made already placed in the mesh's
-shardings (one jitted random draw per leaf, ``out_shardings`` its sharding: FSDP never holds the
+shardings (one jitted random draw, ``out_shardings`` the placement's: FSDP never holds the
 whole model on one device). The batch's values depend only on its global size and the seed, so
 meshes of the same global batch (``data=N`` and ``fsdp=N``) run the same computation: their
 losses agree, a check that they do. ``collectives``: the compiled step's all-gather,
@@ -103,6 +103,7 @@ class ScalingConfig:
     warmup: int = 2
     budget_s: float = 540.0
     attention_chunk: int = 512
+    loss_chunk: int | None = 1024  # TrainConfig's default
     peak_tflops: float = H200_BF16_TFLOPS
     cpu: bool = False
     profile: bool = False
@@ -136,7 +137,8 @@ class ScalingConfig:
         bc = BenchConfig(runs=(Run(self.adapter, self.remat, self.batch_per_device),),
                          preset=self.preset, seq=self.seq, steps=self.steps, warmup=self.warmup,
                          budget_s=self.budget_s, attention_chunk=self.attention_chunk,
-                         peak_tflops=self.peak_tflops, cpu=self.cpu, profile=self.profile,
+                         loss_chunk=self.loss_chunk, peak_tflops=self.peak_tflops, cpu=self.cpu,
+                         profile=self.profile,
                          seed=self.seed, out=self.out)
         return {**dataclasses.asdict(bc), "runs": []}
 
@@ -200,7 +202,7 @@ def _measure(job: dict, row: dict) -> None:
     t0 = time.perf_counter()
     compiled = placement.train_step.lower(
         state, params, data, cfg=cfg, oc=oc, remat=run.remat,
-        attention_chunk=bench["attention_chunk"]).compile()
+        attention_chunk=bench["attention_chunk"], loss_chunk=bench["loss_chunk"]).compile()
     row |= {"compile_s": time.perf_counter() - t0,
             "collectives": hlo_collectives(compiled.as_text())}
     log(f"{job['label']}: compiled in {row['compile_s']:.0f}s; collectives {row['collectives']}")
@@ -420,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> ScalingConfig | argparse.Namesp
     p.add_argument("--budget-s", type=float, default=d.budget_s,
                    help="skip the meshes that would not finish within this many seconds")
     p.add_argument("--attention-chunk", type=int, default=d.attention_chunk)
+    p.add_argument("--loss-chunk", type=lambda v: None if v == "none" else int(v),
+                   default=d.loss_chunk, help="tokens per cross-entropy chunk; none: whole logits")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="per device")
     p.add_argument("--small", action="store_true", help="demo model, seq 64, attention chunk 16")
     p.add_argument("--cpu", action="store_true",
@@ -434,7 +438,8 @@ def parse_args(argv: list[str] | None = None) -> ScalingConfig | argparse.Namesp
     if a.worker:
         return a
     small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
-    kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk) | small
+    kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk,
+              loss_chunk=a.loss_chunk) | small
     try:
         return ScalingConfig(meshes=tuple(a.meshes), adapter=a.adapter, remat=a.remat,
                              batch_per_device=a.batch_per_device, steps=a.steps, warmup=a.warmup,
