@@ -58,8 +58,8 @@ def model(request):
     return make_model(request.param)
 
 
-# 3 rows of 16 tokens: chunks of 1, 3 (padded to 18), 7 (padded to 21) and 16 positions.
-@pytest.mark.parametrize("chunk", [1, 9, 21, 1000])
+# 3 rows of 16 tokens: chunks of 1, 7 (padded to 21) and 16 positions.
+@pytest.mark.parametrize("chunk", [1, 21, 1000])
 def test_chunked_loss_and_gradients_equal_the_whole_logits(model, chunk):
     cfg, params, adapter = model
     batch = jax.tree.map(jnp.asarray, make_batch(3, 16))

@@ -18,15 +18,17 @@ from loraswitch_jax.eval.bench import tensor_decode as td
 from loraswitch_jax.eval.bench import tensor_decode_report as tdr
 
 N1, N2 = 1, 17
+DRY_MODES = ("backbone", "switch-fused")  # the targets' modes (lora and layerwise: same path)
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """``--small --cpu`` at batch 1, every default mode; XLA compiles without optimisation."""
+    """``--small --cpu`` at batch 1, the targets' modes; XLA compiles without optimisation."""
     out = tmp_path_factory.mktemp("tensor_decode")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "
                "--xla_force_host_platform_device_count=8")
     argv = ["--small", "--cpu", "--mesh", "tensor=2", "tensor=4", "tensor=16", "--batch", "1",
+            "--mode", *DRY_MODES,
             "--new-tokens", str(N1), str(N2), "--out", str(out)]
     cmd = [sys.executable, "-m", "loraswitch_jax.eval.bench.tensor_decode", *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -40,14 +42,14 @@ def dry_run(tmp_path_factory):
 def test_dry_run_rows_and_arithmetic(dry_run):
     _, report, _ = dry_run
     rows = {(r["mesh"], r["mode"]): r for r in report["results"]}
-    assert len(rows) == len(report["results"]) == 12
+    assert len(rows) == len(report["results"]) == 6
     assert set(rows) == {(m, mode) for m in ("tensor=2", "tensor=4", "tensor=16")
-                         for mode in td.DEFAULT_MODES}
+                         for mode in DRY_MODES}
     copy_gbps = report["bandwidth"]["copy_gbps"]
     layers = PRESETS["demo"].num_hidden_layers
     for mesh, tensor in (("tensor=2", 2), ("tensor=4", 4)):
         backbone = rows[(mesh, "backbone")]
-        for mode in td.DEFAULT_MODES:
+        for mode in DRY_MODES:
             r = rows[(mesh, mode)]
             assert r["status"] == "ok", r
             assert (r["tensor"], r["devices"], r["impl"]) == (tensor, tensor, "xla")
@@ -79,7 +81,7 @@ def test_dry_run_rows_and_arithmetic(dry_run):
     assert four["bytes_per_device"]["kv"] == two["bytes_per_device"]["kv"] > 0
     assert report["meshes"]["tensor=4"]["param_bytes_per_device"] < \
         report["meshes"]["tensor=2"]["param_bytes_per_device"]
-    for mode in td.DEFAULT_MODES:
+    for mode in DRY_MODES:
         r = rows[("tensor=16", mode)]
         assert r["status"] == "skipped" and "needs 16 devices, 8 visible" in r["error"]
     checks = {c["check"]: c for c in report["acceptance"]}
@@ -108,7 +110,7 @@ def test_dry_run_writes_table_and_plot(dry_run):
     # Sorted by mesh, batch and mode, whatever the run order.
     body = [line.split(" | ")[:3] for line in table.splitlines() if line.startswith("| tensor=")]
     assert body == [[f"| {m}", "1", mode] for m in ("tensor=2", "tensor=4", "tensor=16")
-                    for mode in td.DEFAULT_MODES]
+                    for mode in DRY_MODES]
 
 
 # ------------------------------------------------------------------ traces of several GPUs
