@@ -16,7 +16,7 @@ import tempfile
 
 from loraswitch_jax.eval.bench.profile import kernel_times, trace_events
 
-__all__ = ["KINDS", "kernel_kind", "profile_step", "summarize"]
+__all__ = ["KINDS", "kernel_kind", "profile_step", "stepper", "summarize"]
 
 # Kernel-name patterns of each kind, tried in order (names as the CUDA profiler reports them).
 KINDS = (
@@ -52,3 +52,15 @@ def profile_step(run, top: int = 12, allow_host: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         events, wall = trace_events(run, tmp)
     return summarize(kernel_times(events, allow_host), wall, top)
+
+
+def stepper(compiled, state, *args):
+    """A call of ``compiled(state, *args) -> (state, out)`` with no arguments that threads the
+    (donated) state from one call to the next and returns ``out``: what tracing calls twice."""
+    holder = [state]
+
+    def one_step():
+        holder[0], out = compiled(holder[0], *args)
+        return out
+
+    return one_step

@@ -54,15 +54,15 @@ from loraswitch_jax.eval.bench.adapter_cases import ALPHA, BASE_EXPERTS, BASE_TO
 from loraswitch_jax.eval.bench.harness import (
     environment, failure, is_oom, log, peak_memory, reserve_device_memory, spawn_worker,
     write_report)
-from loraswitch_jax.eval.bench.step_profile import profile_step
+from loraswitch_jax.eval.bench.step_profile import profile_step, stepper
 from loraswitch_jax.eval.bench.training_peers import mixlora_active_params, peer_batch, work_mixlora
 from loraswitch_jax.eval.bench.training_report import markdown, plot
 from loraswitch_jax.params import init_params, projection_shape
 from loraswitch_jax.train import step
 
-__all__ = ["DEFAULT_RUNS", "H200_BF16_TFLOPS", "LLAMA3_8B", "BenchConfig", "Run", "main",
-           "model_config", "parse_args", "predict_batch", "random_batch", "random_params",
-           "step_flops", "timed_row", "work"]
+__all__ = ["DEFAULT_RUNS", "H200_BF16_TFLOPS", "LLAMA3_8B", "BenchConfig", "Run",
+           "add_step_arguments", "main", "model_config", "parse_args", "predict_batch",
+           "random_batch", "random_params", "step_flops", "step_kwargs", "timed_row", "work"]
 
 H200_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM spec, dense bf16 (no sparsity)
 # Llama-3-8B shapes; PRESETS["llama3-8b"] is used when the package has it.
@@ -313,13 +313,8 @@ def _work_jax(job: dict, row: dict) -> None:
             row["prediction"] = {"error": failure(e)}
     if bench["profile"]:
         log(f"{run.name}: tracing one step")
-        holder = [state]
-
-        def one_step():
-            holder[0], out = compiled(holder[0], params, data)
-            return out
-
-        row["profile"] = profile_step(one_step, allow_host=bench["cpu"])
+        row["profile"] = profile_step(stepper(compiled, state, params, data),
+                                      allow_host=bench["cpu"])
     if bench["plan"]:  # last: its compile must not count in the run's peak
         row["plan"] = _plan(cfg, bench, run, batch)
 
@@ -424,6 +419,34 @@ def main(bc: BenchConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------ command
+def add_step_arguments(p: argparse.ArgumentParser, d, unit: str) -> None:
+    """The arguments that this benchmark and :mod:`.training_scaling` share (``d``: the
+    config's defaults; ``unit``: what ``--budget-s`` skips)."""
+    p.add_argument("--preset", default=d.preset)
+    p.add_argument("--seq", type=int, default=d.seq)
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
+    p.add_argument("--budget-s", type=float, default=d.budget_s,
+                   help=f"skip the {unit} that would not finish within this many seconds")
+    p.add_argument("--attention-chunk", type=int, default=d.attention_chunk)
+    p.add_argument("--loss-chunk", type=lambda v: None if v == "none" else int(v),
+                   default=d.loss_chunk, help="tokens per cross-entropy chunk; none: whole logits")
+    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="per device")
+    p.add_argument("--small", action="store_true", help="demo model, seq 64, attention chunk 16")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="output folder")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one job (JSON), in a subprocess
+    p.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def step_kwargs(a: argparse.Namespace) -> dict:
+    """The config fields :func:`add_step_arguments` parsed (``--small``: the demo model)."""
+    small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
+    return dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk,
+                loss_chunk=a.loss_chunk, steps=a.steps, warmup=a.warmup, budget_s=a.budget_s,
+                peak_tflops=a.peak_tflops, seed=a.seed, out=a.out) | small
+
+
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m loraswitch_jax.eval.bench.training",
@@ -432,20 +455,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS),
                    help="ADAPTER:REMAT:BATCH[:ATTENTION]; adapter switch|layerwise|lora|mixlora, "
                         "remat none|dots|full, batch N|max, attention xla|cudnn")
-    p.add_argument("--preset", default=d.preset)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--steps", type=int, default=d.steps, help="timed steps (median)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
-    p.add_argument("--budget-s", type=float, default=d.budget_s,
-                   help="skip the runs that would not finish within this many seconds")
-    p.add_argument("--attention-chunk", type=int, default=d.attention_chunk)
-    p.add_argument("--loss-chunk", type=lambda v: None if v == "none" else int(v),
-                   default=d.loss_chunk, help="tokens per cross-entropy chunk; none: whole logits")
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops)
+    add_step_arguments(p, d, "runs")
     p.add_argument("--bytes-limit", type=float, default=None,
                    help="bytes the largest batch must fit (default: the device's bytes_limit)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="cap on a predicted batch")
-    p.add_argument("--small", action="store_true", help="demo model, seq 64, attention chunk 16")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (JAX_PLATFORMS=cpu)")
     p.add_argument("--ours", default=None, help="a report whose largest batch mixlora:..:max uses")
     p.add_argument("--plan", action="store_true",
@@ -453,22 +466,14 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         "report its memory figure beside the measured peak")
     p.add_argument("--profile", action="store_true",
                    help="also trace one step per run: device time by kernel kind and group")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # one run's job (JSON), in a subprocess
-    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         return a
-    small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
-    kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk,
-              loss_chunk=a.loss_chunk) | small
     try:
-        return BenchConfig(runs=tuple(Run.parse(r) for r in a.runs), steps=a.steps,
-                           warmup=a.warmup, budget_s=a.budget_s, peak_tflops=a.peak_tflops,
-                           max_batch=a.max_batch, cpu=a.cpu, ours=a.ours, seed=a.seed, out=a.out,
-                           plan=a.plan, profile=a.profile,
-                           bytes_limit=None if a.bytes_limit is None else int(a.bytes_limit), **kw)
+        return BenchConfig(runs=tuple(Run.parse(r) for r in a.runs), max_batch=a.max_batch,
+                           cpu=a.cpu, ours=a.ours, plan=a.plan, profile=a.profile,
+                           bytes_limit=None if a.bytes_limit is None else int(a.bytes_limit),
+                           **step_kwargs(a))
     except ValueError as e:
         p.error(str(e))
 

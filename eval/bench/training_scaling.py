@@ -54,9 +54,10 @@ from loraswitch_jax.adapters import init_adapter
 from loraswitch_jax.eval.bench.harness import (
     environment, failure, is_oom, log, reserve_device_memory, spawn_worker, write_report)
 from loraswitch_jax.eval.bench.profile import kernel_times, trace_events
+from loraswitch_jax.eval.bench.step_profile import stepper
 from loraswitch_jax.eval.bench.training import (
-    H200_BF16_TFLOPS, REMATS, BenchConfig, Run, model_config, random_batch, random_params,
-    timed_row)
+    H200_BF16_TFLOPS, REMATS, BenchConfig, Run, add_step_arguments, model_config, random_batch,
+    random_params, step_kwargs, timed_row)
 from loraswitch_jax.params import init_params
 from loraswitch_jax.sharding import MeshConfig, MeshError
 from loraswitch_jax.train import step
@@ -221,14 +222,8 @@ def _measure(job: dict, row: dict) -> None:
             "peak_bytes_per_device": peaks, "peak_bytes": max(peaks) if peaks else None}
     if bench["profile"]:
         log(f"{job['label']}: tracing one step")
-        holder = [state]
-
-        def one_step():
-            holder[0], out = compiled(holder[0], params, data)
-            return out
-
         with tempfile.TemporaryDirectory() as tmp:
-            events, wall = trace_events(one_step, tmp)
+            events, wall = trace_events(stepper(compiled, state, params, data), tmp)
         row["profile"] = {"wall_us": 1e6 * wall, **collective_profile(events, n, bench["cpu"])}
 
 
@@ -415,36 +410,18 @@ def parse_args(argv: list[str] | None = None) -> ScalingConfig | argparse.Namesp
     p.add_argument("--adapter", default=d.adapter, choices=("switch", "layerwise", "lora"))
     p.add_argument("--remat", default=d.remat, choices=REMATS)
     p.add_argument("--batch-per-device", type=int, default=d.batch_per_device)
-    p.add_argument("--preset", default=d.preset)
-    p.add_argument("--seq", type=int, default=d.seq)
-    p.add_argument("--steps", type=int, default=d.steps, help="timed steps (median)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first")
-    p.add_argument("--budget-s", type=float, default=d.budget_s,
-                   help="skip the meshes that would not finish within this many seconds")
-    p.add_argument("--attention-chunk", type=int, default=d.attention_chunk)
-    p.add_argument("--loss-chunk", type=lambda v: None if v == "none" else int(v),
-                   default=d.loss_chunk, help="tokens per cross-entropy chunk; none: whole logits")
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="per device")
-    p.add_argument("--small", action="store_true", help="demo model, seq 64, attention chunk 16")
+    add_step_arguments(p, d, "meshes")
     p.add_argument("--cpu", action="store_true",
                    help="run on the CPU (8 host devices unless XLA_FLAGS sets a count)")
     p.add_argument("--profile", action="store_true",
                    help="also trace one step per mesh: collective kernel time per device")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # one mesh's job (JSON), in a subprocess
-    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         return a
-    small = dict(preset="demo", seq=64, attention_chunk=16) if a.small else {}
-    kw = dict(preset=a.preset, seq=a.seq, attention_chunk=a.attention_chunk,
-              loss_chunk=a.loss_chunk) | small
     try:
         return ScalingConfig(meshes=tuple(a.meshes), adapter=a.adapter, remat=a.remat,
-                             batch_per_device=a.batch_per_device, steps=a.steps, warmup=a.warmup,
-                             budget_s=a.budget_s, peak_tflops=a.peak_tflops, cpu=a.cpu,
-                             profile=a.profile, seed=a.seed, out=a.out, **kw)
+                             batch_per_device=a.batch_per_device, cpu=a.cpu, profile=a.profile,
+                             **step_kwargs(a))
     except ValueError as e:
         p.error(str(e))
 
