@@ -1,0 +1,128 @@
+"""A normed projection's LoRA shrink computed ahead, with the RMSNorm folded out (private to
+``pallas``; DESIGN.md §8, shrink-ahead).
+
+The MLP reads ``x = rms_norm(h_mid) * g`` with ``h_mid = h + o_out``, so its ``x A`` is
+``s * ((h_mid * g) A)`` with ``s = rsqrt(mean(h_mid^2) + eps)`` per row. The o projection's
+routed kernel, which writes ``o_out`` by column blocks, can therefore compute gate/up's shrink
+in its epilogue: each program ``p`` adds the residual to its block, writes ``h_mid`` there and
+two per-program partials, ``xa[p] = (h_mid[:, block] * g[block]) @ A[slot][block rows]`` (times
+the slot weights) and ``ss[p] = sum h_mid[:, block]^2``. The consumer (the routed gate/up
+kernel) adds them up before its K loop and applies ``s``: plain stores, no atomics, no zeroing.
+
+:func:`write_partials` is the producer's epilogue, :func:`load_xa` the consumer's read of any
+given ``xa`` (packed, split partial sums, or :class:`NormedXa`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ._slots import group_weights, slot_groups, slot_rows_tile
+from ._tiles import dot_f32
+
+__all__ = ["NormedXa", "ResidualAhead", "load_xa", "normed_xa_value", "write_partials"]
+
+# Partials one load adds up: a block of [chunk, rows, columns] float32 stays in registers.
+_CHUNK = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NormedXa:
+    """A shrink ``x A`` of ``x = rms_norm(h_mid) * g`` in per-program partials: ``xa [P, Mp,
+    S * r]`` float32 sums of ``(h_mid * g) A`` times the slot weights (the packed layout of
+    ``PackedXa``) and ``ss [Q, Mp]`` float32 sums of ``h_mid^2``; ``x A = s * sum_p xa[p]`` with
+    ``s = rsqrt(sum_q ss[q] / width + eps)``. The routed kernels take it as a projection's
+    ``xa``."""
+
+    xa: jax.Array
+    ss: jax.Array
+    eps: float = dataclasses.field(metadata=dict(static=True))
+    width: int = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ResidualAhead:
+    """What the o projection's kernel needs to add the residual and compute the next
+    projections' shrink ahead: ``h [M, N]`` the residual (``x.dtype``), ``norm [L, N]`` the
+    stacked RMSNorm weights read at the projection's layer, ``eps``, ``a``: the next
+    projections' ``[La, E, N, r]`` stacks (read at the routed kernel's ``adapted_layer``),
+    ``slot_weights [M, S]`` of ``lora_shrink.route_slots`` (gather slots)."""
+
+    h: jax.Array
+    norm: jax.Array
+    a: tuple[jax.Array, ...]
+    slot_weights: jax.Array
+    eps: float = dataclasses.field(metadata=dict(static=True))
+
+
+def normed_xa_value(xa: NormedXa, num_rows: int, rank: int, dtype) -> jax.Array:
+    """The shrink that ``xa`` holds, ``[M, S, r]`` in ``dtype`` (jnp, for tests)."""
+    s = jax.lax.rsqrt(xa.ss.sum(axis=0) / xa.width + xa.eps)  # [Mp]
+    out = (xa.xa.sum(axis=0) * s[:, None])[:num_rows].astype(dtype)
+    return out.reshape(num_rows, -1, rank)
+
+
+def _sum_partials(ref, index, count):
+    """``sum_p ref[p, *index]`` float32, loaded :data:`_CHUNK` partials at a time (a loop past
+    one chunk; a chunk is the largest power of two dividing ``count``, at most ``_CHUNK``)."""
+    chunk = next(c for c in (16, 8, 4, 2, 1) if count % c == 0 and c <= _CHUNK)
+    if chunk == count:
+        return ref[(slice(None), *index)].astype(jnp.float32).sum(axis=0)
+
+    def body(i, acc):
+        return acc + ref[(pl.ds(i * chunk, chunk), *index)].astype(jnp.float32).sum(axis=0)
+
+    first = ref[(pl.ds(0, chunk), *index)].astype(jnp.float32).sum(axis=0)
+    return jax.lax.fori_loop(1, count // chunk, body, first)
+
+
+def load_xa(xa_refs, rows, cols, dtype, fold):
+    """Rows ``rows`` and columns ``cols`` (``pl.ds``) of a given shrink in ``dtype``, as the
+    projection's expansion reads it: ``xa_refs`` is ``(xa_ref,)``, packed ``[block_m, S r]`` or
+    split partial sums ``[split_k, block_m, S r]`` (added up and rounded as ``lora_shrink``
+    rounds), or ``(xa_ref, ss_ref)`` of a :class:`NormedXa` with ``fold = (eps, width)``."""
+    xa_ref = xa_refs[0]
+    if len(xa_ref.shape) == 2:
+        return xa_ref[rows, cols]
+    xa = _sum_partials(xa_ref, (rows, cols), xa_ref.shape[0])
+    if fold is not None:
+        eps, width = fold
+        ss_ref = xa_refs[1]
+        ss = _sum_partials(ss_ref, (rows,), ss_ref.shape[0])
+        xa = xa * jax.lax.rsqrt(ss / width + eps)[:, None]
+    return xa.astype(dtype)
+
+
+def write_partials(acc, refs, outs, layer, adapted, slots_ref, col_block, block_n):
+    """The o kernel's epilogue with a :class:`ResidualAhead`: ``h_mid = h + acc`` (``acc``
+    rounded to the output dtype first, as ``h + o_out`` rounds) into ``o_ref``, and this
+    program's partials of each next projection's :class:`NormedXa`: ``xa[p]`` into ``xa_refs``
+    (``[block_m, S r]`` each) and ``ss[p]`` into ``ss_ref`` (``[block_m]``).
+
+    ``refs``: ``h_ref [block_m, block_n]``, ``norm_ref [L, N]`` whole, the ``a`` refs
+    ``[La, E, N, r]`` whole, ``sw_ref [S, block_m]``. Slots go in groups of up to
+    ``GROUP_COLUMNS`` columns (``slot_groups``), one dot each."""
+    h_ref, norm_ref, *a_refs, sw_ref = refs
+    o_ref, *xa_refs, ss_ref = outs
+    dtype = o_ref.dtype
+    h_mid = (h_ref[...].astype(jnp.float32) + acc.astype(dtype).astype(jnp.float32)).astype(dtype)
+    o_ref[...] = h_mid
+    v = h_mid.astype(jnp.float32)
+    ss_ref[...] = (v * v).sum(axis=1)
+    g = norm_ref[layer, pl.ds(col_block * block_n, block_n)].astype(jnp.float32)
+    vg = (v * g[None, :]).astype(dtype)
+    block_m, num_slots = v.shape[0], slots_ref.shape[0]
+    for a_ref, xa_ref in zip(a_refs, xa_refs):
+        r = a_ref.shape[3]
+        for first, count in slot_groups(num_slots, r):
+            a = slot_rows_tile(a_ref, adapted, slots_ref, col_block * block_n, block_n, first,
+                               count, False)
+            part = dot_f32(vg, a.astype(dtype)) * group_weights(lambda s: sw_ref[s], first,
+                                                                 count, r, block_m)
+            xa_ref[:, pl.ds(first * r, count * r)] = part
