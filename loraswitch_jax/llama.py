@@ -110,13 +110,18 @@ def _layer(
         )
         attended, xa_o = ops.cached_attention_shrink_ahead(q, cache.k, cache.v, layer, positions,
                                                            mask, impl, lora)
-    h = h + row_parallel(lambda b: ops.stacked_linear(attended, layers.wo, layer, b, impl, lora,
-                                                      "o", xa_o), layers.bo)
+    if tensor_axis is None:  # o's kernel may add the residual and shrink gate/up's x A (ops)
+        h, xa_mlp = ops.residual_linear_shrink_ahead(
+            attended, layers.wo, layer, layers.bo, impl, lora, "o", xa_o, h, layers.mlp_norm,
+            cfg.rms_norm_eps, layers.w_gate)
+    else:
+        h, xa_mlp = h + row_parallel(lambda b: ops.stacked_linear(
+            attended, layers.wo, layer, b, impl, lora, "o", xa_o), layers.bo), None
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU, then down.
     h = h + row_parallel(lambda b: ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
-                                           (layers.b_gate, layers.b_up, b), impl, lora),
+                                           (layers.b_gate, layers.b_up, b), impl, lora, xa_mlp),
                          layers.b_down)
     return h, cache, routing
 

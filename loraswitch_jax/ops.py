@@ -31,8 +31,8 @@ from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
 __all__ = ["IMPLS", "Impl", "LoraTerm", "cached_attention", "cached_attention_shrink_ahead", "mlp",
-           "qkv_linear", "resolve_impl", "shared_slots", "stacked_linear", "swiglu",
-           "switch_merge"]
+           "qkv_linear", "residual_linear_shrink_ahead", "resolve_impl", "shared_slots",
+           "stacked_linear", "swiglu", "switch_merge"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -256,19 +256,28 @@ def qkv_linear(
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
 
 
+def _refuse_unserved(xa, routed, projs: str, impl: Impl) -> None:
+    if xa is not None and routed is None:
+        raise ValueError(f"an xa computed ahead for {projs} needs the routed kernel to serve "
+                         f"them, which it does not here (impl {impl})")
+
+
 def swiglu(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: int | jax.Array,
     b_gate: jax.Array | None, b_up: jax.Array | None, impl: Impl, lora: LoraTerm | None = None,
+    xa: tuple | None = None,
 ) -> jax.Array:
     """``silu(x W_gate + b) * (x W_up + b)`` in float32, returned in ``x.dtype``, with ``lora``'s
     terms inside both projections; one fused kernel launch under Pallas (both weights streamed
-    by the same programs)."""
+    by the same programs). ``xa``: gate's and up's shrinks computed ahead
+    (:func:`residual_linear_shrink_ahead`), expanded with no shrink launch."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
     interpret = impl.interpret
     adapted = lora is not None and (lora.adapts("gate") or lora.adapts("up"))
     fusable = not impl.xla and kernel.supports(w_gate.shape[1], w_gate.shape[2])
-    routed = _routed(lora, ("gate", "up"), x, impl) if fusable else None
+    routed = _routed(lora, ("gate", "up"), x, impl, xa) if fusable else None
+    _refuse_unserved(xa, routed, "gate/up", impl)
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -287,12 +296,13 @@ def swiglu(
 def mlp(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layer: int | jax.Array,
     biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None], impl: Impl,
-    lora: LoraTerm | None = None,
+    lora: LoraTerm | None = None, xa: tuple | None = None,
 ) -> jax.Array:
     """The SwiGLU MLP ``down(silu(x W_gate + b) * (x W_up + b)) + b`` of ``x [..., d]``, with
     ``lora``'s terms in all three projections. Under Pallas with all three adapted (no dropout),
     the gate/up kernel also computes the down projection's ``x A`` in its epilogue (no shrink
-    launch for ``down``; ``pallas/tuned.py``); else :func:`swiglu` then :func:`stacked_linear`."""
+    launch for ``down``; ``pallas/tuned.py``); else :func:`swiglu` then :func:`stacked_linear`.
+    ``xa``: gate's and up's shrinks computed ahead (:func:`residual_linear_shrink_ahead`)."""
     from loraswitch_jax.pallas import fused_projections as fused_kernel
     from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -301,7 +311,7 @@ def mlp(
     if (not impl.xla and lora is not None and lora.adapts("down")
             and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
-        routed = _routed(lora, ("gate", "up"), x, impl)
+        routed = _routed(lora, ("gate", "up"), x, impl, xa)
         if routed is not None:
             act, xa_down = routed_kernel.routed_gate_up_matmul(
                 _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
@@ -312,7 +322,7 @@ def mlp(
                                             lora.layer, routed.slot_experts, b_down,
                                             expand=routed.expand, interpret=impl.interpret)
             return _unflat(y, x)
-    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora)
+    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora, xa)
     return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")
 
 
@@ -374,6 +384,66 @@ def cached_attention_shrink_ahead(
     out, xa = kernel.decode_attention(q[:, 0], k_cache, v_cache, layer, positions[:, 0] + 1,
                                       o_shrink=o_shrink, interpret=impl.interpret)
     return out[:, None], xa
+
+
+def _gate_up_ahead(x: jax.Array, w: jax.Array, impl: Impl, lora: LoraTerm | None,
+                   proj: str, w_gate: jax.Array) -> tuple[str, ...] | None:
+    """The MLP projections whose shrink the routed kernel of ``proj`` (``x [B, T, K] @ w``) can
+    compute ahead and the routed gate/up kernel then expand (shrink-ahead on, one token per
+    sequence, Pallas, gate or up adapted, no dropout, gather slots, shapes both kernels tile),
+    else None."""
+    from loraswitch_jax.pallas import fused_projections as fused_kernel
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+    from loraswitch_jax.pallas import stacked_matmul
+
+    if (impl.xla or not impl.shrink_ahead or x.ndim != 3 or x.shape[1] != 1 or lora is None
+            or _dropout(lora)):
+        return None
+    nexts = tuple(p for p in ("gate", "up") if lora.adapts(p))
+    if not nexts:
+        return None
+    a = lora.a[nexts[0]]
+    (k, n), (d, f), rank = w.shape[1:], w_gate.shape[1:], a.shape[-1]
+    if not (stacked_matmul.supports(k, n) and routed_kernel.supports(k, n, rank=rank)
+            and fused_kernel.supports(d, f) and routed_kernel.supports(d, f, rank=rank)):
+        return None
+    if lora.adapts(proj) and not routed_kernel.supports(k, n, rank=lora.a[proj].shape[-1]):
+        return None
+    slot_experts, _ = _slots(lora, a.shape[1], impl)
+    if slot_experts.shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
+        return None
+    return nexts
+
+
+def residual_linear_shrink_ahead(
+    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: Impl,
+    lora: LoraTerm | None, proj: str, xa: object | None, h: jax.Array, norm: jax.Array,
+    eps: float, w_gate: jax.Array,
+) -> tuple[jax.Array, tuple | None]:
+    """``h + stacked_linear(x, w, layer, bias, impl, lora, proj, xa)`` (the residual after o),
+    and where o's routed kernel computes them along (DESIGN.md §8, shrink-ahead: decode under
+    Pallas, gate or up adapted, no dropout, gather slots), gate's and up's shrinks of
+    ``rms_norm(h + ...) * norm[layer]`` for :func:`mlp`'s ``xa``: that saves their shrink
+    launch, and XLA's residual add. ``w_gate [L, d, F]``: the MLP's gate weights (their shape
+    decides whether its routed kernel serves). Returns ``(h_mid, xas or None)``; with ``None``
+    :func:`mlp` shrinks as before."""
+    nexts = _gate_up_ahead(x, w, impl, lora, proj, w_gate)
+    if nexts is None:
+        return h + stacked_linear(x, w, layer, bias, impl, lora, proj, xa), None
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    adapted = lora.adapts(proj)
+    routed = _routed(lora, (proj,), x, impl, None if xa is None else (xa,)) if adapted else None
+    slot_experts, slot_weights = _slots(lora, lora.a[nexts[0]].shape[1], impl)
+    expand = "rows" if _flat(x).shape[0] <= routed_kernel.MAX_EXPAND_ROWS else "dot"
+    ahead = routed_kernel.ResidualAhead(_flat(h), norm, tuple(lora.a[p] for p in nexts),
+                                        slot_weights, eps)
+    h_mid, normed = routed_kernel.routed_matmul_residual(
+        _flat(x), w, layer, None if routed is None else routed.xas[0],
+        None if routed is None else routed.b[0], lora.layer, slot_experts, bias, ahead=ahead,
+        expand=expand, interpret=impl.interpret)
+    normed = dict(zip(nexts, normed))
+    return _unflat(h_mid, h), tuple(normed.get(p) for p in ("gate", "up"))
 
 
 def switch_merge(

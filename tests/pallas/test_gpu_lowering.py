@@ -53,12 +53,16 @@ def test_generation_lowers_for_gpu(mode, strategy, batch):
     kernels = " ".join(triton_kernels(text))
     assert "decode_attention" in kernels  # the kernel wherever it tiles the cache (pallas/tuned.py)
     if mode == "switch" and strategy == "fused":
-        assert "lora_shrink_group3" in kernels and "lora_shrink_group2" in kernels  # q/k/v, gate/up
+        assert "lora_shrink_group3" in kernels  # q/k/v
         assert bool(re.search(r"routed_\w+_st\d_rows", kernels)) == (batch == 1)
-    # Shrink-ahead on: o's x A from the decode-attention kernel with gather slots (switch and
-    # layerwise at batch 1: 2 of 8 experts); batch 8 and up have dense slots and keep o's shrink.
+    # Shrink-ahead on: o's x A from the decode-attention kernel and gate/up's from o's routed
+    # kernel (with the residual) with gather slots (switch and layerwise at batch 1: 2 of 8
+    # experts); batch 8 and up have dense slots and keep o's and gate/up's shrink launches.
     gather = mode in ("switch", "layerwise") and strategy == "fused" and batch == 1
     assert bool(re.search(r"decode_attention_\w+_oshrink32", kernels)) == gather
+    assert bool(re.search(r"routed_matmul_\w+_ahead", kernels)) == gather
+    if mode in ("switch", "layerwise") and strategy == "fused":
+        assert ("lora_shrink_group2" in kernels) == (not gather)  # gate/up's own shrink
 
 
 @pytest.mark.parametrize("mode", [None, "switch"])
