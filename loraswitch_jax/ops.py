@@ -12,8 +12,9 @@ Model code calls these functions with stacked weights and a layer index; it neve
     with ``W``; the small shrink (``x A``) is one split launch per input group, and the down
     projection's is computed in the gate/up kernel's epilogue. Decode attends with the
     decode-attention kernel; with ``Impl(shrink_ahead=True)`` and gather slots it also computes
-    the o projection's shrink (:func:`cached_attention_shrink_ahead`; not yet timed on a GPU,
-    so off by default). These paths were measured fastest: ``pallas/tuned.py``.
+    the o projection's shrink (:func:`cached_attention_shrink_ahead`), and o's routed kernel
+    adds the residual and computes gate's and up's (:func:`residual_linear_shrink_ahead`); not
+    yet timed on a GPU, so off by default. These paths were measured fastest: ``pallas/tuned.py``.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
@@ -41,9 +42,9 @@ IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 class Impl:
     """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
     kernels in interpret mode; ``shrink_ahead``: at decode with gather slots, the
-    decode-attention kernel also computes the o projection's ``x A`` (no shrink launch for o;
-    off by default until measured faster on a GPU: ``pallas/tuned.py``). Hashable: a static
-    argument of ``jax.jit``."""
+    decode-attention kernel also computes the o projection's ``x A`` and o's kernel gate's and
+    up's (no shrink launch for o, gate and up; off by default until measured faster on a GPU:
+    ``pallas/tuned.py``). Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
     interpret: bool = False

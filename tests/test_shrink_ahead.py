@@ -206,7 +206,7 @@ def test_tensor_parallel_keeps_the_residual_add():
     assert sum(n.startswith("lora_shrink_group2_") for n in names) == CFG.num_hidden_layers
 
 
-# ------------------------------------------------------------------ gate/up's shrink from o's kernel
+# ------------------------------------------------------------ gate/up's shrink from o's kernel
 
 
 def mlp_operands(rng, b, t, *, experts=8, k=2, adapts=("o", "gate", "up", "down"), dropout=0.0):
