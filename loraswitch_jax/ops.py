@@ -32,7 +32,7 @@ from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
 __all__ = ["IMPLS", "Impl", "LoraTerm", "cached_attention", "cached_attention_shrink_ahead", "mlp",
-           "qkv_linear", "residual_linear_shrink_ahead", "resolve_impl", "shared_slots",
+           "mlp_residual_shrink_ahead", "qkv_linear", "residual_linear_shrink_ahead", "resolve_impl", "shared_slots",
            "stacked_linear", "swiglu", "switch_merge"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -235,17 +235,21 @@ def stacked_linear(
 def qkv_linear(
     x: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], layer: int | jax.Array,
     b: tuple[jax.Array | None, ...], impl: Impl, lora: LoraTerm | None = None,
+    xa: tuple | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q, k, v`` projections of ``x [..., d]`` (plus ``lora``'s terms); one fused kernel launch
-    under Pallas."""
+    under Pallas. ``xa``: their shrinks computed ahead by the previous layer's down kernel
+    (:func:`mlp_residual_shrink_ahead`), expanded with no shrink launch."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
     wq, wk, wv = w
-    if impl.xla or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
+    fusable = not impl.xla and kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2])
+    routed = _routed(lora, ("q", "k", "v"), x, impl, xa) if fusable else None
+    _refuse_unserved(xa, routed, "q/k/v", impl)
+    if not fusable:
         return tuple(stacked_linear(x, wi, layer, bi, impl, lora, p)
                      for wi, bi, p in zip(w, b, ("q", "k", "v")))
     interpret = impl.interpret
-    routed = _routed(lora, ("q", "k", "v"), x, impl)
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -304,27 +308,95 @@ def mlp(
     the gate/up kernel also computes the down projection's ``x A`` in its epilogue (no shrink
     launch for ``down``; ``pallas/tuned.py``); else :func:`swiglu` then :func:`stacked_linear`.
     ``xa``: gate's and up's shrinks computed ahead (:func:`residual_linear_shrink_ahead`)."""
+    b_gate, b_up, b_down = biases
+    fused = _gate_up_down_shrink(x, w_gate, w_up, w_down, layer, b_gate, b_up, impl, lora, xa)
+    if fused is not None:
+        from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+        act, xa_down, routed = fused
+        y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"], lora.layer,
+                                        routed.slot_experts, b_down, expand=routed.expand,
+                                        interpret=impl.interpret)
+        return _unflat(y, x)
+    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora, xa)
+    return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")
+
+
+def _gate_up_down_shrink(x, w_gate, w_up, w_down, layer, b_gate, b_up, impl, lora, xa):
+    """``(act, xa_down, routed)`` of the routed gate/up kernel with down's shrink in its
+    epilogue, where it serves (Pallas, all three adapted, no dropout, shapes it tiles), else
+    None."""
     from loraswitch_jax.pallas import fused_projections as fused_kernel
     from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-    b_gate, b_up, b_down = biases
     d, f = w_gate.shape[1], w_gate.shape[2]
-    if (not impl.xla and lora is not None and lora.adapts("down")
+    if not (not impl.xla and lora is not None and lora.adapts("down")
             and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
-        routed = _routed(lora, ("gate", "up"), x, impl, xa)
-        if routed is not None:
-            act, xa_down = routed_kernel.routed_gate_up_matmul(
-                _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b_gate, b_up,
-                down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
-                interpret=impl.interpret)
-            y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
-                                            lora.layer, routed.slot_experts, b_down,
-                                            expand=routed.expand, interpret=impl.interpret)
-            return _unflat(y, x)
-    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora, xa)
-    return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")
+        return None
+    routed = _routed(lora, ("gate", "up"), x, impl, xa)
+    if routed is None:
+        return None
+    act, xa_down = routed_kernel.routed_gate_up_matmul(
+        _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer, routed.slot_experts,
+        b_gate, b_up, down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
+        interpret=impl.interpret)
+    return act, xa_down, routed
+
+
+def mlp_residual_shrink_ahead(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layer: int | jax.Array,
+    biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None], impl: Impl,
+    lora: LoraTerm | None, xa: tuple | None, h: jax.Array, next_norm: jax.Array | None,
+    eps: float, next_w: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, tuple | None]:
+    """``h + mlp(x, ...)`` (the residual after down), and where down's routed kernel computes
+    them along (DESIGN.md §8, shrink-ahead), the next layer's q/k/v shrinks of
+    ``rms_norm(h + ...) * next_norm[layer + 1]`` for its :func:`qkv_linear`'s ``xa``. Applies
+    with ``next_norm`` (the stacked attention norms; ``None``: no next adapted layer sharing
+    this route), decode under Pallas, a shared route (``lora.slots``), the MLP's fused path,
+    q/k/v adapted with gather slots; ``next_w``: ``(wq, wk, wv)`` (their shapes decide whether
+    the routed q/k/v kernel serves). Returns ``(h_next, xas or None)``."""
+    nexts = None if next_norm is None else _qkv_ahead(x, impl, lora, next_w)
+    fused = None if nexts is None else _gate_up_down_shrink(x, w_gate, w_up, w_down, layer,
+                                                            *biases[:2], impl, lora, xa)
+    if fused is None:
+        return h + mlp(x, w_gate, w_up, w_down, layer, biases, impl, lora, xa), None
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    act, xa_down, routed = fused
+    ahead = routed_kernel.ResidualAhead(_flat(h), next_norm, tuple(lora.a[p] for p in nexts),
+                                        routed.slot_weights, eps, norm_layer=layer + 1,
+                                        a_layer=lora.layer + 1)
+    h_next, normed = routed_kernel.routed_matmul_residual(
+        act, w_down, layer, xa_down, lora.b["down"], lora.layer, routed.slot_experts, biases[2],
+        ahead=ahead, expand=routed.expand, interpret=impl.interpret)
+    normed = dict(zip(nexts, normed))
+    return _unflat(h_next, h), tuple(normed.get(p) for p in ("q", "k", "v"))
+
+
+def _qkv_ahead(x: jax.Array, impl: Impl, lora: LoraTerm | None,
+               w: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[str, ...] | None:
+    """The next layer's adapted q/k/v projections whose shrink down's routed kernel can compute
+    (shrink-ahead on, one token per sequence, Pallas, a shared route, no dropout, gather slots,
+    shapes the routed q/k/v and down kernels tile), else None."""
+    from loraswitch_jax.pallas import fused_projections as fused_kernel
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    if (impl.xla or not impl.shrink_ahead or x.ndim != 3 or x.shape[1] != 1 or lora is None
+            or lora.slots is None or _dropout(lora)):
+        return None
+    nexts = tuple(p for p in ("q", "k", "v") if lora.adapts(p))
+    if not nexts:
+        return None
+    wq, wk, _ = w
+    (d, nq), nkv, a = wq.shape[1:], wk.shape[2], lora.a[nexts[0]]
+    if not (fused_kernel.supports(d, nq, nkv)
+            and routed_kernel.supports(d, nq, nkv, rank=a.shape[-1])):
+        return None
+    if lora.slots[0].shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
+        return None
+    return nexts
 
 
 def cached_attention(

@@ -48,17 +48,21 @@ class NormedXa:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ResidualAhead:
-    """What the o projection's kernel needs to add the residual and compute the next
+    """What a projection's routed kernel needs to add the residual and compute the next
     projections' shrink ahead: ``h [M, N]`` the residual (``x.dtype``), ``norm [L, N]`` the
-    stacked RMSNorm weights read at the projection's layer, ``eps``, ``a``: the next
-    projections' ``[La, E, N, r]`` stacks (read at the routed kernel's ``adapted_layer``),
-    ``slot_weights [M, S]`` of ``lora_shrink.route_slots`` (gather slots)."""
+    stacked RMSNorm weights read at ``norm_layer``, ``eps``, ``a``: the next projections'
+    ``[La, E, N, r]`` stacks read at ``a_layer``, ``slot_weights [M, S]`` of
+    ``lora_shrink.route_slots`` (gather slots). ``norm_layer`` and ``a_layer`` may be traced;
+    ``None``: the projection's own ``layer`` and ``adapted_layer`` (o then gate/up; down then
+    the next layer's q/k/v reads ``layer + 1``)."""
 
     h: jax.Array
     norm: jax.Array
     a: tuple[jax.Array, ...]
     slot_weights: jax.Array
     eps: float = dataclasses.field(metadata=dict(static=True))
+    norm_layer: jax.Array | int | None = None
+    a_layer: jax.Array | int | None = None
 
 
 def normed_xa_value(xa: NormedXa, num_rows: int, rank: int, dtype) -> jax.Array:
@@ -99,16 +103,18 @@ def load_xa(xa_refs, rows, cols, dtype, fold):
     return xa.astype(dtype)
 
 
-def write_partials(acc, refs, outs, layer, adapted, slots_ref, col_block, block_n):
-    """The o kernel's epilogue with a :class:`ResidualAhead`: ``h_mid = h + acc`` (``acc``
-    rounded to the output dtype first, as ``h + o_out`` rounds) into ``o_ref``, and this
-    program's partials of each next projection's :class:`NormedXa`: ``xa[p]`` into ``xa_refs``
+def write_partials(acc, refs, outs, slots_ref, col_block, block_n):
+    """A projection's epilogue with a :class:`ResidualAhead`: ``h_mid = h + acc`` (``acc``
+    rounded to the output dtype first, as ``h + y`` rounds) into ``o_ref``, and this program's
+    partials of each next projection's :class:`NormedXa`: ``xa[p]`` into ``xa_refs``
     (``[block_m, S r]`` each) and ``ss[p]`` into ``ss_ref`` (``[block_m]``).
 
-    ``refs``: ``h_ref [block_m, block_n]``, ``norm_ref [L, N]`` whole, the ``a`` refs
-    ``[La, E, N, r]`` whole, ``sw_ref [S, block_m]``. Slots go in groups of up to
-    ``GROUP_COLUMNS`` columns (``slot_groups``), one dot each."""
-    h_ref, norm_ref, *a_refs, sw_ref = refs
+    ``refs``: the scalars ``norm_layer`` and ``a_layer``, ``h_ref [block_m, block_n]``,
+    ``norm_ref [L, N]`` whole, the ``a`` refs ``[La, E, N, r]`` whole, ``sw_ref [S,
+    block_m]``. Slots go in groups of up to ``GROUP_COLUMNS`` columns (``slot_groups``), one dot
+    each."""
+    norm_layer_ref, a_layer_ref, h_ref, norm_ref, *a_refs, sw_ref = refs
+    layer, adapted = norm_layer_ref[()], a_layer_ref[()]
     o_ref, *xa_refs, ss_ref = outs
     dtype = o_ref.dtype
     h_mid = (h_ref[...].astype(jnp.float32) + acc.astype(dtype).astype(jnp.float32)).astype(dtype)

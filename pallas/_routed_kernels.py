@@ -210,7 +210,7 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
     # residual's refs follow and o_ref holds h + y, then the next shrink's partials
     # (``_fold_ahead.write_partials``).
     w_refs, lora_refs, bias_refs, extra, outs = _unpack(refs, lora, bias,
-                                                         ahead + 3 if ahead else 0)
+                                                         ahead + 5 if ahead else 0)
     n, s = pl.program_id(0), pl.program_id(1)
     ids = (layer_ref[()], adapted_ref[()], slots_ref)
     firsts = np.cumsum((0,) + blocks[:-1]).tolist()
@@ -229,7 +229,7 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
         which = sum((n >= f).astype(jnp.int32) for f in firsts[1:])
         acc = jax.lax.switch(which, [projection(p) for p in range(len(blocks))])
     if ahead:
-        write_partials(acc, extra, outs, *ids, n, blocking["block_n"])
+        write_partials(acc, extra, outs, slots_ref, n, blocking["block_n"])
     else:
         outs[0][...] = acc.astype(outs[0].dtype)
 
@@ -368,9 +368,10 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         out_shapes.append(jax.ShapeDtypeStruct(zeros.shape, zeros.dtype))
         out_specs.append(whole(zeros.shape))
     if ahead is not None:
-        operands += [pad_rows(ahead.h, mp), ahead.norm, *ahead.a,
-                     pad_rows(ahead.slot_weights.astype(jnp.float32), mp).T]
-        specs += [pl.BlockSpec((block_m, block_sizes.block_n), lambda n, s, m: (m, n)),
+        operands += [jnp.asarray(ahead.norm_layer, jnp.int32),
+                     jnp.asarray(ahead.a_layer, jnp.int32), pad_rows(ahead.h, mp), ahead.norm,
+                     *ahead.a, pad_rows(ahead.slot_weights.astype(jnp.float32), mp).T]
+        specs += [SCALAR, SCALAR, pl.BlockSpec((block_m, block_sizes.block_n), lambda n, s, m: (m, n)),
                   whole(ahead.norm.shape), *(whole(a.shape) for a in ahead.a),
                   pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m))]
         for a in ahead.a:

@@ -32,13 +32,14 @@ references otherwise). Block sizes are stacked_matmul's and fused_projections' (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from ._blocks import is_block
-from ._checks import check_adapted
+from ._checks import check_adapted, check_layer
 from ._routed_checks import (
     GATE_UP,
     QKV,
@@ -112,15 +113,23 @@ def routed_matmul_residual_reference(
     ahead: ResidualAhead,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """``h_mid = ahead.h + y`` (``y`` as :func:`routed_matmul_reference`, ``xa = None``: no LoRA)
-    and :func:`lora_shrink` of ``rms_norm(h_mid) * ahead.norm[layer]`` for each of ``ahead.a``,
-    ``[M, S, r]`` in ``x.dtype``."""
+    and :func:`lora_shrink` of ``rms_norm(h_mid) * ahead.norm[norm_layer]`` for each of
+    ``ahead.a`` (read at ``a_layer``), ``[M, S, r]`` in ``x.dtype``."""
+    ahead = _resolved(ahead, layer, adapted_layer)
     y = _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias).astype(x.dtype)
     h_mid = ahead.h + y
     v = h_mid.astype(jnp.float32)
     v = v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + ahead.eps)
-    normed = (v * ahead.norm[layer].astype(jnp.float32)).astype(x.dtype)
-    return h_mid, tuple(lora_shrink(normed, a, adapted_layer, slot_experts, ahead.slot_weights)
+    normed = (v * ahead.norm[ahead.norm_layer].astype(jnp.float32)).astype(x.dtype)
+    return h_mid, tuple(lora_shrink(normed, a, ahead.a_layer, slot_experts, ahead.slot_weights)
                         for a in ahead.a)
+
+
+def _resolved(ahead: ResidualAhead, layer, adapted_layer) -> ResidualAhead:
+    """``ahead`` with its ``None`` layers set to the projection's."""
+    return dataclasses.replace(
+        ahead, norm_layer=layer if ahead.norm_layer is None else ahead.norm_layer,
+        a_layer=adapted_layer if ahead.a_layer is None else ahead.a_layer)
 
 
 def routed_qkv_matmul_reference(
@@ -237,7 +246,8 @@ def routed_matmul_residual(
     interpret: bool = False,
 ) -> tuple[jax.Array, tuple[NormedXa, ...]]:
     """``h_mid = ahead.h + routed_matmul(...)`` and, ahead, the next projections' shrinks of
-    ``rms_norm(h_mid) * ahead.norm[layer]`` (DESIGN.md §8: o's kernel computes gate/up's).
+    ``rms_norm(h_mid) * ahead.norm[norm_layer]`` (DESIGN.md §8: o's kernel computes gate/up's,
+    down's the next layer's q/k/v's).
 
     One launch: each program adds the residual to its column block and writes its partials
     (``_fold_ahead``); the routed kernels take each :class:`NormedXa` as a projection's ``xa``
@@ -248,7 +258,8 @@ def routed_matmul_residual(
       x, w, layer, adapted_layer, slot_experts, bias: as in :func:`routed_matmul`.
       xa, b: as in :func:`routed_matmul`, or both ``None`` (this projection not adapted).
       ahead: a :class:`ResidualAhead`: ``h [M, N]`` in ``x.dtype``, ``norm [L, N]``, ``eps``,
-        the next projections' ``a`` stacks ``[La, E, N, r]`` and ``slot_weights [M, S]``.
+        the next projections' ``a`` stacks ``[La, E, N, r]``, ``slot_weights [M, S]`` and the
+        layers to read them at (default ``layer`` and ``adapted_layer``).
       block_sizes: ``split_k`` must be 1; default ``stacked_matmul``'s, a split turned into
         narrower column blocks (as many programs).
       expand: as in :func:`routed_matmul`.
@@ -261,7 +272,9 @@ def routed_matmul_residual(
     bs = (b,) if b is not None else (None,)
     check_indices(layer, w.shape[0], adapted_layer, bs, slot_experts)
     check_residual_ahead(x, w, ahead, slot_experts, bs)
-    check_adapted(adapted_layer, slot_experts, ahead.a[0].shape[:2])
+    ahead = _resolved(ahead, layer, adapted_layer)
+    check_layer(ahead.norm_layer, ahead.norm.shape[0])
+    check_adapted(ahead.a_layer, slot_experts, ahead.a[0].shape[:2])
     check_expand(expand, x.shape[0], slot_experts, bs)
     return _routed_matmul_residual(x, w, layer, xa, b, adapted_layer, slot_experts, bias, ahead,
                                    block_sizes=block_sizes, expand=expand, interpret=interpret)

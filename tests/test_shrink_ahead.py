@@ -145,9 +145,10 @@ def test_decode_logits_equal_the_xla_path(mode, rows):
 
 @pytest.mark.parametrize("ahead", [True, False])
 def test_decode_step_launches_no_shrink_for_o_gate_up(ahead):
-    """Per layer, with shrink-ahead: the decode-attention kernel with o's shrink, o's routed
-    kernel with the residual and gate/up's shrink, no grouped shrink of o or of gate/up, q/k/v's
-    as before. Without (the default): o's and gate/up's own shrink launches."""
+    """With shrink-ahead, per layer: the decode-attention kernel with o's shrink, o's routed
+    kernel with the residual and gate/up's shrink, down's with the residual and the next
+    layer's q/k/v shrink (but the last layer's), no grouped shrink of o or gate/up, and of
+    q/k/v only in the first adapted layer. Without (the default): every shrink launch."""
     from tests.test_switch import kernel_names
 
     ad = adapter("switch")
@@ -161,10 +162,11 @@ def test_decode_step_launches_no_shrink_for_o_gate_up(ahead):
     oshrink = sum("_oshrink" in n for n in names if n.startswith("decode_attention"))
     assert oshrink == (layers if ahead else 0)
     assert count("lora_shrink_group1_") == (0 if ahead else layers)
-    assert count("lora_shrink_group3_") == layers
+    assert ad.config.first_layer == 0
+    assert count("lora_shrink_group3_") == (1 if ahead else layers)
     assert count("lora_shrink_group2_") == (0 if ahead else layers)
     residual = sum(n.startswith("routed_matmul") and n.endswith("_ahead") for n in names)
-    assert residual == (layers if ahead else 0)
+    assert residual == (2 * layers - 1 if ahead else 0)  # o's, and down's but the last
     assert count("routed_matmul") == 2 * layers  # o and down
 
 
@@ -273,3 +275,51 @@ def test_no_mlp_shrink_ahead_under_dropout_or_when_off():
                                              ws[0])
     with pytest.raises(ValueError, match="needs the routed kernel"):
         ops.mlp(h, *ws, 2, (None, None, None), resolve_impl("xla"), lora, xa)
+
+
+# ------------------------------------------------------ the next layer's q/k/v from down's kernel
+
+
+def next_qkv(impl, rng_seed, b, experts, shared=True, adapts=("o", "gate", "up", "down", "q",
+                                                                "k", "v")):
+    """Layer 1's MLP with the residual, then layer 2's attention norm and q/k/v (as
+    ``llama._layers`` runs them unrolled): ``(h_next, q, k, v, xa)``."""
+    from loraswitch_jax.layers import rms_norm
+
+    rng = np.random.default_rng(rng_seed)
+    mlp_adapts = tuple(p for p in adapts if p not in "qkv")
+    x, _, _, h, norm, ws, lora = mlp_operands(rng, b, 1, experts=experts, adapts=mlp_adapts)
+    d = h.shape[-1]
+    wqkv = tuple(jnp.asarray(rng.standard_normal((3, d, n)) * d**-0.5, jnp.float32)
+                 for n in (32, 16, 16))
+    for p, n in zip("qkv", (32, 16, 16)):
+        if p in adapts:
+            lora.a[p] = jnp.asarray(rng.standard_normal((2, experts, d, 16)) * d**-0.5,
+                                    jnp.float32)
+            lora.b[p] = jnp.asarray(rng.standard_normal((2, experts, 16, n)) * 0.25, jnp.float32)
+    slots = ops.shared_slots(lora.route, experts, lora.scale, impl) if shared else None
+    lora = dataclasses.replace(lora, layer=0, slots=slots)
+    x = rms_norm(h, norm[1], 1e-5)  # the MLP's input
+    h_next, xa = ops.mlp_residual_shrink_ahead(x, *ws, 1, (None, None, None), impl, lora, None, h,
+                                               norm, 1e-5, wqkv)
+    q, k, v = ops.qkv_linear(rms_norm(h_next, norm[2], 1e-5), wqkv, 2, (None,) * 3, impl,
+                             dataclasses.replace(lora, layer=1), xa)
+    return h_next, q, k, v, xa
+
+
+@pytest.mark.parametrize("b,experts,shared,adapts,ahead", [
+    (1, 8, True, ("o", "gate", "up", "down", "q", "k", "v"), True),
+    (3, 8, True, ("o", "gate", "up", "down", "q", "k", "v"), True),
+    (2, 8, True, ("gate", "up", "down", "q", "v"), True),  # k not adapted
+    (4, 8, True, ("o", "gate", "up", "down", "q", "k", "v"), False),  # dense slots
+    (1, 8, False, ("o", "gate", "up", "down", "q", "k", "v"), False),  # a route per layer
+    (1, 8, True, ("gate", "up", "q", "k", "v"), False),  # down not adapted: its plain kernel
+])
+def test_next_qkv_equal_the_xla_path(b, experts, shared, adapts, ahead):
+    got = next_qkv(AHEAD, b, b, experts, shared, adapts)
+    want = next_qkv(resolve_impl("xla"), b, b, experts, shared, adapts)
+    assert (got[-1] is not None) == ahead and want[-1] is None
+    if ahead:
+        assert [x is not None for x in got[-1]] == [p in adapts for p in "qkv"]
+    for g, w in zip(got[:-1], want[:-1]):
+        assert rel_err(g, w) < F32_TOL

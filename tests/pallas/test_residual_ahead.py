@@ -8,6 +8,8 @@ comparison. Operands come from ``test_lora_shrink``'s helpers; ``B`` is random.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,31 @@ def test_gate_up_reads_the_normed_partials(m, e, k, dtype, expand, n, down):
         a_down, slot_weights = kw["down_shrink"]
         xa_down = lora_shrink(act, a_down, 1, slot_experts, slot_weights)
         assert rel_err(got[1].xa[0, :m].reshape(xa_down.shape), xa_down) < TOL[dtype]
+
+
+def test_other_layers_of_the_norm_and_the_next_stacks():
+    """Down's kernel computes the next layer's q/k/v shrink: ``norm_layer`` and ``a_layer``
+    (traced here) pick the RMSNorm weights and ``A`` stacks of another layer."""
+    rng = np.random.default_rng(11)
+    x, w, xa, b, slot_experts, ahead = operands(rng, 2, 2, 8, jnp.float32, stacks=3)
+    blocks = BlockSizes(block_n=16, block_k=16, split_k=1)
+
+    @jax.jit
+    def run(norm_layer, a_layer):
+        nexts = dataclasses.replace(ahead, norm_layer=norm_layer, a_layer=a_layer)
+        return routed_matmul_residual(x, w, 1, xa, b, 0, slot_experts, ahead=nexts,
+                                      block_sizes=blocks, expand="rows", interpret=INTERPRET)
+
+    h_mid, normed = run(2, 1)
+    nexts = dataclasses.replace(ahead, norm_layer=2, a_layer=1)
+    h_ref, xas_ref = routed_matmul_residual_reference(x, w, 1, xa, b, 0, slot_experts,
+                                                      ahead=nexts)
+    assert rel_err(h_mid, h_ref) < TOL[jnp.float32]
+    for got, want in zip(normed, xas_ref):
+        assert rel_err(normed_xa_value(got, 2, RANK, jnp.float32), want) < TOL[jnp.float32]
+    with pytest.raises(ValueError, match="out of range"):
+        routed_matmul_residual(x, w, 1, xa, b, 0, slot_experts, interpret=INTERPRET,
+                               ahead=dataclasses.replace(ahead, norm_layer=LAYERS))
 
 
 def test_bad_operands_are_refused():
