@@ -9,7 +9,7 @@ import numpy as np
 
 from ._blocks import check_rank, row_blocks
 from ._checks import check_adapted, check_layer, check_slots, is_concrete
-from ._fold_ahead import NormedXa, ResidualAhead
+from ._shrink_ahead import NormedXa, ResidualAhead
 from ._slots import PackedXa
 from .tuned import MAX_EXPAND_ROWS
 

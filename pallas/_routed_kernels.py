@@ -4,7 +4,9 @@ that every routed projection launches (operand checks live in ``_routed_checks``
 Each program computes one column block of one or more projections of ``x``: the K loop streams
 ``W[layer][:, cols]``, then the epilogue adds ``sum_s xa[:, s] @ B[adapted, slot_experts[s]][:,
 cols]`` and the bias (``split_k == 1``; with ``split_k > 1`` XLA adds the bias after its
-reduction). Grid: (column blocks, split_k, row blocks).
+reduction). Grid: (column blocks, split_k, row blocks). The epilogues that compute the next
+projection's shrink ahead (down's from gate/up; gate/up's from o, q/k/v's from down, with the
+residual) are ``_shrink_ahead``'s.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ._blocks import (
     blocks_name,
@@ -27,8 +28,8 @@ from ._blocks import (
     pad_rows,
     row_blocks,
 )
-from ._fold_ahead import NormedXa, load_xa, write_partials
-from ._slots import GROUP_COLUMNS, PackedXa, group_weights, slot_groups, slot_rows_tile
+from ._shrink_ahead import NormedXa, load_xa, shrink_down, write_partials
+from ._slots import GROUP_COLUMNS, PackedXa
 from ._tiles import SCALAR, bias_row, dot_f32, out_shape, stream_k, weight_tile, whole
 from .fused_projections import default_gate_up_block_sizes, default_qkv_block_sizes
 from .stacked_matmul import default_block_sizes
@@ -72,7 +73,7 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
     """``acc`` plus this split's share of ``sum_s xa[:, s] @ b[adapted, slot_experts[s]][:,
     cols]`` for a given packed ``xa [(P,) block_m, S r]`` (float32 partial sums are added up
     and rounded to ``dtype``, as ``lora_shrink`` rounds; a ``NormedXa``'s also scaled:
-    ``_fold_ahead.load_xa``) and ``b`` viewed as ``[La, E r, N]``.
+    ``_shrink_ahead.load_xa``) and ``b`` viewed as ``[La, E r, N]``.
 
     The term is a sum of dots over groups of ``xa``'s columns. Gather slots: one group per slot,
     ``r`` rows of its expert's ``B``. Dense slots (``S == E``, slot ``e`` is expert ``e``): ``xa``
@@ -208,7 +209,7 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
     # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p. With
     # ``ahead`` (one projection, split_k == 1: the number of next projections' A stacks) the
     # residual's refs follow and o_ref holds h + y, then the next shrink's partials
-    # (``_fold_ahead.write_partials``).
+    # (``_shrink_ahead.write_partials``).
     w_refs, lora_refs, bias_refs, extra, outs = _unpack(refs, lora, bias,
                                                          ahead + 5 if ahead else 0)
     n, s = pl.program_id(0), pl.program_id(1)
@@ -234,49 +235,6 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
         outs[0][...] = acc.astype(outs[0].dtype)
 
 
-def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num_rows,
-                 interpret):
-    """Add this program's share of the down projection's shrink, ``act[:, cols] @
-    a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into the packed
-    ``xa [Mp, S r]`` (float32, zeroed before the launch) for every slot ``s``: atomic adds, since
-    every column block of the activations contributes to every slot.
-
-    Slots go in groups of up to :data:`GROUP_COLUMNS` columns (:func:`slot_groups`; E 8, r 16:
-    one), each one load, one dot and one atomic add: Pallas' atomics are acquire-release, so
-    each one waits for the memory operations before it and holds back those after it, and a
-    load-dot-atomic chain per slot ran the 8 dense slots of batch 8 one after another (the
-    routed gate/up kernel took 18.5 us more per layer than the plain one on an H100; one slot,
-    3.9 us: eval/results/profile/llama2-7b_b8_ctx1024.md). Only the ``num_rows`` real rows are added
-    (at decode most rows are padding, and the adds of all programs meet at one place);
-    interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
-    are 0)."""
-    _, adapted, slots_ref = ids
-    a_ref, sw_ref = down_refs
-    block_m, r = act.shape[0], a_ref.shape[3]
-    num_slots = slots_ref.shape[0]
-    dense = num_slots == a_ref.shape[1]
-    rows = pl.ds(row_block * block_m, block_m)
-
-    def add(first, count):
-        a = slot_rows_tile(a_ref, adapted, slots_ref, col_block * block_n, block_n, first, count,
-                           dense)
-        part = dot_f32(act, a.astype(act.dtype)) * group_weights(lambda s: sw_ref[s], first,
-                                                                   count, r, block_m)
-        real = (row_block * block_m + jax.lax.broadcasted_iota(jnp.int32, part.shape, 0)
-                < num_rows)
-        plgpu.atomic_add(xa_ref, (rows, pl.ds(first * r, count * r)), part,
-                         mask=None if interpret else real)
-
-    groups = slot_groups(num_slots, r)
-    full = [g for g in groups if g[1] == groups[0][1]]
-    if len(full) > UNROLLED_GROUPS:  # e.g. 128 dense slots: a loop over the full groups
-        count = full[0][1]
-        jax.lax.fori_loop(0, len(full), lambda g, carry: (add(g * count, count), carry)[1], 0)
-        groups = groups[len(full):]
-    for first, count in groups:
-        add(first, count)
-
-
 def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, down,
                     interpret, **blocking):
     # Both weights' column block n in one program (x loaded once per K step). split_k == 1:
@@ -293,7 +251,7 @@ def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias,
         o_ref = out_refs[0]
         act = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
         if down is not None:  # first: an atomic add waits for the stores before it
-            _shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
+            shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
                          blocking["block_n"], down, interpret)
         o_ref[...] = act
     else:

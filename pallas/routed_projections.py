@@ -51,7 +51,7 @@ from ._routed_checks import (
     check_operands,
     check_residual_ahead,
 )
-from ._fold_ahead import NormedXa, ResidualAhead
+from ._shrink_ahead import NormedXa, ResidualAhead
 from ._routed_kernels import (
     gate_up_projections,
     given_loras,
@@ -250,7 +250,7 @@ def routed_matmul_residual(
     down's the next layer's q/k/v's).
 
     One launch: each program adds the residual to its column block and writes its partials
-    (``_fold_ahead``); the routed kernels take each :class:`NormedXa` as a projection's ``xa``
+    (``_shrink_ahead``); the routed kernels take each :class:`NormedXa` as a projection's ``xa``
     and add the partials up before their K loop, which saves the next projections' shrink
     launch. Gather slots only (``S < E``: each program reads its slots' rows of ``A``).
 

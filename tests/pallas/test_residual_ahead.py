@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loraswitch_jax.pallas._fold_ahead import normed_xa_value
+from loraswitch_jax.pallas._shrink_ahead import normed_xa_value
 from loraswitch_jax.pallas.lora_shrink import lora_shrink
 from loraswitch_jax.pallas.routed_projections import (
     BlockSizes,

@@ -1,13 +1,17 @@
-"""A normed projection's LoRA shrink computed ahead, with the RMSNorm folded out (private to
+"""LoRA shrinks computed ahead, in the epilogue of the launch before their consumer (private to
 ``pallas``; DESIGN.md §8, shrink-ahead).
 
-The MLP reads ``x = rms_norm(h_mid) * g`` with ``h_mid = h + o_out``, so its ``x A`` is
+**down's**, from the gate/up kernel (:func:`shrink_down`): each column block of the activations
+adds its share into the packed ``xa`` with atomic adds.
+
+**The next normed projections'**, with the RMSNorm folded out: the MLP reads ``x = rms_norm(h_mid) * g`` with ``h_mid = h + o_out``, so its ``x A`` is
 ``s * ((h_mid * g) A)`` with ``s = rsqrt(mean(h_mid^2) + eps)`` per row. The o projection's
 routed kernel, which writes ``o_out`` by column blocks, can therefore compute gate/up's shrink
 in its epilogue: each program ``p`` adds the residual to its block, writes ``h_mid`` there and
 two per-program partials, ``xa[p] = (h_mid[:, block] * g[block]) @ A[slot][block rows]`` (times
 the slot weights) and ``ss[p] = sum h_mid[:, block]^2``. The consumer (the routed gate/up
 kernel) adds them up before its K loop and applies ``s``: plain stores, no atomics, no zeroing.
+Down's kernel computes the next layer's q/k/v shrink the same way (``ResidualAhead``'s layers).
 
 :func:`write_partials` is the producer's epilogue, :func:`load_xa` the consumer's read of any
 given ``xa`` (packed, split partial sums, or :class:`NormedXa`).
@@ -20,14 +24,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from ._slots import group_weights, slot_groups, slot_rows_tile
 from ._tiles import dot_f32
+from .tuned import UNROLLED_GROUPS
 
-__all__ = ["NormedXa", "ResidualAhead", "load_xa", "normed_xa_value", "write_partials"]
+__all__ = ["NormedXa", "ResidualAhead", "load_xa", "normed_xa_value", "shrink_down",
+           "write_partials"]
 
-# Partials one load adds up: a block of [chunk, rows, columns] float32 stays in registers.
-_CHUNK = 16
+# Elements of one load of partials, [chunk, rows, columns] float32 (16 KiB, in registers): one
+# load per slot at decode (rows 1, r 16: up to 256 partials), a loop of chunks for row blocks.
+_CHUNK_ELEMENTS = 4096
 
 
 @jax.tree_util.register_dataclass
@@ -72,10 +80,17 @@ def normed_xa_value(xa: NormedXa, num_rows: int, rank: int, dtype) -> jax.Array:
     return out.reshape(num_rows, -1, rank)
 
 
-def _sum_partials(ref, index, count):
-    """``sum_p ref[p, *index]`` float32, loaded :data:`_CHUNK` partials at a time (a loop past
-    one chunk; a chunk is the largest power of two dividing ``count``, at most ``_CHUNK``)."""
-    chunk = next(c for c in (16, 8, 4, 2, 1) if count % c == 0 and c <= _CHUNK)
+def _sum_partials(ref, index):
+    """``sum_p ref[p, *index]`` float32 over all partials ``p``, loaded in chunks (a loop past
+    one): the most partials that divide their count, are a power of two and hold at most
+    :data:`_CHUNK_ELEMENTS` elements."""
+    count = ref.shape[0]
+    size = 1
+    for dim, i in zip(ref.shape[1:], index):
+        size *= dim if isinstance(i, slice) else i.size
+    chunk = 1
+    while count % (2 * chunk) == 0 and 2 * chunk * size <= _CHUNK_ELEMENTS:
+        chunk *= 2
     if chunk == count:
         return ref[(slice(None), *index)].astype(jnp.float32).sum(axis=0)
 
@@ -94,12 +109,11 @@ def load_xa(xa_refs, rows, cols, dtype, fold):
     xa_ref = xa_refs[0]
     if len(xa_ref.shape) == 2:
         return xa_ref[rows, cols]
-    xa = _sum_partials(xa_ref, (rows, cols), xa_ref.shape[0])
-    if fold is not None:
-        eps, width = fold
-        ss_ref = xa_refs[1]
-        ss = _sum_partials(ss_ref, (rows,), ss_ref.shape[0])
-        xa = xa * jax.lax.rsqrt(ss / width + eps)[:, None]
+    if fold is None:  # a split shrink's partial sums (at most 16): one load
+        return xa_ref[:, rows, cols].sum(axis=0).astype(dtype)
+    eps, width = fold
+    ss = _sum_partials(xa_refs[1], (rows,))
+    xa = _sum_partials(xa_ref, (rows, cols)) * jax.lax.rsqrt(ss / width + eps)[:, None]
     return xa.astype(dtype)
 
 
@@ -132,3 +146,46 @@ def write_partials(acc, refs, outs, slots_ref, col_block, block_n):
             part = dot_f32(vg, a.astype(dtype)) * group_weights(lambda s: sw_ref[s], first,
                                                                  count, r, block_m)
             xa_ref[:, pl.ds(first * r, count * r)] = part
+
+
+def shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num_rows,
+                 interpret):
+    """Add this program's share of the down projection's shrink, ``act[:, cols] @
+    a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into the packed
+    ``xa [Mp, S r]`` (float32, zeroed before the launch) for every slot ``s``: atomic adds, since
+    every column block of the activations contributes to every slot.
+
+    Slots go in groups of up to :data:`GROUP_COLUMNS` columns (:func:`slot_groups`; E 8, r 16:
+    one), each one load, one dot and one atomic add: Pallas' atomics are acquire-release, so
+    each one waits for the memory operations before it and holds back those after it, and a
+    load-dot-atomic chain per slot ran the 8 dense slots of batch 8 one after another (the
+    routed gate/up kernel took 18.5 us more per layer than the plain one on an H100; one slot,
+    3.9 us: eval/results/profile/llama2-7b_b8_ctx1024.md). Only the ``num_rows`` real rows are added
+    (at decode most rows are padding, and the adds of all programs meet at one place);
+    interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
+    are 0)."""
+    _, adapted, slots_ref = ids
+    a_ref, sw_ref = down_refs
+    block_m, r = act.shape[0], a_ref.shape[3]
+    num_slots = slots_ref.shape[0]
+    dense = num_slots == a_ref.shape[1]
+    rows = pl.ds(row_block * block_m, block_m)
+
+    def add(first, count):
+        a = slot_rows_tile(a_ref, adapted, slots_ref, col_block * block_n, block_n, first, count,
+                           dense)
+        part = dot_f32(act, a.astype(act.dtype)) * group_weights(lambda s: sw_ref[s], first,
+                                                                   count, r, block_m)
+        real = (row_block * block_m + jax.lax.broadcasted_iota(jnp.int32, part.shape, 0)
+                < num_rows)
+        plgpu.atomic_add(xa_ref, (rows, pl.ds(first * r, count * r)), part,
+                         mask=None if interpret else real)
+
+    groups = slot_groups(num_slots, r)
+    full = [g for g in groups if g[1] == groups[0][1]]
+    if len(full) > UNROLLED_GROUPS:  # e.g. 128 dense slots: a loop over the full groups
+        count = full[0][1]
+        jax.lax.fori_loop(0, len(full), lambda g, carry: (add(g * count, count), carry)[1], 0)
+        groups = groups[len(full):]
+    for first, count in groups:
+        add(first, count)
