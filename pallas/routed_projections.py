@@ -8,7 +8,9 @@ slots, gather or dense):
 * **shrink**: ``xa[m, s] = slot_weights[m, s] * x[m] @ A[slot_experts[s]]``, ``[M, S, r]``,
   given to :func:`routed_matmul`, :func:`routed_qkv_matmul` and :func:`routed_gate_up_matmul`
   by ``lora_shrink.lora_shrink_group`` (or ``lora_shrink.lora_shrink``); the gate/up kernel can
-  also compute the down projection's in its epilogue (``down_shrink``).
+  also compute the down projection's in its epilogue (``down_shrink``), and
+  :func:`routed_matmul_residual` (o, down) adds the residual and computes the next normed
+  projections' (gate/up, the next layer's q/k/v) as :class:`NormedXa` partials.
 
 * **expand** (in the projection kernel): each program, after accumulating ``x @ W[:, cols]``,
   adds ``sum_s xa[:, s] @ B[slot_experts[s]][:, cols]``. ``B`` is partitioned over column blocks
