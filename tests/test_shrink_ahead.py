@@ -323,3 +323,32 @@ def test_next_qkv_equal_the_xla_path(b, experts, shared, adapts, ahead):
         assert [x is not None for x in got[-1]] == [p in adapts for p in "qkv"]
     for g, w in zip(got[:-1], want[:-1]):
         assert rel_err(g, w) < F32_TOL
+
+
+def test_decode_logits_with_plain_first_layers_and_random_norms():
+    """Four layers, adapters on layers 1-3 (layer 1 keeps its q/k/v shrink, layers 2 and 3 take
+    theirs from the layer before), norm weights that differ per layer (a norm or A read at the
+    wrong layer shows): decode logits within float32 tolerance of XLA's, for one and three
+    rows."""
+    cfg = dataclasses.replace(CFG, num_hidden_layers=4)
+    p = random_params(cfg, 1, jnp.float32)
+    rng = np.random.default_rng(9)
+    norms = {f: jnp.asarray(1 + 0.5 * rng.standard_normal(getattr(p.layers, f).shape),
+                            jnp.float32) for f in ("attn_norm", "mlp_norm")}
+    p = dataclasses.replace(p, layers=dataclasses.replace(p.layers, **norms))
+    ad = make_adapter(cfg, seed=5, mode="switch", num_experts=8, top_k=2, rank=16, std=0.3,
+                      router_layer=1)
+
+    def run(impl, rows):
+        cache = lj.init_cache(cfg, rows, 16, jnp.float32)
+        logits, cache = lj.prefill(p, cache, TOKENS[:rows], LENGTHS[:rows], cfg, adapter=ad)
+        out = [logits]
+        for step in STEPS[:, :rows]:
+            logits, cache = lj.decode_step(p, cache, step, cfg, adapter=ad, impl=impl)
+            out.append(logits)
+        return out
+
+    for rows in (1, 3):
+        for got, want in zip(jax.jit(functools.partial(run, AHEAD, rows))(),
+                             jax.jit(functools.partial(run, "xla", rows))()):
+            assert rel_err(got, want) < F32_TOL
