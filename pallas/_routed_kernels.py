@@ -329,7 +329,8 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         operands += [jnp.asarray(ahead.norm_layer, jnp.int32),
                      jnp.asarray(ahead.a_layer, jnp.int32), pad_rows(ahead.h, mp), ahead.norm,
                      *ahead.a, pad_rows(ahead.slot_weights.astype(jnp.float32), mp).T]
-        specs += [SCALAR, SCALAR, pl.BlockSpec((block_m, block_sizes.block_n), lambda n, s, m: (m, n)),
+        specs += [SCALAR, SCALAR,
+                  pl.BlockSpec((block_m, block_sizes.block_n), lambda n, s, m: (m, n)),
                   whole(ahead.norm.shape), *(whole(a.shape) for a in ahead.a),
                   pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m))]
         for a in ahead.a:

@@ -4,14 +4,18 @@
 **down's**, from the gate/up kernel (:func:`shrink_down`): each column block of the activations
 adds its share into the packed ``xa`` with atomic adds.
 
-**The next normed projections'**, with the RMSNorm folded out: the MLP reads ``x = rms_norm(h_mid) * g`` with ``h_mid = h + o_out``, so its ``x A`` is
-``s * ((h_mid * g) A)`` with ``s = rsqrt(mean(h_mid^2) + eps)`` per row. The o projection's
-routed kernel, which writes ``o_out`` by column blocks, can therefore compute gate/up's shrink
-in its epilogue: each program ``p`` adds the residual to its block, writes ``h_mid`` there and
-two per-program partials, ``xa[p] = (h_mid[:, block] * g[block]) @ A[slot][block rows]`` (times
-the slot weights) and ``ss[p] = sum h_mid[:, block]^2``. The consumer (the routed gate/up
-kernel) adds them up before its K loop and applies ``s``: plain stores, no atomics, no zeroing.
-Down's kernel computes the next layer's q/k/v shrink the same way (``ResidualAhead``'s layers).
+**The next normed projections'**, with the RMSNorm folded out: the MLP reads ``x =
+rms_norm(h_mid) * g`` with ``h_mid = h + o_out``, so its ``x A`` is ``s * ((h_mid * g) A)``
+with ``s = rsqrt(mean(h_mid^2) + eps)`` per row. The o projection's routed kernel, which writes
+``o_out`` by column blocks, can therefore compute gate/up's shrink in its epilogue: each program
+``p`` adds the residual to its block, writes ``h_mid`` there and two per-program partials,
+``xa[p] = (h_mid[:, block] * g[block]) @ A[slot][block rows]`` (times the slot weights) and
+``ss[p] = sum h_mid[:, block]^2``. The consumer (the routed gate/up kernel) adds them up before
+its K loop and applies ``s``: plain stores, no atomics, no zeroing. Down's kernel computes the
+next layer's q/k/v shrink the same way (``ResidualAhead``'s layers). The producer runs unsplit
+(``h_mid`` and its squares need the whole K sum): ``routed_matmul_residual`` turns a default
+split into narrower column blocks, as many programs (Llama-2-7B: o n128 s4 -> n32, down n64 s4
+-> n16; not yet timed).
 
 :func:`write_partials` is the producer's epilogue, :func:`load_xa` the consumer's read of any
 given ``xa`` (packed, split partial sums, or :class:`NormedXa`).
