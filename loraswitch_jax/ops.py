@@ -375,28 +375,39 @@ def mlp_residual_shrink_ahead(
     return _unflat(h_next, h), tuple(normed.get(p) for p in ("q", "k", "v"))
 
 
-def _qkv_ahead(x: jax.Array, impl: Impl, lora: LoraTerm | None,
-               w: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[str, ...] | None:
-    """The next layer's adapted q/k/v projections whose shrink down's routed kernel can compute
-    (shrink-ahead on, one token per sequence, Pallas, a shared route, no dropout, gather slots,
-    shapes the routed q/k/v and down kernels tile), else None."""
+def _ahead_targets(x: jax.Array, impl: Impl, lora: LoraTerm | None, projs: tuple[str, ...],
+                   k: int, widths: tuple[int, ...]) -> tuple[str, ...] | None:
+    """The adapted ones of ``projs`` (input width ``k``, output ``widths``) whose shrink an
+    earlier kernel may compute ahead: shrink-ahead on, one token per sequence of ``x [B, T,
+    ...]``, Pallas, no dropout, gather slots, shapes their fused and routed kernels tile; else
+    None."""
     from loraswitch_jax.pallas import fused_projections as fused_kernel
     from loraswitch_jax.pallas import routed_projections as routed_kernel
 
     if (impl.xla or not impl.shrink_ahead or x.ndim != 3 or x.shape[1] != 1 or lora is None
-            or lora.slots is None or _dropout(lora)):
+            or _dropout(lora)):
         return None
-    nexts = tuple(p for p in ("q", "k", "v") if lora.adapts(p))
+    nexts = tuple(p for p in projs if lora.adapts(p))
     if not nexts:
         return None
-    wq, wk, _ = w
-    (d, nq), nkv, a = wq.shape[1:], wk.shape[2], lora.a[nexts[0]]
-    if not (fused_kernel.supports(d, nq, nkv)
-            and routed_kernel.supports(d, nq, nkv, rank=a.shape[-1])):
+    a = lora.a[nexts[0]]
+    if not (fused_kernel.supports(k, *widths)
+            and routed_kernel.supports(k, *widths, rank=a.shape[-1])):
         return None
-    if lora.slots[0].shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
+    slot_experts, _ = _slots(lora, a.shape[1], impl)
+    if slot_experts.shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
         return None
     return nexts
+
+
+def _qkv_ahead(x: jax.Array, impl: Impl, lora: LoraTerm | None,
+               w: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[str, ...] | None:
+    """The next layer's q/k/v whose shrink down's routed kernel can compute
+    (:func:`_ahead_targets`, and a route every layer shares: ``lora.slots``), else None."""
+    if lora is None or lora.slots is None:
+        return None
+    wq, wk, _ = w
+    return _ahead_targets(x, impl, lora, ("q", "k", "v"), wq.shape[1], (wq.shape[2], wk.shape[2]))
 
 
 def cached_attention(
@@ -461,29 +472,14 @@ def cached_attention_shrink_ahead(
 
 def _gate_up_ahead(x: jax.Array, w: jax.Array, impl: Impl, lora: LoraTerm | None,
                    proj: str, w_gate: jax.Array) -> tuple[str, ...] | None:
-    """The MLP projections whose shrink the routed kernel of ``proj`` (``x [B, T, K] @ w``) can
-    compute ahead and the routed gate/up kernel then expand (shrink-ahead on, one token per
-    sequence, Pallas, gate or up adapted, no dropout, gather slots, shapes both kernels tile),
-    else None."""
-    from loraswitch_jax.pallas import fused_projections as fused_kernel
+    """Gate and up where the routed kernel of ``proj`` (``x [B, T, K] @ w``) can compute their
+    shrink ahead (:func:`_ahead_targets`, and shapes ``proj``'s routed kernel tiles), else
+    None."""
     from loraswitch_jax.pallas import routed_projections as routed_kernel
-    from loraswitch_jax.pallas import stacked_matmul
 
-    if (impl.xla or not impl.shrink_ahead or x.ndim != 3 or x.shape[1] != 1 or lora is None
-            or _dropout(lora)):
-        return None
-    nexts = tuple(p for p in ("gate", "up") if lora.adapts(p))
-    if not nexts:
-        return None
-    a = lora.a[nexts[0]]
-    (k, n), (d, f), rank = w.shape[1:], w_gate.shape[1:], a.shape[-1]
-    if not (stacked_matmul.supports(k, n) and routed_kernel.supports(k, n, rank=rank)
-            and fused_kernel.supports(d, f) and routed_kernel.supports(d, f, rank=rank)):
-        return None
-    if lora.adapts(proj) and not routed_kernel.supports(k, n, rank=lora.a[proj].shape[-1]):
-        return None
-    slot_experts, _ = _slots(lora, a.shape[1], impl)
-    if slot_experts.shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
+    nexts = _ahead_targets(x, impl, lora, ("gate", "up"), w_gate.shape[1], (w_gate.shape[2],))
+    rank = None if nexts is None else lora.a[(proj if lora.adapts(proj) else nexts[0])].shape[-1]
+    if nexts is None or not routed_kernel.supports(*w.shape[1:], rank=rank):
         return None
     return nexts
 
