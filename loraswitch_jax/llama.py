@@ -54,7 +54,9 @@ def _layer(
     dropout_key: jax.Array | None = None,
     slots: tuple[jax.Array, jax.Array] | None = None,
     tensor_axis: str | None = None,
-) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None]:
+    xa_qkv: tuple | None = None,
+    ahead_next: bool = False,
+) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, jax.Array] | None, tuple | None]:
     """Decoder layer ``layer`` of the stacked ``layers`` on ``h [B, T, d]``.
 
     Writes this layer's keys/values into ``cache``. Weights are read as ``w[layer]`` through
@@ -64,7 +66,10 @@ def _layer(
     routed kernels' slots of a shared ``route`` (``ops.shared_slots``), built once for all layers.
     ``tensor_axis``: inside ``shard_map``, the mesh axis of a Megatron split (``parallel``):
     head counts come from the local widths, and o and down sum their partials (adapter terms
-    included) with one ``psum`` each, their bias added once after it.
+    included) with one ``psum`` each, their bias added once after it. ``xa_qkv``: this layer's
+    q/k/v shrinks from the previous layer's down kernel; ``ahead_next``: the next layer is
+    adapted with this route, so this layer's down kernel may compute its q/k/v shrinks
+    (returned last, else ``None``; ``ops.mlp_residual_shrink_ahead``).
     """
     B, T, _ = h.shape
     hd = cfg.head_dim
@@ -93,7 +98,7 @@ def _layer(
     # q, k and v share their input: one fused launch on the GPU, adapter terms included.
     q, k, v = ops.qkv_linear(
         x, tuple(layers.weight(p) for p in "qkv"), layer, tuple(layers.bias(p) for p in "qkv"),
-        impl, lora,
+        impl, lora, xa_qkv,
     )
     q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
@@ -111,15 +116,27 @@ def _layer(
         )
         attended, xa_o = ops.cached_attention_shrink_ahead(q, cache.k, cache.v, layer, positions,
                                                            mask, impl, lora)
-    h = h + row_parallel(lambda b: ops.stacked_linear(attended, layers.wo, layer, b, impl, lora,
-                                                      "o", xa_o), layers.bo)
+    if tensor_axis is None:  # o's kernel may add the residual and shrink gate/up's x A (ops)
+        h, xa_mlp = ops.residual_linear_shrink_ahead(
+            attended, layers.wo, layer, layers.bo, impl, lora, "o", xa_o, h, layers.mlp_norm,
+            cfg.rms_norm_eps, layers.w_gate)
+    else:
+        h, xa_mlp = h + row_parallel(lambda b: ops.stacked_linear(
+            attended, layers.wo, layer, b, impl, lora, "o", xa_o), layers.bo), None
 
     x = rms_norm(h, layers.mlp_norm[layer], cfg.rms_norm_eps)
     # SiLU(gate) * up in one fused launch on the GPU, then down.
-    h = h + row_parallel(lambda b: ops.mlp(x, layers.w_gate, layers.w_up, layers.w_down, layer,
-                                           (layers.b_gate, layers.b_up, b), impl, lora),
-                         layers.b_down)
-    return h, cache, routing
+    if tensor_axis is None:  # down's kernel may add the residual and shrink the next q/k/v's
+        h, xa_next = ops.mlp_residual_shrink_ahead(
+            x, layers.w_gate, layers.w_up, layers.w_down, layer,
+            (layers.b_gate, layers.b_up, layers.b_down), impl, lora, xa_mlp, h,
+            layers.attn_norm if ahead_next else None, cfg.rms_norm_eps,
+            tuple(layers.weight(p) for p in "qkv"))
+    else:
+        h, xa_next = h + row_parallel(lambda b: ops.mlp(
+            x, layers.w_gate, layers.w_up, layers.w_down, layer, (layers.b_gate, layers.b_up, b),
+            impl, lora, xa_mlp), layers.b_down), None
+    return h, cache, routing, xa_next
 
 
 def _layers(
@@ -150,17 +167,28 @@ def _layers(
     fsdp = gathers(fsdp_mesh)
 
     def run(layers, span, h, cache, adapter=None, route=None, dropout_key=None, slots=None):
-        def step(h, cache, layer):
+        # Shrink-ahead (ops): layer l's down kernel computes layer l+1's q/k/v x A, carried
+        # beside h; unrolled decode with a shared route only (a scan's carry keeps one form).
+        ahead = (slots is not None and impl.shrink_ahead and cache is not None
+                 and not scan_layers and remat == "none" and not fsdp)
+
+        def step(carry, cache, layer):
+            h, xa = carry if ahead else (carry, None)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             if not fsdp:
-                return _layer(cfg, layers, layer, h, positions, mask, cache, impl, adapter, route,
-                              key, slots, tensor_axis)
+                h, cache, routing, xa = _layer(cfg, layers, layer, h, positions, mask, cache, impl,
+                                               adapter, route, key, slots, tensor_axis, xa,
+                                               ahead and layer + 1 < span.stop)
+                return ((h, xa) if ahead else h), cache, routing
             one_layers, one_adapter = gather_layer(layers, adapter, layer, fsdp_mesh)
-            h, cache, routing = _layer(cfg, one_layers, 0, constrain_rows(h, fsdp_mesh), positions,
-                                       mask, cache, impl, one_adapter, route, key, slots)
+            h, cache, routing, _ = _layer(cfg, one_layers, 0, constrain_rows(h, fsdp_mesh),
+                                          positions, mask, cache, impl, one_adapter, route, key,
+                                          slots)
             return constrain_rows(h, fsdp_mesh), cache, routing
 
-        return layer_range(step, span, h, cache, scan_layers, remat, fsdp)
+        carry, cache, out = layer_range(step, span, (h, None) if ahead else h, cache, scan_layers,
+                                        remat, fsdp)
+        return (carry[0] if ahead else carry), cache, out
 
     if adapter is None:
         h, cache, _ = run(layers, range(L), h, cache=cache)

@@ -12,8 +12,9 @@ Model code calls these functions with stacked weights and a layer index; it neve
     with ``W``; the small shrink (``x A``) is one split launch per input group, and the down
     projection's is computed in the gate/up kernel's epilogue. Decode attends with the
     decode-attention kernel; with ``Impl(shrink_ahead=True)`` and gather slots it also computes
-    the o projection's shrink (:func:`cached_attention_shrink_ahead`; not yet timed on a GPU,
-    so off by default). These paths were measured fastest: ``pallas/tuned.py``.
+    the o projection's shrink (:func:`cached_attention_shrink_ahead`), and o's routed kernel
+    adds the residual and computes gate's and up's (:func:`residual_linear_shrink_ahead`); not
+    yet timed on a GPU, so off by default. These paths were measured fastest: ``pallas/tuned.py``.
   * ``"pallas_interpret"``: the Pallas kernels in interpret mode (CPU tests).
   * ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 """
@@ -31,8 +32,8 @@ from loraswitch_jax.params import PROJECTIONS
 from loraswitch_jax.router import Route
 
 __all__ = ["IMPLS", "Impl", "LoraTerm", "cached_attention", "cached_attention_shrink_ahead", "mlp",
-           "qkv_linear", "resolve_impl", "shared_slots", "stacked_linear", "swiglu",
-           "switch_merge"]
+           "mlp_residual_shrink_ahead", "qkv_linear", "residual_linear_shrink_ahead", "resolve_impl", "shared_slots",
+           "stacked_linear", "swiglu", "switch_merge"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -41,9 +42,9 @@ IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 class Impl:
     """How ``ops`` run: ``backend`` ``"xla"`` or ``"pallas"``; ``interpret`` runs the Pallas
     kernels in interpret mode; ``shrink_ahead``: at decode with gather slots, the
-    decode-attention kernel also computes the o projection's ``x A`` (no shrink launch for o;
-    off by default until measured faster on a GPU: ``pallas/tuned.py``). Hashable: a static
-    argument of ``jax.jit``."""
+    decode-attention kernel also computes the o projection's ``x A`` and o's kernel gate's and
+    up's (no shrink launch for o, gate and up; off by default until measured faster on a GPU:
+    ``pallas/tuned.py``). Hashable: a static argument of ``jax.jit``."""
 
     backend: str = "pallas"
     interpret: bool = False
@@ -234,17 +235,21 @@ def stacked_linear(
 def qkv_linear(
     x: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], layer: int | jax.Array,
     b: tuple[jax.Array | None, ...], impl: Impl, lora: LoraTerm | None = None,
+    xa: tuple | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``q, k, v`` projections of ``x [..., d]`` (plus ``lora``'s terms); one fused kernel launch
-    under Pallas."""
+    under Pallas. ``xa``: their shrinks computed ahead by the previous layer's down kernel
+    (:func:`mlp_residual_shrink_ahead`), expanded with no shrink launch."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
     wq, wk, wv = w
-    if impl.xla or not kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2]):
+    fusable = not impl.xla and kernel.supports(wq.shape[1], wq.shape[2], wk.shape[2])
+    routed = _routed(lora, ("q", "k", "v"), x, impl, xa) if fusable else None
+    _refuse_unserved(xa, routed, "q/k/v", impl)
+    if not fusable:
         return tuple(stacked_linear(x, wi, layer, bi, impl, lora, p)
                      for wi, bi, p in zip(w, b, ("q", "k", "v")))
     interpret = impl.interpret
-    routed = _routed(lora, ("q", "k", "v"), x, impl)
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -256,19 +261,28 @@ def qkv_linear(
     return tuple(_plus_delta(_unflat(y, x), x, lora, p) for y, p in zip((q, k, v), ("q", "k", "v")))
 
 
+def _refuse_unserved(xa, routed, projs: str, impl: Impl) -> None:
+    if xa is not None and routed is None:
+        raise ValueError(f"an xa computed ahead for {projs} needs the routed kernel to serve "
+                         f"them, which it does not here (impl {impl})")
+
+
 def swiglu(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, layer: int | jax.Array,
     b_gate: jax.Array | None, b_up: jax.Array | None, impl: Impl, lora: LoraTerm | None = None,
+    xa: tuple | None = None,
 ) -> jax.Array:
     """``silu(x W_gate + b) * (x W_up + b)`` in float32, returned in ``x.dtype``, with ``lora``'s
     terms inside both projections; one fused kernel launch under Pallas (both weights streamed
-    by the same programs)."""
+    by the same programs). ``xa``: gate's and up's shrinks computed ahead
+    (:func:`residual_linear_shrink_ahead`), expanded with no shrink launch."""
     from loraswitch_jax.pallas import fused_projections as kernel
 
     interpret = impl.interpret
     adapted = lora is not None and (lora.adapts("gate") or lora.adapts("up"))
     fusable = not impl.xla and kernel.supports(w_gate.shape[1], w_gate.shape[2])
-    routed = _routed(lora, ("gate", "up"), x, impl) if fusable else None
+    routed = _routed(lora, ("gate", "up"), x, impl, xa) if fusable else None
+    _refuse_unserved(xa, routed, "gate/up", impl)
     if routed is not None:
         from loraswitch_jax.pallas import routed_projections as routed_kernel
 
@@ -287,33 +301,113 @@ def swiglu(
 def mlp(
     x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layer: int | jax.Array,
     biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None], impl: Impl,
-    lora: LoraTerm | None = None,
+    lora: LoraTerm | None = None, xa: tuple | None = None,
 ) -> jax.Array:
     """The SwiGLU MLP ``down(silu(x W_gate + b) * (x W_up + b)) + b`` of ``x [..., d]``, with
     ``lora``'s terms in all three projections. Under Pallas with all three adapted (no dropout),
     the gate/up kernel also computes the down projection's ``x A`` in its epilogue (no shrink
-    launch for ``down``; ``pallas/tuned.py``); else :func:`swiglu` then :func:`stacked_linear`."""
+    launch for ``down``; ``pallas/tuned.py``); else :func:`swiglu` then :func:`stacked_linear`.
+    ``xa``: gate's and up's shrinks computed ahead (:func:`residual_linear_shrink_ahead`)."""
+    b_gate, b_up, b_down = biases
+    fused = _gate_up_down_shrink(x, w_gate, w_up, w_down, layer, b_gate, b_up, impl, lora, xa)
+    if fused is not None:
+        from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+        act, xa_down, routed = fused
+        y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"], lora.layer,
+                                        routed.slot_experts, b_down, expand=routed.expand,
+                                        interpret=impl.interpret)
+        return _unflat(y, x)
+    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora, xa)
+    return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")
+
+
+def _gate_up_down_shrink(x, w_gate, w_up, w_down, layer, b_gate, b_up, impl, lora, xa):
+    """``(act, xa_down, routed)`` of the routed gate/up kernel with down's shrink in its
+    epilogue, where it serves (Pallas, all three adapted, no dropout, shapes it tiles), else
+    None."""
     from loraswitch_jax.pallas import fused_projections as fused_kernel
     from loraswitch_jax.pallas import routed_projections as routed_kernel
 
-    b_gate, b_up, b_down = biases
     d, f = w_gate.shape[1], w_gate.shape[2]
-    if (not impl.xla and lora is not None and lora.adapts("down")
+    if not (not impl.xla and lora is not None and lora.adapts("down")
             and lora.dropout_key is None and fused_kernel.supports(d, f)
             and routed_kernel.supports(f, w_down.shape[2], rank=lora.a["down"].shape[-1])):
-        routed = _routed(lora, ("gate", "up"), x, impl)
-        if routed is not None:
-            act, xa_down = routed_kernel.routed_gate_up_matmul(
-                _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer,
-                routed.slot_experts, b_gate, b_up,
-                down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
-                interpret=impl.interpret)
-            y = routed_kernel.routed_matmul(act, w_down, layer, xa_down, lora.b["down"],
-                                            lora.layer, routed.slot_experts, b_down,
-                                            expand=routed.expand, interpret=impl.interpret)
-            return _unflat(y, x)
-    act = swiglu(x, w_gate, w_up, layer, b_gate, b_up, impl, lora)
-    return stacked_linear(act, w_down, layer, b_down, impl, lora, "down")
+        return None
+    routed = _routed(lora, ("gate", "up"), x, impl, xa)
+    if routed is None:
+        return None
+    act, xa_down = routed_kernel.routed_gate_up_matmul(
+        _flat(x), w_gate, w_up, layer, routed.xas, routed.b, lora.layer, routed.slot_experts,
+        b_gate, b_up, down_shrink=(lora.a["down"], routed.slot_weights), expand=routed.expand,
+        interpret=impl.interpret)
+    return act, xa_down, routed
+
+
+def mlp_residual_shrink_ahead(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layer: int | jax.Array,
+    biases: tuple[jax.Array | None, jax.Array | None, jax.Array | None], impl: Impl,
+    lora: LoraTerm | None, xa: tuple | None, h: jax.Array, next_norm: jax.Array | None,
+    eps: float, next_w: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, tuple | None]:
+    """``h + mlp(x, ...)`` (the residual after down), and where down's routed kernel computes
+    them along (DESIGN.md §8, shrink-ahead), the next layer's q/k/v shrinks of
+    ``rms_norm(h + ...) * next_norm[layer + 1]`` for its :func:`qkv_linear`'s ``xa``. Applies
+    with ``next_norm`` (the stacked attention norms; ``None``: no next adapted layer sharing
+    this route), decode under Pallas, a shared route (``lora.slots``), the MLP's fused path,
+    q/k/v adapted with gather slots; ``next_w``: ``(wq, wk, wv)`` (their shapes decide whether
+    the routed q/k/v kernel serves). Returns ``(h_next, xas or None)``."""
+    nexts = None if next_norm is None else _qkv_ahead(x, impl, lora, next_w)
+    fused = None if nexts is None else _gate_up_down_shrink(x, w_gate, w_up, w_down, layer,
+                                                            *biases[:2], impl, lora, xa)
+    if fused is None:
+        return h + mlp(x, w_gate, w_up, w_down, layer, biases, impl, lora, xa), None
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    act, xa_down, routed = fused
+    ahead = routed_kernel.ResidualAhead(_flat(h), next_norm, tuple(lora.a[p] for p in nexts),
+                                        routed.slot_weights, eps, norm_layer=layer + 1,
+                                        a_layer=lora.layer + 1)
+    h_next, normed = routed_kernel.routed_matmul_residual(
+        act, w_down, layer, xa_down, lora.b["down"], lora.layer, routed.slot_experts, biases[2],
+        ahead=ahead, expand=routed.expand, interpret=impl.interpret)
+    normed = dict(zip(nexts, normed))
+    return _unflat(h_next, h), tuple(normed.get(p) for p in ("q", "k", "v"))
+
+
+def _ahead_targets(x: jax.Array, impl: Impl, lora: LoraTerm | None, projs: tuple[str, ...],
+                   k: int, widths: tuple[int, ...]) -> tuple[str, ...] | None:
+    """The adapted ones of ``projs`` (input width ``k``, output ``widths``) whose shrink an
+    earlier kernel may compute ahead: shrink-ahead on, one token per sequence of ``x [B, T,
+    ...]``, Pallas, no dropout, gather slots, shapes their fused and routed kernels tile; else
+    None."""
+    from loraswitch_jax.pallas import fused_projections as fused_kernel
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    if (impl.xla or not impl.shrink_ahead or x.ndim != 3 or x.shape[1] != 1 or lora is None
+            or _dropout(lora)):
+        return None
+    nexts = tuple(p for p in projs if lora.adapts(p))
+    if not nexts:
+        return None
+    a = lora.a[nexts[0]]
+    if not (fused_kernel.supports(k, *widths)
+            and routed_kernel.supports(k, *widths, rank=a.shape[-1])):
+        return None
+    slot_experts, _ = _slots(lora, a.shape[1], impl)
+    if slot_experts.shape[0] >= a.shape[1]:  # dense slots: every program would read every expert
+        return None
+    return nexts
+
+
+def _qkv_ahead(x: jax.Array, impl: Impl, lora: LoraTerm | None,
+               w: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[str, ...] | None:
+    """The next layer's q/k/v whose shrink down's routed kernel can compute
+    (:func:`_ahead_targets`, and a route every layer shares: ``lora.slots``), else None."""
+    if lora is None or lora.slots is None:
+        return None
+    wq, wk, _ = w
+    return _ahead_targets(x, impl, lora, ("q", "k", "v"), wq.shape[1], (wq.shape[2], wk.shape[2]))
 
 
 def cached_attention(
@@ -374,6 +468,51 @@ def cached_attention_shrink_ahead(
     out, xa = kernel.decode_attention(q[:, 0], k_cache, v_cache, layer, positions[:, 0] + 1,
                                       o_shrink=o_shrink, interpret=impl.interpret)
     return out[:, None], xa
+
+
+def _gate_up_ahead(x: jax.Array, w: jax.Array, impl: Impl, lora: LoraTerm | None,
+                   proj: str, w_gate: jax.Array) -> tuple[str, ...] | None:
+    """Gate and up where the routed kernel of ``proj`` (``x [B, T, K] @ w``) can compute their
+    shrink ahead (:func:`_ahead_targets`, and shapes ``proj``'s routed kernel tiles), else
+    None."""
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    nexts = _ahead_targets(x, impl, lora, ("gate", "up"), w_gate.shape[1], (w_gate.shape[2],))
+    rank = None if nexts is None else lora.a[(proj if lora.adapts(proj) else nexts[0])].shape[-1]
+    if nexts is None or not routed_kernel.supports(*w.shape[1:], rank=rank):
+        return None
+    return nexts
+
+
+def residual_linear_shrink_ahead(
+    x: jax.Array, w: jax.Array, layer: int | jax.Array, bias: jax.Array | None, impl: Impl,
+    lora: LoraTerm | None, proj: str, xa: object | None, h: jax.Array, norm: jax.Array,
+    eps: float, w_gate: jax.Array,
+) -> tuple[jax.Array, tuple | None]:
+    """``h + stacked_linear(x, w, layer, bias, impl, lora, proj, xa)`` (the residual after o),
+    and where o's routed kernel computes them along (DESIGN.md §8, shrink-ahead: decode under
+    Pallas, gate or up adapted, no dropout, gather slots), gate's and up's shrinks of
+    ``rms_norm(h + ...) * norm[layer]`` for :func:`mlp`'s ``xa``: that saves their shrink
+    launch, and XLA's residual add. ``w_gate [L, d, F]``: the MLP's gate weights (their shape
+    decides whether its routed kernel serves). Returns ``(h_mid, xas or None)``; with ``None``
+    :func:`mlp` shrinks as before."""
+    nexts = _gate_up_ahead(x, w, impl, lora, proj, w_gate)
+    if nexts is None:
+        return h + stacked_linear(x, w, layer, bias, impl, lora, proj, xa), None
+    from loraswitch_jax.pallas import routed_projections as routed_kernel
+
+    adapted = lora.adapts(proj)
+    routed = _routed(lora, (proj,), x, impl, None if xa is None else (xa,)) if adapted else None
+    slot_experts, slot_weights = _slots(lora, lora.a[nexts[0]].shape[1], impl)
+    expand = "rows" if _flat(x).shape[0] <= routed_kernel.MAX_EXPAND_ROWS else "dot"
+    ahead = routed_kernel.ResidualAhead(_flat(h), norm, tuple(lora.a[p] for p in nexts),
+                                        slot_weights, eps)
+    h_mid, normed = routed_kernel.routed_matmul_residual(
+        _flat(x), w, layer, None if routed is None else routed.xas[0],
+        None if routed is None else routed.b[0], lora.layer, slot_experts, bias, ahead=ahead,
+        expand=expand, interpret=impl.interpret)
+    normed = dict(zip(nexts, normed))
+    return _unflat(h_mid, h), tuple(normed.get(p) for p in ("gate", "up"))
 
 
 def switch_merge(

@@ -9,6 +9,7 @@ import numpy as np
 
 from ._blocks import check_rank, row_blocks
 from ._checks import check_adapted, check_layer, check_slots, is_concrete
+from ._shrink_ahead import NormedXa, ResidualAhead
 from ._slots import PackedXa
 from .tuned import MAX_EXPAND_ROWS
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_expand",
     "check_indices",
     "check_operands",
+    "check_residual_ahead",
 ]
 
 QKV = ("wq", "wk", "wv")  # projection names in error messages
@@ -65,6 +67,22 @@ def check_operands(x, weights: dict, biases: dict, xas: dict, bs: dict, slot_exp
         if b.ndim != 4 or b.shape[3] != n:
             raise ValueError(f"expected the b stack of {name} [La, E, r, N={n}], got {b.shape}")
         r = b.shape[2]
+        if isinstance(xa, NormedXa):
+            mp = row_blocks(m)[1]
+            if (xa.xa.ndim != 3 or xa.xa.shape[1:] != (mp, num_slots * r) or xa.ss.ndim != 2
+                    or xa.ss.shape[1] != mp):
+                raise ValueError(f"expected the normed xa of {name} [P, Mp={mp}, S*r="
+                                 f"{num_slots * r}] and ss [Q, Mp], got {xa.xa.shape} and "
+                                 f"{xa.ss.shape}")
+            if xa.xa.dtype != jnp.float32 or xa.ss.dtype != jnp.float32:
+                raise ValueError(f"the normed xa of {name} must be float32 partial sums, got "
+                                 f"{xa.xa.dtype} and {xa.ss.dtype}")
+            if xa.width != k:
+                raise ValueError(f"the normed xa of {name} was normed over {xa.width} columns, "
+                                 f"x has K={k}")
+            check_rank(r)
+            experts[name] = b.shape[:2]
+            continue
         if isinstance(xa, PackedXa):
             partial, xa, mp = xa.partial, xa.xa, row_blocks(m)[1]
             if xa.ndim not in (2, 3) or xa.shape[-2:] != (mp, num_slots * r):
@@ -134,3 +152,32 @@ def check_indices(layer, num_layers, adapted_layer, bs, slot_experts) -> None:
     b = next((b for b in bs if b is not None), None)
     if b is not None:
         check_adapted(adapted_layer, slot_experts, b.shape[:2])
+
+
+def check_residual_ahead(x, w, ahead, slot_experts, bs) -> None:
+    """Operands of ``routed_matmul_residual``: a ``ResidualAhead`` with ``h [M, N]`` in
+    ``x.dtype``, ``norm [L, N]``, ``eps > 0``, one or more ``a [La, E, N, r]`` stacks (a kernel
+    rank; ``(La, E)`` those of ``b``), ``slot_weights [M, S]`` and gather slots (``S < E``)."""
+    if not isinstance(ahead, ResidualAhead):
+        raise ValueError(f"ahead must be a ResidualAhead, got {type(ahead).__name__}")
+    (m, _), (num_layers, _, n) = x.shape, w.shape
+    if ahead.h.shape != (m, n) or ahead.h.dtype != x.dtype:
+        raise ValueError(f"expected ahead.h [M, N] = {(m, n)} in {x.dtype}, got {ahead.h.shape} "
+                         f"{ahead.h.dtype}")
+    if ahead.norm.shape != (num_layers, n):
+        raise ValueError(f"expected ahead.norm [L, N] = {(num_layers, n)}, got "
+                         f"{ahead.norm.shape}")
+    if not ahead.eps > 0:
+        raise ValueError(f"ahead.eps must be > 0, got {ahead.eps}")
+    if not ahead.a or any(a.ndim != 4 or a.shape[2] != n for a in ahead.a):
+        raise ValueError(f"expected one or more ahead.a stacks [La, E, N={n}, r], got "
+                         f"{[a.shape for a in ahead.a]}")
+    for a in ahead.a:
+        check_rank(a.shape[3])
+    stacks = {a.shape[:2] for a in ahead.a} | {b.shape[:2] for b in bs if b is not None}
+    if len(stacks) > 1:
+        raise ValueError(f"ahead.a and b stack different (La, E): {sorted(stacks)}")
+    check_slots(slot_experts, ahead.slot_weights, m)
+    if slot_experts.shape[0] >= ahead.a[0].shape[1]:
+        raise ValueError(f"the shrink ahead needs gather slots, S < E: got "
+                         f"S={slot_experts.shape[0]}, E={ahead.a[0].shape[1]}")

@@ -4,28 +4,32 @@ that every routed projection launches (operand checks live in ``_routed_checks``
 Each program computes one column block of one or more projections of ``x``: the K loop streams
 ``W[layer][:, cols]``, then the epilogue adds ``sum_s xa[:, s] @ B[adapted, slot_experts[s]][:,
 cols]`` and the bias (``split_k == 1``; with ``split_k > 1`` XLA adds the bias after its
-reduction). Grid: (column blocks, split_k, row blocks).
+reduction). Grid: (column blocks, split_k, row blocks). The epilogues that compute the next
+projection's shrink ahead (down's from gate/up; gate/up's from o, q/k/v's from down, with the
+residual) are ``_shrink_ahead``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ._blocks import (
     blocks_name,
     check_block_sizes,
     compiler_params,
+    is_block,
     largest_divisor,
     pad_rows,
     row_blocks,
 )
-from ._slots import GROUP_COLUMNS, PackedXa, group_weights, slot_groups, slot_rows_tile
+from ._shrink_ahead import NormedXa, load_xa, shrink_down, write_partials
+from ._slots import GROUP_COLUMNS, PackedXa
 from ._tiles import SCALAR, bias_row, dot_f32, out_shape, stream_k, weight_tile, whole
 from .fused_projections import default_gate_up_block_sizes, default_qkv_block_sizes
 from .stacked_matmul import default_block_sizes
@@ -35,6 +39,7 @@ __all__ = [
     "gate_up_projections",
     "given_loras",
     "qkv_projections",
+    "residual_projection",
     "single_projection",
     "unrolled",
 ]
@@ -66,8 +71,9 @@ def _split_groups(split, split_k, count):
 
 def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtype):
     """``acc`` plus this split's share of ``sum_s xa[:, s] @ b[adapted, slot_experts[s]][:,
-    cols]`` for a given packed ``xa [(split_k,) block_m, S r]`` (float32 partial sums are added
-    up and rounded to ``dtype``, as ``lora_shrink`` rounds) and ``b`` viewed as ``[La, E r, N]``.
+    cols]`` for a given packed ``xa [(P,) block_m, S r]`` (float32 partial sums are added up
+    and rounded to ``dtype``, as ``lora_shrink`` rounds; a ``NormedXa``'s also scaled:
+    ``_shrink_ahead.load_xa``) and ``b`` viewed as ``[La, E r, N]``.
 
     The term is a sum of dots over groups of ``xa``'s columns. Gather slots: one group per slot,
     ``r`` rows of its expert's ``B``. Dense slots (``S == E``, slot ``e`` is expert ``e``): ``xa``
@@ -76,7 +82,8 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
     ``g % split_k``; up to :data:`UNROLLED_GROUPS` per program (and :data:`UNROLLED_BYTES` of
     operands) are unrolled, so all their loads are issued together, more run in a loop
     (measured: ``tuned.py``)."""
-    xa_ref, b_ref = lora_refs
+    xa_refs, b_ref, fold = lora_refs
+    xa_ref = xa_refs[0]
     width = xa_ref.shape[-1]  # S r
     rank = width // slots_ref.shape[0]
     dense = b_ref.shape[1] == width
@@ -85,10 +92,7 @@ def _expand_given(acc, lora_refs, slots_ref, adapted, cols, split, split_k, dtyp
 
     def term(g, valid):
         start = g * size
-        if len(xa_ref.shape) == 2:
-            xa = xa_ref[:, pl.ds(start, size)]
-        else:
-            xa = xa_ref[:, :, pl.ds(start, size)].sum(axis=0).astype(dtype)
+        xa = load_xa(xa_refs, slice(None), pl.ds(start, size), dtype, fold)
         if valid is not None:
             xa = jnp.where(valid, xa, jnp.zeros_like(xa))
         b = b_ref[adapted, pl.ds(start if dense else slots_ref[g] * rank, size), cols]
@@ -115,17 +119,14 @@ def _prefetch_rows(lora_refs, slots_ref, adapted, cols, split, split_k, dtype, n
     ``xa`` (float32 ``[r, 1]``, zero when the slot is not valid) and the slot's ``B`` block
     ``[r, block_n]``. Plain loads, no dot: a tensor-core operand would hold shared memory through
     the K loop (what overflowed when dots' operands were loaded early)."""
-    xa_ref, b_ref = lora_refs
-    rank = xa_ref.shape[-1] // slots_ref.shape[0]
+    xa_refs, b_ref, fold = lora_refs
+    rank = xa_refs[0].shape[-1] // slots_ref.shape[0]
     loaded = []
     for g, valid in _split_groups(split, split_k, slots_ref.shape[0]):
         b = b_ref[adapted, pl.ds(slots_ref[g] * rank, rank), cols].astype(jnp.float32)
         xas = []
         for row in range(num_rows):
-            if len(xa_ref.shape) == 2:
-                xa = xa_ref[pl.ds(row, 1), pl.ds(g * rank, rank)]
-            else:
-                xa = xa_ref[:, pl.ds(row, 1), pl.ds(g * rank, rank)].sum(axis=0).astype(dtype)
+            xa = load_xa(xa_refs, pl.ds(row, 1), pl.ds(g * rank, rank), dtype, fold)
             xa = xa.astype(jnp.float32).T  # [r, 1]
             xas.append(xa if valid is None else jnp.where(valid, xa, jnp.zeros_like(xa)))
         loaded.append((xas, b))
@@ -149,7 +150,8 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
     ``[block_m, block_n]`` each, ``x @ w[layer]`` plus its LoRA term and bias.
 
     ``projections`` holds ``(w_ref, lora_refs, bias_ref)``. ``lora_refs`` is ``None`` or
-    ``(xa_ref, b_ref)`` (packed ``xa [block_m, S r]``, ``b [La, E r, N]``; expanded after the K
+    ``(xa_refs, b_ref, fold)`` (``xa_refs``: packed ``xa [(P,) block_m, S r]``, and a
+    ``NormedXa``'s ``ss`` with ``fold = (eps, width)``; ``b [La, E r, N]``; expanded after the K
     loop by :func:`_expand_given`). All projections share the K loop. ``expand_rows`` (the
     number of real rows, gather slots): ``xa`` is expanded in registers from loads issued before
     the K loop (:func:`_prefetch_rows`) instead of by tensor-core dots after it.
@@ -179,26 +181,37 @@ def _columns(x_ref, projections, ids, col_block, split, *, block_k, block_n, k_p
     return outs
 
 
-def _unpack(refs, lora: tuple[int, ...], bias: tuple[bool, ...], down: bool = False):
-    """Split the kernel's refs: weights, then ``lora[p]`` LoRA refs of each projection (0, or
-    see :func:`_columns`), then biases (only those added in the kernel), then with ``down`` the
-    down projection's ``A`` stack and slot weights (and the zeros its shrink's output aliases),
-    then outputs."""
+def _unpack(refs, lora: tuple, bias: tuple[bool, ...], extra: int = 0):
+    """Split the kernel's refs: weights, then each projection's LoRA refs (``lora[p]``: ``None``,
+    no LoRA; ``False``, ``xa`` and ``b``; a ``NormedXa``'s ``(eps, width)``, ``xa``, ``b`` and
+    ``ss``; see :func:`_columns`), then biases (only those added in the kernel), then ``extra``
+    refs (the down shrink's or the residual's operands), then outputs."""
     it = iter(refs)
     w_refs = [next(it) for _ in lora]
-    lora_refs = [tuple(next(it) for _ in range(count)) or None for count in lora]
+    lora_refs = []
+    for fold in lora:
+        if fold is None:
+            lora_refs.append(None)
+            continue
+        xa_ref, b_ref = next(it), next(it)
+        xa_refs = (xa_ref,) if fold is False else (xa_ref, next(it))
+        lora_refs.append((xa_refs, b_ref, fold or None))
     bias_refs = [next(it) if has else None for has in bias]
-    down_refs = (next(it), next(it), next(it))[:2] if down else None
-    return w_refs, lora_refs, bias_refs, down_refs, list(it)
+    extra_refs = [next(it) for _ in range(extra)]
+    return w_refs, lora_refs, bias_refs, extra_refs, list(it)
 
 
 def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks, lora, bias,
-                        **blocking):
+                        ahead=0, **blocking):
     # x_ref [block_m, K]; whole (in HBM): w refs [L, K, N_p], b refs [La, E r, N_p], bias refs
     # [L, N_p]; packed xa refs [(split_k,) block_m, S r];
     # o_ref [block_m, block_n]: column block n of the concatenated outputs (of split s when
-    # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p.
-    w_refs, lora_refs, bias_refs, _, (o_ref,) = _unpack(refs, lora, bias)
+    # split_k > 1). Programs [first_p, first_p + blocks[p]) compute projection p. With
+    # ``ahead`` (one projection, split_k == 1: the number of next projections' A stacks) the
+    # residual's refs follow and o_ref holds h + y, then the next shrink's partials
+    # (``_shrink_ahead.write_partials``).
+    w_refs, lora_refs, bias_refs, extra, outs = _unpack(refs, lora, bias,
+                                                         ahead + 5 if ahead else 0)
     n, s = pl.program_id(0), pl.program_id(1)
     ids = (layer_ref[()], adapted_ref[()], slots_ref)
     firsts = np.cumsum((0,) + blocks[:-1]).tolist()
@@ -216,50 +229,10 @@ def _projections_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, blocks,
     else:
         which = sum((n >= f).astype(jnp.int32) for f in firsts[1:])
         acc = jax.lax.switch(which, [projection(p) for p in range(len(blocks))])
-    o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def _shrink_down(act, down_refs, xa_ref, ids, col_block, row_block, block_n, num_rows,
-                 interpret):
-    """Add this program's share of the down projection's shrink, ``act[:, cols] @
-    a_down[adapted, slot_experts[s]][cols]`` scaled by the slot weights, into the packed
-    ``xa [Mp, S r]`` (float32, zeroed before the launch) for every slot ``s``: atomic adds, since
-    every column block of the activations contributes to every slot.
-
-    Slots go in groups of up to :data:`GROUP_COLUMNS` columns (:func:`slot_groups`; E 8, r 16:
-    one), each one load, one dot and one atomic add: Pallas' atomics are acquire-release, so
-    each one waits for the memory operations before it and holds back those after it, and a
-    load-dot-atomic chain per slot ran the 8 dense slots of batch 8 one after another (the
-    routed gate/up kernel took 18.5 us more per layer than the plain one on an H100; one slot,
-    3.9 us: eval/results/profile/llama2-7b_b8_ctx1024.md). Only the ``num_rows`` real rows are added
-    (at decode most rows are padding, and the adds of all programs meet at one place);
-    interpret mode, which takes no mask, adds the padding rows' zeros too (their slot weights
-    are 0)."""
-    _, adapted, slots_ref = ids
-    a_ref, sw_ref = down_refs
-    block_m, r = act.shape[0], a_ref.shape[3]
-    num_slots = slots_ref.shape[0]
-    dense = num_slots == a_ref.shape[1]
-    rows = pl.ds(row_block * block_m, block_m)
-
-    def add(first, count):
-        a = slot_rows_tile(a_ref, adapted, slots_ref, col_block * block_n, block_n, first, count,
-                           dense)
-        part = dot_f32(act, a.astype(act.dtype)) * group_weights(lambda s: sw_ref[s], first,
-                                                                   count, r, block_m)
-        real = (row_block * block_m + jax.lax.broadcasted_iota(jnp.int32, part.shape, 0)
-                < num_rows)
-        plgpu.atomic_add(xa_ref, (rows, pl.ds(first * r, count * r)), part,
-                         mask=None if interpret else real)
-
-    groups = slot_groups(num_slots, r)
-    full = [g for g in groups if g[1] == groups[0][1]]
-    if len(full) > UNROLLED_GROUPS:  # e.g. 128 dense slots: a loop over the full groups
-        count = full[0][1]
-        jax.lax.fori_loop(0, len(full), lambda g, carry: (add(g * count, count), carry)[1], 0)
-        groups = groups[len(full):]
-    for first, count in groups:
-        add(first, count)
+    if ahead:
+        write_partials(acc, extra, outs, slots_ref, n, blocking["block_n"])
+    else:
+        outs[0][...] = acc.astype(outs[0].dtype)
 
 
 def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias, down,
@@ -269,7 +242,8 @@ def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias,
     # real rows), that block's share of the down projection's shrink added into xa_ref); else
     # og_ref, ou_ref: float32 partial sums of split s.
     w_refs, lora_refs, bias_refs, down_refs, out_refs = _unpack(refs, lora, bias,
-                                                                down is not None)
+                                                                0 if down is None else 3)
+    down_refs = down_refs[:2]
     n, s = pl.program_id(0), pl.program_id(1)
     ids = (layer_ref[()], adapted_ref[()], slots_ref)
     gate, up = _columns(x_ref, list(zip(w_refs, lora_refs, bias_refs)), ids, n, s, **blocking)
@@ -277,7 +251,7 @@ def _gate_up_kernel(layer_ref, adapted_ref, slots_ref, x_ref, *refs, lora, bias,
         o_ref = out_refs[0]
         act = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
         if down is not None:  # first: an atomic add waits for the stores before it
-            _shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
+            shrink_down(act, down_refs, out_refs[1], ids, n, pl.program_id(2),
                          blocking["block_n"], down, interpret)
         o_ref[...] = act
     else:
@@ -297,12 +271,16 @@ def _out_spec(block_m, block_n, split_k):
 
 
 def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, biases,
-            block_sizes, *, col_blocks, width, outputs, interpret, down=None, expand="dot"):
+            block_sizes, *, col_blocks, width, outputs, interpret, down=None, ahead=None,
+            expand="dot"):
     """The shared ``pallas_call``: operands, specs and grid for ``ws`` (one or more projections),
     their LoRA operands (``None`` or ``(xa, b)`` each) and biases.
     Returns the raw output(s), ``[(split_k,) Mp, width]``; with ``down`` (``(a_down,
     slot_weights)``, gate/up only) also the down projection's packed shrink, float32
-    ``[Mp, S r]``. ``expand``: ``"dot"`` or ``"rows"`` (:func:`check_expand`)."""
+    ``[Mp, S r]``; with ``ahead`` (a ``ResidualAhead``, one projection, ``split_k == 1``) the
+    output is ``h + y``, then each next projection's ``xa`` partials ``[P, Mp, S r]`` and the
+    ``ss`` partials ``[P, Mp]`` (float32, ``P`` the column blocks). ``expand``: ``"dot"`` or
+    ``"rows"`` (:func:`check_expand`)."""
     num_rows, k = x.shape
     block_m, mp = row_blocks(num_rows)
     split_k = block_sizes.split_k
@@ -312,19 +290,27 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
     specs = [SCALAR, SCALAR, whole(slot_experts.shape),
              pl.BlockSpec((block_m, k), lambda n, s, m: (m, 0)), *(whole(w.shape) for w in ws)]
     num_slots = slot_experts.shape[0]
+    folds = []
     for lora in loras:
         if lora is None:
+            folds.append(None)
             continue
         # xa packed, [Mp, S r]: a row block is one load, and B viewed as [La, E r, N] meets it
         # row for row in dense mode.
-        xa, b = lora
-        xa = xa.xa if isinstance(xa, PackedXa) else pad_rows(xa.reshape(num_rows, -1), mp)
+        given, b = lora
+        xa = (given.xa if isinstance(given, (PackedXa, NormedXa))
+              else pad_rows(given.reshape(num_rows, -1), mp))
         operands += [xa, b.reshape(b.shape[0], -1, b.shape[3])]
         if xa.ndim == 2:
             xa_spec = pl.BlockSpec((block_m, xa.shape[1]), lambda n, s, m: (m, 0))
-        else:  # a split shrink's partial sums, added up in the kernel
+        else:  # partial sums (a split shrink's, or per program), added up in the kernel
             xa_spec = pl.BlockSpec((xa.shape[0], block_m, xa.shape[2]), lambda n, s, m: (0, m, 0))
         specs += [xa_spec, whole(operands[-1].shape)]
+        folds.append(False)
+        if isinstance(given, NormedXa):
+            operands.append(given.ss)
+            specs.append(pl.BlockSpec((given.ss.shape[0], block_m), lambda n, s, m: (0, m)))
+            folds[-1] = (given.eps, given.width)
     operands += [b for b, has in zip(biases, in_bias) if has]
     specs += [whole(b.shape) for b, has in zip(biases, in_bias) if has]
     shape = out_shape(mp, width, split_k, x.dtype)
@@ -339,10 +325,25 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         aliases = {len(operands) - 1: outputs}
         out_shapes.append(jax.ShapeDtypeStruct(zeros.shape, zeros.dtype))
         out_specs.append(whole(zeros.shape))
+    if ahead is not None:
+        operands += [jnp.asarray(ahead.norm_layer, jnp.int32),
+                     jnp.asarray(ahead.a_layer, jnp.int32), pad_rows(ahead.h, mp), ahead.norm,
+                     *ahead.a, pad_rows(ahead.slot_weights.astype(jnp.float32), mp).T]
+        specs += [SCALAR, SCALAR,
+                  pl.BlockSpec((block_m, block_sizes.block_n), lambda n, s, m: (m, n)),
+                  whole(ahead.norm.shape), *(whole(a.shape) for a in ahead.a),
+                  pl.BlockSpec((num_slots, block_m), lambda n, s, m: (0, m))]
+        for a in ahead.a:
+            out_shapes.append(jax.ShapeDtypeStruct((col_blocks, mp, num_slots * a.shape[3]),
+                                                   jnp.float32))
+            out_specs.append(pl.BlockSpec((None, block_m, num_slots * a.shape[3]),
+                                          lambda n, s, m: (n, m, 0)))
+        out_shapes.append(jax.ShapeDtypeStruct((col_blocks, mp), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, block_m), lambda n, s, m: (n, m)))
     single = len(out_shapes) == 1
+    suffix = ("_rows" if expand == "rows" else "") + ("_ahead" if ahead is not None else "")
     return pl.pallas_call(
-        functools.partial(kernel, lora=tuple(0 if lr is None else len(lr) for lr in loras),
-                          bias=in_bias, split_k=split_k,
+        functools.partial(kernel, lora=tuple(folds), bias=in_bias, split_k=split_k,
                           block_k=block_sizes.block_k, block_n=block_sizes.block_n,
                           k_per_split=k // split_k,
                           expand_rows=num_rows if expand == "rows" else None),
@@ -353,7 +354,7 @@ def _launch(kernel, name, x, ws, layer, loras, adapted_layer, slot_experts, bias
         input_output_aliases=aliases,
         compiler_params=compiler_params(block_sizes),
         interpret=interpret,
-        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}{'_rows' if expand == 'rows' else ''}",
+        name=f"{name}_m{block_m}_{blocks_name(block_sizes)}{suffix}",
     )(*operands)
 
 
@@ -379,6 +380,33 @@ def single_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias
         if bias is not None:
             out = out + bias[layer].astype(jnp.float32)
     return out[:m].astype(x.dtype)
+
+
+def residual_projection(name, x, w, layer, lora, adapted_layer, slot_experts, bias, block_sizes,
+                        interpret, ahead, expand="dot"):
+    """``h + y`` for one routed projection ``y`` (as :func:`single_projection`) and the next
+    projections' shrinks of ``rms_norm(h + y) * norm[layer]`` as ``NormedXa`` partials (one per
+    column block), for a ``ResidualAhead`` ``ahead``. ``split_k == 1`` only: default blocks are
+    ``stacked_matmul``'s with a split turned into narrower column blocks (as many programs)."""
+    m, k = x.shape
+    n = w.shape[2]
+    bs_ = block_sizes or default_block_sizes(m, k, n)
+    if block_sizes is None and bs_.split_k > 1:
+        narrow = bs_.block_n // bs_.split_k
+        bs_ = dataclasses.replace(bs_, block_n=narrow if is_block(narrow) else bs_.block_n,
+                                  split_k=1)
+    check_block_sizes(bs_, k, {"N": n})
+    if bs_.split_k != 1:
+        raise ValueError(f"{bs_}: the residual and the next shrink ride in the projection's "
+                         f"epilogue, which needs split_k == 1")
+    col_blocks = n // bs_.block_n
+    out = _launch(functools.partial(_projections_kernel, blocks=(col_blocks,),
+                                    ahead=len(ahead.a)),
+                  name, x, (w,), layer, (lora,), adapted_layer, slot_experts, (bias,), bs_,
+                  col_blocks=col_blocks, width=n, outputs=1, interpret=interpret, ahead=ahead,
+                  expand=expand)
+    h_mid, *xas, ss = out
+    return h_mid[:m], tuple(NormedXa(xa, ss, ahead.eps, n) for xa in xas)
 
 
 def qkv_projections(name, x, ws, layer, loras, adapted_layer, slot_experts, biases, block_sizes,

@@ -8,7 +8,9 @@ slots, gather or dense):
 * **shrink**: ``xa[m, s] = slot_weights[m, s] * x[m] @ A[slot_experts[s]]``, ``[M, S, r]``,
   given to :func:`routed_matmul`, :func:`routed_qkv_matmul` and :func:`routed_gate_up_matmul`
   by ``lora_shrink.lora_shrink_group`` (or ``lora_shrink.lora_shrink``); the gate/up kernel can
-  also compute the down projection's in its epilogue (``down_shrink``).
+  also compute the down projection's in its epilogue (``down_shrink``), and
+  :func:`routed_matmul_residual` (o, down) adds the residual and computes the next normed
+  projections' (gate/up, the next layer's q/k/v) as :class:`NormedXa` partials.
 
 * **expand** (in the projection kernel): each program, after accumulating ``x @ W[:, cols]``,
   adds ``sum_s xa[:, s] @ B[slot_experts[s]][:, cols]``. ``B`` is partitioned over column blocks
@@ -32,13 +34,14 @@ references otherwise). Block sizes are stacked_matmul's and fused_projections' (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from ._blocks import is_block
-from ._checks import check_adapted
+from ._checks import check_adapted, check_layer
 from ._routed_checks import (
     GATE_UP,
     QKV,
@@ -48,8 +51,16 @@ from ._routed_checks import (
     check_expand,
     check_indices,
     check_operands,
+    check_residual_ahead,
 )
-from ._routed_kernels import gate_up_projections, given_loras, qkv_projections, single_projection
+from ._shrink_ahead import NormedXa, ResidualAhead
+from ._routed_kernels import (
+    gate_up_projections,
+    given_loras,
+    qkv_projections,
+    residual_projection,
+    single_projection,
+)
 from ._slots import PackedXa
 from .lora_shrink import lora_shrink
 from .stacked_matmul import BlockSizes
@@ -58,10 +69,14 @@ from .tuned import MAX_EXPAND_ROWS
 __all__ = [
     "MAX_EXPAND_ROWS",
     "BlockSizes",
+    "NormedXa",
+    "ResidualAhead",
     "routed_gate_up_matmul",
     "routed_gate_up_matmul_reference",
     "routed_matmul",
     "routed_matmul_reference",
+    "routed_matmul_residual",
+    "routed_matmul_residual_reference",
     "routed_qkv_matmul",
     "routed_qkv_matmul_reference",
     "supports",
@@ -92,6 +107,31 @@ def routed_matmul_reference(
     """``x @ w[layer] + sum_s xa[:, s] @ b[adapted_layer, slot_experts[s]] + bias[layer]``;
     float32 sums, ``x.dtype`` out."""
     return _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias).astype(x.dtype)
+
+
+def routed_matmul_residual_reference(
+    x: jax.Array, w: jax.Array, layer: jax.Array | int, xa: jax.Array | None, b: jax.Array | None,
+    adapted_layer: jax.Array | int, slot_experts: jax.Array, bias: jax.Array | None = None, *,
+    ahead: ResidualAhead,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """``h_mid = ahead.h + y`` (``y`` as :func:`routed_matmul_reference`, ``xa = None``: no LoRA)
+    and :func:`lora_shrink` of ``rms_norm(h_mid) * ahead.norm[norm_layer]`` for each of
+    ``ahead.a`` (read at ``a_layer``), ``[M, S, r]`` in ``x.dtype``."""
+    ahead = _resolved(ahead, layer, adapted_layer)
+    y = _routed_projection(x, w, layer, xa, b, adapted_layer, slot_experts, bias).astype(x.dtype)
+    h_mid = ahead.h + y
+    v = h_mid.astype(jnp.float32)
+    v = v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + ahead.eps)
+    normed = (v * ahead.norm[ahead.norm_layer].astype(jnp.float32)).astype(x.dtype)
+    return h_mid, tuple(lora_shrink(normed, a, ahead.a_layer, slot_experts, ahead.slot_weights)
+                        for a in ahead.a)
+
+
+def _resolved(ahead: ResidualAhead, layer, adapted_layer) -> ResidualAhead:
+    """``ahead`` with its ``None`` layers set to the projection's."""
+    return dataclasses.replace(
+        ahead, norm_layer=layer if ahead.norm_layer is None else ahead.norm_layer,
+        a_layer=adapted_layer if ahead.a_layer is None else ahead.a_layer)
 
 
 def routed_qkv_matmul_reference(
@@ -190,6 +230,65 @@ def _routed_matmul(x, w, layer, xa, b, adapted_layer, slot_experts, bias, *, blo
     check_operands(x, {"w": w}, {"w": bias}, {"w": xa}, {"w": b}, slot_experts)
     return single_projection("routed_matmul", x, w, layer, (xa, b), adapted_layer, slot_experts,
                              bias, block_sizes, interpret, expand)
+
+
+def routed_matmul_residual(
+    x: jax.Array,
+    w: jax.Array,
+    layer: jax.Array | int,
+    xa: jax.Array | None,
+    b: jax.Array | None,
+    adapted_layer: jax.Array | int,
+    slot_experts: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    ahead: ResidualAhead,
+    block_sizes: BlockSizes | None = None,
+    expand: str = "dot",
+    interpret: bool = False,
+) -> tuple[jax.Array, tuple[NormedXa, ...]]:
+    """``h_mid = ahead.h + routed_matmul(...)`` and, ahead, the next projections' shrinks of
+    ``rms_norm(h_mid) * ahead.norm[norm_layer]`` (DESIGN.md §8: o's kernel computes gate/up's,
+    down's the next layer's q/k/v's).
+
+    One launch: each program adds the residual to its column block and writes its partials
+    (``_shrink_ahead``); the routed kernels take each :class:`NormedXa` as a projection's ``xa``
+    and add the partials up before their K loop, which saves the next projections' shrink
+    launch. Gather slots only (``S < E``: each program reads its slots' rows of ``A``).
+
+    Args:
+      x, w, layer, adapted_layer, slot_experts, bias: as in :func:`routed_matmul`.
+      xa, b: as in :func:`routed_matmul`, or both ``None`` (this projection not adapted).
+      ahead: a :class:`ResidualAhead`: ``h [M, N]`` in ``x.dtype``, ``norm [L, N]``, ``eps``,
+        the next projections' ``a`` stacks ``[La, E, N, r]``, ``slot_weights [M, S]`` and the
+        layers to read them at (default ``layer`` and ``adapted_layer``).
+      block_sizes: ``split_k`` must be 1; default ``stacked_matmul``'s, a split turned into
+        narrower column blocks (as many programs).
+      expand: as in :func:`routed_matmul`.
+      interpret: run in Pallas interpret mode (CPU tests).
+
+    Returns:
+      ``h_mid [M, N]`` in ``x.dtype`` (``h + y`` rounded as XLA rounds it) and one
+      :class:`NormedXa` per stack of ``ahead.a`` (``P`` = ``N / block_n`` partials).
+    """
+    bs = (b,) if b is not None else (None,)
+    check_indices(layer, w.shape[0], adapted_layer, bs, slot_experts)
+    check_residual_ahead(x, w, ahead, slot_experts, bs)
+    ahead = _resolved(ahead, layer, adapted_layer)
+    check_layer(ahead.norm_layer, ahead.norm.shape[0])
+    check_adapted(ahead.a_layer, slot_experts, ahead.a[0].shape[:2])
+    check_expand(expand, x.shape[0], slot_experts, bs)
+    return _routed_matmul_residual(x, w, layer, xa, b, adapted_layer, slot_experts, bias, ahead,
+                                   block_sizes=block_sizes, expand=expand, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "expand", "interpret"))
+def _routed_matmul_residual(x, w, layer, xa, b, adapted_layer, slot_experts, bias, ahead, *,
+                            block_sizes, expand, interpret):
+    check_operands(x, {"w": w}, {"w": bias}, {"w": xa}, {"w": b}, slot_experts)
+    lora = None if xa is None else (xa, b)
+    return residual_projection("routed_matmul", x, w, layer, lora, adapted_layer, slot_experts,
+                               bias, block_sizes, interpret, ahead, expand)
 
 
 def routed_qkv_matmul(

@@ -35,6 +35,7 @@ def adapter_shapes(mode):
     (None, "fused", 1),
     (None, "fused", 40),  # rows padded to 64
     ("switch", "fused", 1),  # gather slots, expansion in registers
+    ("switch", "fused", 3),  # 6 gather slots: 96 columns of xa, not a power of two
     ("switch", "fused", 8),  # dense slots, expansion by dots
     ("switch", "fused", 64),
     ("switch", "merge", 1),
@@ -53,12 +54,18 @@ def test_generation_lowers_for_gpu(mode, strategy, batch):
     kernels = " ".join(triton_kernels(text))
     assert "decode_attention" in kernels  # the kernel wherever it tiles the cache (pallas/tuned.py)
     if mode == "switch" and strategy == "fused":
-        assert "lora_shrink_group3" in kernels and "lora_shrink_group2" in kernels  # q/k/v, gate/up
-        assert bool(re.search(r"routed_\w+_st\d_rows", kernels)) == (batch == 1)
-    # Shrink-ahead on: o's x A from the decode-attention kernel with gather slots (switch and
-    # layerwise at batch 1: 2 of 8 experts); batch 8 and up have dense slots and keep o's shrink.
-    gather = mode in ("switch", "layerwise") and strategy == "fused" and batch == 1
+        assert "lora_shrink_group3" in kernels  # q/k/v
+        assert bool(re.search(r"routed_\w+_st\d_rows", kernels)) == (batch <= 3)
+    # Shrink-ahead on: o's x A from the decode-attention kernel, gate/up's from o's routed
+    # kernel and (a route shared by all layers: switch) the next layer's q/k/v's from down's,
+    # both with the residual, with gather slots (switch and layerwise at batch 1 and 3: top-2 of
+    # 8 experts); batch 8 and up have dense slots and keep every shrink launch.
+    gather = mode in ("switch", "layerwise") and strategy == "fused" and batch * 2 < 8
     assert bool(re.search(r"decode_attention_\w+_oshrink32", kernels)) == gather
+    residual = set(re.findall(r"routed_matmul_\w+_ahead", kernels))  # o's; down's: narrower
+    assert len(residual) == (0 if not gather else 2 if mode == "switch" else 1)
+    if mode in ("switch", "layerwise") and strategy == "fused":
+        assert ("lora_shrink_group2" in kernels) == (not gather)  # gate/up's own shrink
 
 
 @pytest.mark.parametrize("mode", [None, "switch"])
