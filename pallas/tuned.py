@@ -154,12 +154,16 @@ DEFAULTS: tuple[Tuned, ...] = (
         date="2026-12-05",
     ),
     Tuned(
-        what="o's shrink ahead (ops.Impl.shrink_ahead: the decode-attention kernel also computes "
-             "o's x A for gather slots; one launch fewer per layer)",
+        what="shrink-ahead (ops.Impl.shrink_ahead, gather slots at decode): o's x A from the "
+             "decode-attention kernel, gate's and up's from o's routed kernel (which adds the "
+             "residual), the next layer's q/k/v from down's; 256 -> 161 Triton launches per "
+             "7B batch-1 step. o and down then run unsplit in narrower column blocks (o n32 k128 "
+             "s1, down n16 k64 s1, the same program counts as their split-K defaults)",
         default="off",
         measured="not yet timed: built 2026-12-05 when no GPU was lent; checked in interpret "
                  "mode and lowered for an abstract H200 only. To decide: eval/bench/adapters.py "
-                 "--only mode=switch-fused,switch-ahead (same run)",
+                 "--only mode=switch-fused,switch-ahead (same run), and eval/bench/profile.py "
+                 "for what the narrow o and down tiles cost",
         ratio="none yet",
         source="tests/test_shrink_ahead.py",
         gpu="none",

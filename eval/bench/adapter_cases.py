@@ -5,7 +5,8 @@ values so that no path can skip a zero adapter):
 
   backbone          no adapter; Pallas kernels
   switch-fused      LoRA-Switch, the routed LoRA term computed beside/inside the projection kernels
-  switch-ahead      switch-fused with o's x A from the decode-attention kernel (ops.Impl.shrink_ahead)
+  switch-ahead      switch-fused with shrink-ahead (ops.Impl.shrink_ahead): each x A from the launch
+                    before its consumer (o's from attention, gate/up's from o, q/k/v's from down)
   switch-merge      LoRA-Switch, the SGMM kernel merges into a working copy when the route changes,
                     then the plain dense step (batch 1 only)
   switch-xla        LoRA-Switch, jnp adapter terms beside XLA dots (unfused)
@@ -58,7 +59,7 @@ class Mode:
     impl: str
     strategy: str | None = None
     max_batch: int | None = None
-    shrink_ahead: bool = False  # ops.Impl.shrink_ahead: o's x A from the attention kernel
+    shrink_ahead: bool = False  # ops.Impl.shrink_ahead: each x A from the launch before it
 
     def __post_init__(self):
         if self.impl not in ("pallas", "xla"):
