@@ -15,11 +15,15 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 import loraswitch_jax as lj
 from loraswitch_jax.ops import Impl
+from loraswitch_jax.pallas._blocks import masked_rows, store_rows
 from tests.pallas.gpu_target import lower_for_gpu, triton_kernels
+from tests.pallas.interpret import INTERPRET
 
 CFG = dataclasses.replace(lj.PRESETS["llama2-7b"], num_hidden_layers=2)
 BACKBONE = ("stacked_matmul", "qkv_matmul", "gate_up_matmul")
@@ -56,6 +60,27 @@ def lowered_decode_step(batch: int) -> str:
     step = jax.jit(lj.decode_step, static_argnames=("cfg", "impl"))
     return lower_for_gpu(step, params, cache, jax.ShapeDtypeStruct((batch,), jnp.int32),
                          cfg=CFG, impl=Impl(backend="pallas")).as_text()
+
+
+@pytest.mark.parametrize("m", [3, 16])
+def test_masked_rows_read_zeros_past_the_array(m):
+    """A 16-row block over ``x [M, 32]``: rows past ``M`` read as 0 (interpret mode pads the
+    block with NaN, so an unmasked read fails), and only ``M`` output rows are stored."""
+    x = jnp.arange(m * 32, dtype=jnp.float32).reshape(m, 32) + 1
+
+    def kernel(x_ref, block_ref, o_ref):
+        block = masked_rows(x_ref, m)[:, pl.ds(0, 32)]
+        block_ref[...] = block
+        store_rows(o_ref, block * 2, m)
+
+    block, out = pl.pallas_call(
+        kernel, grid=(1,), in_specs=[pl.BlockSpec((16, 32), lambda i: (0, 0))],
+        out_specs=[pl.BlockSpec((16, 32), lambda i: (0, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((16, 32), jnp.float32),
+                   jax.ShapeDtypeStruct((m, 32), jnp.float32)],
+        interpret=INTERPRET)(x)
+    np.testing.assert_array_equal(block, jnp.zeros((16, 32)).at[:m].set(x))
+    np.testing.assert_array_equal(out, 2 * x)
 
 
 def test_ops_per_run_counts_each_call():
