@@ -2,7 +2,10 @@
 
 Triton loads and dots need power-of-two block sizes (48 rows fail to lower) and tensor-core dots
 need every dimension ``>= 16``: rows are padded to a power of two ``>= 16``, and default blocks
-are made shallower where their K-loop buffers would not fit an H100's shared memory.
+are made shallower where their K-loop buffers would not fit an H100's shared memory. Padding is
+either an XLA pad of the operand (:func:`pad_rows`, a launch of its own) or done in the kernel:
+a row block larger than the array, loaded and stored with a row mask (:func:`masked_rows`,
+:func:`store_rows`; the Triton lowering does not mask a block that overruns its array itself).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from jax.experimental.pallas import triton as plgpu
 
 __all__ = [
     "MAX_BLOCK_M",
+    "MaskedRows",
     "SHARED_MEMORY_BYTES",
     "blocks_name",
     "check_block_sizes",
@@ -23,10 +27,13 @@ __all__ = [
     "fit_shared_memory",
     "is_block",
     "largest_divisor",
+    "masked_rows",
     "pad_rows",
     "padded_rows",
     "row_blocks",
+    "row_mask",
     "shared_memory_bytes",
+    "store_rows",
 ]
 
 
@@ -115,3 +122,42 @@ def row_blocks(m: int) -> tuple[int, int]:
 def pad_rows(a: jax.Array, rows: int) -> jax.Array:
     """``a`` with zero rows appended along axis 0 up to ``rows``."""
     return jnp.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+
+
+def row_mask(shape: tuple[int, ...], rows: int) -> jax.Array:
+    """Booleans of ``shape``: whether an element's row (axis 0) is one of the first ``rows``."""
+    return jax.lax.broadcasted_iota(jnp.int32, shape, 0) < rows
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedRows:
+    """A kernel ref ``[block_m, ...]`` of whose rows only the first ``rows`` exist in the array
+    (the block overruns it): reads load those and give zeros past them, as :func:`pad_rows`'s
+    zero rows would, without touching memory past the array. Read as ``view[idx]``."""
+
+    ref: object
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ref.shape
+
+    def __getitem__(self, idx) -> jax.Array:
+        view = self.ref.at[idx]
+        return plgpu.load(view, mask=row_mask(view.shape, self.rows),
+                          other=jnp.zeros((), view.dtype))
+
+
+def masked_rows(ref, rows: int):
+    """``ref`` itself when its block holds exactly ``rows`` rows, else a :class:`MaskedRows`."""
+    return ref if ref.shape[0] == rows else MaskedRows(ref, rows)
+
+
+def store_rows(ref, value: jax.Array, rows: int) -> None:
+    """``ref[...] = value`` for the first ``rows`` rows only (a masked store where the block
+    overruns the array: rows past it are not written)."""
+    value = value.astype(ref.dtype)
+    if ref.shape[0] == rows:
+        ref[...] = value
+    else:
+        plgpu.store(ref.at[...], value, mask=row_mask(value.shape, rows))

@@ -17,7 +17,9 @@ As in ``stacked_matmul``, weights are stacked ``[L, K, N]`` and read in place at
 passed as data (one compile for all layers; nothing copied inside ``while_loop``/``scan``), and
 ``split_k > 1`` writes float32 partial sums that XLA reduces (for ``gate_up`` the SiLU then runs
 in that reduction's epilogue). ``split_k == 1`` writes ``x.dtype`` directly: one launch, no
-reduction.
+reduction. Rows are one block of a power of two ``>= 16`` that may overrun ``x [M, K]``: loaded
+with a row mask (zeros past ``M``) and stored for the first ``M`` rows only, so no XLA pad or
+slice launches around the kernels at decode batch sizes.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from ._blocks import (
     compiler_params,
     fit_shared_memory,
     largest_divisor,
-    pad_rows,
+    masked_rows,
     padded_rows,
+    store_rows,
 )
 from ._checks import check_layer
 from ._tiles import SCALAR, bias_row, out_shape, stream_columns, whole
@@ -157,15 +160,17 @@ def _check_operands(x, weights: dict[str, jax.Array], biases: dict[str, jax.Arra
 # Kernels
 
 
-def _qkv_kernel(layer_ref, x_ref, wq_ref, wk_ref, wv_ref, *refs, blocks, has_bias, **kw):
-    # x_ref [Mp, K]; w*_ref [L, K, N*] and b*_ref [L, N*] whole (in HBM);
-    # o_ref [Mp, block_n]: column block n of [q | k | v] (of split s when split_k > 1).
+def _qkv_kernel(layer_ref, x_ref, wq_ref, wk_ref, wv_ref, *refs, m, blocks, has_bias, **kw):
+    # x_ref [Mp, K] block of x [M, K]; w*_ref [L, K, N*] and b*_ref [L, N*] whole (in HBM);
+    # o_ref [Mp, block_n]: column block n of [q | k | v] (of split s when split_k > 1); rows
+    # >= M of x_ref and o_ref lie outside the arrays (masked).
     *b_refs, o_ref = refs
     if not has_bias:
         b_refs = (None, None, None)
     n, s = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[()]
     firsts = (0, blocks[0], blocks[0] + blocks[1])  # first program of each projection
+    x_ref = masked_rows(x_ref, m)
 
     def projection(w_ref, b_ref, first):
         def compute():
@@ -177,19 +182,20 @@ def _qkv_kernel(layer_ref, x_ref, wq_ref, wk_ref, wv_ref, *refs, blocks, has_bia
     which = (n >= firsts[1]).astype(jnp.int32) + (n >= firsts[2]).astype(jnp.int32)
     acc = jax.lax.switch(which, [projection(w, b, f) for w, b, f in
                                  zip((wq_ref, wk_ref, wv_ref), b_refs, firsts)])
-    o_ref[...] = acc.astype(o_ref.dtype)
+    store_rows(o_ref, acc, m)
 
 
-def _gate_up_kernel(layer_ref, x_ref, wg_ref, wu_ref, *refs, has_bias, fused, **kw):
+def _gate_up_kernel(layer_ref, x_ref, wg_ref, wu_ref, *refs, m, has_bias, fused, **kw):
     # fused (split_k == 1): o_ref [Mp, block_n] = silu(gate + bg) * (up + bu) in x.dtype;
-    # else og_ref, ou_ref [Mp, block_n]: float32 partial sums of split s.
+    # else og_ref, ou_ref [Mp, block_n]: float32 partial sums of split s. x_ref [Mp, K] block of
+    # x [M, K]; rows >= M of the blocks lie outside the arrays (masked).
     n, s = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[()]
-    gate, up = stream_columns(x_ref, (wg_ref, wu_ref), layer, n, s, **kw)
+    gate, up = stream_columns(masked_rows(x_ref, m), (wg_ref, wu_ref), layer, n, s, **kw)
     if not fused:
         og_ref, ou_ref = refs
-        og_ref[...] = gate
-        ou_ref[...] = up
+        store_rows(og_ref, gate, m)
+        store_rows(ou_ref, up, m)
         return
     if has_bias:
         bg_ref, bu_ref, o_ref = refs
@@ -197,7 +203,7 @@ def _gate_up_kernel(layer_ref, x_ref, wg_ref, wu_ref, *refs, has_bias, fused, **
         up = up + bias_row(bu_ref, layer, n, kw["block_n"])
     else:
         (o_ref,) = refs
-    o_ref[...] = (jax.nn.silu(gate) * up).astype(o_ref.dtype)
+    store_rows(o_ref, jax.nn.silu(gate) * up, m)
 
 
 def _column_out(mp, block_n, split_k):
@@ -226,7 +232,8 @@ def qkv_matmul(
     """``q, k, v = x @ wq[layer], x @ wk[layer], x @ wv[layer]`` (+ biases) in one launch.
 
     Args:
-      x: ``[M, K]`` activations; rows are padded to a power of two >= 16 for the tensor-core dot.
+      x: ``[M, K]`` activations; read in a row block of a power of two >= 16 (the tensor-core
+        dot's minimum), masked past ``M``.
       wq: ``[L, K, Nq]`` stacked weights; ``wk``, ``wv``: ``[L, K, Nkv]`` (``Nkv <= Nq`` for GQA).
       layer: the layer to read, may be traced (a loop index).
       b_q, b_k, b_v: optional ``[L, N]`` biases (all or none).
@@ -255,26 +262,24 @@ def _qkv_matmul(x, wq, wk, wv, layer, b_q, b_k, b_v, *, block_sizes, interpret):
     bs = block_sizes or default_qkv_block_sizes(m, k, nq, nkv)
     check_block_sizes(bs, k, {"Nq": nq, "Nkv": nkv})
     mp = padded_rows(m)
-    xp = pad_rows(x, mp)
     layer = jnp.asarray(layer, jnp.int32)
     blocks = (nq // bs.block_n, nkv // bs.block_n, nkv // bs.block_n)
     in_bias = has_bias and bs.split_k == 1  # with split_k > 1, XLA adds them after the sum
     out = pl.pallas_call(
-        functools.partial(_qkv_kernel, blocks=blocks, has_bias=in_bias, block_k=bs.block_k,
+        functools.partial(_qkv_kernel, m=m, blocks=blocks, has_bias=in_bias, block_k=bs.block_k,
                           block_n=bs.block_n, k_per_split=k // bs.split_k),
         grid=(sum(blocks), bs.split_k),
         in_specs=[SCALAR, whole((mp, k)), whole(wq.shape),
                   whole(wk.shape), whole(wv.shape)]
         + ([whole(b.shape) for b in (b_q, b_k, b_v)] if in_bias else []),
         out_specs=_column_out(mp, bs.block_n, bs.split_k),
-        out_shape=out_shape(mp, nq + 2 * nkv, bs.split_k, x.dtype),
+        out_shape=out_shape(m, nq + 2 * nkv, bs.split_k, x.dtype),
         compiler_params=compiler_params(bs),
         interpret=interpret,
         name=f"qkv_matmul_{blocks_name(bs)}",
-    )(layer, xp, wq, wk, wv, *((b_q, b_k, b_v) if in_bias else ()))
+    )(layer, x, wq, wk, wv, *((b_q, b_k, b_v) if in_bias else ()))
     if bs.split_k > 1:
         out = out.sum(axis=0)
-    out = out[:m]
     q, kk, v = out[:, :nq], out[:, nq:nq + nkv], out[:, nq + nkv:]
     if has_bias and not in_bias:
         q, kk, v = (y + b[layer].astype(y.dtype) for y, b in ((q, b_q), (kk, b_k), (v, b_v)))
@@ -295,7 +300,7 @@ def gate_up_matmul(
     """``silu(x @ w_gate[layer] + b_gate[layer]) * (x @ w_up[layer] + b_up[layer])`` in one launch.
 
     Args:
-      x: ``[M, K]`` activations; rows are padded to a power of two >= 16.
+      x: ``[M, K]`` activations; read in a row block of a power of two >= 16, masked past ``M``.
       w_gate, w_up: ``[L, K, F]`` stacked weights.
       layer: the layer to read, may be traced.
       b_gate, b_up: optional ``[L, F]`` biases (both or none).
@@ -326,12 +331,11 @@ def _gate_up_matmul(x, w_gate, w_up, layer, b_gate, b_up, *, block_sizes, interp
     bs = block_sizes or default_gate_up_block_sizes(m, k, f)
     check_block_sizes(bs, k, {"F": f})
     mp = padded_rows(m)
-    xp = pad_rows(x, mp)
     layer = jnp.asarray(layer, jnp.int32)
     fused = bs.split_k == 1
     in_bias = has_bias and fused
     out = pl.pallas_call(
-        functools.partial(_gate_up_kernel, has_bias=in_bias, fused=fused, block_k=bs.block_k,
+        functools.partial(_gate_up_kernel, m=m, has_bias=in_bias, fused=fused, block_k=bs.block_k,
                           block_n=bs.block_n, k_per_split=k // bs.split_k),
         grid=(f // bs.block_n, bs.split_k),
         in_specs=[SCALAR, whole((mp, k)), whole(w_gate.shape),
@@ -339,15 +343,15 @@ def _gate_up_matmul(x, w_gate, w_up, layer, b_gate, b_up, *, block_sizes, interp
         + ([whole(b_gate.shape), whole(b_up.shape)] if in_bias else []),
         out_specs=_column_out(mp, bs.block_n, 1) if fused
         else [_column_out(mp, bs.block_n, bs.split_k)] * 2,
-        out_shape=out_shape(mp, f, 1, x.dtype) if fused
-        else [out_shape(mp, f, bs.split_k, x.dtype)] * 2,
+        out_shape=out_shape(m, f, 1, x.dtype) if fused
+        else [out_shape(m, f, bs.split_k, x.dtype)] * 2,
         compiler_params=compiler_params(bs),
         interpret=interpret,
         name=f"gate_up_matmul_{blocks_name(bs)}",
-    )(layer, xp, w_gate, w_up, *((b_gate, b_up) if in_bias else ()))
+    )(layer, x, w_gate, w_up, *((b_gate, b_up) if in_bias else ()))
     if fused:
-        return out[:m]
-    gate, up = (p.sum(axis=0)[:m] for p in out)
+        return out
+    gate, up = (p.sum(axis=0) for p in out)
     if has_bias:
         gate = gate + b_gate[layer].astype(jnp.float32)
         up = up + b_up[layer].astype(jnp.float32)

@@ -9,6 +9,10 @@ is copied, one compiled kernel serves every layer, and it works under ``scan`` t
 Decode is memory bound: the kernel streams ``w[layer]`` once, split along ``N`` (one program per
 ``block_n`` columns) and along ``K`` (``split_k`` partial sums, reduced by XLA) so that enough
 programs run to fill the GPU even at batch 1.
+
+Rows are one block of a power of two ``>= 16`` (the tensor-core dot's minimum) that may overrun
+``x``: the kernel loads it with a row mask (zeros past ``M``) and stores only the first ``M`` rows
+of the output, so no XLA pad or slice launches around it at decode batch sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._blocks import compiler_params, fit_shared_memory, largest_divisor, pad_rows, padded_rows
+from ._blocks import (
+    compiler_params,
+    fit_shared_memory,
+    largest_divisor,
+    masked_rows,
+    padded_rows,
+    store_rows,
+)
 from ._tiles import SCALAR, stream_columns, whole
 
 __all__ = ["BlockSizes", "supports", "stacked_matmul", "stacked_matmul_reference"]
@@ -71,12 +82,14 @@ def default_block_sizes(m: int, k: int, n: int) -> BlockSizes:
     return fit_shared_memory(bs, padded_rows(m), ((bs.block_n,),))
 
 
-def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, k_per_split: int):
-    # x_ref [Mp, K]; w_ref [L, K, N] (whole arrays in HBM); o_ref [Mp, block_n] of split s.
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, m: int, block_k: int, block_n: int,
+            k_per_split: int):
+    # x_ref [Mp, K] block of x [M, K]; w_ref [L, K, N] (whole arrays in HBM);
+    # o_ref [Mp, block_n] block of split s (rows >= M outside the arrays: masked).
     n, s = pl.program_id(0), pl.program_id(1)
-    (acc,) = stream_columns(x_ref, (w_ref,), layer_ref[()], n, s, block_k=block_k,
-                            block_n=block_n, k_per_split=k_per_split)
-    o_ref[...] = acc
+    (acc,) = stream_columns(masked_rows(x_ref, m), (w_ref,), layer_ref[()], n, s,
+                            block_k=block_k, block_n=block_n, k_per_split=k_per_split)
+    store_rows(o_ref, acc, m)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -90,8 +103,8 @@ def stacked_matmul(
 ) -> jax.Array:
     """``x [M, K] @ w[layer]`` for a stacked ``w [L, K, N]``; float32 accumulation, ``x.dtype`` out.
 
-    ``layer`` may be traced (a loop index). Rows are padded to a power of two >= 16 for the
-    tensor-core dot.
+    ``layer`` may be traced (a loop index). Rows are read in a block of a power of two >= 16
+    for the tensor-core dot, masked past ``M`` (no pad of ``x``, no slice of the output).
     """
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x [M, K] and w [L, K, N], got {x.shape=} and {w.shape=}")
@@ -101,17 +114,17 @@ def stacked_matmul(
     if n % bs.block_n or k % (bs.block_k * bs.split_k):
         raise ValueError(f"{bs} does not tile K={k}, N={n}")
     mp = padded_rows(m)
-    xp = pad_rows(x, mp)
     layer = jnp.asarray(layer, jnp.int32)
     k_per_split = k // bs.split_k
     partial = pl.pallas_call(
-        functools.partial(_kernel, block_k=bs.block_k, block_n=bs.block_n, k_per_split=k_per_split),
+        functools.partial(_kernel, m=m, block_k=bs.block_k, block_n=bs.block_n,
+                          k_per_split=k_per_split),
         grid=(n // bs.block_n, bs.split_k),
         in_specs=[SCALAR, whole((mp, k)), whole(w.shape)],
         out_specs=pl.BlockSpec((None, mp, bs.block_n), lambda i, j: (j, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((bs.split_k, mp, n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((bs.split_k, m, n), jnp.float32),
         compiler_params=compiler_params(bs),
         interpret=interpret,
         name=f"stacked_matmul_n{bs.block_n}_k{bs.block_k}_s{bs.split_k}",
-    )(layer, xp, w)
-    return partial.sum(axis=0)[:m].astype(x.dtype)
+    )(layer, x, w)
+    return partial.sum(axis=0).astype(x.dtype)

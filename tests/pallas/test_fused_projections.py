@@ -53,8 +53,9 @@ def gate_up_operands(m, dtype, seed, bias=False):
     return x, ws, bs
 
 
-CASES = [(m, dtype, bias) for m in (1, 3, 17) for dtype in (jnp.float32, jnp.bfloat16)
-         for bias in (False, True)]
+# Rows are read in a block of a power of two >= 16 that overruns x unless M is one (16, 64).
+CASES = [(m, dtype, bias) for m in (1, 3, 8, 16, 17, 40, 64)
+         for dtype in (jnp.float32, jnp.bfloat16) for bias in (False, True)]
 
 
 @pytest.mark.parametrize("m,dtype,bias", CASES)
@@ -84,15 +85,16 @@ BLOCKS = [BlockSizes(block_n=16, block_k=16, split_k=1, num_warps=8, num_stages=
           BlockSizes(block_n=16, block_k=16, split_k=4)]
 
 
+@pytest.mark.parametrize("m", [5, 40])
 @pytest.mark.parametrize("block_sizes", BLOCKS)
-def test_explicit_block_sizes(block_sizes):
-    x, ws, bs = qkv_operands(5, jnp.float32, seed=1, bias=True)
+def test_explicit_block_sizes(block_sizes, m):
+    x, ws, bs = qkv_operands(m, jnp.float32, seed=1, bias=True)
     got = qkv_matmul(x, *ws, 1, *bs, block_sizes=block_sizes, interpret=INTERPRET)
     for g, r in zip(got, qkv_matmul_reference(x, *ws, 1, *bs)):
-        assert rel_err(g, r) < F32_TOL
-    x, ws, bs = gate_up_operands(5, jnp.float32, seed=2, bias=True)
+        assert g.shape[0] == m and rel_err(g, r) < F32_TOL
+    x, ws, bs = gate_up_operands(m, jnp.float32, seed=2, bias=True)
     got = gate_up_matmul(x, *ws, 1, *bs, block_sizes=block_sizes, interpret=INTERPRET)
-    assert rel_err(got, gate_up_matmul_reference(x, *ws, 1, *bs)) < F32_TOL
+    assert got.shape[0] == m and rel_err(got, gate_up_matmul_reference(x, *ws, 1, *bs)) < F32_TOL
 
 
 def test_multi_head_shapes():
@@ -179,10 +181,10 @@ def test_rejects_bad_operands():
                        interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("m", [1, 40, 64])
 def test_decode_kernels_lower_to_triton(m):
     """stacked_matmul, qkv_matmul and gate_up_matmul lower to Triton IR for a GPU (on this CPU),
-    also with a row count that must be padded to a power of two (40 -> 64; 48 rows fail)."""
+    also with a row count whose block must overrun x (40 -> 64 rows, masked; 48 rows fail)."""
     dt = jnp.bfloat16
     x = jnp.zeros((m, 256), dt)
     w = jnp.zeros((2, 256, 128), dt)

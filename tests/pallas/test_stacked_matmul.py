@@ -28,7 +28,9 @@ def operands(m, k, n, layers, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (3, 128, 48), (17, 96, 32), (40, 256, 80)])
+# Rows are read in a block of a power of two >= 16 that overruns x unless M is one (16, 64).
+@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (3, 128, 48), (8, 64, 32), (16, 128, 64),
+                                   (17, 96, 32), (40, 256, 80), (64, 96, 48)])
 def test_matches_reference(m, k, n, dtype):
     x, w = operands(m, k, n, 3, dtype, seed=m * 1000 + k + n)
     for layer in (0, 2):  # the first and the last layer
@@ -37,10 +39,11 @@ def test_matches_reference(m, k, n, dtype):
         assert rel_err(got, stacked_matmul_reference(x, w, layer)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
 @pytest.mark.parametrize("block_sizes", [BlockSizes(block_n=16, block_k=16, split_k=1),
                                          BlockSizes(block_n=32, block_k=32, split_k=4)])
-def test_explicit_block_sizes(block_sizes):
-    x, w = operands(5, 128, 64, 2, jnp.float32, seed=1)
+def test_explicit_block_sizes(block_sizes, m):
+    x, w = operands(m, 128, 64, 2, jnp.float32, seed=m)
     got = stacked_matmul(x, w, 1, block_sizes=block_sizes, interpret=INTERPRET)
     assert rel_err(got, stacked_matmul_reference(x, w, 1)) < F32_TOL
 
