@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference: tokens the decode loop generates (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="plan a train step instead")
     p.add_argument("--seq-len", default="2048", help="training: tokens per row (default: %(default)s)")
-    p.add_argument("--loss-chunk", default="1024",
+    p.add_argument("--loss-chunk", default="none",
                    help="training: tokens per cross-entropy chunk, or none for whole logits "
                         "(default: %(default)s)")
     p.add_argument("--attention-impl", default="xla",

@@ -260,7 +260,7 @@ def plan(model: str | dict | LlamaConfig = "llama2-7b", mesh: str | MeshConfig =
          seq_len: int = 2048, remat: str = "dots", adapter: str = "switch", experts: int = 8,
          rank: int = 16, top_k: int = 2, dtype: str = "bfloat16", grad_accum: int = 1,
          attention_chunk: int | None = 512, attention_impl: str = "xla",
-         loss_chunk: int | None = 1024) -> MemoryPlan:
+         loss_chunk: int | None = None) -> MemoryPlan:
     """Per-device memory of generating (or, with ``train``, of one train step) on ``mesh``.
 
     Args:

@@ -16,6 +16,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,3 +74,12 @@ def prompts() -> list[np.ndarray]:
     """Three prompts of different lengths (one compiled width for the batch, two for singles)."""
     rng = np.random.RandomState(1)
     return [rng.randint(3, VOCAB, n).astype(np.int32) for n in (12, 5, 9)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's caches of compiled programs after each test module. XLA:CPU maps memory for
+    every program it compiles (about three mappings each); a worker that ran thousands of tests
+    reached the kernel's limit (``vm.max_map_count``, 65530) and crashed inside a compile."""
+    yield
+    jax.clear_caches()

@@ -58,7 +58,7 @@ class TrainConfig:
         rows only mark the trailing padding (causality already hides it from real tokens).
       loss_chunk: the cross-entropy applies the LM head to this many tokens at a time, never
         holding the whole ``[B, T, V]`` float32 logits (``train.loss.chunked_cross_entropy``;
-        ``null``: all at once). Same results.
+        ``null``, the default until it is timed on a GPU: all at once). Same results.
     """
 
     model: str = "demo"
@@ -79,7 +79,7 @@ class TrainConfig:
     remat: str = "dots"
     attention_chunk: int | None = 512
     attention_impl: str = "xla"
-    loss_chunk: int | None = 1024
+    loss_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("model", "out_dir"):

@@ -130,7 +130,7 @@ class BenchConfig:
     warmup: int = 1
     budget_s: float = 450.0
     attention_chunk: int = 512
-    loss_chunk: int | None = 1024  # TrainConfig's default: cross-entropy in chunks of tokens
+    loss_chunk: int | None = None  # TrainConfig's default (whole logits); N: chunks of N tokens
     peak_tflops: float = H200_BF16_TFLOPS
     bytes_limit: int | None = None
     max_batch: int = 256

@@ -104,7 +104,7 @@ class ScalingConfig:
     warmup: int = 2
     budget_s: float = 540.0
     attention_chunk: int = 512
-    loss_chunk: int | None = 1024  # TrainConfig's default
+    loss_chunk: int | None = None  # TrainConfig's default
     peak_tflops: float = H200_BF16_TFLOPS
     cpu: bool = False
     profile: bool = False

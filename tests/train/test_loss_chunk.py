@@ -226,7 +226,7 @@ def test_cudnn_step_matches_xla_on_a_gpu():
 
 def test_config_fields_and_errors(tmp_path):
     tc = load_train_config(None, [f"out_dir={tmp_path}"])
-    assert tc.attention_impl == "xla" and tc.loss_chunk == 1024  # the defaults
+    assert tc.attention_impl == "xla" and tc.loss_chunk is None  # the defaults
     tc = load_train_config(None, [f"out_dir={tmp_path}", "attention_impl=cudnn", "data.pack=false",
                                   "loss_chunk=null"])
     assert tc.attention_impl == "cudnn" and tc.loss_chunk is None
