@@ -76,10 +76,24 @@ def prompts() -> list[np.ndarray]:
     return [rng.randint(3, VOCAB, n).astype(np.int32) for n in (12, 5, 9)]
 
 
+# XLA:CPU maps memory for every program it compiles (about three mappings each); a worker that
+# ran thousands of tests reached the kernel's limit (vm.max_map_count, 65530) and crashed inside
+# a compile. Past this many mappings, JAX's caches of compiled programs are dropped.
+_MAX_MAPPINGS = 20_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to keep under
+        return 0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-    """Drops JAX's caches of compiled programs after each test module. XLA:CPU maps memory for
-    every program it compiles (about three mappings each); a worker that ran thousands of tests
-    reached the kernel's limit (``vm.max_map_count``, 65530) and crashed inside a compile."""
+    """After a test module, drops JAX's compiled programs if the process maps too much memory
+    (:data:`_MAX_MAPPINGS`); below that, later modules keep reusing them."""
     yield
-    jax.clear_caches()
+    if _mappings() > _MAX_MAPPINGS:
+        jax.clear_caches()

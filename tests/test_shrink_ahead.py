@@ -132,8 +132,7 @@ def decode_logits(impl, mode, decode=lj.decode_step, init_cache=lj.init_cache,
     return jax.jit(run)()
 
 
-@pytest.mark.parametrize("mode", ["switch", "layerwise"])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("mode,rows", [("switch", 1), ("switch", 3), ("layerwise", 3)])
 def test_decode_logits_equal_the_xla_path(mode, rows):
     """One and three rows with top-2 of 8 experts (gather slots): decode logits through the
     kernels, o's x A from the attention kernel, gate/up's from o's kernel, within float32

@@ -39,7 +39,7 @@ def dry_run(tmp_path_factory):
         return stem, json.load(f), proc.stdout
 
 
-def test_dry_run_rows_and_arithmetic(dry_run):
+def _check_dry_run_rows_and_arithmetic(dry_run):
     _, report, _ = dry_run
     rows = {(r["mesh"], r["mode"]): r for r in report["results"]}
     assert len(rows) == len(report["results"]) == 6
@@ -95,7 +95,7 @@ def test_dry_run_rows_and_arithmetic(dry_run):
     assert report["environment"]["device_count"] == 8
 
 
-def test_dry_run_writes_table_and_plot(dry_run):
+def _check_dry_run_writes_table_and_plot(dry_run):
     stem, report, stdout = dry_run
     table = open(stem + ".md").read()
     assert stdout.rstrip().endswith(table.rstrip())  # printed last
@@ -110,6 +110,13 @@ def test_dry_run_writes_table_and_plot(dry_run):
     body = [line.split(" | ")[:3] for line in table.splitlines() if line.startswith("| tensor=")]
     assert body == [[f"| {m}", "1", mode] for m in ("tensor=2", "tensor=4", "tensor=16")
                     for mode in DRY_MODES]
+
+
+def test_dry_run(dry_run):
+    """One test over the dry_run fixture's run, so that pytest-xdist runs it once, on one
+    worker (tests sharing a module fixture on two workers ran it twice)."""
+    _check_dry_run_rows_and_arithmetic(dry_run)
+    _check_dry_run_writes_table_and_plot(dry_run)
 
 
 # ------------------------------------------------------------------ traces of several GPUs

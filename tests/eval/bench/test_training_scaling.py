@@ -41,7 +41,7 @@ def smoke(tmp_path_factory):
         return stem, json.load(f), proc.stdout
 
 
-def test_smoke_rows_and_efficiency(smoke):
+def _check_smoke_rows_and_efficiency(smoke):
     stem, report, stdout = smoke
     env = report["environment"]
     assert (env["platform"], env["device_count"]) == ("cpu", 8) and env["jax"] == jax.__version__
@@ -71,7 +71,7 @@ def test_smoke_rows_and_efficiency(smoke):
     assert "wall_s" not in skipped
 
 
-def test_smoke_meshes_differ_but_compute_the_same(smoke):
+def _check_smoke_meshes_differ_but_compute_the_same(smoke):
     _, report, _ = smoke
     rows = {r["mesh"]: r for r in report["results"]}
     # The compiled steps: no collective on one device; data parallelism reduces the gradients;
@@ -89,13 +89,21 @@ def test_smoke_meshes_differ_but_compute_the_same(smoke):
     assert rows["fsdp=4"]["losses"][0] != pytest.approx(rows["fsdp=2"]["losses"][0], rel=1e-6)
 
 
-def test_smoke_report_files(smoke):
+def _check_smoke_report_files(smoke):
     stem, _, stdout = smoke
     table = stem.with_suffix(".md").read_text()
     assert "8 x cpu, JAX " in table and "target >= 0.90" in table
     assert "| fsdp=4 | 4 | 4 |" in table and "skipped: needs 16 devices, 8 visible" in table
     assert stem.with_suffix(".png").stat().st_size > 0
     assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
+
+
+def test_smoke_run(smoke):
+    """One test over the smoke fixture's run, so that pytest-xdist runs it once, on one
+    worker (tests sharing a module fixture on two workers ran it twice)."""
+    _check_smoke_rows_and_efficiency(smoke)
+    _check_smoke_meshes_differ_but_compute_the_same(smoke)
+    _check_smoke_report_files(smoke)
 
 
 def test_random_params_placed_by_shardings_equal_one_device():
