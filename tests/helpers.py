@@ -50,6 +50,15 @@ def random_params(cfg: lj.LlamaConfig, seed: int, dtype) -> lj.LlamaParams:
     )
 
 
+def unit_norm_params(cfg: lj.LlamaConfig, seed: int, dtype) -> lj.LlamaParams:
+    """:func:`random_params` with every norm weight 1: random norms near zero make greedy
+    decoding repeat one token."""
+    p = random_params(cfg, seed, dtype)
+    ones = {f: jnp.ones_like(getattr(p.layers, f)) for f in ("attn_norm", "mlp_norm")}
+    return dataclasses.replace(p, layers=dataclasses.replace(p.layers, **ones),
+                               final_norm=jnp.ones_like(p.final_norm))
+
+
 def trained_like(adapter: lj.Adapter, seed: int, std: float = 0.3) -> lj.Adapter:
     """``B`` (zero at init) and the router made random, so adapters change the outputs."""
     rng = np.random.RandomState(seed)

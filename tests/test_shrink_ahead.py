@@ -20,7 +20,7 @@ from loraswitch_jax import ops, parallel
 from loraswitch_jax.ops import Impl, LoraTerm, resolve_impl
 from loraswitch_jax.router import Route
 from loraswitch_jax.sharding import MeshConfig
-from tests.helpers import make_adapter, random_params, rel_err
+from tests.helpers import make_adapter, random_params, rel_err, unit_norm_params
 from tests.pallas.interpret import F32_TOL, IMPL
 
 # Shrink-ahead is opt-in (``Impl.shrink_ahead``) until timed on a GPU.
@@ -99,10 +99,7 @@ def test_an_xa_the_routed_kernel_cannot_take_is_refused():
 
 @functools.cache
 def params() -> lj.LlamaParams:
-    p = random_params(CFG, 0, jnp.float32)
-    ones = {f: jnp.ones_like(getattr(p.layers, f)) for f in ("attn_norm", "mlp_norm")}
-    return dataclasses.replace(p, layers=dataclasses.replace(p.layers, **ones),
-                               final_norm=jnp.ones_like(p.final_norm))
+    return unit_norm_params(CFG, 0, jnp.float32)
 
 
 @functools.cache
@@ -187,22 +184,11 @@ def test_tensor_parallel_keeps_the_residual_add():
     ad = adapter("switch")
     cache = parallel.init_cache(CFG, 3, 16, jnp.float32, mesh=mesh)
     _, cache = parallel.prefill(params(), cache, TOKENS, LENGTHS, CFG, adapter=ad, mesh=mesh)
-    names = []
+    from tests.test_switch import kernel_names
 
-    def walk(jaxpr):  # also into shard_map's open jaxprs (test_switch.kernel_names does not)
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call":
-                named = eqn.params.get("name_and_src_info") or eqn.params.get("name")
-                names.append(str(getattr(named, "name", named)))
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (tuple, list)) else (v,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(lambda p, c, t: parallel.decode_step(p, c, t, CFG, adapter=ad,
-                                                             impl=AHEAD, mesh=mesh))(
-        params(), cache, STEPS[0]).jaxpr)
+    names = kernel_names(lambda p, c, t: parallel.decode_step(p, c, t, CFG, adapter=ad,
+                                                              impl=AHEAD, mesh=mesh),
+                         params(), cache, STEPS[0])
     assert names and not any(n.endswith("_ahead") for n in names)
     assert sum(n.startswith("lora_shrink_group2_") for n in names) == CFG.num_hidden_layers
 

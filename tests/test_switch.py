@@ -119,11 +119,12 @@ def kernel_names(fn, *args) -> list[str]:
             if eqn.primitive.name == "pallas_call":
                 named = eqn.params.get("name_and_src_info") or eqn.params.get("name")
                 names.append(str(getattr(named, "name", named)))
-            for v in eqn.params.values():
+            for v in eqn.params.values():  # closed and open (shard_map's) inner jaxprs
                 for sub in v if isinstance(v, (tuple, list)) else (v,):
-                    inner = getattr(sub, "jaxpr", None)
-                    if inner is not None:
-                        walk(getattr(inner, "jaxpr", inner))
+                    sub = getattr(sub, "jaxpr", sub)
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return names

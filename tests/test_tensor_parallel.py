@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 import loraswitch_jax as lj
 from loraswitch_jax import parallel, sharding
 from loraswitch_jax.sharding import MeshConfig, MeshError
-from tests.helpers import VOCAB, make_adapter, random_params, rel_err
+from tests.helpers import VOCAB, make_adapter, rel_err, unit_norm_params
 
 # 2 KV heads: split at tensor=2, replicated (2 copies each) at tensor=4. Local widths stay
 # multiples of 16 at tensor=4 (q 16, kv 16, mlp 32), so the kernels tile them.
@@ -31,11 +31,7 @@ TOL = 1e-5
 
 @functools.cache
 def params() -> lj.LlamaParams:
-    # Unit norms: random norms near zero make greedy decoding repeat one token.
-    p = random_params(CFG, 0, jnp.float32)
-    ones = {f: jnp.ones_like(getattr(p.layers, f)) for f in ("attn_norm", "mlp_norm")}
-    return dataclasses.replace(p, layers=dataclasses.replace(p.layers, **ones),
-                               final_norm=jnp.ones_like(p.final_norm))
+    return unit_norm_params(CFG, 0, jnp.float32)
 
 
 @functools.cache
